@@ -1,0 +1,45 @@
+// Shared helpers of the pangu_ops CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace pangu_cpu {
+
+// Floating dtypes every op supports; the Python front end checks them first with nicer messages,
+// these checks keep a direct torch.ops.pangu_cpu call from reading memory as the wrong type.
+#define PANGU_DISPATCH_FLOATS(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Rows per at::parallel_for task: enough bytes per task to amortise the scheduling.
+inline int64_t row_grain(int64_t row_bytes) {
+  return std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(row_bytes, 1));
+}
+
+// y[0:n] += w * float(x[0:n]); the loop the compiler vectorises for every element type.
+template <typename scalar_t>
+inline void axpy_to_float(float* __restrict y, const scalar_t* __restrict x, float w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += w * static_cast<float>(x[i]);
+}
+
+// y[0:n] = scalar_t(w * x[0:n]) with x already in fp32.
+template <typename scalar_t>
+inline void scale_from_float(scalar_t* __restrict y, const float* __restrict x, float w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(w * x[i]);
+}
+
+// sum(a[0:n] * float(b[0:n])) in fp32.
+template <typename scalar_t>
+inline float dot_float(const float* __restrict a, const scalar_t* __restrict b, int64_t n) {
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t i = 0; i < n; ++i) dot += a[i] * static_cast<float>(b[i]);
+  return dot;
+}
+
+}  // namespace pangu_cpu

@@ -1,0 +1,14 @@
+"""pangu_ops: fused Mixture-of-Experts kernels for PyTorch.
+
+    x_sorted, group_sizes, sorted_index = pangu_ops.permute(x, expert_ids, num_experts)
+    h = pangu_ops.grouped_gemm(x_sorted, w, group_sizes)
+    y = pangu_ops.unpermute(h, sorted_index, weights)
+
+Ops are registered as `torch.ops.pangu.*` (differentiable, torch.compile-able, opcheck-clean) and
+run on the backend chosen by `use_backend` (see `pangu_ops.backends`).
+"""
+from .backends import current_backend, use_backend
+from .ops import grouped_gemm, permute, unpermute
+
+__version__ = "0.1.0"
+__all__ = ["current_backend", "grouped_gemm", "permute", "unpermute", "use_backend"]

@@ -1,0 +1,138 @@
+"""The backends that run pangu_ops kernels, and the switch between them.
+
+Every op in `pangu_ops.ops` asks `kernel(op, device)` for the function to run. Which backend answers
+is chosen by `use_backend(name)` (a context manager), else by the environment variable
+`PANGU_OPS_BACKEND`, else `"auto"`: the backend native to the tensors' device.
+
+| name        | runs on                     | kernels                                   |
+|-------------|-----------------------------|-------------------------------------------|
+| `reference` | any device                  | `pangu_ops.reference` (pure PyTorch)      |
+| `cpu`       | CPU tensors                 | C++ (`csrc/`, `torch.ops.pangu_cpu.*`)   |
+| `triton`    | CUDA (CPU with TRITON_INTERPRET=1) | Triton (`triton_kernels/`)          |
+| `ascend`    | Ascend NPU (torch_npu)      | AscendC (`ascend_kernels/`)               |
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "ascend")
+ENV_VAR = "PANGU_OPS_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here (not built, missing package, wrong device)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]  # torch device types it runs on; empty = any
+    load: Callable[[], Any]  # returns the namespace holding the kernels by op name
+
+    def runs_on(self, device: torch.device) -> bool:
+        return not self.devices or device.type in self.devices
+
+
+def _load_reference() -> Any:
+    return importlib.import_module("pangu_ops.reference")
+
+
+def _load_cpu() -> Any:
+    try:
+        importlib.import_module("pangu_ops._C")
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the C++ extension pangu_ops._C is not built ({e}); "
+            "run `pip install --no-build-isolation -e .` after installing torch"
+        ) from e
+    return torch.ops.pangu_cpu
+
+
+def _not_built(issue: str) -> Callable[[], Any]:
+    def load() -> Any:
+        raise BackendUnavailable(f"no kernels in this build yet (see {issue})")
+
+    return load
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", (), _load_reference),
+    "cpu": Backend("cpu", ("cpu",), _load_cpu),
+    "triton": Backend("triton", ("cuda",), _not_built("issue 3, Triton kernels")),
+    "ascend": Backend("ascend", ("npu",), _not_built("issue 6, AscendC kernels")),
+}
+# "auto": the backend native to each device type.
+AUTO_BY_DEVICE = {"cpu": "cpu", "cuda": "triton", "npu": "ascend"}
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("pangu_ops_backend", default=None)
+
+
+def _checked_name(name: object, source: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    return str(name)
+
+
+def current_backend() -> str:
+    """The backend name in force: use_backend's, else $PANGU_OPS_BACKEND, else "auto"."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _checked_name(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the pangu_ops ops inside the block on backend `name` (see the module docstring)."""
+    token = _override.set(_checked_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.cache
+def load(name: str) -> Any:
+    """The kernel namespace of backend `name`; raises BackendUnavailable with the reason."""
+    return BACKENDS[name].load()
+
+
+def resolve(device: torch.device) -> Backend:
+    """The backend that runs ops on `device` under the current setting."""
+    name = current_backend()
+    if name == "auto":
+        if device.type not in AUTO_BY_DEVICE:
+            raise BackendUnavailable(f"pangu_ops has no backend for {device.type} tensors; "
+                                     "use_backend('reference') runs the pure-PyTorch ops anywhere")
+        name = AUTO_BY_DEVICE[device.type]
+    backend = BACKENDS[name]
+    if not backend.runs_on(device):
+        raise BackendUnavailable(
+            f"backend {name!r} runs on {', '.join(backend.devices)} tensors, not {device.type}"
+        )
+    return backend
+
+
+def kernel(op: str, device: torch.device) -> Callable[..., Any]:
+    """The function implementing internal op `op` for tensors on `device`."""
+    return getattr(load(resolve(device).name), op)
+
+
+def status() -> dict[str, str | None]:
+    """Backend name -> None when it loads here, else the reason it does not."""
+    out: dict[str, str | None] = {}
+    for name in BACKENDS:
+        try:
+            load(name)
+            out[name] = None
+        except BackendUnavailable as e:
+            out[name] = str(e)
+    return out

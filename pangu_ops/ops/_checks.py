@@ -1,0 +1,91 @@
+"""Argument checks shared by the ops: clear ValueError/TypeError naming the argument.
+
+Metadata checks (type, rank, shape, dtype, device) run in every op's real and fake kernel and cost
+no device sync. Value checks (expert ids in range, group sizes summing to the rows, valid slot
+indices) read tensor data: the C++ kernels do them inline while they work, and the pure-PyTorch
+reference calls the `*_values` functions below.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(name: str, t: object, rank: int, layout: str, dtypes: Sequence[torch.dtype]) -> torch.Tensor:
+    """`t` must be a tensor of the given rank (`layout` like "[T, H]") and one of `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {_names(dtypes)}; got {t.dtype}")
+    return t
+
+
+def size(name: str, actual: int, expected: int, what: str) -> None:
+    if actual != expected:
+        raise ValueError(f"{name}: expected {what} = {expected}, got {actual}")
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    given = {n: t for n, t in tensors.items() if t is not None}
+    devices = {t.device for t in given.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in given.items())
+        raise ValueError(f"all tensors must be on one device; got {where}")
+
+
+def same_dtype(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.dtype != b.dtype:
+        raise TypeError(f"{a_name} ({a.dtype}) and {b_name} ({b.dtype}) must have the same dtype")
+
+
+def positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+# ---- value checks (read data; used by the reference backend) ----
+
+def expert_ids_values(expert_ids: torch.Tensor, num_experts: int) -> None:
+    bad = (expert_ids < -1) | (expert_ids >= num_experts)
+    if bool(bad.any()):
+        t, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"permute: expert_ids[{t}, {j}] = {int(expert_ids[t, j])} is out of range: expected -1 "
+            f"(dropped) or an expert id in [0, num_experts={num_experts})"
+        )
+
+
+def group_sizes_values(op: str, group_sizes: torch.Tensor, rows: int) -> None:
+    if bool((group_sizes < 0).any()):
+        e = int((group_sizes < 0).nonzero()[0])
+        raise ValueError(f"{op}: group_sizes[{e}] = {int(group_sizes[e])} is negative")
+    total = int(group_sizes.sum())
+    if total != rows:
+        raise ValueError(f"{op}: group_sizes sum to {total} but x has {rows} rows")
+
+
+def sorted_index_values(sorted_index: torch.Tensor, slots: int) -> None:
+    bad = (sorted_index < 0) | (sorted_index >= slots)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        raise ValueError(f"unpermute: sorted_index[{r}] = {int(sorted_index[r])} is out of range "
+                         f"[0, num_tokens * topk = {slots})")
+    if sorted_index.unique().numel() != sorted_index.numel():
+        raise ValueError("unpermute: sorted_index holds a slot twice")

@@ -1,0 +1,67 @@
+"""pangu::permute — group routed token rows by expert.
+
+Kernels: `reference.permute`, `csrc/permute.cpp`. Backward: `unpermute` of the gradient (each
+token's row sums the gradients of its slots).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from . import _checks
+from .unpermute import unpermute_op
+
+
+def _check(x: Tensor, expert_ids: Tensor, num_experts: int) -> None:
+    _checks.tensor("x", x, 2, "[T, H]", _checks.FLOAT_DTYPES)
+    _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
+    _checks.size("expert_ids", expert_ids.shape[0], x.shape[0], "rows (T = x.shape[0])")
+    _checks.same_device(x=x, expert_ids=expert_ids)
+    _checks.positive_int("num_experts", num_experts)
+
+
+@torch.library.custom_op("pangu::permute", mutates_args=())
+def permute_op(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check(x, expert_ids, num_experts)
+    return backends.kernel("permute", x.device)(x, expert_ids, num_experts)
+
+
+@permute_op.register_fake
+def _(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check(x, expert_ids, num_experts)
+    rows = torch.library.get_ctx().new_dynamic_size()  # slots not dropped: data-dependent
+    return (x.new_empty(rows, x.shape[1]),
+            expert_ids.new_empty(num_experts, dtype=torch.int64),
+            expert_ids.new_empty(rows, dtype=torch.int64))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, expert_ids, _ = inputs
+    ctx.num_tokens, ctx.topk = expert_ids.shape
+    ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
+    (sorted_index,) = ctx.saved_tensors
+    return unpermute_op(grad_x_sorted, sorted_index, None, ctx.num_tokens, ctx.topk), None, None
+
+
+permute_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group the rows of `x` by the experts they are routed to.
+
+    Args:
+        x: `[T, H]` float32/bfloat16/float16 token rows.
+        expert_ids: `[T, k]` int32/int64; `expert_ids[t, j]` is the j-th expert of token t, or -1
+            for a dropped slot.
+        num_experts: E; every id must be -1 or in `[0, E)`.
+
+    Returns:
+        `x_sorted [S, H]` (S = slots not dropped; rows grouped by expert ascending, in token then
+        slot order inside an expert), `group_sizes [E]` int64, and `sorted_index [S]` int64 holding
+        the flat slot `t*k + j` of every sorted row. Differentiable in `x`.
+    """
+    return permute_op(x, expert_ids, num_experts)

@@ -1,0 +1,81 @@
+"""Pure-PyTorch references: the oracle every backend is checked against.
+
+Written for clarity, not speed; accumulation in fp32. Each function has the signature of the
+internal op of the same name (`torch.ops.pangu.<name>`), so this module is also the "reference"
+backend. Differentiable through torch autograd in the float inputs, which gives the gradient
+oracle for the ops' hand-written backward passes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .ops import _checks
+
+
+def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of x grouped by expert: (x_sorted [S, H], group_sizes [E] int64, sorted_index [S] int64).
+
+    Slot `t*k + j` routes token t to expert `expert_ids[t, j]` (-1: dropped). Rows are grouped by
+    expert ascending and keep slot order (token, then j) inside an expert.
+    """
+    _checks.expert_ids_values(expert_ids, num_experts)
+    k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1).long()
+    kept_slots = torch.nonzero(flat >= 0).squeeze(1)  # ascending slot order
+    kept_experts = flat[kept_slots]
+    sorted_index = kept_slots[torch.argsort(kept_experts, stable=True)]
+    group_sizes = torch.bincount(kept_experts, minlength=num_experts)
+    # The fp32 round trip is exact; it makes the gradient (a sum over each token's slots)
+    # accumulate in fp32 like the kernels do.
+    return x.float()[sorted_index // k].to(x.dtype), group_sizes, sorted_index
+
+
+def unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
+              topk: int) -> Tensor:
+    """y[t] = sum_j weights[t, j] * y_sorted[row of slot (t, j)] in fp32, cast to y_sorted's dtype."""
+    _checks.sorted_index_values(sorted_index, num_tokens * topk)
+    rows = y_sorted.float()
+    if weights is not None:
+        rows = rows * weights.reshape(-1)[sorted_index].float().unsqueeze(1)
+    y = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
+    return y.index_add(0, sorted_index // topk, rows).to(y_sorted.dtype)
+
+
+def unpermute_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None,
+                       y_sorted: Tensor | None, topk: int) -> tuple[Tensor, Tensor]:
+    """Gradients of `unpermute`: (grad_y_sorted [S, N], grad_weights [T, k], or [0] when
+    y_sorted is None and no weight gradient is wanted)."""
+    num_tokens = grad_y.shape[0]
+    _checks.sorted_index_values(sorted_index, num_tokens * topk)
+    g = grad_y.float()[sorted_index // topk]  # [S, N]: the gradient reaching each sorted row
+    w = (weights.reshape(-1)[sorted_index].float().unsqueeze(1) if weights is not None else 1.0)
+    grad_y_sorted = (g * w).to(grad_y.dtype)
+    if y_sorted is None:
+        return grad_y_sorted, grad_y.new_empty(0, dtype=torch.float32)
+    assert weights is not None, "the weights' gradient needs weights"
+    grad_w = torch.zeros(num_tokens * topk, dtype=torch.float32, device=grad_y.device)
+    grad_w[sorted_index] = (g * y_sorted.float()).sum(1)
+    return grad_y_sorted, grad_w.view(num_tokens, topk).to(weights.dtype)
+
+
+def grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
+    """y [S, N]: rows of group e times w[e] ([E, K, N]; w[e]^T for [E, N, K] with trans_b)."""
+    _checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
+    parts = []
+    for e, x_e in enumerate(x.split(group_sizes.tolist())):
+        w_e = w[e].t() if trans_b else w[e]
+        parts.append(x_e.float() @ w_e.float())
+    n = w.shape[1] if trans_b else w.shape[2]
+    y = torch.cat(parts) if parts else x.new_empty(0, n, dtype=torch.float32)
+    return y.to(x.dtype)
+
+
+def grouped_gemm_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
+    """dw [E, K, N] with dw[e] = x_e^T @ dy_e in fp32 (zeros for an empty group)."""
+    _checks.group_sizes_values("grouped_gemm_wgrad", group_sizes, x.shape[0])
+    sizes = group_sizes.tolist()
+    dw = [x_e.float().t() @ dy_e.float() for x_e, dy_e in zip(x.split(sizes), dy.split(sizes))]
+    if not dw:
+        return x.new_empty(0, x.shape[1], dy.shape[1])
+    return torch.stack(dw).to(x.dtype)

@@ -1,0 +1,214 @@
+"""Verification of every op and backend against `pangu_ops.reference`.
+
+Shared by `pangu-ops verify` and the test suite: random inputs (never zeros), MoE routing with
+dropped slots and experts that receive no token, forward values and gradients compared with the
+reference's own autograd, with the tolerances below.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .ops import grouped_gemm, permute, unpermute
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Per dtype, |actual - expected| <= atol + rtol * |expected| elementwise. Both sides accumulate in
+# fp32 and round once, so they may differ by one output ulp (bf16: 2^-8 relative, fp16: 2^-11)
+# plus fp32 summation-order noise; fp32 results differ only by the latter.
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-3},
+    torch.float16: {"rtol": 2e-3, "atol": 1e-3},
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One MoE problem: T tokens of width H, E experts, top-k, expert output width N."""
+
+    tokens: int
+    hidden: int
+    ffn: int
+    experts: int
+    topk: int
+    drop: float = 0.0  # share of slots dropped (expert id -1)
+    empty: int = 0  # experts that receive no token
+
+    def __str__(self) -> str:
+        s = f"T={self.tokens} H={self.hidden} N={self.ffn} E={self.experts} k={self.topk}"
+        return s + (f" drop={self.drop:g}" if self.drop else "") + (f" empty={self.empty}" if self.empty else "")
+
+
+# Zero tokens, one token, odd widths (ScatterMoE's 100/600), empty experts, dropped slots, k 1..4.
+CASES = (
+    Case(0, 64, 48, 4, 2),
+    Case(1, 64, 48, 4, 1),
+    Case(37, 100, 600, 5, 2, drop=0.2, empty=2),
+    Case(128, 96, 80, 8, 4, drop=0.1, empty=3),
+    Case(300, 128, 64, 16, 2, empty=5),
+)
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    dtype: str
+    case: str
+    check: str
+    max_err: float
+    ok: bool
+    detail: str = ""
+
+
+# ---- random inputs ----
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, *, scale: float = 1.0,
+          noncontig: bool = False) -> Tensor:
+    """Standard normal values (never all zeros); `noncontig` returns a strided view."""
+    if noncontig and len(shape) == 2:
+        base = torch.randn(shape[0], 2 * shape[1], generator=gen) * scale
+        return base.to(dtype)[:, ::2]
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def routing(case: Case, gen: torch.Generator, index_dtype: torch.dtype = torch.int64) -> tuple[Tensor, Tensor]:
+    """(expert_ids [T, k], weights [T, k] fp32): k distinct experts per token drawn from the
+    experts not chosen to stay empty, a share `case.drop` of slots set to -1."""
+    active = torch.randperm(case.experts, generator=gen)[: case.experts - case.empty]
+    assert active.numel() >= case.topk, f"{case}: fewer active experts than k"
+    picks = torch.rand(case.tokens, active.numel(), generator=gen).argsort(1)[:, : case.topk]
+    ids = active[picks]
+    if case.drop:
+        ids[torch.rand(ids.shape, generator=gen) < case.drop] = -1
+    weights = torch.rand(ids.shape, generator=gen) + 0.1
+    return ids.to(index_dtype), weights / weights.sum(1, keepdim=True)
+
+
+# ---- comparison ----
+
+def max_error(actual: Tensor, expected: Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return float((actual.detach().double() - expected.detach().double()).abs().max())
+
+
+def compare(check: str, actual: Tensor, expected: Tensor, dtype: torch.dtype | None) -> tuple[str, float, bool, str]:
+    """Checks shape, dtype and values; `dtype` None means bit-exact."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return check, float("nan"), False, (f"got {actual.dtype}{list(actual.shape)}, "
+                                            f"expected {expected.dtype}{list(expected.shape)}")
+    err = max_error(actual, expected)
+    if dtype is None:
+        ok = torch.equal(actual, expected)
+        return check, err, ok, "" if ok else "not bit-identical"
+    tol = TOLERANCES[dtype]
+    a, b = actual.detach().double(), expected.detach().double()
+    ok = bool(((a - b).abs() <= tol["atol"] + tol["rtol"] * b.abs()).all())
+    return check, err, ok, "" if ok else f"beyond rtol={tol['rtol']:g} atol={tol['atol']:g}"
+
+
+def _grads(out: Tensor | tuple[Tensor, ...], inputs: list[Tensor], grad_out: Tensor) -> list[Tensor]:
+    first = out[0] if isinstance(out, tuple) else out
+    return list(torch.autograd.grad(first, inputs, grad_out, allow_unused=False))
+
+
+# ---- per-op checks: each yields (check, max_err, ok, detail) ----
+
+def _check_permute(dtype: torch.dtype, case: Case, gen: torch.Generator):
+    for index_dtype in (torch.int64, torch.int32):
+        x = randn((case.tokens, case.hidden), dtype, gen, noncontig=True).requires_grad_()
+        ids, _ = routing(case, gen, index_dtype)
+        got = permute(x, ids, case.experts)
+        want = reference.permute(x, ids, case.experts)
+        tag = "" if index_dtype == torch.int64 else " (int32 ids)"
+        yield compare("x_sorted" + tag, got[0], want[0], None)
+        yield compare("group_sizes" + tag, got[1], want[1], None)
+        yield compare("sorted_index" + tag, got[2], want[2], None)
+        g = randn(tuple(want[0].shape), dtype, gen)
+        yield compare("grad x" + tag, *(_grads(o, [x], g)[0] for o in (got, want)), dtype)
+
+
+def _check_unpermute(dtype: torch.dtype, case: Case, gen: torch.Generator):
+    ids, w = routing(case, gen)
+    x = randn((case.tokens, case.hidden), dtype, gen)
+    _, _, sorted_index = reference.permute(x, ids, case.experts)
+    y_sorted = randn((sorted_index.numel(), case.ffn), dtype, gen, noncontig=True).requires_grad_()
+    for weights in (w.requires_grad_(), w.detach().to(dtype).requires_grad_(), None):
+        tag = "no weights" if weights is None else f"{str(weights.dtype)[6:]} weights"
+        got = unpermute(y_sorted, sorted_index, weights, case.tokens, topk=case.topk)
+        want = reference.unpermute(y_sorted, sorted_index, weights, case.tokens, case.topk)
+        yield compare(f"y ({tag})", got, want, dtype)
+        inputs = [y_sorted] + ([weights] if weights is not None else [])
+        g = randn((case.tokens, case.ffn), dtype, gen)
+        for name, a, b in zip(("grad y_sorted", "grad weights"), _grads(got, inputs, g),
+                              _grads(want, inputs, g)):
+            yield compare(f"{name} ({tag})", a, b, dtype)
+
+
+def _check_grouped_gemm(dtype: torch.dtype, case: Case, gen: torch.Generator):
+    ids, _ = routing(case, gen)
+    group_sizes = torch.bincount(ids[ids >= 0].long(), minlength=case.experts)
+    rows, k_dim, n_dim = int(group_sizes.sum()), case.hidden, case.ffn
+    x = randn((rows, k_dim), dtype, gen, noncontig=True).requires_grad_()
+    for trans_b in (False, True):
+        shape = (case.experts, n_dim, k_dim) if trans_b else (case.experts, k_dim, n_dim)
+        w = randn(shape, dtype, gen, scale=k_dim ** -0.5).requires_grad_()
+        tag = " (trans_b)" if trans_b else ""
+        got = grouped_gemm(x, w, group_sizes, trans_b)
+        want = reference.grouped_gemm(x, w, group_sizes, trans_b)
+        yield compare("y" + tag, got, want, dtype)
+        g = randn((rows, n_dim), dtype, gen)
+        for name, a, b in zip(("grad x", "grad w"), _grads(got, [x, w], g), _grads(want, [x, w], g)):
+            yield compare(name + tag, a, b, dtype)
+
+
+CHECKS: dict[str, Callable] = {
+    "permute": _check_permute,
+    "unpermute": _check_unpermute,
+    "grouped_gemm": _check_grouped_gemm,
+}
+
+
+def check(op: str, backend: str, dtype: torch.dtype, case: Case, seed: int = 0) -> list[Result]:
+    """Runs op on `backend` against the reference; one Result per compared output or gradient."""
+    gen = generator(seed)
+    results = []
+    with backends.use_backend(backend):
+        for name, err, ok, detail in CHECKS[op](dtype, case, gen):
+            results.append(Result(op, backend, str(dtype).replace("torch.", ""), str(case), name, err, ok, detail))
+    return results
+
+
+def available_backends(include_reference: bool = True) -> list[str]:
+    """Backends that load on this machine and run CPU tensors."""
+    status = backends.status()
+    names = [n for n, why in status.items() if why is None and backends.BACKENDS[n].runs_on(torch.device("cpu"))]
+    return names if include_reference else [n for n in names if n != "reference"]
+
+
+def run(ops: Iterable[str], backend_names: Iterable[str], dtypes: Iterable[torch.dtype],
+        cases: Iterable[Case] = CASES) -> Iterator[Result]:
+    for op in ops:
+        for backend in backend_names:
+            for dtype in dtypes:
+                for case in cases:
+                    try:
+                        yield from check(op, backend, dtype, case)
+                    except Exception as e:  # a crash is a failure to report, not to hide
+                        yield Result(op, backend, str(dtype).replace("torch.", ""), str(case), "run",
+                                     float("nan"), False, f"{type(e).__name__}: {e}")
+
+
+def as_dict(result: Result) -> dict:
+    return dataclasses.asdict(result)

@@ -1,0 +1,30 @@
+"""Build of pangu_ops: the Python packages plus the C++ CPU kernels (`pangu_ops._C`).
+
+The backend folders sit at the top of the repository (csrc/, benchmarks/, later triton_kernels/)
+but install under the pangu_ops namespace, never as top-level modules.
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+# -march=native: the extension is compiled on the machine that runs it (pip install builds it).
+# Set PANGU_OPS_PORTABLE=1 to build a binary that runs on any x86-64.
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+if os.environ.get("PANGU_OPS_PORTABLE") != "1":
+    cxx_flags.append("-march=native")
+
+setup(
+    packages=["pangu_ops", "pangu_ops.ops", "pangu_ops.benchmarks"],
+    package_dir={"pangu_ops.benchmarks": "benchmarks"},
+    ext_modules=[
+        CppExtension(
+            "pangu_ops._C",
+            sorted(glob.glob("csrc/*.cpp")),
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
