@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -19,6 +21,20 @@ namespace pangu_cpu {
 // Rows per at::parallel_for task: enough bytes per task to amortise the scheduling.
 inline int64_t row_grain(int64_t row_bytes) {
   return std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(row_bytes, 1));
+}
+
+// A fresh output of many MB costs one page fault per 4 KiB page on first write, which on this
+// kind of machine is slower than the copy itself. Asking for transparent huge pages on the
+// 2 MiB-aligned interior of the buffer cuts the faults 512-fold. Advisory only: ignored where THP
+// is off, never changes results.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  return t;
 }
 
 // y[0:n] += w * float(x[0:n]); the loop the compiler vectorises for every element type.

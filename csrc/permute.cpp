@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_impl(const at::Tensor& x,
   }
   const int64_t S = row;
 
-  at::Tensor x_sorted = at::empty({S, H}, x.options());
+  at::Tensor x_sorted = empty_output({S, H}, x.options());
   at::Tensor sorted_index = at::empty({S}, expert_ids.options().dtype(at::kLong));
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(x_sorted.data_ptr());

@@ -50,7 +50,7 @@ at::Tensor unpermute(const at::Tensor& y_sorted, const at::Tensor& sorted_index,
   const at::Tensor si = sorted_index.contiguous();
   const at::Tensor w = weights_as_float(weights, num_tokens, k);
   const std::vector<int64_t> row_of = invert_sorted_index(si, num_tokens * k);
-  at::Tensor y = at::empty({num_tokens, N}, ys.options());
+  at::Tensor y = empty_output({num_tokens, N}, ys.options());
 
   PANGU_DISPATCH_FLOATS(ys.scalar_type(), "pangu_unpermute", [&] {
     const scalar_t* src = ys.data_ptr<scalar_t>();
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_y,
 
   TORCH_CHECK_TYPE(!want_wgrad || ys.scalar_type() == g.scalar_type(),
                    "unpermute_backward: grad_y and y_sorted must have the same dtype");
-  at::Tensor grad_ys = at::empty({S, N}, g.options());
+  at::Tensor grad_ys = empty_output({S, N}, g.options());
   at::Tensor grad_w = want_wgrad ? at::empty({T, k}, g.options().dtype(at::kFloat))
                                  : at::empty({0}, g.options().dtype(at::kFloat));
   if (want_wgrad) grad_w.zero_();  // dropped slots get no gradient

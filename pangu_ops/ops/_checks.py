@@ -1,7 +1,8 @@
 """Argument checks shared by the ops: clear ValueError/TypeError naming the argument.
 
-Metadata checks (type, rank, shape, dtype, device) run in every op's real and fake kernel and cost
-no device sync. Value checks (expert ids in range, group sizes summing to the rows, valid slot
+Metadata checks (type, rank, shape, dtype, device) run in the public functions and in every op's
+fake kernel (so also while torch.compile traces) and cost no device sync; the C++ kernels repeat
+the ones that guard memory safety for direct torch.ops calls. Value checks (expert ids in range, group sizes summing to the rows, valid slot
 indices) read tensor data: the C++ kernels do them inline while they work, and the pure-PyTorch
 reference calls the `*_values` functions below.
 """
@@ -48,16 +49,19 @@ def same_dtype(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> No
         raise TypeError(f"{a_name} ({a.dtype}) and {b_name} ({b.dtype}) must have the same dtype")
 
 
-def positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+def _int(name: str, value: object, minimum: int, what: str) -> None:
+    if isinstance(value, torch.SymInt):  # traced size: its value is checked when the op runs
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a {what} int, got {value!r}")
 
 
-def non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return value
+def positive_int(name: str, value: object) -> None:
+    _int(name, value, 1, "positive")
+
+
+def non_negative_int(name: str, value: object) -> None:
+    _int(name, value, 0, "non-negative")
 
 
 # ---- value checks (read data; used by the reference backend) ----

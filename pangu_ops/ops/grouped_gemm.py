@@ -29,7 +29,6 @@ def _check(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> None:
 
 @torch.library.custom_op("pangu::grouped_gemm", mutates_args=())
 def grouped_gemm_op(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
-    _check(x, w, group_sizes, trans_b)
     return backends.kernel("grouped_gemm", x.device)(x, w, group_sizes, trans_b)
 
 
@@ -51,7 +50,6 @@ def _check_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> None:
 @torch.library.custom_op("pangu::grouped_gemm_wgrad", mutates_args=())
 def grouped_gemm_wgrad_op(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
     """dw [E, K, N] with dw[e] = x_e^T @ dy_e (fp32 accumulation, x's dtype)."""
-    _check_wgrad(x, dy, group_sizes)
     return backends.kernel("grouped_gemm_wgrad", x.device)(x, dy, group_sizes)
 
 
@@ -93,4 +91,5 @@ def grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool = Fals
     Accumulates in fp32; returns `[S, N]` in x's dtype. Differentiable in `x` and `w`.
     Interop: torch's `F.grouped_mm` takes `offs = group_sizes.cumsum(0).int()`.
     """
+    _check(x, w, group_sizes, trans_b)
     return grouped_gemm_op(x, w, group_sizes, trans_b)

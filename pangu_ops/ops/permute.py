@@ -23,7 +23,6 @@ def _check(x: Tensor, expert_ids: Tensor, num_experts: int) -> None:
 
 @torch.library.custom_op("pangu::permute", mutates_args=())
 def permute_op(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    _check(x, expert_ids, num_experts)
     return backends.kernel("permute", x.device)(x, expert_ids, num_experts)
 
 
@@ -64,4 +63,5 @@ def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Te
         slot order inside an expert), `group_sizes [E]` int64, and `sorted_index [S]` int64 holding
         the flat slot `t*k + j` of every sorted row. Differentiable in `x`.
     """
+    _check(x, expert_ids, num_experts)
     return permute_op(x, expert_ids, num_experts)

@@ -35,7 +35,6 @@ def _check(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_t
 @torch.library.custom_op("pangu::unpermute", mutates_args=())
 def unpermute_op(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
                  topk: int) -> Tensor:
-    _check(y_sorted, sorted_index, weights, num_tokens, topk)
     return backends.kernel("unpermute", y_sorted.device)(y_sorted, sorted_index, weights, num_tokens, topk)
 
 
@@ -63,7 +62,6 @@ def _check_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None
 def unpermute_backward_op(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None,
                           y_sorted: Tensor | None, topk: int) -> tuple[Tensor, Tensor]:
     """(grad_y_sorted, grad_weights); grad_weights is empty unless y_sorted is given."""
-    _check_backward(grad_y, sorted_index, weights, y_sorted, topk)
     return backends.kernel("unpermute_backward", grad_y.device)(grad_y, sorted_index, weights,
                                                                y_sorted, topk)
 
@@ -112,4 +110,5 @@ def unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None = N
         topk = weights.shape[1] if topk is None else topk
     if num_tokens is None or topk is None:
         raise ValueError("unpermute: pass num_tokens and topk= when weights is None")
+    _check(y_sorted, sorted_index, weights, num_tokens, topk)
     return unpermute_op(y_sorted, sorted_index, weights, num_tokens, topk)

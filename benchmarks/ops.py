@@ -1,0 +1,233 @@
+"""Microbenchmarks of permute, unpermute and grouped_gemm against baselines measured in the same run.
+
+Every kernel is timed beside:
+- the pure-PyTorch reference (`pangu_ops.reference`): the "speedup" column;
+- the physical limit: memcpy bandwidth (`dst.copy_(src)`, read+write bytes) for the data-movement
+  ops, the dense `torch.mm` rate of the same FLOPs in fp32 for the GEMMs: the "of limit" column;
+- torch's own routes to the same result: `F.grouped_mm`, dense `torch.mm` in the op's dtype.
+Torch's half-precision CPU matmuls are ~200x slower than fp32 on CPUs without native bf16/fp16
+units; those baselines run on 1/32 of the rows so the run stays short (their rate is what counts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import pangu_ops
+from pangu_ops import backends, reference, verify
+
+from .timing import median_seconds
+
+SLOW_BASELINE_FRACTION = 32
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Default: an MoE layer that finishes in about a minute on a 2-core CPU."""
+
+    tokens: int = 4096
+    hidden: int = 1024
+    ffn: int = 512
+    experts: int = 16
+    topk: int = 2
+
+    def __str__(self) -> str:
+        return f"T={self.tokens} H={self.hidden} N={self.ffn} E={self.experts} k={self.topk}"
+
+
+@dataclass
+class Row:
+    op: str
+    dtype: str
+    impl: str
+    kind: str  # "kernel" (a pangu_ops backend), "reference", "baseline" or "limit"
+    time_ms: float
+    rate: float  # GB/s or GFLOP/s of the full problem
+    unit: str
+    speedup_vs_reference: float | None = None
+    fraction_of_limit: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Entry:
+    op: str
+    impl: str
+    kind: str
+    fn: Callable[[], object]
+    work: float  # bytes or flops done by one call of fn
+    unit: str
+    note: str = ""
+
+
+def _half_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype != torch.float32
+
+
+def _grouped_mm_entry(x, w, group_sizes, flops_per_row, device, dtype) -> Entry | None:
+    if not hasattr(F, "grouped_mm"):
+        return None
+    note = ""
+    if _half_on_cpu(dtype, device):
+        group_sizes = group_sizes // SLOW_BASELINE_FRACTION
+        note = f"rate on 1/{SLOW_BASELINE_FRACTION} of the rows"
+    offs = group_sizes.cumsum(0).to(torch.int32)
+    xs = x[: int(group_sizes.sum())].contiguous()
+    return Entry("grouped_gemm", "torch F.grouped_mm", "baseline", lambda: F.grouped_mm(xs, w, offs=offs),
+                 flops_per_row * xs.shape[0], "GFLOP/s", note)
+
+
+def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_backends: list[str]) -> list[Entry]:
+    p = problem
+    gen = verify.generator(0)
+    case = verify.Case(p.tokens, p.hidden, p.ffn, p.experts, p.topk)
+    ids, weights = verify.routing(case, gen, device=device)
+    x = verify.randn((p.tokens, p.hidden), dtype, gen, device=device)
+    x_sorted, group_sizes, sorted_index = reference.permute(x, ids, p.experts)
+    rows = x_sorted.shape[0]
+    y_sorted = verify.randn((rows, p.ffn), dtype, gen, device=device)
+    w = verify.randn((p.experts, p.hidden, p.ffn), dtype, gen, scale=p.hidden ** -0.5, device=device)
+    dy = verify.randn((rows, p.ffn), dtype, gen, device=device)
+    elt = x.element_size()
+
+    def on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with backends.use_backend(backend):
+                return fn()
+        return run
+
+    def fwd_bwd(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
+        xg, wg = x_sorted.detach().requires_grad_(), w.detach().requires_grad_()
+        return lambda: torch.autograd.grad(fn(xg, wg), [xg, wg], dy)
+
+    ops = {
+        "permute": (lambda: pangu_ops.permute(x, ids, p.experts),
+                    lambda: reference.permute(x, ids, p.experts), 2 * rows * p.hidden * elt, "GB/s"),
+        "unpermute": (lambda: pangu_ops.unpermute(y_sorted, sorted_index, weights),
+                      lambda: reference.unpermute(y_sorted, sorted_index, weights, p.tokens, p.topk),
+                      (rows + p.tokens) * p.ffn * elt, "GB/s"),
+        "grouped_gemm": (lambda: pangu_ops.grouped_gemm(x_sorted, w, group_sizes),
+                         lambda: reference.grouped_gemm(x_sorted, w, group_sizes, False),
+                         2 * rows * p.hidden * p.ffn, "GFLOP/s"),
+        "grouped_gemm fwd+bwd": (fwd_bwd(lambda a, b: pangu_ops.grouped_gemm(a, b, group_sizes)),
+                                 fwd_bwd(lambda a, b: reference.grouped_gemm(a, b, group_sizes, False)),
+                                 6 * rows * p.hidden * p.ffn, "GFLOP/s"),
+    }
+    out: list[Entry] = []
+    for op, (kernel_fn, ref_fn, work, unit) in ops.items():
+        out.append(Entry(op, "reference", "reference", ref_fn, work, unit))
+        out += [Entry(op, b, "kernel", on(b, kernel_fn), work, unit) for b in kernel_backends]
+
+    # Limits and torch baselines.
+    dst = torch.empty_like(x_sorted)
+    out.append(Entry("memcpy", "dst.copy_(src)", "limit", lambda: dst.copy_(x_sorted), 2 * rows * p.hidden * elt, "GB/s"))
+    x32 = x_sorted.float()
+    w32 = torch.randn(p.hidden, p.ffn, device=device)
+    flops_per_row = 2 * p.hidden * p.ffn
+    out.append(Entry("dense mm", "torch.mm fp32", "limit", lambda: torch.mm(x32, w32), flops_per_row * rows, "GFLOP/s",
+                     "same FLOPs as the grouped GEMM"))
+    if dtype != torch.float32:
+        m = rows // SLOW_BASELINE_FRACTION if _half_on_cpu(dtype, device) else rows
+        xh, wh = x_sorted[:m].contiguous(), w32.to(dtype)
+        out.append(Entry("dense mm", f"torch.mm {str(dtype)[6:]}", "baseline", lambda: torch.mm(xh, wh),
+                         flops_per_row * m, "GFLOP/s",
+                         f"rate on 1/{SLOW_BASELINE_FRACTION} of the rows" if m != rows else ""))
+    gmm = _grouped_mm_entry(x_sorted, w, group_sizes, flops_per_row, device, dtype)
+    if gmm is not None:
+        out.append(gmm)
+    return out
+
+
+LIMIT_OF = {"GB/s": "memcpy", "GFLOP/s": "dense mm"}
+
+
+def run(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kernel_backends: list[str],
+        min_time: float = 0.25, progress: Callable[[str], None] | None = None) -> list[Row]:
+    rows: list[Row] = []
+    todo = [(dtype, e) for dtype in dtypes for e in entries(problem, dtype, device, kernel_backends)]
+    for i, (dtype, e) in enumerate(todo, 1):
+        seconds = median_seconds(e.fn, device, min_time=min_time)
+        rows.append(Row(e.op, str(dtype)[6:], e.impl, e.kind, seconds * 1e3, e.work / seconds / 1e9, e.unit,
+                        note=e.note))
+        if progress:
+            progress(f"[{i:>2}/{len(todo)}] {e.op:<22} {str(dtype)[6:]:<9} {e.impl:<20} {seconds * 1e3:9.3f} ms")
+    for r in rows:
+        ref = next((q for q in rows if q.op == r.op and q.dtype == r.dtype and q.kind == "reference"), None)
+        limit = next((q for q in rows if q.op == LIMIT_OF[r.unit] and q.dtype == r.dtype and q.kind == "limit"), None)
+        if ref is not None and r.kind != "reference":
+            r.speedup_vs_reference = r.rate / ref.rate
+        if limit is not None:
+            r.fraction_of_limit = r.rate / limit.rate
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'op':<22} {'dtype':<9} {'impl':<20} {'time ms':>10} {'rate':>16} {'vs ref':>8} {'of limit':>9}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        speed = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference is not None else ""
+        frac = f"{100 * r.fraction_of_limit:.0f}%" if r.fraction_of_limit is not None else ""
+        lines.append(f"{r.op:<22} {r.dtype:<9} {r.impl:<20} {r.time_ms:>10.3f} {r.rate:>9.1f} {r.unit:<7}"
+                     f"{speed:>8} {frac:>9}  {r.note}")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "pangu_ops": pangu_ops.__version__,
+           "device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return env
+
+
+def plot(rows: list[Row], problem: Problem, device: torch.device, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = [op for op in dict.fromkeys(r.op for r in rows) if op not in LIMIT_OF.values()]
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 4.2), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        mine = [r for r in rows if r.op == op and r.fraction_of_limit is not None]
+        dtypes = list(dict.fromkeys(r.dtype for r in mine))
+        impls = list(dict.fromkeys(r.impl for r in mine))
+        width = 0.8 / max(len(impls), 1)
+        for j, impl in enumerate(impls):
+            vals = [next((r.fraction_of_limit for r in mine if r.dtype == d and r.impl == impl), 0.0) for d in dtypes]
+            ax.bar([i + j * width for i in range(len(dtypes))], vals, width, label=impl)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(dtypes))], dtypes)
+        unit = mine[0].unit if mine else ""
+        ax.set_title(op)
+        ax.set_ylabel("fraction of " + ("memcpy bandwidth" if unit == "GB/s" else "dense fp32 mm rate"))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"pangu_ops on {device} ({problem})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kernel_backends: list[str],
+         out_dir: Path, min_time: float = 0.25) -> list[Row]:
+    print(f"pangu_ops bench: {problem} on {device}, backends {', '.join(kernel_backends)}", file=sys.stderr)
+    rows = run(problem, dtypes, device, kernel_backends, min_time,
+               progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(table(rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(
+        {"problem": dataclasses.asdict(problem), "environment": environment(device),
+         "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    plot(rows, problem, device, out_dir / "bench.png")
+    print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}", file=sys.stderr)
+    return rows

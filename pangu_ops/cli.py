@@ -1,0 +1,128 @@
+"""`pangu-ops info | verify | bench`."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import pangu_ops
+from pangu_ops import backends, verify
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(f"pangu_ops {pangu_ops.__version__}  torch {torch.__version__}  python {platform.python_version()}")
+    print(f"cpu: {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"ISA {torch.backends.cpu.get_cpu_capability()}")
+    print(f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    try:
+        import triton
+
+        print(f"triton: {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    print(f"backend in force: {backends.current_backend()} (set with use_backend() or ${backends.ENV_VAR})")
+    print("backends:")
+    for name, why in backends.status().items():
+        where = ", ".join(backends.BACKENDS[name].devices) or "any device"
+        print(f"  {name:<10} {'available' if why is None else 'unavailable':<12} runs on {where}"
+              + ("" if why is None else f"\n  {'':<10} why: {why}"))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    device = torch.device(args.device) if args.device else _default_device()
+    names = args.backend or verify.available_backends(device)
+    dtypes = [DTYPE_NAMES[d] for d in args.dtype] if args.dtype else list(verify.DTYPES)
+    ops = args.op or list(verify.CHECKS)
+    print(f"verifying {', '.join(ops)} on {', '.join(names)} ({device}) against pangu_ops.reference",
+          file=sys.stderr)
+    groups: dict[tuple[str, str, str], list[verify.Result]] = {}
+    results = []
+    for r in verify.run(ops, names, dtypes, device=device):
+        results.append(r)
+        key = (r.op, r.backend, r.dtype)
+        if key not in groups:
+            print(f"  checking {r.op} / {r.backend} / {r.dtype} ...", file=sys.stderr, flush=True)
+        groups.setdefault(key, []).append(r)
+    head = f"{'op':<14} {'backend':<10} {'dtype':<9} {'checks':>6} {'max err':>10} {'tolerance':<24} status"
+    print(head + "\n" + "-" * len(head))
+    failed = 0
+    for (op, backend, dtype), rs in groups.items():
+        bad = [r for r in rs if not r.ok]
+        failed += len(bad)
+        tol = verify.TOLERANCES[DTYPE_NAMES[dtype]]
+        worst = max((r.max_err for r in rs if r.max_err == r.max_err), default=0.0)
+        print(f"{op:<14} {backend:<10} {dtype:<9} {len(rs):>6} {worst:>10.3g} "
+              f"{'rtol %g atol %g' % (tol['rtol'], tol['atol']):<24} {'FAIL' if bad else 'pass'}")
+        for r in bad:
+            print(f"    FAIL {r.case}: {r.check}: max err {r.max_err:.3g} {r.detail}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([verify.as_dict(r) for r in results], indent=2))
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pangu_ops.benchmarks import ops as bench_ops
+
+    device = torch.device(args.device) if args.device else _default_device()
+    problem = bench_ops.Problem(args.tokens, args.hidden, args.ffn, args.experts, args.topk)
+    names = args.backend or [n for n in verify.available_backends(device) if n != "reference"]
+    dtypes = [DTYPE_NAMES[d] for d in args.dtype]
+    bench_ops.main(problem, dtypes, device, names, Path(args.out), args.min_time)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pangu-ops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="versions, devices, and which backends load here (and why not)")
+
+    v = sub.add_parser("verify", help="check every op x backend x dtype against the reference; exit 1 on failure")
+    v.add_argument("--backend", action="append", choices=[n for n in backends.BACKENDS],
+                   help="backend to check (repeatable; default: all that load here)")
+    v.add_argument("--dtype", action="append", choices=list(DTYPE_NAMES), help="default: all")
+    v.add_argument("--op", action="append", choices=list(verify.CHECKS), help="default: all")
+    v.add_argument("--device", help="default: cuda if available, else cpu")
+    v.add_argument("--json", help="also write every check as JSON to this file")
+
+    d = bench_ops_defaults()
+    b = sub.add_parser("bench", help="time the ops per backend against same-run baselines; table + JSON + PNG")
+    b.add_argument("--tokens", type=int, default=d.tokens)
+    b.add_argument("--hidden", type=int, default=d.hidden)
+    b.add_argument("--ffn", type=int, default=d.ffn)
+    b.add_argument("--experts", type=int, default=d.experts)
+    b.add_argument("--topk", type=int, default=d.topk)
+    b.add_argument("--dtype", nargs="+", choices=list(DTYPE_NAMES), default=["float32", "bfloat16"])
+    b.add_argument("--backend", action="append", choices=[n for n in backends.BACKENDS if n != "reference"],
+                   help="kernel backend to time (repeatable; default: all that load here)")
+    b.add_argument("--device", help="default: cuda if available, else cpu")
+    b.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    b.add_argument("--min-time", type=float, default=0.25, help="seconds of repeats per measurement")
+    return parser
+
+
+def bench_ops_defaults():
+    from pangu_ops.benchmarks.ops import Problem
+
+    return Problem()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The `pangu-ops` command: info, verify (exit codes), bench (table, JSON, PNG)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pangu_ops import cli
+
+
+def test_info_lists_backends_and_reasons(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "reference" in out and "cpu" in out
+    assert "why:" in out  # the unavailable backends say why
+
+
+def test_verify_passes_and_prints_table(capsys):
+    assert cli.main(["verify", "--op", "permute", "--dtype", "bfloat16", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "permute" in out and "pass" in out and " 0 failed" in out
+
+
+def test_verify_exits_1_on_failure(monkeypatch, capsys):
+    from pangu_ops import verify
+
+    def broken(dtype, case, gen, device):
+        yield "forced", 1.0, False, "broken on purpose"
+
+    monkeypatch.setitem(verify.CHECKS, "permute", broken)
+    assert cli.main(["verify", "--op", "permute", "--dtype", "float32", "--backend", "cpu"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_writes_table_json_png(tmp_path, capsys):
+    out_dir = tmp_path / "bench"
+    cli.main(["bench", "--tokens", "64", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2",
+              "--dtype", "float32", "bfloat16", "--out", str(out_dir), "--min-time", "0.01"])
+    captured = capsys.readouterr()
+    assert "grouped_gemm" in captured.out and "memcpy" in captured.out
+    assert "[ 1/" in captured.err  # progress lines
+    data = json.loads((out_dir / "bench.json").read_text())
+    kinds = {r["kind"] for r in data["rows"]}
+    assert {"kernel", "reference", "limit"} <= kinds
+    cpu_gemm = [r for r in data["rows"] if r["op"] == "grouped_gemm" and r["impl"] == "cpu"]
+    assert cpu_gemm and all(r["rate"] > 0 and r["fraction_of_limit"] > 0 for r in cpu_gemm)
+    assert (out_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_script_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "pangu-ops")
+    if not os.path.exists(exe):
+        pytest.skip("console script not installed (package not pip-installed)")
+    res = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "backends:" in res.stdout

@@ -1,0 +1,44 @@
+"""unpermute (and its fused backward) against the reference."""
+import pytest
+import torch
+
+import pangu_ops
+from pangu_ops import reference, verify
+
+from conftest import BACKENDS, assert_all_pass
+
+
+@pytest.mark.parametrize("case", verify.CASES, ids=str)
+@pytest.mark.parametrize("dtype", verify.DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, dtype, case):
+    assert_all_pass(verify.check("unpermute", backend, dtype, case, seed=hash(str(case)) % 1000))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_with_every_slot_dropped_gets_zeros(backend):
+    y_sorted = torch.randn(2, 6) + 3
+    index = torch.tensor([0, 5])  # slots (0, 0) and (2, 1); token 1 has none
+    with pangu_ops.use_backend(backend):
+        y = pangu_ops.unpermute(y_sorted, index, torch.rand(3, 2) + 0.5)
+    assert y.shape == (3, 6)
+    assert torch.equal(y[1], torch.zeros(6)) and (y[0] != 0).all() and (y[2] != 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_none_means_ones(backend):
+    y_sorted, index = torch.randn(4, 5), torch.tensor([3, 0, 1, 2])
+    with pangu_ops.use_backend(backend):
+        got = pangu_ops.unpermute(y_sorted, index, None, 2, topk=2)
+        ones = pangu_ops.unpermute(y_sorted, index, torch.ones(2, 2))
+    assert torch.equal(got, ones)
+    torch.testing.assert_close(got, reference.unpermute(y_sorted, index, None, 2, 2))
+
+
+def test_accumulates_in_fp32():
+    """bf16 rows whose sum needs more than bf16's 8 bits: the fp32 sum is rounded once."""
+    y_sorted = torch.tensor([[256.0], [1.0], [1.0]], dtype=torch.bfloat16)
+    index = torch.tensor([0, 1, 2])  # one token, k = 3
+    for backend in BACKENDS:
+        with pangu_ops.use_backend(backend):
+            assert pangu_ops.unpermute(y_sorted, index, None, 1, topk=3).item() == 258.0
