@@ -129,6 +129,8 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     # Limits and torch baselines.
     dst = torch.empty_like(x_sorted)
     out.append(Entry("memcpy", "dst.copy_(src)", "limit", lambda: dst.copy_(x_sorted), 2 * rows * p.hidden * elt, "GB/s"))
+    out.append(Entry("memcpy", "src.clone()", "baseline", x_sorted.clone, 2 * rows * p.hidden * elt, "GB/s",
+                     "copy into a fresh tensor: pays first-touch page faults like any op's output"))
     x32 = x_sorted.float()
     w32 = torch.randn(p.hidden, p.ffn, device=device)
     flops_per_row = 2 * p.hidden * p.ffn

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace pangu_cpu {
 
@@ -37,16 +38,40 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   return t;
 }
 
-// y[0:n] += w * float(x[0:n]); the loop the compiler vectorises for every element type.
+// Element conversions written so that loops over them vectorise: c10's bf16 rounding branches on
+// NaN, which keeps GCC from vectorising the loops around it; the select below does not.
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename scalar_t>
+inline scalar_t from_float(float f) {
+  return static_cast<scalar_t>(f);
+}
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;  // round to nearest even
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? UINT32_C(0x7FC0) : rounded),
+                       c10::BFloat16::from_bits());
+}
+
+// y[0:n] += w * float(x[0:n]).
 template <typename scalar_t>
 inline void axpy_to_float(float* __restrict y, const scalar_t* __restrict x, float w, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += w * static_cast<float>(x[i]);
+  for (int64_t i = 0; i < n; ++i) y[i] += w * to_float(x[i]);
 }
 
 // y[0:n] = scalar_t(w * x[0:n]) with x already in fp32.
 template <typename scalar_t>
 inline void scale_from_float(scalar_t* __restrict y, const float* __restrict x, float w, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(w * x[i]);
+  for (int64_t i = 0; i < n; ++i) y[i] = from_float<scalar_t>(w * x[i]);
 }
 
 // sum(a[0:n] * float(b[0:n])) in fp32.
@@ -54,7 +79,7 @@ template <typename scalar_t>
 inline float dot_float(const float* __restrict a, const scalar_t* __restrict b, int64_t n) {
   float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-  for (int64_t i = 0; i < n; ++i) dot += a[i] * static_cast<float>(b[i]);
+  for (int64_t i = 0; i < n; ++i) dot += a[i] * to_float(b[i]);
   return dot;
 }
 

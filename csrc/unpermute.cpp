@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_y,
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t s = idx[r];
         const scalar_t* gt = gp + (s / k) * N;
-        for (int64_t i = 0; i < N; ++i) row[i] = static_cast<float>(gt[i]);
+        for (int64_t i = 0; i < N; ++i) row[i] = to_float(gt[i]);
         scale_from_float(out + r * N, row.data(), wp ? wp[s] : 1.f, N);
         if (gw) {
           gw[s] = dot_float(row.data(), yp + r * N, N);  // one row per slot: no race
