@@ -1,6 +1,6 @@
 """Build of pangu_ops: the Python packages plus the C++ CPU kernels (`pangu_ops._C`).
 
-The backend folders sit at the top of the repository (csrc/, benchmarks/, later triton_kernels/)
+The backend folders sit at the top of the repository (csrc/, benchmarks/, triton_kernels/)
 but install under the pangu_ops namespace, never as top-level modules.
 """
 import glob
@@ -16,8 +16,8 @@ if os.environ.get("PANGU_OPS_PORTABLE") != "1":
     cxx_flags.append("-march=native")
 
 setup(
-    packages=["pangu_ops", "pangu_ops.ops", "pangu_ops.benchmarks"],
-    package_dir={"pangu_ops.benchmarks": "benchmarks"},
+    packages=["pangu_ops", "pangu_ops.ops", "pangu_ops.benchmarks", "pangu_ops.triton_kernels"],
+    package_dir={"pangu_ops.benchmarks": "benchmarks", "pangu_ops.triton_kernels": "triton_kernels"},
     ext_modules=[
         CppExtension(
             "pangu_ops._C",

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace pangu_cpu {
 
@@ -81,6 +82,37 @@ inline float dot_float(const float* __restrict a, const scalar_t* __restrict b, 
 #pragma omp simd reduction(+ : dot)
   for (int64_t i = 0; i < n; ++i) dot += a[i] * to_float(b[i]);
   return dot;
+}
+
+// ---- grouped GEMM helpers (grouped_gemm.cpp, expert_mlp.cpp) ----
+
+// Row offsets of each group, validating the sizes against the number of rows.
+inline std::vector<int64_t> group_offsets(const at::Tensor& group_sizes, int64_t rows, const char* op) {
+  TORCH_CHECK_VALUE(group_sizes.dim() == 1, op, ": group_sizes must be 1-D [E]");
+  const at::Tensor gs = group_sizes.to(at::kLong).contiguous();
+  const int64_t* g = gs.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(gs.size(0) + 1, 0);
+  for (int64_t e = 0; e < gs.size(0); ++e) {
+    TORCH_CHECK_VALUE(g[e] >= 0, op, ": group_sizes[", e, "] = ", g[e], " is negative");
+    offsets[e + 1] = offsets[e] + g[e];
+  }
+  TORCH_CHECK_VALUE(offsets.back() == rows, op, ": group_sizes sum to ", offsets.back(),
+                    " but x has ", rows, " rows");
+  return offsets;
+}
+
+// An fp32 view of t: t itself when it is fp32, else a converted copy.
+inline at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+// out = a @ b into out's storage, in fp32 whatever out's dtype.
+inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (out.scalar_type() == at::kFloat) {
+    at::mm_out(out, as_float(a), as_float(b));
+  } else {
+    out.copy_(at::mm(as_float(a), as_float(b)));
+  }
 }
 
 }  // namespace pangu_cpu

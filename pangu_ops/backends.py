@@ -8,7 +8,7 @@ is chosen by `use_backend(name)` (a context manager), else by the environment va
 |-------------|-----------------------------|-------------------------------------------|
 | `reference` | any device                  | `pangu_ops.reference` (pure PyTorch)      |
 | `cpu`       | CPU tensors                 | C++ (`csrc/`, `torch.ops.pangu_cpu.*`)   |
-| `triton`    | CUDA (CPU with TRITON_INTERPRET=1) | Triton (`triton_kernels/`)          |
+| `triton`    | CUDA; CPU tensors too when TRITON_INTERPRET=1 | Triton (`triton_kernels/`) |
 | `ascend`    | Ascend NPU (torch_npu)      | AscendC (`ascend_kernels/`)               |
 """
 from __future__ import annotations
@@ -56,6 +56,21 @@ def _load_cpu() -> Any:
     return torch.ops.pangu_cpu
 
 
+# Triton reads TRITON_INTERPRET once, when its kernels are defined (at import): so do we.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _load_triton() -> Any:
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        raise BackendUnavailable(f"triton is not installed ({e}); `pip install triton`") from e
+    if not TRITON_INTERPRET and not torch.cuda.is_available():
+        raise BackendUnavailable("no CUDA device; set TRITON_INTERPRET=1 before importing pangu_ops to run "
+                                 "the Triton kernels on CPU tensors in Triton's interpreter")
+    return importlib.import_module("pangu_ops.triton_kernels")
+
+
 def _not_built(issue: str) -> Callable[[], Any]:
     def load() -> Any:
         raise BackendUnavailable(f"no kernels in this build yet (see {issue})")
@@ -66,7 +81,7 @@ def _not_built(issue: str) -> Callable[[], Any]:
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", (), _load_reference),
     "cpu": Backend("cpu", ("cpu",), _load_cpu),
-    "triton": Backend("triton", ("cuda",), _not_built("issue 3, Triton kernels")),
+    "triton": Backend("triton", ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",), _load_triton),
     "ascend": Backend("ascend", ("npu",), _not_built("issue 6, AscendC kernels")),
 }
 # "auto": the backend native to each device type.

@@ -76,8 +76,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pangu_ops.benchmarks import ops as bench_ops
 
     device = torch.device(args.device) if args.device else _default_device()
-    problem = bench_ops.Problem(args.tokens, args.hidden, args.ffn, args.experts, args.topk)
-    names = args.backend or [n for n in verify.available_backends(device) if n != "reference"]
+    base = bench_ops.PRESETS[args.preset]
+    problem = bench_ops.Problem(*(getattr(base, f) if getattr(args, f) is None else getattr(args, f)
+                                  for f in ("tokens", "hidden", "ffn", "experts", "topk")))
+    # Interpreted Triton on CPU tensors is a correctness tool: timed only when asked for.
+    names = args.backend or [n for n in verify.available_backends(device)
+                             if n != "reference" and not (n == "triton" and device.type == "cpu")]
     dtypes = [DTYPE_NAMES[d] for d in args.dtype]
     bench_ops.main(problem, dtypes, device, names, Path(args.out), args.min_time)
     return 0
@@ -97,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", help="default: cuda if available, else cpu")
     v.add_argument("--json", help="also write every check as JSON to this file")
 
-    d = bench_ops_defaults()
+    from pangu_ops.benchmarks.ops import PRESETS
+
     b = sub.add_parser("bench", help="time the ops per backend against same-run baselines; table + JSON + PNG")
-    b.add_argument("--tokens", type=int, default=d.tokens)
-    b.add_argument("--hidden", type=int, default=d.hidden)
-    b.add_argument("--ffn", type=int, default=d.ffn)
-    b.add_argument("--experts", type=int, default=d.experts)
-    b.add_argument("--topk", type=int, default=d.topk)
+    b.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="problem shape: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    for field in ("tokens", "hidden", "ffn", "experts", "topk"):
+        b.add_argument(f"--{field}", type=int, help="override the preset's value")
     b.add_argument("--dtype", nargs="+", choices=list(DTYPE_NAMES), default=["float32", "bfloat16"])
     b.add_argument("--backend", action="append", choices=[n for n in backends.BACKENDS if n != "reference"],
                    help="kernel backend to time (repeatable; default: all that load here)")
@@ -111,12 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     b.add_argument("--min-time", type=float, default=0.25, help="seconds of repeats per measurement")
     return parser
-
-
-def bench_ops_defaults():
-    from pangu_ops.benchmarks.ops import Problem
-
-    return Problem()
 
 
 def main(argv: list[str] | None = None) -> int:

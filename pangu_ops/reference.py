@@ -79,3 +79,25 @@ def grouped_gemm_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
     if not dw:
         return x.new_empty(0, x.shape[1], dy.shape[1])
     return torch.stack(dw).to(x.dtype)
+
+
+ACTIVATIONS = ("swiglu",)
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up in fp32, for gate_up = [gate | up] along the last dimension."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
+               activation: str) -> tuple[Tensor, Tensor]:
+    """gate_up = grouped_gemm(x, w_gate_up) (rounded to x's dtype), h = silu(gate) * up (fp32 from
+    the rounded gate_up, rounded), y = grouped_gemm(h, w_down). Returns (y [S, N], gate_up [S, 2F]).
+
+    Every backend activates the *rounded* gate_up, fused or not: the backward pass recomputes h
+    from the saved gate_up, so forward and backward see the same h. Autograd through this
+    function rounds the gradients where the op's backward does (dh, d_gate_up in x's dtype)."""
+    gate_up = grouped_gemm(x, w_gate_up, group_sizes, False)
+    h = swiglu(gate_up).to(x.dtype)
+    return grouped_gemm(h, w_down, group_sizes, False), gate_up

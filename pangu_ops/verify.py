@@ -7,6 +7,7 @@ reference's own autograd, with the tolerances below.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -14,14 +15,16 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from .ops import grouped_gemm, permute, unpermute
+from .ops import expert_mlp, grouped_gemm, permute, unpermute
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Per dtype, |actual - expected| <= atol + rtol * |expected| elementwise. Both sides accumulate in
-# fp32 and round once, so they may differ by one output ulp (bf16: 2^-8 relative, fp16: 2^-11)
-# plus fp32 summation-order noise; fp32 results differ only by the latter, which for sums of up to
-# ~1e3 products of O(1) values (dot products, weight gradients) stays below 1e-4.
+# Per dtype, |actual - expected| <= atol * scale + rtol * |expected| elementwise, where scale is the
+# RMS of the expected tensor (at least 1): rounding noise in a sum is proportional to the size of
+# its terms, not to the (possibly cancelled) result. Both sides accumulate in fp32 and round once,
+# so they may differ by one output ulp (bf16: 2^-8 relative, fp16: 2^-11) plus fp32
+# summation-order noise; fp32 results differ only by the latter, which for sums of up to ~1e3
+# products of O(1) values (dot products, weight gradients) stays below 1e-4.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-4},
     torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-3},
@@ -40,6 +43,11 @@ class Case:
     topk: int
     drop: float = 0.0  # share of slots dropped (expert id -1)
     empty: int = 0  # experts that receive no token
+
+    @property
+    def seed(self) -> int:
+        """A seed of its own, stable across processes (unlike hash())."""
+        return zlib.crc32(str(self).encode())
 
     def __str__(self) -> str:
         s = f"T={self.tokens} H={self.hidden} N={self.ffn} E={self.experts} k={self.topk}"
@@ -79,22 +87,22 @@ def randn(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, *, s
     """Standard normal values (never all zeros), drawn on the CPU from `gen` and moved to
     `device`; `noncontig` returns a strided view."""
     if noncontig and len(shape) == 2:
-        base = torch.randn(shape[0], 2 * shape[1], generator=gen) * scale
+        base = torch.randn(shape[0], 2 * shape[1], generator=gen, device="cpu") * scale
         return base.to(device, dtype)[:, ::2]
-    return (torch.randn(shape, generator=gen) * scale).to(device, dtype)
+    return (torch.randn(shape, generator=gen, device="cpu") * scale).to(device, dtype)
 
 
 def routing(case: Case, gen: torch.Generator, index_dtype: torch.dtype = torch.int64,
             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """(expert_ids [T, k], weights [T, k] fp32): k distinct experts per token drawn from the
     experts not chosen to stay empty, a share `case.drop` of slots set to -1."""
-    active = torch.randperm(case.experts, generator=gen)[: case.experts - case.empty]
+    active = torch.randperm(case.experts, generator=gen, device="cpu")[: case.experts - case.empty]
     assert active.numel() >= case.topk, f"{case}: fewer active experts than k"
-    picks = torch.rand(case.tokens, active.numel(), generator=gen).argsort(1)[:, : case.topk]
+    picks = torch.rand(case.tokens, active.numel(), generator=gen, device="cpu").argsort(1)[:, : case.topk]
     ids = active[picks]
     if case.drop:
-        ids[torch.rand(ids.shape, generator=gen) < case.drop] = -1
-    weights = torch.rand(ids.shape, generator=gen) + 0.1
+        ids[torch.rand(ids.shape, generator=gen, device="cpu") < case.drop] = -1
+    weights = torch.rand(ids.shape, generator=gen, device="cpu") + 0.1
     return ids.to(device, index_dtype), (weights / weights.sum(1, keepdim=True)).to(device)
 
 
@@ -106,8 +114,11 @@ def max_error(actual: Tensor, expected: Tensor) -> float:
     return float((actual.detach().double() - expected.detach().double()).abs().max())
 
 
-def compare(check: str, actual: Tensor, expected: Tensor, dtype: torch.dtype | None) -> tuple[str, float, bool, str]:
-    """Checks shape, dtype and values; `dtype` None means bit-exact."""
+def compare(check: str, actual: Tensor, expected: Tensor, dtype: torch.dtype | None,
+            roundings: int = 1) -> tuple[str, float, bool, str]:
+    """Checks shape, dtype and values; `dtype` None means bit-exact. `roundings`: how many
+    roundings to `dtype` lie between the inputs and this result in a chain of ops (each may flip
+    an intermediate by one ulp, whose effect the next op carries): the tolerance scales with it."""
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
         return check, float("nan"), False, (f"got {actual.dtype}{list(actual.shape)}, "
                                             f"expected {expected.dtype}{list(expected.shape)}")
@@ -115,10 +126,11 @@ def compare(check: str, actual: Tensor, expected: Tensor, dtype: torch.dtype | N
     if dtype is None:
         ok = torch.equal(actual, expected)
         return check, err, ok, "" if ok else "not bit-identical"
-    tol = TOLERANCES[dtype]
+    rtol, atol = (roundings * TOLERANCES[dtype][k] for k in ("rtol", "atol"))
     a, b = actual.detach().double(), expected.detach().double()
-    ok = bool(((a - b).abs() <= tol["atol"] + tol["rtol"] * b.abs()).all())
-    return check, err, ok, "" if ok else f"beyond rtol={tol['rtol']:g} atol={tol['atol']:g}"
+    atol *= max(1.0, float(b.square().mean().sqrt())) if b.numel() else 1.0
+    ok = bool(((a - b).abs() <= atol + rtol * b.abs()).all())
+    return check, err, ok, "" if ok else f"beyond rtol={rtol:g} atol={atol:g}"
 
 
 def _grads(out: Tensor | tuple[Tensor, ...], inputs: list[Tensor], grad_out: Tensor) -> list[Tensor]:
@@ -176,18 +188,36 @@ def _check_grouped_gemm(dtype: torch.dtype, case: Case, gen: torch.Generator, de
             yield compare(name + tag, a, b, dtype)
 
 
+def _check_expert_mlp(dtype: torch.dtype, case: Case, gen: torch.Generator, dev: torch.device):
+    ids, _ = routing(case, gen, device=dev)
+    group_sizes = torch.bincount(ids[ids >= 0].long(), minlength=case.experts)
+    rows, k_dim, f_dim = int(group_sizes.sum()), case.hidden, case.ffn
+    x = randn((rows, k_dim), dtype, gen, noncontig=True, device=dev).requires_grad_()
+    w_gate_up = randn((case.experts, k_dim, 2 * f_dim), dtype, gen, scale=k_dim ** -0.5, device=dev).requires_grad_()
+    w_down = randn((case.experts, f_dim, k_dim), dtype, gen, scale=f_dim ** -0.5, device=dev).requires_grad_()
+    got = expert_mlp(x, w_gate_up, w_down, group_sizes)
+    want = reference.expert_mlp(x, w_gate_up, w_down, group_sizes, "swiglu")[0]
+    yield compare("y", got, want, dtype, roundings=2)  # gate_up, then h and y
+    g = randn((rows, k_dim), dtype, gen, device=dev)
+    params = [x, w_gate_up, w_down]
+    # dh and d_gate_up are rounded on the way to the weight and input gradients.
+    for name, a, b in zip(("grad x", "grad w_gate_up", "grad w_down"), _grads(got, params, g), _grads(want, params, g)):
+        yield compare(name, a, b, dtype, roundings=3)
+
+
 CHECKS: dict[str, Callable] = {
     "permute": _check_permute,
     "unpermute": _check_unpermute,
     "grouped_gemm": _check_grouped_gemm,
+    "expert_mlp": _check_expert_mlp,
 }
 
 
-def check(op: str, backend: str, dtype: torch.dtype, case: Case, seed: int = 0,
+def check(op: str, backend: str, dtype: torch.dtype, case: Case, seed: int | None = None,
           device: torch.device | str = "cpu") -> list[Result]:
-    """Runs op on `backend` against the reference on `device`; one Result per compared output or
-    gradient."""
-    gen = generator(seed)
+    """Runs op on `backend` against the reference on `device` (inputs seeded by `seed`, default
+    the case's own); one Result per compared output or gradient."""
+    gen = generator(case.seed if seed is None else seed)
     results = []
     with backends.use_backend(backend):
         for name, err, ok, detail in CHECKS[op](dtype, case, gen, torch.device(device)):

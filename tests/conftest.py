@@ -1,23 +1,29 @@
 import os
 
+# The device the reference checks run on: cpu (CI), or cuda on a GPU machine
+# (`PANGU_OPS_TEST_DEVICE=cuda pytest tests`): the same tests, unchanged.
+DEVICE = os.environ.get("PANGU_OPS_TEST_DEVICE", "cpu")
 # Triton reads TRITON_INTERPRET when @triton.jit runs: set it before anything imports pangu_ops,
-# so Triton kernels (where the Triton backend is present) run on CPU tensors in the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# so on CPU the Triton kernels run on CPU tensors in Triton's interpreter.
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pangu_ops import backends, verify  # noqa: E402
 
-# The backends every machine must have: a CPU build without its C++ extension fails here rather
-# than silently testing the reference alone.
-REQUIRED_BACKENDS = ("reference", "cpu")
-BACKENDS = list(REQUIRED_BACKENDS) + [b for b in verify.available_backends() if b not in REQUIRED_BACKENDS]
+# The backends every test machine must have (the README's set-up installs them): a build without
+# its C++ extension, or without Triton, fails here rather than silently testing fewer backends.
+REQUIRED_BACKENDS = ("reference", "cpu", "triton") if DEVICE == "cpu" else ("reference", "triton")
+BACKENDS = list(REQUIRED_BACKENDS) + [b for b in verify.available_backends(DEVICE) if b not in REQUIRED_BACKENDS]
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_device():
     torch.manual_seed(1234)
+    with torch.device(DEVICE):  # tensors the tests make inline land on the device under test
+        yield
 
 
 def failures(results: list[verify.Result]) -> str:

@@ -9,10 +9,13 @@ from pangu_ops import verify
 from conftest import BACKENDS
 
 
-def moe(x, expert_ids, weights, w_up, w_down):
+def moe(x, expert_ids, weights, w_up, w_down, w_gate_up):
+    """Two expert layers: grouped GEMMs with torch's SiLU between, then the fused expert MLP."""
     x_sorted, sizes, index = pangu_ops.permute(x, expert_ids, w_up.shape[0])
     h = F.silu(pangu_ops.grouped_gemm(x_sorted, w_up, sizes))
-    return pangu_ops.unpermute(pangu_ops.grouped_gemm(h, w_down, sizes), index, weights)
+    h = pangu_ops.grouped_gemm(h, w_down, sizes)
+    h = pangu_ops.expert_mlp(h, w_gate_up, w_down, sizes)
+    return pangu_ops.unpermute(h, index, weights)
 
 
 @pytest.mark.slow
@@ -25,10 +28,11 @@ def test_compiled_moe_matches_eager(backend):
     x = verify.randn((case.tokens, case.hidden), torch.float32, gen)
     w_up = verify.randn((case.experts, case.hidden, case.ffn), torch.float32, gen, scale=0.2)
     w_down = verify.randn((case.experts, case.ffn, case.hidden), torch.float32, gen, scale=0.2)
+    w_gate_up = verify.randn((case.experts, case.hidden, 2 * case.ffn), torch.float32, gen, scale=0.2)
 
     def run(fn):
-        params = [t.clone().requires_grad_() for t in (x, weights, w_up, w_down)]
-        out = fn(params[0], ids, params[1], params[2], params[3])
+        params = [t.clone().requires_grad_() for t in (x, weights, w_up, w_down, w_gate_up)]
+        out = fn(params[0], ids, *params[1:])
         out.square().sum().backward()
         return [out] + [p.grad for p in params]
 

@@ -30,6 +30,9 @@ def _samples():
         "grouped_gemm": (ops.grouped_gemm, (xs, wt, sizes, False)),
         "grouped_gemm trans_b": (ops.grouped_gemm, (xs, wt.transpose(1, 2).contiguous(), sizes, True)),
         "grouped_gemm_wgrad": (ops.grouped_gemm_wgrad, (xs.detach(), dy, sizes)),
+        "expert_mlp": (ops.expert_mlp, (xs, verify.randn((case.experts, case.hidden, 2 * case.ffn), torch.float32, gen)
+                                        .requires_grad_(), wt.transpose(1, 2).contiguous().detach().requires_grad_(),
+                                        sizes, "swiglu")),
     }
 
 

@@ -1,7 +1,8 @@
 """The ops, one module each: schema (torch.library, namespace `pangu`), fake kernel, autograd and
 dispatch to the backend chosen by `pangu_ops.backends`."""
+from .expert_mlp import expert_mlp
 from .grouped_gemm import grouped_gemm
 from .permute import permute
 from .unpermute import unpermute
 
-__all__ = ["grouped_gemm", "permute", "unpermute"]
+__all__ = ["expert_mlp", "grouped_gemm", "permute", "unpermute"]
