@@ -38,3 +38,16 @@ def assert_all_pass(results: list[verify.Result]) -> None:
 
 def reason(name: str) -> str | None:
     return backends.status()[name]
+
+
+def reference_test(op: str):
+    """The test every op file has: `op` on every backend x dtype x case matches the reference
+    (values and gradients). Use as `test_matches_reference = reference_test("permute")`."""
+
+    @pytest.mark.parametrize("case", verify.CASES, ids=str)
+    @pytest.mark.parametrize("dtype", verify.DTYPES, ids=str)
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_matches_reference(backend, dtype, case):
+        assert_all_pass(verify.check(op, backend, dtype, case, device=DEVICE))
+
+    return test_matches_reference

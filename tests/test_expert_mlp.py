@@ -4,16 +4,11 @@ import torch
 import torch.nn.functional as F
 
 import pangu_ops
-from pangu_ops import verify
 
-from conftest import BACKENDS, DEVICE, assert_all_pass
+from conftest import BACKENDS, reference_test
 
 
-@pytest.mark.parametrize("case", verify.CASES, ids=str)
-@pytest.mark.parametrize("dtype", verify.DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, dtype, case):
-    assert_all_pass(verify.check("expert_mlp", backend, dtype, case, device=DEVICE))
+test_matches_reference = reference_test("expert_mlp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

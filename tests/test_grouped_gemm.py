@@ -6,14 +6,10 @@ import torch.nn.functional as F
 import pangu_ops
 from pangu_ops import verify
 
-from conftest import BACKENDS, DEVICE, assert_all_pass
+from conftest import BACKENDS, reference_test
 
 
-@pytest.mark.parametrize("case", verify.CASES, ids=str)
-@pytest.mark.parametrize("dtype", verify.DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, dtype, case):
-    assert_all_pass(verify.check("grouped_gemm", backend, dtype, case, device=DEVICE))
+test_matches_reference = reference_test("grouped_gemm")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

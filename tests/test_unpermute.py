@@ -3,16 +3,12 @@ import pytest
 import torch
 
 import pangu_ops
-from pangu_ops import reference, verify
+from pangu_ops import reference
 
-from conftest import BACKENDS, DEVICE, assert_all_pass
+from conftest import BACKENDS, reference_test
 
 
-@pytest.mark.parametrize("case", verify.CASES, ids=str)
-@pytest.mark.parametrize("dtype", verify.DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, dtype, case):
-    assert_all_pass(verify.check("unpermute", backend, dtype, case, device=DEVICE))
+test_matches_reference = reference_test("unpermute")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -26,9 +26,9 @@ def upcast_operands(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype != torch.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 GEMMs stay IEEE fp32 (torch's default), not TF32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 GEMMs stay IEEE fp32 (torch's default), not TF32; other dtypes take Triton's default."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def num_programs(device: torch.device, upper_bound: int) -> int:
