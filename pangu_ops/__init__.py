@@ -8,7 +8,8 @@ Ops are registered as `torch.ops.pangu.*` (differentiable, torch.compile-able, o
 run on the backend chosen by `use_backend` (see `pangu_ops.backends`).
 """
 from .backends import current_backend, use_backend
-from .ops import expert_mlp, grouped_gemm, permute, unpermute
+from . import routing
+from .ops import expert_mlp, grouped_gemm, permute, rre_dispatch, unpermute
 
 __version__ = "0.1.0"
-__all__ = ["current_backend", "expert_mlp", "grouped_gemm", "permute", "unpermute", "use_backend"]
+__all__ = ["current_backend", "expert_mlp", "grouped_gemm", "permute", "routing", "rre_dispatch", "unpermute", "use_backend"]

@@ -101,3 +101,12 @@ def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor
     gate_up = grouped_gemm(x, w_gate_up, group_sizes, False)
     h = swiglu(gate_up).to(x.dtype)
     return grouped_gemm(h, w_down, group_sizes, False), gate_up
+
+
+def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
+                 num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Random Routed Experts dispatch: the expert of token (b, s) is table[domain_ids[b],
+    token_ids[b, s]] (top-1, no gate); then `permute` of x [B*S, H] with k = 1."""
+    _checks.rre_values(token_ids, domain_ids, table, num_experts)
+    expert_ids = table[domain_ids.long()[:, None], token_ids.long()]
+    return permute(x, expert_ids.reshape(-1, 1), num_experts)

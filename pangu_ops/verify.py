@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from .ops import expert_mlp, grouped_gemm, permute, unpermute
+from .routing import rre_route_table
+from .ops import expert_mlp, grouped_gemm, permute, rre_dispatch, unpermute
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -188,6 +189,24 @@ def _check_grouped_gemm(dtype: torch.dtype, case: Case, gen: torch.Generator, de
             yield compare(name + tag, a, b, dtype)
 
 
+def _check_rre_dispatch(dtype: torch.dtype, case: Case, gen: torch.Generator, dev: torch.device):
+    """RRE: case.experts experts split over (up to) 2 domains, case.tokens tokens as 1-2 samples,
+    a vocabulary of 3 * hidden ids."""
+    domains = 2 if case.experts % 2 == 0 else 1
+    table = rre_route_table(3 * case.hidden, case.experts, domains, seed=int(gen.initial_seed()) % 997,
+                                    layer=0).to(dev)
+    batch = 2 if case.tokens % 2 == 0 and case.tokens else 1
+    token_ids = torch.randint(0, 3 * case.hidden, (batch, case.tokens // batch), generator=gen, device="cpu").to(dev)
+    domain_ids = torch.randint(0, domains, (batch,), generator=gen, device="cpu").to(dev)
+    x = randn((token_ids.numel(), case.hidden), dtype, gen, noncontig=True, device=dev).requires_grad_()
+    got = rre_dispatch(x, token_ids, domain_ids, table, case.experts)
+    want = reference.rre_dispatch(x, token_ids, domain_ids, table, case.experts)
+    for name, a, b in zip(("x_sorted", "group_sizes", "sorted_index"), got, want):
+        yield compare(name, a, b, None)
+    g = randn(tuple(want[0].shape), dtype, gen, device=dev)
+    yield compare("grad x", *(_grads(o, [x], g)[0] for o in (got, want)), dtype)
+
+
 def _check_expert_mlp(dtype: torch.dtype, case: Case, gen: torch.Generator, dev: torch.device):
     ids, _ = routing(case, gen, device=dev)
     group_sizes = torch.bincount(ids[ids >= 0].long(), minlength=case.experts)
@@ -210,6 +229,7 @@ CHECKS: dict[str, Callable] = {
     "unpermute": _check_unpermute,
     "grouped_gemm": _check_grouped_gemm,
     "expert_mlp": _check_expert_mlp,
+    "rre_dispatch": _check_rre_dispatch,
 }
 
 

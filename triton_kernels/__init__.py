@@ -6,8 +6,8 @@ TRITON_INTERPRET=1 was set before import (the CI configuration).
 """
 from .expert_mlp import expert_mlp
 from .grouped_gemm import grouped_gemm, grouped_gemm_wgrad
-from .permute import permute
+from .permute import permute, rre_dispatch
 from .unpermute import unpermute, unpermute_backward
 
-__all__ = ["expert_mlp", "grouped_gemm", "grouped_gemm_wgrad", "permute", "unpermute",
+__all__ = ["expert_mlp", "grouped_gemm", "grouped_gemm_wgrad", "permute", "rre_dispatch", "unpermute",
            "unpermute_backward"]

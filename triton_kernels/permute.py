@@ -1,4 +1,6 @@
-"""permute on Triton: stable counting sort of the T*k slots by expert, then row scatter.
+"""permute (and rre_dispatch) on Triton: stable counting sort of the T*k slots by expert, then
+row scatter. In LOOKUP mode (rre_dispatch, k = 1) a slot's expert is table[domain, token], read
+inside both kernels, so no expert-id tensor is written.
 
 1. histogram: each program counts its block of slots per expert (a one-hot sum), and the ids that
    are out of range;
@@ -22,10 +24,26 @@ BLOCK_H = 128
 
 
 @triton.jit
-def _histogram_kernel(ids_ptr, counts_ptr, bad_ptr, slots, E, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+def _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, LOOKUP: tl.constexpr):
+    """Expert of each slot: -1 dropped (or past the end), -2 bad (token or domain out of range)."""
+    live = offs < slots
+    if LOOKUP:
+        tok = tl.load(ids_ptr + offs, mask=live, other=0).to(tl.int64)
+        dom = tl.load(dom_ptr + offs // seq, mask=live, other=0).to(tl.int64)
+        ok = (tok >= 0) & (tok < V) & (dom >= 0) & (dom < D)
+        ids = tl.load(table_ptr + dom * V + tok, mask=live & ok, other=-2).to(tl.int32)
+        ids = tl.where(live, ids, -1)
+    else:
+        ids = tl.load(ids_ptr + offs, mask=live, other=-1).to(tl.int32)
+    return ids
+
+
+@triton.jit
+def _histogram_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, counts_ptr, bad_ptr, slots, E,
+                      LOOKUP: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
+    ids = _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, LOOKUP)
     experts = tl.arange(0, E_PAD)
     onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
     tl.store(counts_ptr + pid * E + experts, tl.sum(onehot, axis=0), mask=experts < E)
@@ -34,11 +52,12 @@ def _histogram_kernel(ids_ptr, counts_ptr, bad_ptr, slots, E, BLOCK: tl.constexp
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, x_ptr, out_ptr, index_ptr, base_ptr, slots, E, topk, H, s_x, s_out,
-                    BLOCK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+def _scatter_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, x_ptr, out_ptr, index_ptr, base_ptr, slots, E,
+                    topk, H, s_x, s_out, LOOKUP: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
+                    BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < slots, other=-1).to(tl.int32)
+    ids = _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, LOOKUP)
     onehot = (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier slots, same expert
     keep = (offs < slots) & (ids >= 0)
@@ -52,25 +71,42 @@ def _scatter_kernel(ids_ptr, x_ptr, out_ptr, index_ptr, base_ptr, slots, E, topk
         tl.store(out_ptr + pos[:, None] * s_out + cols[None, :], rows, mask=mask)
 
 
-def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
-    T, k = expert_ids.shape
-    H, E, slots = x.shape[1], num_experts, T * k
-    ids = expert_ids.contiguous().view(-1)
+def _sort_rows(x, ids, lookup, k: int, num_experts: int, on_bad):
+    """The three steps for `ids` (flat expert ids, or token ids when `lookup` = (domain_ids,
+    table)); `on_bad()` raises for the first bad slot."""
+    slots, H, E = ids.numel(), x.shape[1], num_experts
     x = x if x.stride(1) == 1 else x.contiguous()
+    dom, table = lookup if lookup is not None else (ids, ids)  # unused placeholders when not looking up
+    seq, D, V = (ids.shape[1], table.shape[0], table.shape[1]) if lookup is not None else (1, 0, 0)
+    ids, table = ids.contiguous().view(-1), table.contiguous()
     blocks = max(1, triton.cdiv(slots, BLOCK_SLOTS))
     e_pad = triton.next_power_of_2(E)
     counts = torch.empty(blocks, E, dtype=torch.int64, device=x.device)
     bad = torch.empty(blocks, dtype=torch.int64, device=x.device)
-    _histogram_kernel[(blocks,)](ids, counts, bad, slots, E, BLOCK=BLOCK_SLOTS, E_PAD=e_pad)
+    common = dict(LOOKUP=lookup is not None, BLOCK=BLOCK_SLOTS, E_PAD=e_pad)
+    _histogram_kernel[(blocks,)](ids, dom, table, seq, D, V, counts, bad, slots, E, **common)
     group_sizes = counts.sum(0)
     expert_start = torch.cumsum(group_sizes, 0) - group_sizes
     base = torch.cumsum(counts, 0) - counts + expert_start
     rows, n_bad = torch.stack([group_sizes.sum(), bad.sum()]).tolist()  # the one host sync
     if n_bad:
-        _checks.expert_ids_values(expert_ids, E)  # finds the first bad id and raises
+        on_bad()
     x_sorted = torch.empty(rows, H, dtype=x.dtype, device=x.device)
     sorted_index = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows:
-        _scatter_kernel[(blocks,)](ids, x, x_sorted, sorted_index, base, slots, E, k, H, x.stride(0),
-                                   x_sorted.stride(0), BLOCK=BLOCK_SLOTS, E_PAD=e_pad, BLOCK_H=BLOCK_H)
+        _scatter_kernel[(blocks,)](ids, dom, table, seq, D, V, x, x_sorted, sorted_index, base, slots, E, k, H,
+                                   x.stride(0), x_sorted.stride(0), BLOCK_H=BLOCK_H, **common)
     return x_sorted, group_sizes, sorted_index
+
+
+def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
+    return _sort_rows(x, expert_ids, None, expert_ids.shape[1], num_experts,
+                      lambda: _checks.expert_ids_values(expert_ids, num_experts))
+
+
+def rre_dispatch(x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor,
+                 num_experts: int):
+    def on_bad():  # the reference's lookup validates and raises with the offending position
+        _checks.rre_values(token_ids, domain_ids, table, num_experts)
+
+    return _sort_rows(x, token_ids, (domain_ids, table), 1, num_experts, on_bad)

@@ -3,6 +3,7 @@ dispatch to the backend chosen by `pangu_ops.backends`."""
 from .expert_mlp import expert_mlp
 from .grouped_gemm import grouped_gemm
 from .permute import permute
+from .rre_dispatch import rre_dispatch
 from .unpermute import unpermute
 
-__all__ = ["expert_mlp", "grouped_gemm", "permute", "unpermute"]
+__all__ = ["expert_mlp", "grouped_gemm", "permute", "rre_dispatch", "unpermute"]

@@ -93,3 +93,21 @@ def sorted_index_values(sorted_index: torch.Tensor, slots: int) -> None:
                          f"[0, num_tokens * topk = {slots})")
     if sorted_index.unique().numel() != sorted_index.numel():
         raise ValueError("unpermute: sorted_index holds a slot twice")
+
+
+def rre_values(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor, num_experts: int) -> None:
+    num_domains, vocab = table.shape
+    bad = (domain_ids < 0) | (domain_ids >= num_domains)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])} is out of range [0, num_domains={num_domains})")
+    bad = (token_ids < 0) | (token_ids >= vocab)
+    if bool(bad.any()):
+        b, s = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"token_ids[{b}, {s}] = {int(token_ids[b, s])} is out of range [0, vocab_size={vocab})")
+    experts = table[domain_ids.long()[:, None], token_ids.long()]
+    bad = (experts < 0) | (experts >= num_experts)
+    if bool(bad.any()):
+        b, s = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"table[{int(domain_ids[b])}, {int(token_ids[b, s])}] = {int(experts[b, s])} is not an "
+                         f"expert id in [0, num_experts={num_experts})")

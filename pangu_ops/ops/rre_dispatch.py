@@ -1,0 +1,70 @@
+"""pangu::rre_dispatch — Random Routed Experts route-table lookup fused into permute (k = 1).
+
+Kernels: `reference.rre_dispatch`, `csrc/rre_dispatch.cpp`, `triton_kernels/permute.py` (LOOKUP
+mode). Returns what `permute` returns; the combine is `unpermute` with k = 1 and no weights.
+Backward: `unpermute` of the gradient, as for permute.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from . import _checks
+from .unpermute import unpermute_op
+
+
+def _check(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor, num_experts: int) -> None:
+    _checks.tensor("x", x, 2, "[B * S, H]", _checks.FLOAT_DTYPES)
+    _checks.tensor("token_ids", token_ids, 2, "[B, S]", _checks.INDEX_DTYPES)
+    _checks.tensor("domain_ids", domain_ids, 1, "[B]", _checks.INDEX_DTYPES)
+    _checks.tensor("table", table, 2, "[num_domains, vocab_size]", _checks.INDEX_DTYPES)
+    _checks.size("domain_ids", domain_ids.shape[0], token_ids.shape[0], "length (B = token_ids.shape[0])")
+    _checks.size("x", x.shape[0], token_ids.shape[0] * token_ids.shape[1], "rows (B * S of token_ids)")
+    _checks.same_device(x=x, token_ids=token_ids, domain_ids=domain_ids, table=table)
+    _checks.positive_int("num_experts", num_experts)
+
+
+@torch.library.custom_op("pangu::rre_dispatch", mutates_args=())
+def rre_dispatch_op(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
+                    num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.kernel("rre_dispatch", x.device)(x, token_ids, domain_ids, table, num_experts)
+
+
+@rre_dispatch_op.register_fake
+def _(x, token_ids, domain_ids, table, num_experts):
+    _check(x, token_ids, domain_ids, table, num_experts)
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty(rows, x.shape[1]), token_ids.new_empty(num_experts, dtype=torch.int64),
+            token_ids.new_empty(rows, dtype=torch.int64))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.num_tokens = inputs[0].shape[0]
+    ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
+    (sorted_index,) = ctx.saved_tensors
+    return unpermute_op(grad_x_sorted, sorted_index, None, ctx.num_tokens, 1), None, None, None, None
+
+
+rre_dispatch_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
+                 num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Route tokens with an RRE table and group them by expert, in one pass.
+
+    Args:
+        x: `[B * S, H]` token rows (batch-major).
+        token_ids: `[B, S]` vocabulary ids.
+        domain_ids: `[B]` the domain of each sample.
+        table: `[num_domains, vocab_size]` global expert ids (`routing.rre_route_table`).
+        num_experts: E.
+
+    Returns `permute`'s `(x_sorted, group_sizes, sorted_index)` for k = 1; combine with
+    `unpermute(y_sorted, sorted_index, None, B * S, topk=1)`. Differentiable in x.
+    """
+    _check(x, token_ids, domain_ids, table, num_experts)
+    return rre_dispatch_op(x, token_ids, domain_ids, table, num_experts)
