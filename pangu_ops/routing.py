@@ -111,3 +111,17 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, *, alpha: float = 1e-
     f = counts / counts.sum().clamp_min(1.0)
     P = prob_sum / tokens.clamp_min(1.0)
     return alpha * num_experts * (f * P).sum()
+
+
+def apply_capacity(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Drops (sets to -1) the slots beyond the first `capacity` of each expert, in slot order
+    (token, then j): the capacity-factor routing of GShard/Switch. Dropped slots stay dropped."""
+    _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
+    _checks.non_negative_int("capacity", capacity)
+    flat = expert_ids.reshape(-1).long()
+    bins = torch.where(flat >= 0, flat, num_experts)  # dropped slots in a last bin
+    order = torch.argsort(bins, stable=True)
+    starts = torch.bincount(bins, minlength=num_experts + 1).cumsum(0) - torch.bincount(bins, minlength=num_experts + 1)
+    rank = torch.empty_like(flat).scatter_(0, order, torch.arange(flat.numel(), device=flat.device) - starts[bins[order]])
+    keep = (flat >= 0) & (rank < capacity)
+    return torch.where(keep, flat, -1).view_as(expert_ids).to(expert_ids.dtype)

@@ -77,7 +77,7 @@ def _sort_rows(x, ids, lookup, k: int, num_experts: int, on_bad):
     slots, H, E = ids.numel(), x.shape[1], num_experts
     x = x if x.stride(1) == 1 else x.contiguous()
     dom, table = lookup if lookup is not None else (ids, ids)  # unused placeholders when not looking up
-    seq, D, V = (ids.shape[1], table.shape[0], table.shape[1]) if lookup is not None else (1, 0, 0)
+    seq, D, V = (max(1, ids.shape[1]), table.shape[0], table.shape[1]) if lookup is not None else (1, 0, 0)
     ids, table = ids.contiguous().view(-1), table.contiguous()
     blocks = max(1, triton.cdiv(slots, BLOCK_SLOTS))
     e_pad = triton.next_power_of_2(E)

@@ -1,0 +1,127 @@
+"""Mixture-of-Experts feed-forward layers built from pangu_ops ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import routing
+from ..ops import _checks, expert_mlp, permute, rre_dispatch, unpermute
+
+
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP: dense layers and shared experts."""
+
+    def __init__(self, hidden: int, ffn: int, **factory):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False, **factory)
+        self.down = nn.Linear(ffn, hidden, bias=False, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoEFeedForward(nn.Module):
+    """SwiGLU experts behind a router, dropless by default.
+
+    router="topk": a learned linear router (softmax or sigmoid scores, top-k, normalised weights,
+    routed scaling), the balance loss (`aux_loss_alpha`; over `ep_group` when given: the EP-group
+    loss), optional `capacity_factor` dropping each expert's overflow slots.
+    router="rre": PanGu-Σ's Random Routed Experts: `num_domains` domains owning equal shares of the
+    experts, a fixed balanced route table per layer (`seed`, `layer`), top-1, no gate, no loss;
+    `forward` then needs `token_ids` and `domain_ids`.
+
+    Experts are stored stacked: `w_gate_up [E, H, 2F]` (gate | up), `w_down [E, F, H]`.
+    `forward(x [..., H], token_ids=None, domain_ids=None) -> (y [..., H], aux_loss)`.
+    """
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, *, router: str = "topk", topk: int = 2,
+                 score: str = "softmax", normalize: bool = True, routed_scaling: float = 1.0,
+                 num_shared_experts: int = 0, capacity_factor: float | None = None, aux_loss_alpha: float = 1e-2,
+                 ep_group=None, num_domains: int = 1, vocab_size: int | None = None, seed: int = 0, layer: int = 0,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if router not in ("topk", "rre"):
+            raise ValueError(f"router must be 'topk' or 'rre', got {router!r}")
+        self.hidden, self.ffn, self.router_kind = hidden, ffn, router
+        self.topk = 1 if router == "rre" else topk
+        self.score, self.normalize, self.routed_scaling = score, normalize, routed_scaling
+        self.capacity_factor, self.aux_loss_alpha, self.ep_group = capacity_factor, aux_loss_alpha, ep_group
+        self.seed, self.layer = seed, layer
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden, 2 * ffn, **factory))
+        self.w_down = nn.Parameter(torch.empty(num_experts, ffn, hidden, **factory))
+        nn.init.normal_(self.w_gate_up, std=hidden ** -0.5)
+        nn.init.normal_(self.w_down, std=ffn ** -0.5)
+        self.gate = nn.Linear(hidden, num_experts, bias=False, **factory) if router == "topk" else None
+        if router == "rre":
+            if vocab_size is None:
+                raise ValueError("router='rre' needs vocab_size")
+            self.register_buffer("table", routing.rre_route_table(vocab_size, num_experts, num_domains, seed=seed,
+                                                                  layer=layer).to(device))
+            # domain_index[d]: the table row of domain d, -1 where the domain has no experts here.
+            self.register_buffer("domain_index", torch.arange(num_domains, device=device))
+        self.shared = SwiGLU(hidden, ffn * num_shared_experts, **factory) if num_shared_experts else None
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_gate_up.shape[0]
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, domain_ids: Tensor | None = None):
+        _checks.tensor("x", x, x.dim(), "[..., H]", _checks.FLOAT_DTYPES)
+        _checks.size("x", x.shape[-1], self.hidden, "last dimension (hidden)")
+        flat = x.reshape(-1, self.hidden)
+        tokens = flat.shape[0]
+        aux = flat.new_zeros((), dtype=torch.float32)
+        if self.router_kind == "rre":
+            x_sorted, sizes, index = rre_dispatch(flat, *self._rre_ids(token_ids, domain_ids, tokens), self.table,
+                                                  self.num_experts)
+            weights = None
+        else:
+            weights, expert_ids, probs = routing.topk_route(self.gate(flat), self.topk, score=self.score,
+                                                            normalize=self.normalize, scaling=self.routed_scaling)
+            if self.capacity_factor is not None:
+                capacity = math.ceil(self.capacity_factor * tokens * self.topk / self.num_experts)
+                expert_ids = routing.apply_capacity(expert_ids, self.num_experts, capacity)
+            if self.training and self.aux_loss_alpha:
+                aux = routing.load_balancing_loss(probs, expert_ids, alpha=self.aux_loss_alpha, group=self.ep_group)
+            x_sorted, sizes, index = permute(flat, expert_ids, self.num_experts)
+        h = expert_mlp(x_sorted, self.w_gate_up, self.w_down, sizes)
+        y = unpermute(h, index, weights, tokens, topk=self.topk)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(x.shape), aux
+
+    def _rre_ids(self, token_ids: Tensor | None, domain_ids: Tensor | None, tokens: int) -> tuple[Tensor, Tensor]:
+        """token_ids [B, S] and the table rows of domain_ids [B], validated."""
+        if token_ids is None or domain_ids is None:
+            raise ValueError("an RRE layer needs token_ids [B, S] and domain_ids [B]")
+        _checks.tensor("domain_ids", domain_ids, 1, "[B]", _checks.INDEX_DTYPES)
+        known = self.domain_index.shape[0]
+        bad = (domain_ids < 0) | (domain_ids >= known)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])} is out of range [0, num_domains={known})")
+        rows = self.domain_index[domain_ids.long()]
+        if bool((rows < 0).any()):
+            d = int(domain_ids[(rows < 0).nonzero()[0]])
+            raise ValueError(f"domain {d} has no experts in this layer (extracted or removed)")
+        token_ids = token_ids.reshape(domain_ids.shape[0], -1) if token_ids.dim() == 1 else token_ids
+        _checks.size("token_ids", token_ids.numel(), tokens, "numel (tokens of x)")
+        return token_ids, rows
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden}, ffn={self.ffn}, experts={self.num_experts}, router={self.router_kind}, "
+                f"topk={self.topk}, shared={self.shared is not None}")
+
+
+class RREMoE(MoEFeedForward):
+    """PanGu-Σ's Random Routed Experts layer: `MoEFeedForward(router="rre")`."""
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, num_domains: int, vocab_size: int, *, seed: int = 0,
+                 layer: int = 0, **kwargs):
+        super().__init__(hidden, ffn, num_experts, router="rre", num_domains=num_domains, vocab_size=vocab_size,
+                         seed=seed, layer=layer, **kwargs)
