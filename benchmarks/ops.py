@@ -25,6 +25,9 @@ import torch.nn.functional as F
 import pangu_ops
 from pangu_ops import backends, reference, verify
 
+from pangu_ops.nn import MoEFeedForward
+
+from .layer import loop_forward
 from .timing import median_seconds
 
 SLOW_BASELINE_FRACTION = 32
@@ -141,6 +144,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     for op, (kernel_fn, ref_fn, work, unit) in ops.items():
         out.append(Entry(op, "reference", "reference", ref_fn, work, unit))
         out += [Entry(op, b, "kernel", on(b, kernel_fn), work, unit) for b in kernel_backends]
+    out += _layer_entries(p, x, dtype, device, kernel_backends, on)
 
     # Limits and torch baselines.
     dst = torch.empty_like(x_sorted)
@@ -165,6 +169,29 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     gmm = _grouped_mm_entry(x_sorted, w, group_sizes, flops_per_row, device, dtype)
     if gmm is not None:
         out.append(gmm)
+    return out
+
+
+def _layer_entries(p: Problem, x, dtype, device, kernel_backends, on) -> list[Entry]:
+    """A whole top-k MoEFeedForward forward+backward (router, permute, expert MLP, combine),
+    against the same layer written the usual way (benchmarks/layer.py; "reference" here). Work:
+    the expert FLOPs, 3 GEMMs of 2*H*F per routed token, times 3 for forward+backward."""
+    layer = MoEFeedForward(p.hidden, p.ffn, p.experts, topk=p.topk, aux_loss_alpha=0.0, device=device, dtype=dtype)
+    flops_per_token = 3 * 3 * 2 * p.hidden * p.ffn * p.topk
+
+    def fwd_bwd(forward, tokens):
+        xg = tokens.detach().requires_grad_()
+        return lambda: forward(xg).float().square().mean().backward()
+
+    # The loop runs torch's own matmuls in the op's dtype: on a CPU in half precision at ~1 GFLOP/s,
+    # so it gets a fraction of the tokens.
+    part = p.tokens // SLOW_BASELINE_FRACTION if _half_on_cpu(dtype, device) else p.tokens
+    note = f"rate on 1/{SLOW_BASELINE_FRACTION} of the tokens" if part != p.tokens else ""
+    op = "moe layer fwd+bwd"
+    out = [Entry(op, "loop over experts", "reference", fwd_bwd(lambda t: loop_forward(layer, t), x[:part]),
+                 flops_per_token * part, "GFLOP/s", note)]
+    out += [Entry(op, b, "kernel", on(b, fwd_bwd(lambda t: layer(t)[0], x)), flops_per_token * p.tokens, "GFLOP/s")
+            for b in kernel_backends]
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import _checks
@@ -102,12 +101,13 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, *, alpha: float = 1e-
     tokens = torch.tensor([float(probs.shape[0])], device=probs.device)
     if group is not None:
         import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_fn
 
-        counts = counts.clone()
-        dist.all_reduce(counts, group=group)
-        dist.all_reduce(tokens, group=group)
-        prob_sum = dist_fn.all_reduce(prob_sum, group=group)  # differentiable
+        others = prob_sum.detach().clone()
+        for t in (counts, tokens, others):
+            dist.all_reduce(t, group=group)
+        # The group's sum in value; the gradient of this rank's loss reaches this rank's own
+        # probabilities only (an autograd all-reduce would sum every rank's identical gradient).
+        prob_sum = prob_sum + (others - prob_sum.detach())
     f = counts / counts.sum().clamp_min(1.0)
     P = prob_sum / tokens.clamp_min(1.0)
     return alpha * num_experts * (f * P).sum()

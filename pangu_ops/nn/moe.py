@@ -27,7 +27,7 @@ class SwiGLU(nn.Module):
 class MoEFeedForward(nn.Module):
     """SwiGLU experts behind a router, dropless by default.
 
-    router="topk": a learned linear router (softmax or sigmoid scores, top-k, normalised weights,
+    router="topk": a learned linear router in fp32 (softmax or sigmoid scores, top-k, normalised weights,
     routed scaling), the balance loss (`aux_loss_alpha`; over `ep_group` when given: the EP-group
     loss), optional `capacity_factor` dropping each expert's overflow slots.
     router="rre": PanGu-Σ's Random Routed Experts: `num_domains` domains owning equal shares of the
@@ -81,7 +81,7 @@ class MoEFeedForward(nn.Module):
                                                   self.num_experts)
             weights = None
         else:
-            weights, expert_ids, probs = routing.topk_route(self.gate(flat), self.topk, score=self.score,
+            weights, expert_ids, probs = routing.topk_route(self.router_logits(flat), self.topk, score=self.score,
                                                             normalize=self.normalize, scaling=self.routed_scaling)
             if self.capacity_factor is not None:
                 capacity = math.ceil(self.capacity_factor * tokens * self.topk / self.num_experts)
@@ -94,6 +94,11 @@ class MoEFeedForward(nn.Module):
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(x.shape), aux
+
+    def router_logits(self, flat: Tensor) -> Tensor:
+        """The router runs in fp32 whatever the model's dtype (routing decisions are sensitive to
+        rounding, and CPUs have no fast half-precision matmul); gradients reach the gate weight."""
+        return F.linear(flat.float(), self.gate.weight.float())
 
     def _rre_ids(self, token_ids: Tensor | None, domain_ids: Tensor | None, tokens: int) -> tuple[Tensor, Tensor]:
         """token_ids [B, S] and the table rows of domain_ids [B], validated."""
