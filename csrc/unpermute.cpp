@@ -59,6 +59,16 @@ at::Tensor unpermute(const at::Tensor& y_sorted, const at::Tensor& sorted_index,
     at::parallel_for(0, num_tokens, row_grain(N * k * sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
       std::vector<float> acc(N);
       for (int64_t t = t0; t < t1; ++t) {
+        // The rows are gathered from anywhere in y_sorted: start fetching the next token's rows
+        // while this one is summed, so the row starts do not each wait on memory.
+        if (t + 1 < t1) {
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t r = row_of[(t + 1) * k + j];
+            if (r < 0) continue;
+            const char* row = reinterpret_cast<const char*>(src + r * N);
+            for (int64_t b = 0; b < N * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(row + b);
+          }
+        }
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t j = 0; j < k; ++j) {
           const int64_t r = row_of[t * k + j];
