@@ -246,8 +246,12 @@ def plot(rows: list[Row], problem: Problem, device: torch.device, path: Path) ->
     import matplotlib.pyplot as plt
 
     ops = [op for op in dict.fromkeys(r.op for r in rows) if op not in LIMIT_OF.values()]
-    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 4.2), squeeze=False)
-    for ax, op in zip(axes[0], ops):
+    cols = min(3, len(ops))
+    nrows = -(-len(ops) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(ops):]:
+        ax.axis("off")
+    for ax, op in zip(axes.flat, ops):
         mine = [r for r in rows if r.op == op and r.fraction_of_limit is not None]
         dtypes = list(dict.fromkeys(r.dtype for r in mine))
         impls = list(dict.fromkeys(r.impl for r in mine))
@@ -272,11 +276,13 @@ def main(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kern
     print(f"pangu_ops bench: {problem} on {device}, backends {', '.join(kernel_backends)}", file=sys.stderr)
     rows = run(problem, dtypes, device, kernel_backends, min_time,
                progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(table(rows))
+    text = table(rows)
+    print(text)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.txt").write_text(f"pangu_ops bench: {problem} on {device} {environment(device)}\n\n{text}\n")
     (out_dir / "bench.json").write_text(json.dumps(
         {"problem": dataclasses.asdict(problem), "environment": environment(device),
          "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
     plot(rows, problem, device, out_dir / "bench.png")
-    print(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}", file=sys.stderr)
+    print(f"wrote {out_dir / 'bench.txt'}, {out_dir / 'bench.json'} and {out_dir / 'bench.png'}", file=sys.stderr)
     return rows

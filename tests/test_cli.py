@@ -46,6 +46,7 @@ def test_bench_writes_table_json_png(tmp_path, capsys):
     cpu_gemm = [r for r in data["rows"] if r["op"] == "grouped_gemm" and r["impl"] == "cpu"]
     assert cpu_gemm and all(r["rate"] > 0 and r["fraction_of_limit"] > 0 for r in cpu_gemm)
     assert (out_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "grouped_gemm" in (out_dir / "bench.txt").read_text()
 
 
 def test_console_script_installed():
