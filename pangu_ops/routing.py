@@ -93,8 +93,7 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, *, alpha: float = 1e-
     _checks.tensor("probs", probs, 2, "[T, E]", _checks.FLOAT_DTYPES)
     _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
     num_experts = probs.shape[1]
-    kept = expert_ids[expert_ids >= 0].long()
-    counts = torch.bincount(kept, minlength=num_experts).float()
+    counts = _slot_counts(expert_ids.reshape(-1).long(), num_experts)
     p = probs.float()
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
     prob_sum = p.sum(0)
@@ -113,6 +112,11 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, *, alpha: float = 1e-
     return alpha * num_experts * (f * P).sum()
 
 
+def _slot_counts(flat: Tensor, num_experts: int) -> Tensor:
+    """Slots per expert of flat expert ids (-1 ignored), with static shapes (torch.compile-able)."""
+    return torch.zeros(num_experts, device=flat.device).scatter_add_(0, flat.clamp_min(0), (flat >= 0).float())
+
+
 def apply_capacity(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
     """Drops (sets to -1) the slots beyond the first `capacity` of each expert, in slot order
     (token, then j): the capacity-factor routing of GShard/Switch. Dropped slots stay dropped."""
@@ -121,7 +125,8 @@ def apply_capacity(expert_ids: Tensor, num_experts: int, capacity: int) -> Tenso
     flat = expert_ids.reshape(-1).long()
     bins = torch.where(flat >= 0, flat, num_experts)  # dropped slots in a last bin
     order = torch.argsort(bins, stable=True)
-    starts = torch.bincount(bins, minlength=num_experts + 1).cumsum(0) - torch.bincount(bins, minlength=num_experts + 1)
+    sizes = _slot_counts(bins, num_experts + 1).long()
+    starts = sizes.cumsum(0) - sizes
     rank = torch.empty_like(flat).scatter_(0, order, torch.arange(flat.numel(), device=flat.device) - starts[bins[order]])
     keep = (flat >= 0) & (rank < capacity)
     return torch.where(keep, flat, -1).view_as(expert_ids).to(expert_ids.dtype)

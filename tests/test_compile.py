@@ -43,3 +43,29 @@ def test_compiled_moe_matches_eager(backend):
     for got in (compiled, inductor):
         for a, b in zip(got, eager):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["topk", "rre"])
+def test_compiled_moe_layer_matches_eager(router):
+    """The whole layer (routing, balance loss, capacity, ops) compiles without graph breaks."""
+    from pangu_ops.nn import MoEFeedForward
+
+    torch._dynamo.reset()
+    options = dict(capacity_factor=1.0, num_shared_experts=1) if router == "topk" else dict(
+        router="rre", num_domains=2, vocab_size=40)
+    layer = MoEFeedForward(16, 12, 4, **options)
+    x = torch.randn(2, 6, 16)
+    tokens, domains = torch.randint(0, 40, (2, 6)), torch.tensor([1, 0])
+
+    def run(fn):
+        xg = x.clone().requires_grad_()
+        layer.zero_grad()
+        y, aux = fn(xg, tokens, domains)
+        (y.square().sum() + aux).backward()
+        return [y, xg.grad, layer.w_gate_up.grad.clone(), layer.w_down.grad.clone()]
+
+    eager = run(layer)
+    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
