@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import ACTIVATIONS
+from ..reference import ACTIVATIONS, swiglu
 from . import _checks
 from .grouped_gemm import grouped_gemm_op, grouped_gemm_wgrad_op
 
@@ -64,8 +64,7 @@ def _swiglu_backward(gate_up: Tensor, dh: Tensor) -> Tensor:
 
 def _backward(ctx, dy, _d_gate_up):
     x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    h = (torch.nn.functional.silu(gate) * up).to(x.dtype)
+    h = swiglu(gate_up).to(x.dtype)
     dh = grouped_gemm_op(dy, w_down, group_sizes, True)
     d_gate_up = _swiglu_backward(gate_up, dh)
     dx = grouped_gemm_op(d_gate_up, w_gate_up, group_sizes, True) if ctx.needs_input_grad[0] else None
