@@ -1,22 +1,14 @@
 """The EP-group balance loss over gloo ranks equals the micro-batch loss of all ranks' tokens
 pooled (it balances what the group receives), and its gradient reaches every rank's router."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pangu_ops import routing
 
+from gloo import run_ranks
+
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank: int):
@@ -25,25 +17,16 @@ def _inputs(rank: int):
     return logits, routing.topk_route(logits, 2)[1]
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=60))
-    try:
-        logits, ids = _inputs(rank)
-        logits.requires_grad_()
-        loss = routing.load_balancing_loss(logits.softmax(-1), ids, alpha=0.1, group=dist.group.WORLD)
-        loss.backward()
-        out[rank] = (loss.item(), logits.grad.clone())
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int):
+    logits, ids = _inputs(rank)
+    logits.requires_grad_()
+    loss = routing.load_balancing_loss(logits.softmax(-1), ids, alpha=0.1, group=dist.group.WORLD)
+    loss.backward()
+    return loss.item(), logits.grad.clone()
 
 
 def test_ep_group_loss_pools_the_group():
-    port = _free_port()
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_worker, args=(port, out), nprocs=WORLD, join=True, start_method="spawn")
-        results = dict(out)
+    results = run_ranks(WORLD, _worker)
     pooled_logits = torch.cat([_inputs(r)[0] for r in range(WORLD)]).requires_grad_()
     pooled_ids = torch.cat([_inputs(r)[1] for r in range(WORLD)])
     expected = routing.load_balancing_loss(pooled_logits.softmax(-1), pooled_ids, alpha=0.1)

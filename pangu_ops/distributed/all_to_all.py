@@ -1,0 +1,108 @@
+"""Hierarchical all-to-all with the semantics of `dist.all_to_all_single` (uneven splits).
+
+Two phases over a `Topology` of N nodes x R ranks (Tutel's 2DH, Pangu Ultra MoE's hierarchical EP):
+  A. intra-node: rank (n, l) sends its local peer (n, l') every chunk bound for a rank with local
+     index l' on any node (chunks ordered by destination node);
+  B. inter-node: rank (n, l') sends rank (m, l') the chunks of all of node n's ranks bound for
+     (m, l'), in one message per destination node instead of one per destination rank.
+The chunks then arrive ordered by source node, then source local rank: the global source order,
+so the result is bit-identical to the flat all-to-all. Each rank sends N - 1 inter-node messages
+instead of (N - 1) * R. (Cutting inter-node *bytes* needs token deduplication, which the expert-
+parallel dispatcher does on top of this.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..ops import _checks
+from .topology import Topology
+
+
+def exchange_split_sizes(input_split_sizes: list[int], topology: Topology) -> torch.Tensor:
+    """[W, W] matrix of rows sent: entry [i, j] is what rank i sends rank j (one all-gather)."""
+    mine = torch.tensor(input_split_sizes, dtype=torch.int64)
+    everyone = torch.empty(topology.world_size * topology.world_size, dtype=torch.int64)
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single (2.11 has only the former).
+    gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+    gather(everyone, mine)
+    return everyone.view(topology.world_size, topology.world_size)
+
+
+def _chunks(sizes: list[int]) -> list[tuple[int, int]]:
+    starts, pos = [], 0
+    for s in sizes:
+        starts.append((pos, s))
+        pos += s
+    return starts
+
+
+def _gather_chunks(t: torch.Tensor, chunks: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows of the listed (start, length) chunks of t, in list order, as one tensor (one gather)."""
+    if not chunks:
+        return t[:0]
+    index = torch.cat([torch.arange(s, s + n) for s, n in chunks]).to(t.device)
+    return t.index_select(0, index)
+
+
+def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
+                            input_split_sizes: list[int], topology: Topology,
+                            stats: dict | None = None) -> torch.Tensor:
+    """Fills `output` exactly as `dist.all_to_all_single(output, input, output_split_sizes,
+    input_split_sizes)` would, in two phases (see the module docstring). `stats`, when given,
+    accumulates the bytes and messages this rank sent intra- and inter-node."""
+    W, R, N = topology.world_size, topology.ranks_per_node, topology.num_nodes
+    _checks.size("input_split_sizes", len(input_split_sizes), W, "length (world size)")
+    _checks.size("output_split_sizes", len(output_split_sizes), W, "length (world size)")
+    _checks.size("input", input.shape[0], sum(input_split_sizes), "rows (sum of input_split_sizes)")
+    _checks.size("output", output.shape[0], sum(output_split_sizes), "rows (sum of output_split_sizes)")
+    sizes = exchange_split_sizes(input_split_sizes, topology).tolist()  # sizes[src][dst]
+    if [sizes[src][topology.rank] for src in range(W)] != list(output_split_sizes):
+        raise ValueError("output_split_sizes do not match what the other ranks send to this rank")
+    n, l = topology.node, topology.local_rank
+    rank = topology.rank
+    row_bytes = input[0:1].numel() * input.element_size() if input.dim() > 1 else input.element_size()
+
+    # Phase A: group my chunks by destination local index l', then by destination node m.
+    my_chunks = _chunks(sizes[rank])
+    order_a = [my_chunks[m * R + lp] for lp in range(R) for m in range(N)]
+    send_a = _gather_chunks(input, order_a)
+    split_a = [sum(sizes[rank][m * R + lp] for m in range(N)) for lp in range(R)]
+    recv_a_split = [sum(sizes[n * R + src_l][m * R + l] for m in range(N)) for src_l in range(R)]
+    recv_a = input.new_empty((sum(recv_a_split),) + tuple(input.shape[1:]))
+    dist.all_to_all_single(recv_a, send_a, recv_a_split, split_a, group=topology.intra_group)
+
+    # recv_a holds, per local source l_s (in order), its chunks bound for (m, l), m in order.
+    # Phase B: regroup by destination node m, local sources in order, and send across nodes.
+    pos, where = 0, {}
+    for src_l in range(R):
+        for m in range(N):
+            size = sizes[n * R + src_l][m * R + l]
+            where[(src_l, m)] = (pos, size)
+            pos += size
+    send_b = _gather_chunks(recv_a, [where[(src_l, m)] for m in range(N) for src_l in range(R)])
+    split_b = [sum(sizes[n * R + src_l][m * R + l] for src_l in range(R)) for m in range(N)]
+    recv_b_split = [sum(sizes[src_n * R + src_l][rank] for src_l in range(R)) for src_n in range(N)]
+    dist.all_to_all_single(output, send_b, recv_b_split, split_b, group=topology.inter_group)
+
+    if stats is not None:
+        intra = sum(s for lp, s in enumerate(split_a) if lp != l)
+        inter = sum(s for m, s in enumerate(split_b) if m != n)
+        stats["intra_bytes"] = stats.get("intra_bytes", 0) + intra * row_bytes
+        stats["inter_bytes"] = stats.get("inter_bytes", 0) + inter * row_bytes
+        stats["intra_messages"] = stats.get("intra_messages", 0) + sum(1 for lp, s in enumerate(split_a) if lp != l and s)
+        stats["inter_messages"] = stats.get("inter_messages", 0) + sum(1 for m, s in enumerate(split_b) if m != n and s)
+    return output
+
+
+def flat_all_to_all_stats(input_split_sizes: list[int], topology: Topology, row_bytes: int) -> dict:
+    """Bytes and messages the flat all-to-all sends from this rank, split intra/inter-node."""
+    R, n = topology.ranks_per_node, topology.node
+    stats = {"intra_bytes": 0, "inter_bytes": 0, "intra_messages": 0, "inter_messages": 0}
+    for dst, s in enumerate(input_split_sizes):
+        if dst == topology.rank or not s:
+            continue
+        kind = "intra" if dst // R == n else "inter"
+        stats[f"{kind}_bytes"] += s * row_bytes
+        stats[f"{kind}_messages"] += 1
+    return stats
