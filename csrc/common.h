@@ -35,7 +35,9 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t end = begin + t.nbytes();
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+#ifdef MADV_HUGEPAGE  // Linux; elsewhere the hint does not exist and the output is just allocated
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
   return t;
 }
 

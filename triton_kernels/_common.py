@@ -47,7 +47,7 @@ def gemm_configs(configs: list[triton.Config], key: list[str]):
 
 
 @triton.jit
-def load_as_f32(ptrs, mask, UPCAST: tl.constexpr):
+def load_tile(ptrs, mask, UPCAST: tl.constexpr):
     """Loads a tile (zeros where masked); in fp32 when UPCAST, else in the tensor's dtype."""
     v = tl.load(ptrs, mask=mask, other=0.0)
     if UPCAST:

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..ops import _checks
-from ._common import INTERPRET, check_values, dot_precision, gemm_configs, load_as_f32, num_programs, to_dtype, upcast_operands
+from ._common import INTERPRET, check_values, dot_precision, gemm_configs, load_tile, num_programs, to_dtype, upcast_operands
 
 # Blocks used under the interpreter (its cost is per program and K-step, not per element).
 INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
@@ -63,11 +63,11 @@ def _grouped_gemm_kernel(
             if GATED:
                 acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                a = load_as_f32(x_ptrs, row_ok[:, None] & (rk[None, :] + k0 < K), UPCAST)
+                a = load_tile(x_ptrs, row_ok[:, None] & (rk[None, :] + k0 < K), UPCAST)
                 w_mask = (rk[:, None] + k0 < K) & (rn[None, :] < N)
-                acc = tl.dot(a, load_as_f32(w_ptrs, w_mask, UPCAST), acc, input_precision=PRECISION)
+                acc = tl.dot(a, load_tile(w_ptrs, w_mask, UPCAST), acc, input_precision=PRECISION)
                 if GATED:
-                    b_up = load_as_f32(w_ptrs + N * s_wn, w_mask, UPCAST)
+                    b_up = load_tile(w_ptrs + N * s_wn, w_mask, UPCAST)
                     acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
                 x_ptrs += BLOCK_K * s_xk
                 w_ptrs += BLOCK_K * s_wk
@@ -148,8 +148,8 @@ def _grouped_wgrad_kernel(
     for m0 in range(start, end, BLOCK_M):
         rm = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rm < end
-        a = load_as_f32(x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk, row_ok[:, None] & (rk[None, :] < K), UPCAST)
-        b = load_as_f32(dy_ptr + rm[:, None] * s_dm + rn[None, :] * s_dn, row_ok[:, None] & (rn[None, :] < N), UPCAST)
+        a = load_tile(x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk, row_ok[:, None] & (rk[None, :] < K), UPCAST)
+        b = load_tile(dy_ptr + rm[:, None] * s_dm + rn[None, :] * s_dn, row_ok[:, None] & (rn[None, :] < N), UPCAST)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
     dw_ptrs = dw_ptr + e.to(tl.int64) * s_we + rk[:, None] * s_wk + rn[None, :] * s_wn
     tl.store(dw_ptrs, to_dtype(acc, dw_ptr.dtype.element_ty), mask=(rk[:, None] < K) & (rn[None, :] < N))
