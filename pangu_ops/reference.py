@@ -107,6 +107,5 @@ def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor
                  num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """Random Routed Experts dispatch: the expert of token (b, s) is table[domain_ids[b],
     token_ids[b, s]] (top-1, no gate); then `permute` of x [B*S, H] with k = 1."""
-    _checks.rre_values(token_ids, domain_ids, table, num_experts)
-    expert_ids = table[domain_ids.long()[:, None], token_ids.long()]
+    expert_ids = _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
     return permute(x, expert_ids.reshape(-1, 1), num_experts)

@@ -49,8 +49,7 @@ def rre_route(token_ids: Tensor, domain_ids: Tensor, table: Tensor) -> Tensor:
     _checks.tensor("domain_ids", domain_ids, 1, "[B]", _checks.INDEX_DTYPES)
     _checks.tensor("table", table, 2, "[num_domains, vocab_size]", _checks.INDEX_DTYPES)
     _checks.size("domain_ids", domain_ids.shape[0], token_ids.shape[0], "length (B = token_ids.shape[0])")
-    _checks.rre_values(token_ids, domain_ids, table, num_experts=int(table.max()) + 1 if table.numel() else 1)
-    return table[domain_ids.long()[:, None], token_ids.long()]
+    return _checks.rre_lookup(token_ids, domain_ids, table)
 
 
 def required_experts(token_ids: Tensor, domain_ids: Tensor, table: Tensor) -> Tensor:

@@ -97,6 +97,8 @@ def test_add_and_remove_domains_leave_others_unchanged():
     assert torch.equal(model(tokens[keep], domains[keep])[0], full[keep])
     with pytest.raises(ValueError, match="domain 1 has no experts"):
         model(tokens, domains)
+    with pytest.raises(ValueError, match="domain 1 has no experts"):  # not the last table row
+        required_experts(model, tokens, domains)
 
 
 def test_required_experts_known_before_compute(monkeypatch):

@@ -107,6 +107,6 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
 def rre_dispatch(x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor,
                  num_experts: int):
     def on_bad():  # the reference's lookup validates and raises with the offending position
-        _checks.rre_values(token_ids, domain_ids, table, num_experts)
+        _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
 
     return _sort_rows(x, token_ids, (domain_ids, table), 1, num_experts, on_bad)

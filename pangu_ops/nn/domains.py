@@ -89,5 +89,5 @@ def add_domain(model: nn.Module, num_experts: int) -> int:
 def required_experts(model: nn.Module, token_ids: torch.Tensor, domain_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per RRE layer (in `rre_layers` order), the expert ids the batch will touch — known from the
     token ids alone, before any compute."""
-    return [routing.required_experts(token_ids, layer.domain_index[domain_ids.long()], layer.table)
+    return [routing.required_experts(token_ids, layer.table_rows(domain_ids), layer.table)
             for layer in rre_layers(model)]

@@ -107,10 +107,15 @@ class MoEFeedForward(nn.Module):
         _checks.tensor("domain_ids", domain_ids, 1, "[B]", _checks.INDEX_DTYPES)
         token_ids = token_ids.reshape(domain_ids.shape[0], -1) if token_ids.dim() == 1 else token_ids
         _checks.size("token_ids", token_ids.numel(), tokens, "numel (tokens of x)")
+        return token_ids, self.table_rows(domain_ids)
+
+    def table_rows(self, domain_ids: Tensor) -> Tensor:
+        """The rows of `table` holding domain_ids' routes; a domain out of range, or without
+        experts in this layer (extracted or removed), raises."""
         if torch.compiler.is_compiling():
             # No host reads in a compiled graph: a bad or removed domain reaches rre_dispatch as a
             # row out of range, which its kernel reports.
-            return token_ids, self.domain_index[domain_ids.long().clamp(0, self.domain_index.shape[0] - 1)]
+            return self.domain_index[domain_ids.long().clamp(0, self.domain_index.shape[0] - 1)]
         known = self.domain_index.shape[0]
         bad = (domain_ids < 0) | (domain_ids >= known)
         if bool(bad.any()):
@@ -120,7 +125,7 @@ class MoEFeedForward(nn.Module):
         if bool((rows < 0).any()):
             d = int(domain_ids[(rows < 0).nonzero()[0]])
             raise ValueError(f"domain {d} has no experts in this layer (extracted or removed)")
-        return token_ids, rows
+        return rows
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, ffn={self.ffn}, experts={self.num_experts}, router={self.router_kind}, "

@@ -95,7 +95,10 @@ def sorted_index_values(sorted_index: torch.Tensor, slots: int) -> None:
         raise ValueError("unpermute: sorted_index holds a slot twice")
 
 
-def rre_values(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor, num_experts: int) -> None:
+def rre_lookup(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor,
+               num_experts: int | None = None) -> torch.Tensor:
+    """`table[domain_ids[b], token_ids[b, s]]` ([B, S]) after checking the domain and token ids,
+    and that every expert found is in [0, num_experts) (only >= 0 when num_experts is None)."""
     num_domains, vocab = table.shape
     bad = (domain_ids < 0) | (domain_ids >= num_domains)
     if bool(bad.any()):
@@ -106,8 +109,9 @@ def rre_values(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.T
         b, s = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"token_ids[{b}, {s}] = {int(token_ids[b, s])} is out of range [0, vocab_size={vocab})")
     experts = table[domain_ids.long()[:, None], token_ids.long()]
-    bad = (experts < 0) | (experts >= num_experts)
+    bad = experts < 0 if num_experts is None else (experts < 0) | (experts >= num_experts)
     if bool(bad.any()):
         b, s = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"table[{int(domain_ids[b])}, {int(token_ids[b, s])}] = {int(experts[b, s])} is not an "
-                         f"expert id in [0, num_experts={num_experts})")
+        bound = "a non-negative expert id" if num_experts is None else f"an expert id in [0, num_experts={num_experts})"
+        raise ValueError(f"table[{int(domain_ids[b])}, {int(token_ids[b, s])}] = {int(experts[b, s])} is not {bound}")
+    return experts
