@@ -86,13 +86,17 @@ def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_sp
     dist.all_to_all_single(output, send_b, recv_b_split, split_b, group=topology.inter_group)
 
     if stats is not None:
-        intra = sum(s for lp, s in enumerate(split_a) if lp != l)
-        inter = sum(s for m, s in enumerate(split_b) if m != n)
-        stats["intra_bytes"] = stats.get("intra_bytes", 0) + intra * row_bytes
-        stats["inter_bytes"] = stats.get("inter_bytes", 0) + inter * row_bytes
-        stats["intra_messages"] = stats.get("intra_messages", 0) + sum(1 for lp, s in enumerate(split_a) if lp != l and s)
-        stats["inter_messages"] = stats.get("inter_messages", 0) + sum(1 for m, s in enumerate(split_b) if m != n and s)
+        intra = [s for lp, s in enumerate(split_a) if lp != l and s]
+        inter = [s for m, s in enumerate(split_b) if m != n and s]
+        add_stats(stats, {"intra_bytes": sum(intra) * row_bytes, "inter_bytes": sum(inter) * row_bytes,
+                          "intra_messages": len(intra), "inter_messages": len(inter)})
     return output
+
+
+def add_stats(stats: dict, sent: dict) -> None:
+    """Accumulates one exchange's byte and message counts into `stats`."""
+    for key, value in sent.items():
+        stats[key] = stats.get(key, 0) + value
 
 
 def flat_all_to_all_stats(input_split_sizes: list[int], topology: Topology, row_bytes: int) -> dict:

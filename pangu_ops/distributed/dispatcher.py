@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops import _checks, permute, unpermute
-from .all_to_all import flat_all_to_all_stats, hierarchical_all_to_all
+from .all_to_all import add_stats, flat_all_to_all_stats, hierarchical_all_to_all
 from .topology import Topology
 
 
@@ -97,6 +97,5 @@ class ExpertParallelDispatcher:
         dist.all_to_all_single(out, x, out_splits, in_splits)
         if stats is not None:
             row_bytes = x[0:1].numel() * x.element_size()
-            for key, value in flat_all_to_all_stats(in_splits, self.topology, row_bytes).items():
-                stats[key] = stats.get(key, 0) + value
+            add_stats(stats, flat_all_to_all_stats(in_splits, self.topology, row_bytes))
         return out
