@@ -12,11 +12,34 @@ parallel dispatcher does on top of this.)
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from ..ops import _checks
 from .topology import Topology
+
+
+class CommunicationError(RuntimeError):
+    """A collective of the expert-parallel exchange failed: a peer rank died, hung past the
+    topology's timeout, or the ranks disagree on what they exchange."""
+
+
+@contextlib.contextmanager
+def collective(what: str, topology: Topology):
+    """Turns the backend's failure of a collective (gloo: "Timed out waiting ...", "Connection
+    closed by peer") into a CommunicationError naming the step, this rank and the timeout."""
+    try:
+        yield
+    except CommunicationError:
+        raise
+    except RuntimeError as err:
+        timeout = f"{topology.timeout.total_seconds():g} s" if topology.timeout else "the default group's"
+        raise CommunicationError(
+            f"{what} failed on rank {topology.rank} of {topology}: a peer rank died, hung or exceeded the "
+            f"timeout ({timeout}). Backend error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
 
 
 def exchange_split_sizes(input_split_sizes: list[int], topology: Topology) -> torch.Tensor:
@@ -25,7 +48,8 @@ def exchange_split_sizes(input_split_sizes: list[int], topology: Topology) -> to
     everyone = torch.empty(topology.world_size * topology.world_size, dtype=torch.int64)
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single (2.11 has only the former).
     gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-    gather(everyone, mine)
+    with collective("exchanging the split sizes", topology):
+        gather(everyone, mine, group=topology.group)
     return everyone.view(topology.world_size, topology.world_size)
 
 
@@ -70,7 +94,8 @@ def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_sp
     split_a = [sum(sizes[rank][m * R + lp] for m in range(N)) for lp in range(R)]
     recv_a_split = [sum(sizes[n * R + src_l][m * R + l] for m in range(N)) for src_l in range(R)]
     recv_a = input.new_empty((sum(recv_a_split),) + tuple(input.shape[1:]))
-    dist.all_to_all_single(recv_a, send_a, recv_a_split, split_a, group=topology.intra_group)
+    with collective("the intra-node phase of the hierarchical all-to-all", topology):
+        dist.all_to_all_single(recv_a, send_a, recv_a_split, split_a, group=topology.intra_group)
 
     # recv_a holds, per local source l_s (in order), its chunks bound for (m, l), m in order.
     # Phase B: regroup by destination node m, local sources in order, and send across nodes.
@@ -83,7 +108,8 @@ def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_sp
     send_b = _gather_chunks(recv_a, [where[(src_l, m)] for m in range(N) for src_l in range(R)])
     split_b = [sum(sizes[n * R + src_l][m * R + l] for src_l in range(R)) for m in range(N)]
     recv_b_split = [sum(sizes[src_n * R + src_l][rank] for src_l in range(R)) for src_n in range(N)]
-    dist.all_to_all_single(output, send_b, recv_b_split, split_b, group=topology.inter_group)
+    with collective("the inter-node phase of the hierarchical all-to-all", topology):
+        dist.all_to_all_single(output, send_b, recv_b_split, split_b, group=topology.inter_group)
 
     if stats is not None:
         intra = [s for lp, s in enumerate(split_a) if lp != l and s]

@@ -1,101 +1,318 @@
-"""Expert-parallel token dispatch: each rank owns E / W consecutive experts; tokens travel to the
-ranks of their experts and back, differentiably, on torch.distributed.
+"""Expert-parallel token dispatch: each rank owns `num_experts / W` consecutive experts; tokens
+travel to the ranks of their experts and back, differentiably, on torch.distributed.
 
-dispatch: `permute` by global expert (rows then lie grouped by destination rank), one all-to-all
-of the rows (flat, or `hierarchical_all_to_all`), then `permute` of the received rows by local
-expert. combine: the inverse path, ending in `unpermute` with the gate weights (fp32 sums).
-Strategy "hierarchical" sends one inter-node message per node instead of one per rank; the
-per-node deduplication of tokens bound for several experts of one node (fewer inter-node bytes) is
-not implemented yet.
+Every local step is a pangu_ops kernel (C++ on CPU, Triton on GPU, each with its reference):
+`permute` groups rows by destination (expert, rank or node, dropping slots marked -1, one copy
+per distinct destination) and `unpermute` sums them back in fp32.
+
+strategy="flat": `permute` by global expert, one all-to-all of the slot rows over all ranks,
+`permute` of the received rows by local expert. combine reverses it.
+
+strategy="hierarchical" (DeepEP's form of Pangu Ultra MoE's hierarchical EP):
+  1. `permute` by destination *node*: a token goes once to each node holding any of its experts,
+     with its routing restricted to that node (node-local expert ids, -1 elsewhere, weights);
+  2. inter-node all-to-all among the ranks of one local index (rank (n, l) -> (m, l), "gateway");
+  3. the gateway fans each token out to its node's experts (`permute` by node-local expert) and
+     one intra-node all-to-all carries the rows to the experts' ranks;
+  4. the expert's rank regroups the rows by local expert (`permute`).
+combine: back to the gateway, which sums the node's weighted expert outputs for each token
+(`unpermute`: one partial row per token and node), then across to the token's rank, which sums
+the nodes' partials (`unpermute`). A token needing j experts on a remote node crosses once, not j
+times, each way.
+
+Both strategies give bit-identical results: the rows each expert receives are the same, in the
+same order (by local expert, source rank, token, slot), and combine adds in the same order in
+both: per node, the node's slots in slot order, then the nodes in order (the flat strategy forms
+the same per-node partial sums on the token's rank). Partial sums travel in the output's dtype.
+
+`run(..., chunks=c)` splits the tokens into c chunks and interleaves them: chunk i+1's all-to-all
+is in flight while the experts compute chunk i (asynchronous work handles; forward only, the
+backward exchanges synchronously).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..ops import _checks, permute, unpermute
-from .all_to_all import add_stats, flat_all_to_all_stats, hierarchical_all_to_all
+from .all_to_all import add_stats, collective
 from .topology import Topology
+
+STRATEGIES = ("flat", "hierarchical")
+
+
+@dataclass
+class _Exchange:
+    """All-to-alls over `group`, whose ranks are `peers` of this one: 'intra' or 'inter' node
+    (None: this rank itself), counted in `stats[phase]`."""
+    group: object
+    peers: list
+    what: str
+    topology: Topology
+    stats: dict
+
+    def start(self, x: Tensor, out_splits: list[int], in_splits: list[int], phase: str | None = None):
+        x = x.contiguous()
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        with collective(self.what, self.topology):
+            work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
+        if phase is not None:
+            row_bytes = x[0:1].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+            sent = {"intra_bytes": 0, "inter_bytes": 0, "intra_messages": 0, "inter_messages": 0}
+            for peer, s in zip(self.peers, in_splits):
+                if peer and s:
+                    sent[f"{peer}_bytes"] += s * row_bytes
+                    sent[f"{peer}_messages"] += 1
+            add_stats(self.stats.setdefault(phase, {}), sent)
+        return out, (work, self)
+
+    def wait(self, work) -> None:
+        with collective(self.what, self.topology):
+            work.wait()
+
+    def sizes(self, counts: Tensor) -> Tensor:
+        """counts [G, ...] (row g: what goes to group rank g) -> what each group rank sends here."""
+        out = torch.empty_like(counts)
+        with collective(f"{self.what} (sizes)", self.topology):
+            dist.all_to_all_single(out, counts.contiguous(), group=self.group)
+        return out
 
 
 class _AllToAll(torch.autograd.Function):
-    """Rows of x to other ranks; the backward sends the gradient rows back the same way."""
+    """Rows of x to the group's ranks. The forward starts the exchange and appends its work to
+    `pending`: the caller waits before reading the output. The backward exchanges the gradient
+    rows back the same way and waits. `phase` names the forward exchange in the stats."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, dispatcher):
-        ctx.splits, ctx.dispatcher = (out_splits, in_splits), dispatcher
-        return dispatcher.exchange(x, out_splits, in_splits)
+    def forward(ctx, x, out_splits, in_splits, exchange, pending, phase):
+        ctx.splits, ctx.exchange = (out_splits, in_splits), exchange
+        out, work = exchange.start(x, out_splits, in_splits, phase)
+        pending.append(work)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return ctx.dispatcher.exchange(grad, in_splits, out_splits, count=False), None, None, None
+        grad_x, (work, exchange) = ctx.exchange.start(grad, in_splits, out_splits)
+        exchange.wait(work)
+        return grad_x, None, None, None, None, None
+
+
+def _a2a(x: Tensor | None, out_splits, in_splits, exchange: _Exchange, pending: list, phase: str):
+    return None if x is None else _AllToAll.apply(x, out_splits, in_splits, exchange, pending, phase)
+
+
+def _wait(pending: list) -> None:
+    for work, exchange in pending:
+        exchange.wait(work)
+    pending.clear()
 
 
 @dataclass
 class DispatchHandle:
-    sorted_index: Tensor  # from the global permute
-    weights: Tensor | None
+    """What `combine` needs to bring a `dispatch`'s rows home."""
     num_tokens: int
     topk: int
-    send_splits: list[int]
-    recv_splits: list[int]
-    local_index: Tensor  # from the permute by local expert
-    received: int
+    num_nodes: int
+    node_index: Tensor        # node rows (one per token and destination node): their slot t * N + m
+    local_index: Tensor       # received rows -> rows grouped by local expert
+    received: int             # rows this rank received
+    back: list = field(default_factory=list)  # combine's exchanges: (exchange, splits sent, splits received)
+    partial_index: Tensor | None = None  # expert-output rows -> slot r * k + j of the node-row sums
+    partial_weights: Tensor | None = None
+    partial_rows: int = 0
 
 
 class ExpertParallelDispatcher:
-    def __init__(self, topology: Topology, num_experts: int, strategy: str = "flat"):
-        if strategy not in ("flat", "hierarchical"):
-            raise ValueError(f"strategy must be 'flat' or 'hierarchical', got {strategy!r}")
+    """Sends tokens to the ranks of their experts and their outputs back (see the module doc).
+
+    `num_experts` experts, `first_expert` the first one (RRE mode: a domain's experts, on a
+    `Topology.split` group), split evenly over the topology's ranks. `stats[phase]` accumulates,
+    for "dispatch" and "combine" (forward exchanges only), the bytes and messages this rank sent
+    to other ranks of its node ("intra_*") and of other nodes ("inter_*"), metadata included.
+    """
+
+    def __init__(self, topology: Topology, num_experts: int, strategy: str = "flat", *, first_expert: int = 0):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        _checks.positive_int("num_experts", num_experts)
+        _checks.non_negative_int("first_expert", first_expert)
         if num_experts % topology.world_size:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the world size ({topology.world_size})")
         self.topology, self.num_experts, self.strategy = topology, num_experts, strategy
+        self.first_expert = first_expert
         self.local_experts = num_experts // topology.world_size
-        self.stats: dict[str, int] = {}
+        self.experts_per_node = self.local_experts * topology.ranks_per_node
+        self.stats: dict[str, dict[str, int]] = {}
+        t, R = topology, topology.ranks_per_node
+        kind = ["intra" if r // R == t.node else "inter" for r in range(t.world_size)]
+        kind[t.rank] = None
+        self._flat = self._exchange(t.group, kind, "the flat all-to-all")
+        self._inter = self._exchange(t.inter_group, ["inter"] * t.num_nodes, "the inter-node all-to-all")
+        self._inter.peers[t.node] = None
+        self._intra = self._exchange(t.intra_group, ["intra"] * R, "the intra-node all-to-all")
+        self._intra.peers[t.local_rank] = None
+
+    def _exchange(self, group, peers, what) -> _Exchange:
+        return _Exchange(group, list(peers), what, self.topology, self.stats)
 
     @property
     def first_local_expert(self) -> int:
-        return self.topology.rank * self.local_experts
+        """Global id of this rank's first expert."""
+        return self.first_expert + self.topology.rank * self.local_experts
+
+    # ---- public API ----
 
     def dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None = None):
-        """(x_local [S_local, H] grouped by local expert, group_sizes [E_local], handle)."""
-        _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
-        W, E_loc = self.topology.world_size, self.local_experts
-        x_sorted, group_sizes, sorted_index = permute(x, expert_ids, self.num_experts)
-        per_expert = group_sizes.view(W, E_loc)
-        received_per_expert = torch.empty_like(per_expert)
-        dist.all_to_all_single(received_per_expert, per_expert)  # [source rank, local expert]
-        send = per_expert.sum(1).tolist()
-        recv = received_per_expert.sum(1).tolist()
-        x_recv = _AllToAll.apply(x_sorted, recv, send, self)
-        # received rows: by source rank, then local expert; regroup them by local expert
-        local_ids = torch.repeat_interleave(torch.arange(E_loc, device=x.device).repeat(W),
-                                            received_per_expert.flatten().to(x.device))
-        x_local, local_sizes, local_index = permute(x_recv, local_ids.unsqueeze(1), E_loc)
-        handle = DispatchHandle(sorted_index, weights, expert_ids.shape[0], expert_ids.shape[1], send, recv,
-                                local_index, x_recv.shape[0])
-        return x_local, local_sizes, handle
+        """(x_local [S_local, H] grouped by local expert, group_sizes [E_local] int64, handle)."""
+        return _complete(self._dispatch(x, expert_ids, weights))
 
     def combine(self, y_local: Tensor, handle: DispatchHandle) -> Tensor:
         """[T, N]: each token's weighted sum of its experts' outputs, back on its own rank."""
-        y_recv = unpermute(y_local, handle.local_index, None, handle.received, topk=1)
-        y_sorted = _AllToAll.apply(y_recv, handle.send_splits, handle.recv_splits, self)
-        return unpermute(y_sorted, handle.sorted_index, handle.weights, handle.num_tokens, topk=handle.topk)
+        return _complete(self._combine(y_local, handle))
 
-    def exchange(self, x: Tensor, out_splits: list[int], in_splits: list[int], count: bool = True) -> Tensor:
-        """One all-to-all of rows with this dispatcher's strategy; `count` adds it to `stats`
-        (bytes and messages this rank sent intra- and inter-node; forward exchanges only)."""
-        x = x.contiguous()
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        stats = self.stats if count else None
-        if self.strategy == "hierarchical":
-            return hierarchical_all_to_all(out, x, out_splits, in_splits, self.topology, stats=stats)
-        dist.all_to_all_single(out, x, out_splits, in_splits)
-        if stats is not None:
-            row_bytes = x[0:1].numel() * x.element_size()
-            add_stats(stats, flat_all_to_all_stats(in_splits, self.topology, row_bytes))
-        return out
+    def run(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None,
+            experts: Callable[[Tensor, Tensor], Tensor], *, chunks: int = 1) -> Tensor:
+        """combine(experts(x_local, group_sizes), handle) of dispatch(x, expert_ids, weights), with
+        the tokens in `chunks` chunks whose communication overlaps the experts' compute of the
+        previous chunk (chunks=1: no overlap). Every rank must pass the same `chunks`."""
+        _checks.positive_int("chunks", chunks)
+        T = x.shape[0]
+        bounds = [T * c // chunks for c in range(chunks + 1)]
+
+        def piece(c: int):
+            a, b = bounds[c], bounds[c + 1]
+            x_local, sizes, handle = yield from self._dispatch(x[a:b], expert_ids[a:b],
+                                                               None if weights is None else weights[a:b])
+            return (yield from self._combine(experts(x_local, sizes), handle))
+
+        # Round-robin: each chunk runs to its next exchange, starts it and lets the next chunk
+        # run; the same schedule on every rank, so the collectives match.
+        queue, results = deque((c, piece(c), []) for c in range(chunks)), [None] * chunks
+        while queue:
+            c, gen, pending = queue.popleft()
+            _wait(pending)
+            try:
+                queue.append((c, gen, next(gen)))
+            except StopIteration as done:
+                results[c] = done.value
+        return torch.cat(results) if chunks > 1 else results[0]
+
+    # ---- the steps (generators: each yields the list of exchanges it started, to be waited) ----
+
+    def _validate(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None) -> Tensor:
+        _checks.tensor("x", x, 2, "[T, H]", _checks.FLOAT_DTYPES)
+        _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
+        _checks.size("expert_ids", expert_ids.shape[0], x.shape[0], "rows (tokens of x)")
+        if weights is not None:
+            _checks.tensor("weights", weights, 2, "[T, k]", _checks.FLOAT_DTYPES)
+            if weights.shape != expert_ids.shape:
+                raise ValueError(f"weights must be [T, k] = {list(expert_ids.shape)}, got {list(weights.shape)}")
+        _checks.same_device(x=x, expert_ids=expert_ids, weights=weights)
+        lo, hi = self.first_expert, self.first_expert + self.num_experts
+        ids = expert_ids.long()
+        bad = (ids != -1) & ((ids < lo) | (ids >= hi))
+        if bool(bad.any()):
+            t, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"expert_ids[{t}, {j}] = {int(ids[t, j])} is not -1 (dropped) nor one of this "
+                             f"dispatcher's experts [{lo}, {hi})")
+        return torch.where(ids >= 0, ids - lo, -1)
+
+    def _node_rows(self, ids: Tensor, weights: Tensor | None, x: Tensor):
+        """Node rows: `permute` of x by destination node (one row per token and node it needs),
+        with each row's expert ids restricted to the node (-1: slot on another node, or dropped)
+        and weights."""
+        T, k = ids.shape
+        N, EPN = self.topology.num_nodes, self.experts_per_node
+        node_of = torch.where(ids >= 0, ids // EPN, N)
+        needs = torch.zeros(T, N + 1, dtype=torch.bool, device=ids.device).scatter_(1, node_of, True)[:, :N]
+        node_ids = torch.where(needs, torch.arange(N, device=ids.device), -1)
+        x_node, node_sizes, node_index = permute(x, node_ids, N)
+        token, node = node_index // N, node_index % N
+        ids_t = ids[token]
+        on_node = (ids_t >= 0) & (node_of[token] == node[:, None])
+        row_ids = torch.where(on_node, ids_t, -1).to(torch.int32)
+        row_weights = None if weights is None else weights[token]
+        return x_node, node_sizes, node_index, row_ids, row_weights
+
+    def _dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None):
+        ids = self._validate(x, expert_ids, weights)
+        T, k = ids.shape
+        t, E_loc, N = self.topology, self.local_experts, self.topology.num_nodes
+        pending: list = []
+        x_node, node_sizes, node_index, row_ids, row_weights = self._node_rows(ids, weights, x)
+        if self.strategy == "flat":
+            # by expert from the node rows, so that the backward sums a token's gradient rows in
+            # the hierarchical strategy's order (per node, then across nodes)
+            x_sorted, per_expert, partial_index = permute(x_node, row_ids, self.num_experts)
+            partial = dict(partial_index=partial_index, partial_weights=row_weights, partial_rows=row_ids.shape[0])
+            per_rank = per_expert.view(t.world_size, E_loc)
+            from_rank = self._flat.sizes(per_rank)  # [source rank, local expert]
+            send, recv = per_rank.sum(1).tolist(), from_rank.sum(1).tolist()
+            x_recv = _a2a(x_sorted, recv, send, self._flat, pending, "dispatch")
+            yield pending
+            back = [(self._flat, send, recv)]
+            keys, buckets = torch.arange(E_loc, device=x.device).repeat(t.world_size), E_loc
+            key_sizes = from_rank.flatten()
+        else:
+            from_node = self._inter.sizes(node_sizes)
+            send_n, recv_n = node_sizes.tolist(), from_node.tolist()
+            x_recv = _a2a(x_node, recv_n, send_n, self._inter, pending, "dispatch")
+            ids_recv = _a2a(row_ids, recv_n, send_n, self._inter, pending, "dispatch")
+            w_recv = _a2a(row_weights, recv_n, send_n, self._inter, pending, "dispatch")
+            yield pending
+            # gateway: fan each token out to its node's experts, rows grouped by (rank, expert)
+            EPN = self.experts_per_node
+            ids_recv = torch.where(ids_recv >= 0, ids_recv - t.node * EPN, -1)
+            x_fan, _, fan_index = permute(x_recv, ids_recv, EPN)
+            src_node = torch.repeat_interleave(torch.arange(N, device=x.device), from_node.to(x.device))
+            key = ids_recv.long() * N + src_node[:, None]
+            per_key = torch.bincount(key[ids_recv >= 0], minlength=EPN * N).view(t.ranks_per_node, E_loc * N)
+            from_gateway = self._intra.sizes(per_key)  # [gateway, (local expert, source node)]
+            send_i, recv_i = per_key.sum(1).tolist(), from_gateway.sum(1).tolist()
+            x_recv = _a2a(x_fan, recv_i, send_i, self._intra, pending, "dispatch")
+            yield pending
+            back = [(self._intra, send_i, recv_i), (self._inter, send_n, recv_n)]
+            partial = dict(partial_index=fan_index, partial_weights=w_recv, partial_rows=ids_recv.shape[0])
+            # received: by gateway, then (local expert, source node); regroup by (expert, source
+            # node), stable, i.e. by expert and source rank as in the flat strategy
+            keys, buckets = torch.arange(E_loc * N, device=x.device).repeat(t.ranks_per_node), E_loc * N
+            key_sizes = from_gateway.flatten()
+        row_keys = torch.repeat_interleave(keys, key_sizes.to(x.device))
+        x_local, sizes, local_index = permute(x_recv, row_keys[:, None], buckets)
+        sizes = sizes.view(E_loc, -1).sum(1)
+        handle = DispatchHandle(T, k, N, node_index, local_index, x_recv.shape[0], back, **partial)
+        return x_local, sizes, handle
+
+    def _combine(self, y_local: Tensor, handle: DispatchHandle):
+        _checks.tensor("y_local", y_local, 2, "[S_local, N]", _checks.FLOAT_DTYPES)
+        _checks.size("y_local", y_local.shape[0], handle.local_index.shape[0], "rows (rows dispatched here)")
+        pending: list = []
+        y = unpermute(y_local, handle.local_index, None, handle.received, topk=1)  # arrival order
+        (exchange, send, recv), *rest = handle.back
+        y = _a2a(y, send, recv, exchange, pending, "combine")
+        yield pending
+        partial = unpermute(y, handle.partial_index, handle.partial_weights, handle.partial_rows, topk=handle.topk)
+        for exchange, send, recv in rest:
+            partial = _a2a(partial, send, recv, exchange, pending, "combine")
+            yield pending
+        return unpermute(partial, handle.node_index, None, handle.num_tokens, topk=handle.num_nodes)
+
+
+def _complete(steps):
+    """Runs a step generator to its end, waiting for each batch of exchanges it starts."""
+    try:
+        pending = next(steps)
+        while True:
+            _wait(pending)
+            pending = steps.send(None)
+    except StopIteration as done:
+        return done.value
+
+
+__all__ = ["DispatchHandle", "ExpertParallelDispatcher", "STRATEGIES"]
