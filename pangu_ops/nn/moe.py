@@ -36,13 +36,20 @@ class MoEFeedForward(nn.Module):
 
     Experts are stored stacked: `w_gate_up [E, H, 2F]` (gate | up), `w_down [E, F, H]`.
     `forward(x [..., H], token_ids=None, domain_ids=None) -> (y [..., H], aux_loss)`.
+
+    Expert parallelism: with `dispatcher` (a `pangu_ops.distributed.ExpertParallelDispatcher`)
+    the layer stores only this rank's experts (global ids `expert_range`) and sends its tokens to
+    the other ranks' experts and back, in `ep_chunks` overlapped chunks. The router (top-k) is
+    replicated: keep it in sync as any data-parallel weight. RRE: the dispatcher serves one
+    domain's experts on that domain's group of ranks (`Topology.split`, `first_expert`), and a
+    rank's batch must hold only that domain's samples: its tokens never leave the group.
     """
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, *, router: str = "topk", topk: int = 2,
                  score: str = "softmax", normalize: bool = True, routed_scaling: float = 1.0,
                  num_shared_experts: int = 0, capacity_factor: float | None = None, aux_loss_alpha: float = 1e-2,
                  ep_group=None, num_domains: int = 1, vocab_size: int | None = None, seed: int = 0, layer: int = 0,
-                 device=None, dtype=None):
+                 dispatcher=None, ep_chunks: int = 1, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if router not in ("topk", "rre"):
@@ -52,8 +59,13 @@ class MoEFeedForward(nn.Module):
         self.score, self.normalize, self.routed_scaling = score, normalize, routed_scaling
         self.capacity_factor, self.aux_loss_alpha, self.ep_group = capacity_factor, aux_loss_alpha, ep_group
         self.seed, self.layer = seed, layer
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden, 2 * ffn, **factory))
-        self.w_down = nn.Parameter(torch.empty(num_experts, ffn, hidden, **factory))
+        self.dispatcher, self.ep_chunks = dispatcher, ep_chunks
+        self._num_experts = num_experts
+        if dispatcher is not None:
+            _check_dispatcher(dispatcher, num_experts, num_domains if router == "rre" else 1)
+        stored = num_experts if dispatcher is None else dispatcher.local_experts
+        self.w_gate_up = nn.Parameter(torch.empty(stored, hidden, 2 * ffn, **factory))
+        self.w_down = nn.Parameter(torch.empty(stored, ffn, hidden, **factory))
         nn.init.normal_(self.w_gate_up, std=hidden ** -0.5)
         nn.init.normal_(self.w_down, std=ffn ** -0.5)
         self.gate = nn.Linear(hidden, num_experts, bias=False, **factory) if router == "topk" else None
@@ -68,7 +80,14 @@ class MoEFeedForward(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.w_gate_up.shape[0]
+        """All the layer's experts (on every rank when expert-parallel)."""
+        return self.w_gate_up.shape[0] if self.dispatcher is None else self._num_experts
+
+    @property
+    def expert_range(self) -> tuple[int, int]:
+        """Global ids [first, last + 1) of the experts this layer stores."""
+        first = 0 if self.dispatcher is None else self.dispatcher.first_local_expert
+        return first, first + self.w_gate_up.shape[0]
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, domain_ids: Tensor | None = None):
         _checks.tensor("x", x, x.dim(), "[..., H]", _checks.FLOAT_DTYPES)
@@ -77,9 +96,17 @@ class MoEFeedForward(nn.Module):
         tokens = flat.shape[0]
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.router_kind == "rre":
-            x_sorted, sizes, index = rre_dispatch(flat, *self._rre_ids(token_ids, domain_ids, tokens), self.table,
-                                                  self.num_experts)
+            token_ids, rows = self._rre_ids(token_ids, domain_ids, tokens)
             weights = None
+            if self.dispatcher is None:  # the table lookup fused into the permute
+                x_sorted, sizes, index = rre_dispatch(flat, token_ids, rows, self.table, self.num_experts)
+            else:
+                serves = self.dispatcher.first_expert // self.dispatcher.num_experts
+                if bool((domain_ids != serves).any()):
+                    b = int((domain_ids != serves).nonzero()[0])
+                    raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])}: this rank's expert-parallel group "
+                                     f"serves domain {serves} only (its tokens never leave the domain's group)")
+                expert_ids = routing.rre_route(token_ids, rows, self.table).reshape(-1, 1)
         else:
             weights, expert_ids, probs = routing.topk_route(self.router_logits(flat), self.topk, score=self.score,
                                                             normalize=self.normalize, scaling=self.routed_scaling)
@@ -88,12 +115,18 @@ class MoEFeedForward(nn.Module):
                 expert_ids = routing.apply_capacity(expert_ids, self.num_experts, capacity)
             if self.training and self.aux_loss_alpha:
                 aux = routing.load_balancing_loss(probs, expert_ids, alpha=self.aux_loss_alpha, group=self.ep_group)
-            x_sorted, sizes, index = permute(flat, expert_ids, self.num_experts)
-        h = expert_mlp(x_sorted, self.w_gate_up, self.w_down, sizes)
-        y = unpermute(h, index, weights, tokens, topk=self.topk)
+            if self.dispatcher is None:
+                x_sorted, sizes, index = permute(flat, expert_ids, self.num_experts)
+        if self.dispatcher is None:
+            y = unpermute(self._experts(x_sorted, sizes), index, weights, tokens, topk=self.topk)
+        else:
+            y = self.dispatcher.run(flat, expert_ids, weights, self._experts, chunks=self.ep_chunks)
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(x.shape), aux
+
+    def _experts(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
+        return expert_mlp(x_sorted, self.w_gate_up, self.w_down, group_sizes)
 
     def router_logits(self, flat: Tensor) -> Tensor:
         """The router runs in fp32 whatever the model's dtype (routing decisions are sensitive to
@@ -130,6 +163,16 @@ class MoEFeedForward(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, ffn={self.ffn}, experts={self.num_experts}, router={self.router_kind}, "
                 f"topk={self.topk}, shared={self.shared is not None}")
+
+
+def _check_dispatcher(dispatcher, num_experts: int, num_domains: int) -> None:
+    """The dispatcher must serve all the experts (top-k) or exactly one domain's (RRE)."""
+    share = num_experts // num_domains
+    if dispatcher.num_experts != share or dispatcher.first_expert % share:
+        what = "all the layer's" if num_domains == 1 else "one domain's"
+        raise ValueError(f"the dispatcher serves experts [{dispatcher.first_expert}, "
+                         f"{dispatcher.first_expert + dispatcher.num_experts}); it must serve {what} {share} experts "
+                         f"(num_experts={num_experts}, num_domains={num_domains})")
 
 
 class RREMoE(MoEFeedForward):
