@@ -73,6 +73,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.distributed:
+        return cmd_bench_distributed(args)
     from pangu_ops.benchmarks import ops as bench_ops
 
     device = torch.device(args.device) if args.device else _default_device()
@@ -82,8 +84,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # Interpreted Triton on CPU tensors is a correctness tool: timed only when asked for.
     names = args.backend or [n for n in verify.available_backends(device)
                              if n != "reference" and not (n == "triton" and device.type == "cpu")]
-    dtypes = [DTYPE_NAMES[d] for d in args.dtype]
+    dtypes = [DTYPE_NAMES[d] for d in args.dtype or ["float32", "bfloat16"]]
     bench_ops.main(problem, dtypes, device, names, Path(args.out), args.min_time)
+    return 0
+
+
+def cmd_bench_distributed(args: argparse.Namespace) -> int:
+    from pangu_ops.benchmarks import distributed as bench_dist
+
+    if args.dtype and len(args.dtype) > 1:
+        raise SystemExit("pangu-ops bench --distributed: give one --dtype")
+    given = {f: getattr(args, f) for f in ("tokens", "hidden", "ffn", "experts", "topk", "nodes", "ranks_per_node",
+                                           "chunks", "iters", "link_mbit") if getattr(args, f) is not None}
+    if args.dtype:
+        given["dtype"] = args.dtype[0]
+    bench_dist.main(bench_dist.Setup(**given), Path(args.out))
     return 0
 
 
@@ -108,12 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="problem shape: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     for field in ("tokens", "hidden", "ffn", "experts", "topk"):
         b.add_argument(f"--{field}", type=int, help="override the preset's value")
-    b.add_argument("--dtype", nargs="+", choices=list(DTYPE_NAMES), default=["float32", "bfloat16"])
+    b.add_argument("--dtype", nargs="+", choices=list(DTYPE_NAMES), help="default: float32 bfloat16")
     b.add_argument("--backend", action="append", choices=[n for n in backends.BACKENDS if n != "reference"],
                    help="kernel backend to time (repeatable; default: all that load here)")
     b.add_argument("--device", help="default: cuda if available, else cpu")
     b.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     b.add_argument("--min-time", type=float, default=0.25, help="seconds of repeats per measurement")
+    d = b.add_argument_group("--distributed: flat vs hierarchical expert-parallel all-to-all on local gloo ranks "
+                             "(defaults: 2 nodes x 4 ranks, 64 experts, top-8, 256 tokens/rank, H 1024, bfloat16)")
+    d.add_argument("--distributed", action="store_true", help="run the expert-parallel communication benchmark")
+    d.add_argument("--nodes", type=int)
+    d.add_argument("--ranks-per-node", type=int)
+    d.add_argument("--chunks", type=int, help="overlapped chunks of the chunked MoE step (default 4)")
+    d.add_argument("--iters", type=int, help="timed iterations (default 5)")
+    d.add_argument("--link-mbit", type=float,
+                   help="emulate a slow inter-node link of this rate (network namespaces + tc; needs root)")
     return parser
 
 

@@ -55,3 +55,18 @@ def test_console_script_installed():
         pytest.skip("console script not installed (package not pip-installed)")
     res = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "backends:" in res.stdout
+
+
+def test_bench_distributed_reports_inter_node_bytes(tmp_path, capsys):
+    """8 local gloo ranks as 2 nodes x 4, top-8 of 16 experts: the table and files, and the
+    hierarchical strategy's inter-node bytes at most half the flat strategy's."""
+    out_dir = tmp_path / "dist"
+    cli.main(["bench", "--distributed", "--tokens", "24", "--hidden", "64", "--ffn", "16", "--experts", "16",
+              "--topk", "8", "--chunks", "2", "--iters", "1", "--dtype", "float32", "--out", str(out_dir)])
+    text = capsys.readouterr().out
+    assert "hierarchical vs flat" in text and "inter MB" in text
+    data = json.loads((out_dir / "bench_distributed.json").read_text())
+    flat, hier = (data["results"][s]["per_rank"] for s in ("flat", "hierarchical"))
+    assert 0 < 2 * hier["inter_bytes"] <= flat["inter_bytes"]
+    assert hier["inter_messages"] < flat["inter_messages"]
+    assert (out_dir / "bench_distributed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

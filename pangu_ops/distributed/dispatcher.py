@@ -48,9 +48,10 @@ STRATEGIES = ("flat", "hierarchical")
 
 @dataclass
 class _Exchange:
-    """All-to-alls over `group`, whose ranks are `peers` of this one: 'intra' or 'inter' node
-    (None: this rank itself), counted in `stats[phase]`."""
+    """All-to-alls over `group`, whose ranks are the topology's ranks `members` and `peers` of
+    this one: 'intra' or 'inter' node (None: this rank itself), counted in `stats[phase]`."""
     group: object
+    members: list
     peers: list
     what: str
     topology: Topology
@@ -76,11 +77,14 @@ class _Exchange:
             work.wait()
 
     def sizes(self, counts: Tensor) -> Tensor:
-        """counts [G, ...] (row g: what goes to group rank g) -> what each group rank sends here."""
-        out = torch.empty_like(counts)
+        """counts [G, ...] (row g: what goes to group rank g) -> what each group rank sends here,
+        over the topology's control group."""
+        full = counts.new_zeros((self.topology.world_size,) + tuple(counts.shape[1:]))
+        full[self.members] = counts
+        out = torch.empty_like(full)
         with collective(f"{self.what} (sizes)", self.topology):
-            dist.all_to_all_single(out, counts.contiguous(), group=self.group)
-        return out
+            dist.all_to_all_single(out, full, group=self.topology.control_group)
+        return out[self.members]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -150,16 +154,14 @@ class ExpertParallelDispatcher:
         self.experts_per_node = self.local_experts * topology.ranks_per_node
         self.stats: dict[str, dict[str, int]] = {}
         t, R = topology, topology.ranks_per_node
-        kind = ["intra" if r // R == t.node else "inter" for r in range(t.world_size)]
-        kind[t.rank] = None
-        self._flat = self._exchange(t.group, kind, "the flat all-to-all")
-        self._inter = self._exchange(t.inter_group, ["inter"] * t.num_nodes, "the inter-node all-to-all")
-        self._inter.peers[t.node] = None
-        self._intra = self._exchange(t.intra_group, ["intra"] * R, "the intra-node all-to-all")
-        self._intra.peers[t.local_rank] = None
+        self._flat = self._exchange(t.group, range(t.world_size), "the flat all-to-all")
+        self._inter = self._exchange(t.inter_group, range(t.local_rank, t.world_size, R), "the inter-node all-to-all")
+        self._intra = self._exchange(t.intra_group, range(t.node * R, (t.node + 1) * R), "the intra-node all-to-all")
 
-    def _exchange(self, group, peers, what) -> _Exchange:
-        return _Exchange(group, list(peers), what, self.topology, self.stats)
+    def _exchange(self, group, members, what) -> _Exchange:
+        t = self.topology
+        peers = [None if r == t.rank else "intra" if r // t.ranks_per_node == t.node else "inter" for r in members]
+        return _Exchange(group, list(members), peers, what, t, self.stats)
 
     @property
     def first_local_expert(self) -> int:

@@ -14,7 +14,7 @@ def _new_group(ranks: list[int], timeout: datetime.timedelta | None):
 class Topology:
     """`world_size` ranks as nodes of `ranks_per_node` consecutive ranks (rank = node * R + local).
 
-    Builds, once, the group of all its ranks, the intra-node group of every node and the inter-node
+    Builds, once, the group of all its ranks (and a twin for control messages), the intra-node group of every node and the inter-node
     group of every local index (the ranks with the same local index on each node). `dist.new_group`
     is collective, so every rank must construct the Topology (and call `split`) in the same order
     as its other groups. `ranks_per_node` defaults to the launcher's LOCAL_WORLD_SIZE (torchrun
@@ -46,6 +46,9 @@ class Topology:
         self.rank = ranks.index(me) if me in ranks else -1
         self.node, self.local_rank = divmod(self.rank, R)
         self.group = _new_group(ranks, self.timeout)
+        # small control messages (split sizes) travel apart from the data: on gloo a group is its
+        # own set of connections, so they do not queue behind another chunk's rows in flight
+        self.control_group = _new_group(ranks, self.timeout)
         self.intra_group = self.inter_group = None
         for n in range(self.num_nodes):  # every rank takes part in creating every group
             group = _new_group(ranks[n * R:(n + 1) * R], self.timeout)
