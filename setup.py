@@ -16,8 +16,13 @@ if os.environ.get("PANGU_OPS_PORTABLE") != "1":
     cxx_flags.append("-march=native")
 
 setup(
-    packages=["pangu_ops", "pangu_ops.ops", "pangu_ops.nn", "pangu_ops.distributed", "pangu_ops.benchmarks", "pangu_ops.triton_kernels"],
-    package_dir={"pangu_ops.benchmarks": "benchmarks", "pangu_ops.triton_kernels": "triton_kernels"},
+    packages=["pangu_ops", "pangu_ops.ops", "pangu_ops.nn", "pangu_ops.distributed", "pangu_ops.benchmarks", "pangu_ops.triton_kernels",
+              "pangu_ops.ascend_kernels"],
+    package_dir={"pangu_ops.benchmarks": "benchmarks", "pangu_ops.triton_kernels": "triton_kernels",
+                 "pangu_ops.ascend_kernels": "ascend_kernels"},
+    # the AscendC sources travel with the package: the CPU twin compiles them on first use
+    package_data={"pangu_ops.ascend_kernels": ["*.cpp", "*.h", "CMakeLists.txt", "cpu_twin/*.h", "cpu_twin/*.cpp",
+                                               "cpu_twin/lib/*.h", "cpu_twin/kernel_tiling/*.h"]},
     ext_modules=[
         CppExtension(
             "pangu_ops._C",

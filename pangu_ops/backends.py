@@ -9,7 +9,8 @@ is chosen by `use_backend(name)` (a context manager), else by the environment va
 | `reference` | any device                  | `pangu_ops.reference` (pure PyTorch)      |
 | `cpu`       | CPU tensors                 | C++ (`csrc/`, `torch.ops.pangu_cpu.*`)   |
 | `triton`    | CUDA; CPU tensors too when TRITON_INTERPRET=1 | Triton (`triton_kernels/`) |
-| `ascend`    | Ascend NPU (torch_npu)      | AscendC (`ascend_kernels/`)               |
+| `ascend`    | Ascend NPU (torch_npu)      | AscendC (`ascend_kernels/`), built with CANN |
+| `ascend_twin` | CPU tensors               | the same AscendC sources on the CPU twin of the AscendC API |
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "ascend")
+BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "ascend", "ascend_twin")
 ENV_VAR = "PANGU_OPS_BACKEND"
 
 
@@ -71,18 +72,38 @@ def _load_triton() -> Any:
     return importlib.import_module("pangu_ops.triton_kernels")
 
 
-def _not_built(issue: str) -> Callable[[], Any]:
-    def load() -> Any:
-        raise BackendUnavailable(f"no kernels in this build yet (see {issue})")
+def _load_ascend() -> Any:
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError as e:
+        raise BackendUnavailable(f"torch_npu is not importable ({e}): the ascend backend needs an Ascend NPU, "
+                                 "CANN and torch_npu (README: Ascend NPUs)") from e
+    from . import ascend
 
-    return load
+    library = ascend.npu_library()
+    if not library.exists():
+        raise BackendUnavailable(f"the AscendC kernels are not built ({library} is missing): "
+                                 "cmake -S ascend_kernels -B ascend_kernels/build && cmake --build ascend_kernels/build")
+    torch.ops.load_library(str(library))
+    return ascend.Kernels(ascend.NpuRunner())
+
+
+def _load_ascend_twin() -> Any:
+    from . import ascend
+
+    try:
+        library = ascend.build_twin()
+    except (OSError, RuntimeError) as e:
+        raise BackendUnavailable(f"cannot build the AscendC CPU twin: {e}") from e
+    return ascend.Kernels(ascend.TwinRunner(library, int(os.environ.get("PANGU_OPS_ASCEND_TWIN_BLOCKS", "3"))))
 
 
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", (), _load_reference),
     "cpu": Backend("cpu", ("cpu",), _load_cpu),
     "triton": Backend("triton", ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",), _load_triton),
-    "ascend": Backend("ascend", ("npu",), _not_built("issue 6, AscendC kernels")),
+    "ascend": Backend("ascend", ("npu",), _load_ascend),
+    "ascend_twin": Backend("ascend_twin", ("cpu",), _load_ascend_twin),
 }
 # "auto": the backend native to each device type.
 AUTO_BY_DEVICE = {"cpu": "cpu", "cuda": "triton", "npu": "ascend"}

@@ -15,7 +15,7 @@ from pangu_ops import backends, verify  # noqa: E402
 
 # The backends every test machine must have (the README's set-up installs them): a build without
 # its C++ extension, or without Triton, fails here rather than silently testing fewer backends.
-REQUIRED_BACKENDS = ("reference", "cpu", "triton") if DEVICE == "cpu" else ("reference", "triton")
+REQUIRED_BACKENDS = ("reference", "cpu", "triton", "ascend_twin") if DEVICE == "cpu" else ("reference", "triton")
 BACKENDS = list(REQUIRED_BACKENDS) + [b for b in verify.available_backends(DEVICE) if b not in REQUIRED_BACKENDS]
 
 

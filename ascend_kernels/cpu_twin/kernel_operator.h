@@ -152,6 +152,11 @@ class TQue : public TQueBase {
     static constexpr int32_t kDepth = depth;
 };
 
+// A queue whose tensors move from one position to another without a compute stage (e.g. GM ->
+// VECIN -> GM): the twin treats it as a TQue.
+template <TPosition src, TPosition dst, int32_t depth = 1>
+class TQueBind : public TQue<src, depth> {};
+
 template <TPosition pos>
 class TBuf {
   public:
@@ -169,6 +174,13 @@ class TPipe {
     TPipe() : ub_(twin::UB_BYTES + twin::BLOCK_BYTES) {}
     template <TPosition pos, int32_t depth>
     void InitBuffer(TQue<pos, depth>& que, int32_t num, uint32_t len) {
+        init_queue(que, num, len, depth);
+    }
+    template <TPosition src, TPosition dst, int32_t depth>
+    void InitBuffer(TQueBind<src, dst, depth>& que, int32_t num, uint32_t len) {
+        init_queue(que, num, len, depth);
+    }
+    void init_queue(TQueBase& que, int32_t num, uint32_t len, int32_t depth) {
         twin::check(num >= 1 && depth >= 1 && depth <= num, "InitBuffer: a queue needs 1 <= depth <= num buffers");
         que.init(this, num, len, depth);
     }
