@@ -77,7 +77,9 @@ class GroupedGemm {
 };
 
 template <typename T>
-__aicore__ inline void RunGroupedGemm(GM_ADDR a, GM_ADDR b, GM_ADDR groupSizes, GM_ADDR c, GM_ADDR tiling) {
+__aicore__ inline void RunGroupedGemm(GM_ADDR a, GM_ADDR b, GM_ADDR groupSizes, GM_ADDR c, GM_ADDR workspace,
+                                      GM_ADDR tiling) {
+    SetSysWorkspace(workspace);  // the Matmul API's system workspace
     GroupedGemmTiling t;
     LoadTiling(t, tiling);
     GroupedGemm<T> op;
@@ -88,16 +90,16 @@ __aicore__ inline void RunGroupedGemm(GM_ADDR a, GM_ADDR b, GM_ADDR groupSizes, 
 }  // namespace pangu
 
 extern "C" __global__ __aicore__ void pangu_grouped_gemm_float(GM_ADDR a, GM_ADDR b, GM_ADDR groupSizes, GM_ADDR c,
-                                                               GM_ADDR tiling) {
-    pangu::RunGroupedGemm<float>(a, b, groupSizes, c, tiling);
+                                                               GM_ADDR workspace, GM_ADDR tiling) {
+    pangu::RunGroupedGemm<float>(a, b, groupSizes, c, workspace, tiling);
 }
 
 extern "C" __global__ __aicore__ void pangu_grouped_gemm_half(GM_ADDR a, GM_ADDR b, GM_ADDR groupSizes, GM_ADDR c,
-                                                              GM_ADDR tiling) {
-    pangu::RunGroupedGemm<half>(a, b, groupSizes, c, tiling);
+                                                              GM_ADDR workspace, GM_ADDR tiling) {
+    pangu::RunGroupedGemm<half>(a, b, groupSizes, c, workspace, tiling);
 }
 
 extern "C" __global__ __aicore__ void pangu_grouped_gemm_bfloat16(GM_ADDR a, GM_ADDR b, GM_ADDR groupSizes, GM_ADDR c,
-                                                                  GM_ADDR tiling) {
-    pangu::RunGroupedGemm<bfloat16_t>(a, b, groupSizes, c, tiling);
+                                                                  GM_ADDR workspace, GM_ADDR tiling) {
+    pangu::RunGroupedGemm<bfloat16_t>(a, b, groupSizes, c, workspace, tiling);
 }

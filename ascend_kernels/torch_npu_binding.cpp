@@ -103,10 +103,9 @@ void grouped_gemm(int64_t blocks, int64_t dtype, Tensor a, Tensor b, Tensor size
     auto tiling = device_tiling(t, a);
     auto workspace = at::empty({int64_t(platform_ascendc::PlatformAscendCManager::GetInstance()->GetLibApiWorkSpaceSize())},
                                a.options().dtype(at::kByte));
-    (void)workspace;  // the Matmul API's system workspace, set by the launcher below
-    if (dtype == 0) ACLRT_LAUNCH_KERNEL(pangu_grouped_gemm_float)(blocks, stream(), ptr(a), ptr(b), ptr(sizes), ptr(c), ptr(tiling));
-    else if (dtype == 1) ACLRT_LAUNCH_KERNEL(pangu_grouped_gemm_half)(blocks, stream(), ptr(a), ptr(b), ptr(sizes), ptr(c), ptr(tiling));
-    else ACLRT_LAUNCH_KERNEL(pangu_grouped_gemm_bfloat16)(blocks, stream(), ptr(a), ptr(b), ptr(sizes), ptr(c), ptr(tiling));
+    if (dtype == 0) ACLRT_LAUNCH_KERNEL(pangu_grouped_gemm_float)(blocks, stream(), ptr(a), ptr(b), ptr(sizes), ptr(c), ptr(workspace), ptr(tiling));
+    else if (dtype == 1) ACLRT_LAUNCH_KERNEL(pangu_grouped_gemm_half)(blocks, stream(), ptr(a), ptr(b), ptr(sizes), ptr(c), ptr(workspace), ptr(tiling));
+    else ACLRT_LAUNCH_KERNEL(pangu_grouped_gemm_bfloat16)(blocks, stream(), ptr(a), ptr(b), ptr(sizes), ptr(c), ptr(workspace), ptr(tiling));
 }
 
 }  // namespace

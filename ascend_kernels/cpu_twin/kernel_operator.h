@@ -296,7 +296,9 @@ template <HardEvent e> void WaitFlag(int32_t) {}
 template <int pipe> void PipeBarrier() {}
 constexpr int PIPE_ALL = 0, PIPE_V = 1, PIPE_MTE2 = 2, PIPE_MTE3 = 3;
 
-inline GM_ADDR GetSysWorkSpacePtr() { return nullptr; }
+inline GM_ADDR& sys_workspace() { static GM_ADDR w = nullptr; return w; }
+inline void SetSysWorkspace(GM_ADDR w) { sys_workspace() = w; }
+inline GM_ADDR GetSysWorkSpacePtr() { return sys_workspace(); }
 
 }  // namespace AscendC
 
