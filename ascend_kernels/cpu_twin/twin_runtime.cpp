@@ -45,7 +45,7 @@ void twin_grouped_gemm(int64_t blocks, int64_t dtype, void* a, void* b, void* si
     pangu::GroupedGemmTiling t{E, rows, K, N, tile_m, tile_n, trans_b, wgrad, blocks, TCubeTiling{}};
     auto kernel = dtype == 0 ? pangu_grouped_gemm_float : dtype == 1 ? pangu_grouped_gemm_half
                                                                      : pangu_grouped_gemm_bfloat16;
-    twin::launch(blocks, kernel, G(a), G(b), G(sizes), G(c), G(nullptr), G(&t));
+    twin::launch(blocks, kernel, G(a), G(b), G(sizes), G(c), static_cast<GM_ADDR>(nullptr), G(&t));
 }
 
 }  // extern "C"
