@@ -59,4 +59,30 @@ __aicore__ inline void CopyOut(const AscendC::GlobalTensor<T>& dst, const Ascend
     }
 }
 
+// A GM array read tile by tile (IDS_TILE elements) through a double-buffered UB queue: the
+// expert ids and slot indices the scalar loops of permute and unpermute walk.
+template <typename T>
+class StagedInput {
+  public:
+    __aicore__ inline void Init(AscendC::TPipe& pipe, GM_ADDR gm, int64_t size) {
+        gm_.SetGlobalBuffer((__gm__ T*)gm, size);
+        pipe.InitBuffer(que_, BUFFER_NUM, IDS_TILE * sizeof(T));
+    }
+    // elements of the tile starting at `start`, before `end`
+    static __aicore__ inline uint32_t TileLen(int64_t start, int64_t end) {
+        return uint32_t(end - start < IDS_TILE ? end - start : IDS_TILE);
+    }
+    __aicore__ inline AscendC::LocalTensor<T> Load(int64_t start, uint32_t n) {
+        AscendC::LocalTensor<T> tile = que_.template AllocTensor<T>();
+        CopyIn(tile, gm_[start], n);
+        que_.EnQue(tile);
+        return que_.template DeQue<T>();
+    }
+    __aicore__ inline void Release(const AscendC::LocalTensor<T>& tile) { que_.FreeTensor(tile); }
+
+  private:
+    AscendC::TQue<AscendC::TPosition::VECIN, 1> que_;
+    AscendC::GlobalTensor<T> gm_;
+};
+
 }  // namespace pangu

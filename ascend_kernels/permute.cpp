@@ -18,25 +18,21 @@ class PermuteCount {
     __aicore__ inline void Init(GM_ADDR ids, GM_ADDR workspace, const PermuteTiling& t) {
         t_ = t;
         BlockRange(t.tokens, begin_, end_);
-        idsGm_.SetGlobalBuffer((__gm__ int32_t*)ids, t.tokens * t.topk);
+        ids_.Init(pipe_, ids, t.tokens * t.topk);
         wsGm_.SetGlobalBuffer((__gm__ int32_t*)workspace, t.blocks * t.experts);
-        pipe_.InitBuffer(idsQue_, BUFFER_NUM, IDS_TILE * sizeof(int32_t));
         pipe_.InitBuffer(histQue_, 1, AlignUp(t.experts * sizeof(int32_t)));
     }
     __aicore__ inline void Process() {
         LocalTensor<int32_t> hist = histQue_.AllocTensor<int32_t>();
         for (int64_t e = 0; e < t_.experts; ++e) hist.SetValue(e, 0);
         for (int64_t s = begin_ * t_.topk; s < end_ * t_.topk; s += IDS_TILE) {
-            uint32_t n = uint32_t(end_ * t_.topk - s < IDS_TILE ? end_ * t_.topk - s : IDS_TILE);
-            LocalTensor<int32_t> ids = idsQue_.AllocTensor<int32_t>();
-            CopyIn(ids, idsGm_[s], n);
-            idsQue_.EnQue(ids);
-            ids = idsQue_.DeQue<int32_t>();
+            uint32_t n = ids_.TileLen(s, end_ * t_.topk);
+            LocalTensor<int32_t> ids = ids_.Load(s, n);
             for (uint32_t i = 0; i < n; ++i) {
                 int32_t e = ids.GetValue(i);
                 if (e >= 0 && e < t_.experts) hist.SetValue(e, hist.GetValue(e) + 1);
             }
-            idsQue_.FreeTensor(ids);
+            ids_.Release(ids);
         }
         histQue_.EnQue(hist);
         hist = histQue_.DeQue<int32_t>();
@@ -45,9 +41,9 @@ class PermuteCount {
     }
   private:
     TPipe pipe_;
-    TQue<TPosition::VECIN, 1> idsQue_;
+    StagedInput<int32_t> ids_;
     TQue<TPosition::VECOUT, 1> histQue_;
-    GlobalTensor<int32_t> idsGm_, wsGm_;
+    GlobalTensor<int32_t> wsGm_;
     PermuteTiling t_;
     int64_t begin_ = 0, end_ = 0;
 };
@@ -58,11 +54,10 @@ class PermuteScatter {
                                 const PermuteTiling& t) {
         t_ = t;
         BlockRange(t.tokens, begin_, end_);
-        idsGm_.SetGlobalBuffer((__gm__ int32_t*)ids, t.tokens * t.topk);
+        ids_.Init(pipe_, ids, t.tokens * t.topk);
         wsGm_.SetGlobalBuffer((__gm__ int32_t*)workspace, t.blocks * t.experts);
         sizesGm_.SetGlobalBuffer((__gm__ int64_t*)groupSizes, t.experts);
         indexGm_.SetGlobalBuffer((__gm__ int64_t*)sortedIndex, t.rows);
-        pipe_.InitBuffer(idsQue_, BUFFER_NUM, IDS_TILE * sizeof(int32_t));
         pipe_.InitBuffer(rowQue_, 1, AlignUp(t.experts * sizeof(int32_t)));
         pipe_.InitBuffer(offsets_, AlignUp(t.experts * sizeof(int64_t)));
         pipe_.InitBuffer(sizesQue_, 1, AlignUp(t.experts * sizeof(int64_t)));
@@ -89,11 +84,8 @@ class PermuteScatter {
             before += totals.GetValue(e);
         }
         for (int64_t s = begin_ * t_.topk; s < end_ * t_.topk; s += IDS_TILE) {
-            uint32_t n = uint32_t(end_ * t_.topk - s < IDS_TILE ? end_ * t_.topk - s : IDS_TILE);
-            LocalTensor<int32_t> ids = idsQue_.AllocTensor<int32_t>();
-            CopyIn(ids, idsGm_[s], n);
-            idsQue_.EnQue(ids);
-            ids = idsQue_.DeQue<int32_t>();
+            uint32_t n = ids_.TileLen(s, end_ * t_.topk);
+            LocalTensor<int32_t> ids = ids_.Load(s, n);
             for (uint32_t i = 0; i < n; ++i) {
                 int32_t e = ids.GetValue(i);
                 if (e < 0 || e >= t_.experts) continue;
@@ -101,7 +93,7 @@ class PermuteScatter {
                 offsets.SetValue(e, dest + 1);
                 indexGm_.SetValue(dest, s + i);
             }
-            idsQue_.FreeTensor(ids);
+            ids_.Release(ids);
         }
         sizesQue_.EnQue(totals);
         totals = sizesQue_.DeQue<int64_t>();
@@ -110,10 +102,11 @@ class PermuteScatter {
     }
   private:
     TPipe pipe_;
-    TQue<TPosition::VECIN, 1> idsQue_, rowQue_;
+    StagedInput<int32_t> ids_;
+    TQue<TPosition::VECIN, 1> rowQue_;
     TQue<TPosition::VECOUT, 1> sizesQue_;
     TBuf<TPosition::VECCALC> offsets_;
-    GlobalTensor<int32_t> idsGm_, wsGm_;
+    GlobalTensor<int32_t> wsGm_;
     GlobalTensor<int64_t> sizesGm_, indexGm_;
     PermuteTiling t_;
     int64_t begin_ = 0, end_ = 0;

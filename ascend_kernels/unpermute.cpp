@@ -18,28 +18,24 @@ class UnpermuteInverse {
     __aicore__ inline void Init(GM_ADDR sortedIndex, GM_ADDR inverse, const UnpermuteTiling& t) {
         t_ = t;
         BlockRange(t.rows, begin_, end_);
-        indexGm_.SetGlobalBuffer((__gm__ int64_t*)sortedIndex, t.rows);
+        index_.Init(pipe_, sortedIndex, t.rows);
         inverseGm_.SetGlobalBuffer((__gm__ int64_t*)inverse, t.tokens * t.topk);
-        pipe_.InitBuffer(que_, BUFFER_NUM, IDS_TILE * sizeof(int64_t));
     }
     __aicore__ inline void Process() {
         for (int64_t r0 = begin_; r0 < end_; r0 += IDS_TILE) {
-            uint32_t n = uint32_t(end_ - r0 < IDS_TILE ? end_ - r0 : IDS_TILE);
-            LocalTensor<int64_t> index = que_.AllocTensor<int64_t>();
-            CopyIn(index, indexGm_[r0], n);
-            que_.EnQue(index);
-            index = que_.DeQue<int64_t>();
+            uint32_t n = index_.TileLen(r0, end_);
+            LocalTensor<int64_t> index = index_.Load(r0, n);
             for (uint32_t i = 0; i < n; ++i) {
                 int64_t slot = index.GetValue(i);
                 if (slot >= 0 && slot < t_.tokens * t_.topk) inverseGm_.SetValue(slot, r0 + i);
             }
-            que_.FreeTensor(index);
+            index_.Release(index);
         }
     }
   private:
     TPipe pipe_;
-    TQue<TPosition::VECIN, 1> que_;
-    GlobalTensor<int64_t> indexGm_, inverseGm_;
+    StagedInput<int64_t> index_;
+    GlobalTensor<int64_t> inverseGm_;
     UnpermuteTiling t_;
     int64_t begin_ = 0, end_ = 0;
 };

@@ -30,9 +30,6 @@ import pangu_ops
 from pangu_ops.distributed import STRATEGIES, ExpertParallelDispatcher, Topology
 from pangu_ops.distributed.launch import spawn
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 @dataclass(frozen=True)
 class Setup:
     nodes: int = 2
@@ -70,7 +67,7 @@ def _slowest_median(fn, iters: int) -> float:
 def _rank(rank: int, s: Setup) -> dict:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     topo = Topology(ranks_per_node=s.ranks_per_node)
-    dtype = DTYPES[s.dtype]
+    dtype = getattr(torch, s.dtype)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(s.tokens, s.hidden, generator=gen).to(dtype)
     scores = torch.rand(s.tokens, s.experts, generator=gen)

@@ -85,7 +85,6 @@ def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_sp
         raise ValueError("output_split_sizes do not match what the other ranks send to this rank")
     n, l = topology.node, topology.local_rank
     rank = topology.rank
-    row_bytes = input[0:1].numel() * input.element_size() if input.dim() > 1 else input.element_size()
 
     # Phase A: group my chunks by destination local index l', then by destination node m.
     my_chunks = _chunks(sizes[rank])
@@ -112,10 +111,9 @@ def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_sp
         dist.all_to_all_single(output, send_b, recv_b_split, split_b, group=topology.inter_group)
 
     if stats is not None:
-        intra = [s for lp, s in enumerate(split_a) if lp != l and s]
-        inter = [s for m, s in enumerate(split_b) if m != n and s]
-        add_stats(stats, {"intra_bytes": sum(intra) * row_bytes, "inter_bytes": sum(inter) * row_bytes,
-                          "intra_messages": len(intra), "inter_messages": len(inter)})
+        row_bytes = bytes_per_row(input)
+        add_stats(stats, sent_stats(peer_kinds(topology, topology.intra_ranks), split_a, row_bytes))
+        add_stats(stats, sent_stats(peer_kinds(topology, topology.inter_ranks), split_b, row_bytes))
     return output
 
 
@@ -125,14 +123,28 @@ def add_stats(stats: dict, sent: dict) -> None:
         stats[key] = stats.get(key, 0) + value
 
 
+def bytes_per_row(t: torch.Tensor) -> int:
+    """Bytes of one row (dim 0 slice) of t."""
+    return t[0:1].numel() * t.element_size() if t.dim() > 1 else t.element_size()
+
+
+def peer_kinds(topology: Topology, members) -> list[str | None]:
+    """For each topology rank in `members`: None (this rank), "intra" (its node) or "inter"."""
+    R = topology.ranks_per_node
+    return [None if r == topology.rank else "intra" if r // R == topology.node else "inter" for r in members]
+
+
+def sent_stats(peers: list[str | None], splits: list[int], row_bytes: int) -> dict:
+    """Bytes and messages of sending splits[g] rows to peer g, split intra/inter-node (nothing to
+    this rank itself, no message for an empty split)."""
+    sent = {"intra_bytes": 0, "inter_bytes": 0, "intra_messages": 0, "inter_messages": 0}
+    for peer, s in zip(peers, splits):
+        if peer and s:
+            sent[f"{peer}_bytes"] += s * row_bytes
+            sent[f"{peer}_messages"] += 1
+    return sent
+
+
 def flat_all_to_all_stats(input_split_sizes: list[int], topology: Topology, row_bytes: int) -> dict:
     """Bytes and messages the flat all-to-all sends from this rank, split intra/inter-node."""
-    R, n = topology.ranks_per_node, topology.node
-    stats = {"intra_bytes": 0, "inter_bytes": 0, "intra_messages": 0, "inter_messages": 0}
-    for dst, s in enumerate(input_split_sizes):
-        if dst == topology.rank or not s:
-            continue
-        kind = "intra" if dst // R == n else "inter"
-        stats[f"{kind}_bytes"] += s * row_bytes
-        stats[f"{kind}_messages"] += 1
-    return stats
+    return sent_stats(peer_kinds(topology, range(topology.world_size)), input_split_sizes, row_bytes)

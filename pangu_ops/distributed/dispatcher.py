@@ -32,7 +32,7 @@ backward exchanges synchronously).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops import _checks, permute, unpermute
-from .all_to_all import add_stats, collective
+from .all_to_all import add_stats, bytes_per_row, collective, peer_kinds, sent_stats
 from .topology import Topology
 
 STRATEGIES = ("flat", "hierarchical")
@@ -63,13 +63,7 @@ class _Exchange:
         with collective(self.what, self.topology):
             work = dist.all_to_all_single(out, x, out_splits, in_splits, group=self.group, async_op=True)
         if phase is not None:
-            row_bytes = x[0:1].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-            sent = {"intra_bytes": 0, "inter_bytes": 0, "intra_messages": 0, "inter_messages": 0}
-            for peer, s in zip(self.peers, in_splits):
-                if peer and s:
-                    sent[f"{peer}_bytes"] += s * row_bytes
-                    sent[f"{peer}_messages"] += 1
-            add_stats(self.stats.setdefault(phase, {}), sent)
+            add_stats(self.stats.setdefault(phase, {}), sent_stats(self.peers, in_splits, bytes_per_row(x)))
         return out, (work, self)
 
     def wait(self, work) -> None:
@@ -126,10 +120,10 @@ class DispatchHandle:
     node_index: Tensor        # node rows (one per token and destination node): their slot t * N + m
     local_index: Tensor       # received rows -> rows grouped by local expert
     received: int             # rows this rank received
-    back: list = field(default_factory=list)  # combine's exchanges: (exchange, splits sent, splits received)
-    partial_index: Tensor | None = None  # expert-output rows -> slot r * k + j of the node-row sums
-    partial_weights: Tensor | None = None
-    partial_rows: int = 0
+    back: list                # combine's exchanges: (exchange, splits sent, splits received)
+    partial_index: Tensor     # expert-output rows -> slot r * k + j of the node-row sums
+    partial_weights: Tensor | None
+    partial_rows: int
 
 
 class ExpertParallelDispatcher:
@@ -153,15 +147,13 @@ class ExpertParallelDispatcher:
         self.local_experts = num_experts // topology.world_size
         self.experts_per_node = self.local_experts * topology.ranks_per_node
         self.stats: dict[str, dict[str, int]] = {}
-        t, R = topology, topology.ranks_per_node
+        t = topology
         self._flat = self._exchange(t.group, range(t.world_size), "the flat all-to-all")
-        self._inter = self._exchange(t.inter_group, range(t.local_rank, t.world_size, R), "the inter-node all-to-all")
-        self._intra = self._exchange(t.intra_group, range(t.node * R, (t.node + 1) * R), "the intra-node all-to-all")
+        self._inter = self._exchange(t.inter_group, t.inter_ranks, "the inter-node all-to-all")
+        self._intra = self._exchange(t.intra_group, t.intra_ranks, "the intra-node all-to-all")
 
     def _exchange(self, group, members, what) -> _Exchange:
-        t = self.topology
-        peers = [None if r == t.rank else "intra" if r // t.ranks_per_node == t.node else "inter" for r in members]
-        return _Exchange(group, list(members), peers, what, t, self.stats)
+        return _Exchange(group, list(members), peer_kinds(self.topology, members), what, self.topology, self.stats)
 
     @property
     def first_local_expert(self) -> int:
@@ -217,12 +209,9 @@ class ExpertParallelDispatcher:
                 raise ValueError(f"weights must be [T, k] = {list(expert_ids.shape)}, got {list(weights.shape)}")
         _checks.same_device(x=x, expert_ids=expert_ids, weights=weights)
         lo, hi = self.first_expert, self.first_expert + self.num_experts
+        _checks.expert_ids_values(expert_ids, self.num_experts, first=lo, op="dispatch",
+                                  experts=f"one of this dispatcher's experts [{lo}, {hi})")
         ids = expert_ids.long()
-        bad = (ids != -1) & ((ids < lo) | (ids >= hi))
-        if bool(bad.any()):
-            t, j = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"expert_ids[{t}, {j}] = {int(ids[t, j])} is not -1 (dropped) nor one of this "
-                             f"dispatcher's experts [{lo}, {hi})")
         return torch.where(ids >= 0, ids - lo, -1)
 
     def _node_rows(self, ids: Tensor, weights: Tensor | None, x: Tensor):

@@ -79,6 +79,16 @@ class Topology:
                 mine = sub
         return mine
 
+    @property
+    def intra_ranks(self) -> range:
+        """This topology's ranks in this rank's intra-node group, in group order."""
+        return range(self.node * self.ranks_per_node, (self.node + 1) * self.ranks_per_node)
+
+    @property
+    def inter_ranks(self) -> range:
+        """This topology's ranks in this rank's inter-node group (one per node), in group order."""
+        return range(self.local_rank, self.world_size, self.ranks_per_node)
+
     def global_rank(self, node: int, local_rank: int) -> int:
         return self.ranks[node * self.ranks_per_node + local_rank]
 

@@ -66,13 +66,16 @@ def non_negative_int(name: str, value: object) -> None:
 
 # ---- value checks (read data; used by the reference backend) ----
 
-def expert_ids_values(expert_ids: torch.Tensor, num_experts: int) -> None:
-    bad = (expert_ids < -1) | (expert_ids >= num_experts)
+def expert_ids_values(expert_ids: torch.Tensor, num_experts: int, *, first: int = 0, op: str = "permute",
+                      experts: str | None = None) -> None:
+    """Every id is -1 (dropped) or in [first, first + num_experts); `experts` describes that range
+    in the message (default: "an expert id in [0, num_experts=E)")."""
+    bad = (expert_ids < -1) | ((expert_ids >= 0) & (expert_ids < first)) | (expert_ids >= first + num_experts)
     if bool(bad.any()):
         t, j = (int(i) for i in bad.nonzero()[0])
+        experts = experts or f"an expert id in [0, num_experts={num_experts})"
         raise ValueError(
-            f"permute: expert_ids[{t}, {j}] = {int(expert_ids[t, j])} is out of range: expected -1 "
-            f"(dropped) or an expert id in [0, num_experts={num_experts})"
+            f"{op}: expert_ids[{t}, {j}] = {int(expert_ids[t, j])} is out of range: expected -1 (dropped) or {experts}"
         )
 
 
