@@ -11,6 +11,7 @@ is chosen by `use_backend(name)` (a context manager), else by the environment va
 | `triton`    | CUDA; CPU tensors too when TRITON_INTERPRET=1 | Triton (`triton_kernels/`) |
 | `ascend`    | Ascend NPU (torch_npu)      | AscendC (`ascend_kernels/`), built with CANN |
 | `ascend_twin` | CPU tensors               | the same AscendC sources on the CPU twin of the AscendC API |
+| `triton_ascend` | CPU tensors             | the Triton kernels compiled by the Ascend Triton compiler (triton-ascend + bishengir), run on the CPU |
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "ascend", "ascend_twin")
+BACKEND_NAMES = ("auto", "reference", "cpu", "triton", "ascend", "ascend_twin", "triton_ascend")
 ENV_VAR = "PANGU_OPS_BACKEND"
 
 
@@ -98,12 +99,22 @@ def _load_ascend_twin() -> Any:
     return ascend.Kernels(ascend.TwinRunner(library, int(os.environ.get("PANGU_OPS_ASCEND_TWIN_BLOCKS", "3"))))
 
 
+def _load_triton_ascend() -> Any:
+    from . import triton_ascend
+
+    try:
+        return triton_ascend.load_kernels()
+    except triton_ascend.Unavailable as e:
+        raise BackendUnavailable(str(e)) from e
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", (), _load_reference),
     "cpu": Backend("cpu", ("cpu",), _load_cpu),
     "triton": Backend("triton", ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",), _load_triton),
     "ascend": Backend("ascend", ("npu",), _load_ascend),
     "ascend_twin": Backend("ascend_twin", ("cpu",), _load_ascend_twin),
+    "triton_ascend": Backend("triton_ascend", ("cpu",), _load_triton_ascend),
 }
 # "auto": the backend native to each device type.
 AUTO_BY_DEVICE = {"cpu": "cpu", "cuda": "triton", "npu": "ascend"}

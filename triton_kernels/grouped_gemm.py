@@ -16,7 +16,11 @@ import triton
 import triton.language as tl
 
 from ..ops import _checks
-from ._common import INTERPRET, check_values, dot_precision, gemm_configs, load_tile, num_programs, to_dtype, upcast_operands
+from ._common import INTERPRET, check_values, gemm_configs, load_tile, num_programs, to_dtype, upcast_operands
+
+# fp32 GEMMs stay IEEE fp32 (torch's default), not TF32; Triton ignores it for 16-bit operands.
+# Always given: triton-ascend 3.2 fails on a dot without one when it arrives through a constexpr.
+DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
 
 # Blocks used under the interpreter (its cost is per program and K-step, not per element).
 INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
@@ -35,7 +39,7 @@ _CONFIGS = [
 def _grouped_gemm_kernel(
     x_ptr, w_ptr, y_ptr, h_ptr, sizes_ptr, S, E, N, K,
     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_hm,
-    GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GATED: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = x_e @ w[e] per expert. GATED (the expert MLP's gate/up GEMM): w[e] is [K, 2N], gate
@@ -65,10 +69,10 @@ def _grouped_gemm_kernel(
             for k0 in range(0, K, BLOCK_K):
                 a = load_tile(x_ptrs, row_ok[:, None] & (rk[None, :] + k0 < K), UPCAST)
                 w_mask = (rk[:, None] + k0 < K) & (rn[None, :] < N)
-                acc = tl.dot(a, load_tile(w_ptrs, w_mask, UPCAST), acc, input_precision=PRECISION)
+                acc = tl.dot(a, load_tile(w_ptrs, w_mask, UPCAST), acc, input_precision=DOT_PRECISION)
                 if GATED:
                     b_up = load_tile(w_ptrs + N * s_wn, w_mask, UPCAST)
-                    acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+                    acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
                 x_ptrs += BLOCK_K * s_xk
                 w_ptrs += BLOCK_K * s_wk
             out_mask = row_ok[:, None] & (rn[None, :] < N)
@@ -95,7 +99,7 @@ def _launch(x, w, y, h, group_sizes, n: int, s_wk: int, s_wn: int, gated: bool) 
     _grouped_gemm_kernel[grid](
         x, w, y, h, group_sizes, S, E, n, K,
         x.stride(0), x.stride(1), w.stride(0), s_wk, s_wn, y.stride(0), y.stride(1), h.stride(0),
-        GATED=gated, UPCAST=upcast_operands(x.dtype), PRECISION=dot_precision(x.dtype),
+        GATED=gated, UPCAST=upcast_operands(x.dtype),
         **(INTERPRET_BLOCKS if INTERPRET else {}),
     )
 
@@ -132,7 +136,7 @@ def gated_grouped_gemm(x: torch.Tensor, w_gate_up: torch.Tensor, group_sizes: to
 def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, sizes_ptr, ends_ptr, K, N,
     s_xm, s_xk, s_dm, s_dn, s_we, s_wk, s_wn,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -150,7 +154,7 @@ def _grouped_wgrad_kernel(
         row_ok = rm < end
         a = load_tile(x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk, row_ok[:, None] & (rk[None, :] < K), UPCAST)
         b = load_tile(dy_ptr + rm[:, None] * s_dm + rn[None, :] * s_dn, row_ok[:, None] & (rn[None, :] < N), UPCAST)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
     dw_ptrs = dw_ptr + e.to(tl.int64) * s_we + rk[:, None] * s_wk + rn[None, :] * s_wn
     tl.store(dw_ptrs, to_dtype(acc, dw_ptr.dtype.element_ty), mask=(rk[:, None] < K) & (rn[None, :] < N))
 
@@ -174,7 +178,7 @@ def grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Ten
     _grouped_wgrad_kernel[grid](
         x, dy, dw, sizes, ends, K, N,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        UPCAST=upcast_operands(x.dtype), PRECISION=dot_precision(x.dtype),
+        UPCAST=upcast_operands(x.dtype),
         **(INTERPRET_BLOCKS if INTERPRET else {}),
     )
     return dw
