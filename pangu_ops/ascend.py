@@ -9,8 +9,8 @@ of an op's kernels and their tiling parameters. A runner launches each kernel:
   the AscendC API (`ascend_kernels/cpu_twin/`), run block by block. It verifies tiling, indexing,
   data movement and arithmetic; not the Ascend compiler's acceptance nor NPU performance.
 Kernels: permute (count, scatter, gather), unpermute (inverse, reduce), grouped_gemm (forward and
-weight gradient, Matmul API). expert_mlp and rre_dispatch compose them; unpermute's backward is
-the reference formula (torch ops on the tensors' device).
+weight gradient, Matmul API). expert_mlp and rre_dispatch compose them; unpermute's backward runs
+the reduce kernel, its weights' gradient is torch (on the tensors' device).
 """
 from __future__ import annotations
 
@@ -78,7 +78,21 @@ class Kernels:
         return y
 
     def unpermute_backward(self, grad_y, sorted_index, weights, y_sorted, topk):
-        return reference.unpermute_backward(grad_y, sorted_index, weights, y_sorted, topk)
+        """grad_y_sorted[r] = w[slot] * grad_y[token of slot], through the reduce kernel: each sorted row
+        is a "token" with one slot, reading row sorted_index[r] // topk of grad_y. The weights'
+        gradient (a dot product per row) is the reference's torch code."""
+        num_tokens = grad_y.shape[0]
+        _checks.sorted_index_values(sorted_index, num_tokens * topk)
+        rows, H = sorted_index.shape[0], grad_y.shape[1]
+        index = sorted_index.to(torch.int64)
+        w = None if weights is None else weights.reshape(-1)[index].float().contiguous()
+        grad_y_sorted = grad_y.new_empty(rows, H)
+        if rows and H:
+            self.run("unpermute_reduce", self.run.blocks, DTYPE_CODES[grad_y.dtype], grad_y.contiguous(),
+                     (index // topk).contiguous(), w, grad_y_sorted, rows, 1, H, num_tokens)
+        if y_sorted is None:
+            return grad_y_sorted, grad_y.new_empty(0, dtype=torch.float32)
+        return grad_y_sorted, reference.unpermute_weights_grad(grad_y, index, weights, y_sorted, topk)
 
     def grouped_gemm(self, x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
         _checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
@@ -126,12 +140,17 @@ class TwinRunner:
         getattr(self.lib, f"twin_{kernel}")(*(arg(a) for a in args))
 
 
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $PANGU_OPS_CACHE, else <tmp>/pangu_ops."""
+    return Path(os.environ.get("PANGU_OPS_CACHE", Path(tempfile.gettempdir()) / "pangu_ops"))
+
+
 def build_twin() -> Path:
     """Compiles the kernel sources against the CPU twin (g++, ~5 s), cached by source hash."""
     src = kernel_dir()
     files = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h")) + sorted((src / "cpu_twin").rglob("*.[ch]*"))
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-    cache = Path(os.environ.get("PANGU_OPS_CACHE", Path(tempfile.gettempdir()) / "pangu_ops"))
+    cache = cache_dir()
     library = cache / f"libpangu_ascend_twin-{digest}.so"
     if not library.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -46,17 +46,23 @@ def unpermute_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | N
                        y_sorted: Tensor | None, topk: int) -> tuple[Tensor, Tensor]:
     """Gradients of `unpermute`: (grad_y_sorted [S, N], grad_weights [T, k], or [0] when
     y_sorted is None and no weight gradient is wanted)."""
-    num_tokens = grad_y.shape[0]
-    _checks.sorted_index_values(sorted_index, num_tokens * topk)
+    _checks.sorted_index_values(sorted_index, grad_y.shape[0] * topk)
     g = grad_y.float()[sorted_index // topk]  # [S, N]: the gradient reaching each sorted row
     w = (weights.reshape(-1)[sorted_index].float().unsqueeze(1) if weights is not None else 1.0)
     grad_y_sorted = (g * w).to(grad_y.dtype)
     if y_sorted is None:
         return grad_y_sorted, grad_y.new_empty(0, dtype=torch.float32)
+    return grad_y_sorted, unpermute_weights_grad(grad_y, sorted_index, weights, y_sorted, topk)
+
+
+def unpermute_weights_grad(grad_y: Tensor, sorted_index: Tensor, weights: Tensor, y_sorted: Tensor,
+                           topk: int) -> Tensor:
+    """grad_weights [T, k] of `unpermute`: <grad_y[token], y_sorted[row]> for each slot's row, in fp32."""
     assert weights is not None, "the weights' gradient needs weights"
+    num_tokens = grad_y.shape[0]
     grad_w = torch.zeros(num_tokens * topk, dtype=torch.float32, device=grad_y.device)
-    grad_w[sorted_index] = (g * y_sorted.float()).sum(1)
-    return grad_y_sorted, grad_w.view(num_tokens, topk).to(weights.dtype)
+    grad_w[sorted_index] = (grad_y.float()[sorted_index // topk] * y_sorted.float()).sum(1)
+    return grad_w.view(num_tokens, topk).to(weights.dtype)
 
 
 def grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:

@@ -23,10 +23,12 @@ upstream Triton, so use a separate environment (README: Ascend NPUs).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import importlib
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -37,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .ascend import cache_dir
 
 ARCH = os.environ.get("PANGU_OPS_ASCEND_ARCH", "Ascend910B3")
 
@@ -80,8 +84,9 @@ void memrefCopy(int64_t elem, UnrankedMemRef *src, UnrankedMemRef *dst) {
   }
 }
 
-/* fp32 -> bf16, round to nearest even (NaN stays NaN). LLVM returns a bf16 in the low half of
-   xmm0 (x86-64 ABI), which a C compiler without __bf16 reaches through a float's low 16 bits. */
+/* fp32 -> bf16, round to nearest even (NaN stays NaN). LLVM expects the bf16 in the low 16 bits of
+   the first FP return register (x86-64 xmm0, AArch64 h0), which C without __bf16 reaches as the
+   low bits of a float. */
 float __truncsfbf2(float f) {
   uint32_t u; memcpy(&u, &f, 4);
   uint32_t b = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : (u + 0x7fffu + ((u >> 16) & 1)) >> 16;
@@ -117,19 +122,17 @@ def _tools() -> dict[str, str]:
             raise Unavailable(f"{name} is not executable at {path}")
     if shutil.which("g++") is None:
         raise Unavailable("g++ is needed to link the lowered kernels")
-    # triton-ascend runs bishengir-compile from PATH
-    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     return tools
 
 
 def _cache_dir() -> Path:
-    path = Path(os.environ.get("PANGU_OPS_CACHE", Path(tempfile.gettempdir()) / "pangu_ops")) / "triton_ascend"
+    path = cache_dir() / "triton_ascend"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise CompileError(f"{what} failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
     return done
@@ -207,8 +210,7 @@ def _lower_to_library(linalg: str, tools: dict[str, str], workdir: Path) -> Path
     ir.load_dialects(context)
     module = llvm.to_module(ir.parse_mlir_module(str(llvm_mlir), context), llvm.context())
     llvm.init_targets()
-    obj = llvm.translate_to_asm(str(module), "x86_64-unknown-linux-gnu" if sys.platform != "darwin" else "",
-                                "", "", [], False, True)
+    obj = llvm.translate_to_asm(str(module), f"{platform.machine()}-unknown-linux-gnu", "", "", [], False, True)
     (workdir / "kernel.o").write_bytes(obj)
     (workdir / "runtime.c").write_text(_RUNTIME_C)
     library = workdir / "kernel.so"
@@ -288,6 +290,15 @@ class Compiler:
         self.tools, self.lock = tools, threading.Lock()
         self.accepted: dict[str, str] = {}  # kernel variant -> "hivm" | "binary"
 
+    def attach(self, fn):
+        """Makes launches of JIT function `fn` compile here."""
+        import triton
+        from triton.runtime.driver import driver
+
+        fn.create_binder(triton.compiler.make_backend(driver.active.get_current_target()))
+        fn.compile = self
+        return fn
+
     def __call__(self, src, target=None, options=None) -> CpuKernel:
         from triton.backends.compiler import GPUTarget
         from triton.compiler.compiler import make_backend
@@ -326,7 +337,7 @@ class Compiler:
 
 class _Driver:
     """The active Triton driver where no NPU is: it names the Ascend target and never benchmarks
-    (the kernels' autotuners take their first config)."""
+    (load_kernels leaves each autotuner one config)."""
 
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
@@ -345,43 +356,42 @@ class _Driver:
         return lambda kernel_call, quantiles=None, **kw: [1.0] * len(quantiles or [0])
 
 
+def smallest_tile(configs: list) -> Any:
+    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
+
+
+@functools.cache
 def load_kernels() -> Any:
-    """A copy of `pangu_ops.triton_kernels` compiled by the Ascend Triton compiler (see the module
-    doc). Raises Unavailable where triton-ascend or ascendnpu-ir is missing."""
+    """`pangu_ops.triton_kernels`, its launches compiled as the module doc says. Raises Unavailable
+    where triton-ascend or ascendnpu-ir is missing."""
     tools = _tools()
-    import triton
-    from triton.runtime import jit
+    import triton.language.standard
+    from triton.runtime import autotuner, jit
     from triton.runtime.driver import driver
 
+    if not isinstance(triton.language.standard._sum_combine, jit.JITFunction):
+        raise Unavailable("TRITON_INTERPRET=1 was set when triton was imported: Triton's own helpers (tl.sum, "
+                          "tl.cumsum) are then interpreted and cannot be compiled; unset it")
     if importlib.util.find_spec("torch_npu") is None:
-        driver.set_active(_Driver())
+        driver.set_active(_Driver())  # before the kernels' autotuners ask it for a benchmarker
+    module = importlib.import_module("pangu_ops.triton_kernels")
     compiler = Compiler(tools)
-    name = "pangu_ops._triton_kernels_on_ascend"
-    if name in sys.modules:
-        return sys.modules[name]
-    # A second import of the kernel package, as JIT functions even when TRITON_INTERPRET=1 made
-    # the first one interpreted, and without GPU autotuning.
-    spec = importlib.util.find_spec("pangu_ops.triton_kernels")
-    env = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "PANGU_OPS_TRITON_AUTOTUNE")}
-    os.environ.update({"TRITON_INTERPRET": "0", "PANGU_OPS_TRITON_AUTOTUNE": "0"})
-    try:
-        copy = importlib.util.spec_from_file_location(name, spec.origin,
-                                                      submodule_search_locations=list(spec.submodule_search_locations))
-        module = importlib.util.module_from_spec(copy)
-        sys.modules[name] = module
-        copy.loader.exec_module(module)
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     for sub in list(sys.modules.values()):
-        if getattr(sub, "__name__", "").startswith(name):
+        if getattr(sub, "__name__", "").startswith(module.__name__ + "."):
             for obj in vars(sub).values():
-                fn = obj if isinstance(obj, jit.JITFunction) else getattr(obj, "fn", None)  # autotuners wrap one
-                if isinstance(fn, jit.JITFunction):
-                    fn.create_binder(triton.compiler.make_backend(driver.active.get_current_target()))
-                    fn.compile = compiler
+                if isinstance(obj, autotuner.Autotuner):
+                    # CPU runs are no place to time configs, and the GPU's larger tiles overflow an
+                    # AI core's 192 KiB unified buffer (bishengir refuses the gated 128 x 128 one)
+                    obj.configs = [smallest_tile(obj.configs)]
+                    obj = obj.fn
+                if isinstance(obj, jit.JITFunction):
+                    compiler.attach(obj)
     module.compiler = compiler
     return module
+
+
+def jit(fn) -> Any:
+    """`fn` as a Triton kernel compiled and run like the library's (for tests of this path)."""
+    from triton.runtime.jit import JITFunction
+
+    return load_kernels().compiler.attach(JITFunction(fn))

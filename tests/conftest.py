@@ -1,11 +1,19 @@
+import importlib.util
 import os
+from pathlib import Path
 
 # The device the reference checks run on: cpu (CI), or cuda on a GPU machine
 # (`PANGU_OPS_TEST_DEVICE=cuda pytest tests`): the same tests, unchanged.
 DEVICE = os.environ.get("PANGU_OPS_TEST_DEVICE", "cpu")
+# In an environment with triton-ascend instead of upstream Triton (README: Ascend NPUs), the Triton
+# kernels run through the Ascend compiler: triton_ascend replaces triton.
+# (Looked up without importing triton, which must not happen before TRITON_INTERPRET is set.)
+_triton = importlib.util.find_spec("triton")
+_ascend = _triton is not None and any((Path(p) / "backends" / "ascend").is_dir() for p in _triton.submodule_search_locations)
+TRITON = "triton_ascend" if _ascend else "triton"
 # Triton reads TRITON_INTERPRET when @triton.jit runs: set it before anything imports pangu_ops,
 # so on CPU the Triton kernels run on CPU tensors in Triton's interpreter.
-if DEVICE == "cpu":
+if DEVICE == "cpu" and TRITON == "triton":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -15,7 +23,7 @@ from pangu_ops import backends, verify  # noqa: E402
 
 # The backends every test machine must have (the README's set-up installs them): a build without
 # its C++ extension, or without Triton, fails here rather than silently testing fewer backends.
-REQUIRED_BACKENDS = ("reference", "cpu", "triton", "ascend_twin") if DEVICE == "cpu" else ("reference", "triton")
+REQUIRED_BACKENDS = ("reference", "cpu", TRITON, "ascend_twin") if DEVICE == "cpu" else ("reference", "triton")
 BACKENDS = list(REQUIRED_BACKENDS) + [b for b in verify.available_backends(DEVICE) if b not in REQUIRED_BACKENDS]
 
 

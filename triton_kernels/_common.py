@@ -32,20 +32,13 @@ def num_programs(device: torch.device, upper_bound: int) -> int:
     return max(1, min(per_device, upper_bound))
 
 
-# PANGU_OPS_TRITON_AUTOTUNE=0: compiled kernels take the smallest tile instead of benchmarking every
-# config (pangu_ops.triton_ascend sets it: CPU runs are no place to time configs, and the smallest
-# tile fits an Ascend core's 192 KiB unified buffer, where the gated 128x128 tile does not).
-AUTOTUNE = os.environ.get("PANGU_OPS_TRITON_AUTOTUNE", "1") != "0"
-
-
 def gemm_configs(configs: list[triton.Config], key: list[str]):
     """Autotune over `configs` on a GPU; under the interpreter (slow per program) the launch passes
     INTERPRET_BLOCKS instead."""
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
-        return triton.autotune(configs=configs if AUTOTUNE else [smallest], key=key)(kernel)
+        return triton.autotune(configs=configs, key=key)(kernel)
     return wrap
 
 
