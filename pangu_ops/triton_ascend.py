@@ -196,13 +196,19 @@ def _scan_body(match: re.Match) -> str:
     return "\n".join(out)
 
 
-def _lower_to_library(linalg: str, tools: dict[str, str], workdir: Path) -> Path:
-    from triton._C.libtriton import ir, llvm
-
+def _with_library_functions(linalg: str) -> str:
+    """The kernel's IR with bodies for the library functions it calls."""
     linalg = _SCAN.sub(_scan_body, linalg)
     missing = re.findall(r"func\.func private @(\w+)", linalg)
     if missing:
         raise CompileError(f"no CPU definition for the library function(s) {missing} the kernel calls")
+    return linalg
+
+
+def _lower_to_library(linalg: str, tools: dict[str, str], workdir: Path) -> Path:
+    """Compiles the IR from _with_library_functions to a shared library in `workdir`."""
+    from triton._C.libtriton import ir, llvm
+
     src, llvm_mlir = workdir / "kernel.cpu.mlir", workdir / "kernel.llvm.mlir"
     src.write_text(linalg)
     _run([tools["bishengir-opt"], str(src), *_LOWER_TO_LLVM, "-o", str(llvm_mlir)], "bishengir-opt (lowering to LLVM)")
@@ -315,18 +321,21 @@ class Compiler:
         backend.add_stages(stages, opts)
         metadata = {"hash": src.hash(), "target": target, **opts.__dict__}
         linalg = stages["ttadapter"](stages["ttir"](module, metadata), metadata)
-        digest = hashlib.sha256(f"{ARCH}\n{linalg}\n{_RUNTIME_C}\n{_LOWER_TO_LLVM}".encode()).hexdigest()[:20]
-        workdir = _cache_dir() / f"{src.name}-{digest}"
+        cpu_linalg = _with_library_functions(linalg)
+        key = f"{ARCH}\n{linalg}\n{cpu_linalg}\n{_RUNTIME_C}\n{_LOWER_TO_LLVM}"
+        workdir = _cache_dir() / f"{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
         with self.lock:
             if not (workdir / "kernel.so").exists():
                 tmp = Path(tempfile.mkdtemp(dir=_cache_dir()))
-                status = check_accepted(linalg, self.tools, tmp)
-                _lower_to_library(linalg, self.tools, tmp)
-                (tmp / "accepted").write_text(status)
                 try:
-                    tmp.rename(workdir)
-                except OSError:  # another process got there first
-                    shutil.rmtree(tmp, ignore_errors=True)
+                    (tmp / "accepted").write_text(check_accepted(linalg, self.tools, tmp))
+                    _lower_to_library(cpu_linalg, self.tools, tmp)
+                    try:
+                        tmp.rename(workdir)
+                    except OSError:  # another process got there first
+                        pass
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else what failed
             status = (workdir / "accepted").read_text()
         self.accepted[f"{src.name} {sorted(src.signature.items())} {sorted(src.constants.items())}"] = status
         fn = src.fn
