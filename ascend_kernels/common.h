@@ -28,6 +28,16 @@ __aicore__ inline void LoadTiling(T& t, GM_ADDR tiling) {
     t = *reinterpret_cast<__gm__ T*>(tiling);
 }
 
+// A kernel entry's body: the tiling from GM, then Op's Init(args..., tiling) and Process().
+template <typename Op, typename Tiling, typename... Args>
+__aicore__ inline void RunKernel(GM_ADDR tiling, Args... args) {
+    Tiling t;
+    LoadTiling(t, tiling);
+    Op op;
+    op.Init(args..., t);
+    op.Process();
+}
+
 // [begin, end) of `n` items for this block, in contiguous, balanced ranges.
 __aicore__ inline void BlockRange(int64_t n, int64_t& begin, int64_t& end) {
     int64_t b = AscendC::GetBlockIdx(), blocks = AscendC::GetBlockNum();

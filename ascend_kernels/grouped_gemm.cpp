@@ -80,11 +80,7 @@ template <typename T>
 __aicore__ inline void RunGroupedGemm(GM_ADDR a, GM_ADDR b, GM_ADDR groupSizes, GM_ADDR c, GM_ADDR workspace,
                                       GM_ADDR tiling) {
     SetSysWorkspace(workspace);  // the Matmul API's system workspace
-    GroupedGemmTiling t;
-    LoadTiling(t, tiling);
-    GroupedGemm<T> op;
-    op.Init(a, b, groupSizes, c, t);
-    op.Process();
+    RunKernel<GroupedGemm<T>, GroupedGemmTiling>(tiling, a, b, groupSizes, c);
 }
 
 }  // namespace pangu

@@ -115,8 +115,8 @@ class PermuteScatter {
 class PermuteGather {
   public:
     // elemBytes: the dtype's size; rows move as bytes
-    __aicore__ inline void Init(GM_ADDR x, GM_ADDR sortedIndex, GM_ADDR xSorted, const PermuteTiling& t,
-                                int64_t elemBytes) {
+    __aicore__ inline void Init(GM_ADDR x, GM_ADDR sortedIndex, GM_ADDR xSorted, int64_t elemBytes,
+                                const PermuteTiling& t) {
         t_ = t;
         rowBytes_ = t.hidden * elemBytes;
         BlockRange(t.rows, begin_, end_);
@@ -151,27 +151,15 @@ class PermuteGather {
 }  // namespace pangu
 
 extern "C" __global__ __aicore__ void pangu_permute_count(GM_ADDR ids, GM_ADDR workspace, GM_ADDR tiling) {
-    pangu::PermuteTiling t;
-    pangu::LoadTiling(t, tiling);
-    pangu::PermuteCount op;
-    op.Init(ids, workspace, t);
-    op.Process();
+    pangu::RunKernel<pangu::PermuteCount, pangu::PermuteTiling>(tiling, ids, workspace);
 }
 
 extern "C" __global__ __aicore__ void pangu_permute_scatter(GM_ADDR ids, GM_ADDR workspace, GM_ADDR groupSizes,
                                                             GM_ADDR sortedIndex, GM_ADDR tiling) {
-    pangu::PermuteTiling t;
-    pangu::LoadTiling(t, tiling);
-    pangu::PermuteScatter op;
-    op.Init(ids, workspace, groupSizes, sortedIndex, t);
-    op.Process();
+    pangu::RunKernel<pangu::PermuteScatter, pangu::PermuteTiling>(tiling, ids, workspace, groupSizes, sortedIndex);
 }
 
 extern "C" __global__ __aicore__ void pangu_permute_gather(GM_ADDR x, GM_ADDR sortedIndex, GM_ADDR xSorted,
                                                            int64_t elemBytes, GM_ADDR tiling) {
-    pangu::PermuteTiling t;
-    pangu::LoadTiling(t, tiling);
-    pangu::PermuteGather op;
-    op.Init(x, sortedIndex, xSorted, t, elemBytes);
-    op.Process();
+    pangu::RunKernel<pangu::PermuteGather, pangu::PermuteTiling>(tiling, x, sortedIndex, xSorted, elemBytes);
 }

@@ -104,36 +104,23 @@ class UnpermuteReduce {
     int64_t begin_ = 0, end_ = 0;
 };
 
-template <typename T>
-__aicore__ inline void RunUnpermuteReduce(GM_ADDR ySorted, GM_ADDR inverse, GM_ADDR weights, GM_ADDR y, GM_ADDR tiling) {
-    UnpermuteTiling t;
-    LoadTiling(t, tiling);
-    UnpermuteReduce<T> op;
-    op.Init(ySorted, inverse, weights, y, t);
-    op.Process();
-}
-
 }  // namespace pangu
 
 extern "C" __global__ __aicore__ void pangu_unpermute_inverse(GM_ADDR sortedIndex, GM_ADDR inverse, GM_ADDR tiling) {
-    pangu::UnpermuteTiling t;
-    pangu::LoadTiling(t, tiling);
-    pangu::UnpermuteInverse op;
-    op.Init(sortedIndex, inverse, t);
-    op.Process();
+    pangu::RunKernel<pangu::UnpermuteInverse, pangu::UnpermuteTiling>(tiling, sortedIndex, inverse);
 }
 
 extern "C" __global__ __aicore__ void pangu_unpermute_reduce_float(GM_ADDR ySorted, GM_ADDR inverse, GM_ADDR weights,
                                                                    GM_ADDR y, GM_ADDR tiling) {
-    pangu::RunUnpermuteReduce<float>(ySorted, inverse, weights, y, tiling);
+    pangu::RunKernel<pangu::UnpermuteReduce<float>, pangu::UnpermuteTiling>(tiling, ySorted, inverse, weights, y);
 }
 
 extern "C" __global__ __aicore__ void pangu_unpermute_reduce_half(GM_ADDR ySorted, GM_ADDR inverse, GM_ADDR weights,
                                                                   GM_ADDR y, GM_ADDR tiling) {
-    pangu::RunUnpermuteReduce<half>(ySorted, inverse, weights, y, tiling);
+    pangu::RunKernel<pangu::UnpermuteReduce<half>, pangu::UnpermuteTiling>(tiling, ySorted, inverse, weights, y);
 }
 
 extern "C" __global__ __aicore__ void pangu_unpermute_reduce_bfloat16(GM_ADDR ySorted, GM_ADDR inverse,
                                                                       GM_ADDR weights, GM_ADDR y, GM_ADDR tiling) {
-    pangu::RunUnpermuteReduce<bfloat16_t>(ySorted, inverse, weights, y, tiling);
+    pangu::RunKernel<pangu::UnpermuteReduce<bfloat16_t>, pangu::UnpermuteTiling>(tiling, ySorted, inverse, weights, y);
 }

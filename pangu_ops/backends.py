@@ -19,7 +19,6 @@ import contextlib
 import contextvars
 import functools
 import importlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -68,7 +67,9 @@ def _load_triton() -> Any:
         importlib.import_module("triton")
     except ImportError as e:
         raise BackendUnavailable(f"triton is not installed ({e}); `pip install triton`") from e
-    if importlib.util.find_spec("triton.backends.ascend") is not None:
+    from . import triton_ascend
+
+    if triton_ascend.installed():
         raise BackendUnavailable("this triton is triton-ascend (Triton 3.2 for Ascend NPUs): the triton backend needs "
                                  "upstream Triton >= 3.6; the triton_ascend backend runs the kernels through it")
     if not TRITON_INTERPRET and not torch.cuda.is_available():

@@ -104,9 +104,15 @@ class CompileError(RuntimeError):
     """A step of the Ascend compiler rejected a kernel."""
 
 
+def installed() -> bool:
+    """Whether the installed `triton` is triton-ascend."""
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and importlib.util.find_spec("triton.backends.ascend") is not None
+
+
 def _tools() -> dict[str, str]:
     """Paths of triton-adapter-opt, bishengir-compile and bishengir-opt; Unavailable if missing."""
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.ascend") is None:
+    if not installed():
         raise Unavailable("triton-ascend is not installed (`triton.backends.ascend` is missing): "
                           "pip install triton-ascend ascendnpu-ir in an environment of its own")
     spec = importlib.util.find_spec("ascendnpuir")
@@ -242,7 +248,7 @@ def _argument_types(linalg: str, name: str) -> list[str]:
 class CpuKernel:
     """A compiled kernel, launched the way triton-ascend's JIT launches a binary: `run(grid, ...)`."""
 
-    def __init__(self, library: Path, name: str, arg_types: list[str], params: list[str], constants: dict, status: str):
+    def __init__(self, library: Path, name: str, arg_types: list[str], params: list[str], constants: dict):
         self.lib = ctypes.CDLL(str(library))
         self.fn = getattr(self.lib, name)
         self.fn.restype = None
@@ -254,7 +260,6 @@ class CpuKernel:
         # the runtime arguments the IR kept (Triton folds constants, e.g. ints equal to 1, into it)
         self.params = params
         self.kept = [p not in constants for p in params]
-        self.accepted = status
         self.function = self.packed_metadata = None
         self.scratch = torch.zeros(64, dtype=torch.int64)  # the kernels' sync-lock and workspace arguments
 
@@ -340,8 +345,7 @@ class Compiler:
         self.accepted[f"{src.name} {sorted(src.signature.items())} {sorted(src.constants.items())}"] = status
         fn = src.fn
         params = [fn.params[i].name for i in fn.non_constexpr_indices]
-        return CpuKernel(workdir / "kernel.so", src.name, _argument_types(linalg, src.name), params,
-                         src.constants, status)
+        return CpuKernel(workdir / "kernel.so", src.name, _argument_types(linalg, src.name), params, src.constants)
 
 
 class _Driver:
