@@ -173,9 +173,17 @@ def resolve(device: torch.device) -> Backend:
     return backend
 
 
+_kernels: dict[tuple[str, str, str], Callable[..., Any]] = {}
+
+
 def kernel(op: str, device: torch.device) -> Callable[..., Any]:
-    """The function implementing internal op `op` for tensors on `device`."""
-    return getattr(load(resolve(device).name), op)
+    """The function implementing internal op `op` for tensors on `device` (looked up once per
+    setting, device type and op: this runs on every op call)."""
+    key = (_override.get() or os.environ.get(ENV_VAR, "auto"), device.type, op)
+    fn = _kernels.get(key)
+    if fn is None:
+        fn = _kernels[key] = getattr(load(resolve(device).name), op)
+    return fn
 
 
 def status() -> dict[str, str | None]:

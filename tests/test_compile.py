@@ -69,3 +69,64 @@ def test_compiled_moe_layer_matches_eager(router):
     compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _chain(x, ids, keys, key_sizes, weights):
+    """permute -> unpermute -> permute -> permute by runs of keys (sizes from data: a second
+    unbacked row count that the compiler must equate with the first) -> unpermute."""
+    xs, _, index = pangu_ops.permute(x, ids, 8)
+    y = pangu_ops.unpermute(xs, index, weights)
+    ys, _, index2 = pangu_ops.permute(y, ids, 8)
+    row_keys = torch.repeat_interleave(keys, key_sizes)
+    z, _, index3 = pangu_ops.permute(ys, row_keys[:, None], 4)
+    back = pangu_ops.unpermute(z, index3, None, ys.shape[0], topk=1)
+    return pangu_ops.unpermute(back, index2, weights)
+
+
+@pytest.mark.slow
+def test_chained_permutes_compile_with_data_dependent_sizes():
+    """Chained ops whose row counts come from different data compile with fullgraph=True: the fake
+    kernels bound their row counts and state the equalities the ops check (without them: "Could
+    not guard on data-dependent expression")."""
+    torch._dynamo.reset()
+    gen = verify.generator(3)
+    for tokens in (12, 17):  # the second size reuses the dynamic graph
+        x = verify.randn((tokens, 16), torch.float32, gen)
+        ids = torch.randint(0, 8, (tokens, 2), generator=gen)
+        weights = torch.rand(tokens, 2, generator=gen)
+        keys, key_sizes = torch.arange(4), torch.tensor([tokens // 2, tokens, 0, 2 * tokens - tokens // 2 - tokens])
+        args = (x, ids, keys, key_sizes, weights)
+        eager = _chain(*args)
+        compiled = torch.compile(_chain, fullgraph=True, dynamic=True, backend="aot_eager")(*args)
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_hierarchical_dispatch_local_steps_compile():
+    """The hierarchical dispatcher's local steps (node rows, the gateway's fan-out, the regroup by
+    local expert) compile with fullgraph=True and equal eager, values and gradients."""
+    from pangu_ops.distributed.dispatcher import fan_out, node_rows, regroup
+
+    def steps(x, ids, weights):
+        x_node, node_sizes, node_index, row_ids, row_weights = node_rows(x, ids, weights, 2, 4)
+        # as if every node row came back to node 0's gateway from node 0 (no communication here)
+        local_ids, x_fan, fan_index, per_key = fan_out(x_node, row_ids, node_sizes.sum()[None], 0, 1, 8)
+        x_local, sizes, local_index = regroup(x_fan, torch.arange(8), per_key, 8)
+        y = pangu_ops.unpermute(x_local * 2, local_index, None, x_fan.shape[0], topk=1)
+        partial = pangu_ops.unpermute(y, fan_index, row_weights, row_ids.shape[0], topk=2)
+        return pangu_ops.unpermute(partial, node_index, None, x.shape[0], topk=2), sizes
+
+    torch._dynamo.reset()
+    gen = verify.generator(4)
+    x = verify.randn((10, 16), torch.float32, gen)
+    ids = torch.randint(-1, 8, (10, 2), generator=gen)
+    weights = torch.rand(10, 2, generator=gen)
+
+    def run(fn):
+        xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y, sizes = fn(xg, ids, wg)
+        y.square().sum().backward()
+        return y, sizes, xg.grad, wg.grad
+
+    for a, b in zip(run(torch.compile(steps, fullgraph=True, backend="aot_eager")), run(steps)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -214,29 +214,12 @@ class ExpertParallelDispatcher:
         ids = expert_ids.long()
         return torch.where(ids >= 0, ids - lo, -1)
 
-    def _node_rows(self, ids: Tensor, weights: Tensor | None, x: Tensor):
-        """Node rows: `permute` of x by destination node (one row per token and node it needs),
-        with each row's expert ids restricted to the node (-1: slot on another node, or dropped)
-        and weights."""
-        T, k = ids.shape
-        N, EPN = self.topology.num_nodes, self.experts_per_node
-        node_of = torch.where(ids >= 0, ids // EPN, N)
-        needs = torch.zeros(T, N + 1, dtype=torch.bool, device=ids.device).scatter_(1, node_of, True)[:, :N]
-        node_ids = torch.where(needs, torch.arange(N, device=ids.device), -1)
-        x_node, node_sizes, node_index = permute(x, node_ids, N)
-        token, node = node_index // N, node_index % N
-        ids_t = ids[token]
-        on_node = (ids_t >= 0) & (node_of[token] == node[:, None])
-        row_ids = torch.where(on_node, ids_t, -1).to(torch.int32)
-        row_weights = None if weights is None else weights[token]
-        return x_node, node_sizes, node_index, row_ids, row_weights
-
     def _dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None):
         ids = self._validate(x, expert_ids, weights)
         T, k = ids.shape
         t, E_loc, N = self.topology, self.local_experts, self.topology.num_nodes
         pending: list = []
-        x_node, node_sizes, node_index, row_ids, row_weights = self._node_rows(ids, weights, x)
+        x_node, node_sizes, node_index, row_ids, row_weights = node_rows(x, ids, weights, N, self.experts_per_node)
         if self.strategy == "flat":
             # by expert from the node rows, so that the backward sums a token's gradient rows in
             # the hierarchical strategy's order (per node, then across nodes)
@@ -257,13 +240,9 @@ class ExpertParallelDispatcher:
             ids_recv = _a2a(row_ids, recv_n, send_n, self._inter, pending, "dispatch")
             w_recv = _a2a(row_weights, recv_n, send_n, self._inter, pending, "dispatch")
             yield pending
-            # gateway: fan each token out to its node's experts, rows grouped by (rank, expert)
-            EPN = self.experts_per_node
-            ids_recv = torch.where(ids_recv >= 0, ids_recv - t.node * EPN, -1)
-            x_fan, _, fan_index = permute(x_recv, ids_recv, EPN)
-            src_node = torch.repeat_interleave(torch.arange(N, device=x.device), from_node.to(x.device))
-            key = ids_recv.long() * N + src_node[:, None]
-            per_key = torch.bincount(key[ids_recv >= 0], minlength=EPN * N).view(t.ranks_per_node, E_loc * N)
+            ids_recv, x_fan, fan_index, per_key = fan_out(x_recv, ids_recv, from_node.to(x.device), t.node, N,
+                                                          self.experts_per_node)
+            per_key = per_key.view(t.ranks_per_node, E_loc * N)
             from_gateway = self._intra.sizes(per_key)  # [gateway, (local expert, source node)]
             send_i, recv_i = per_key.sum(1).tolist(), from_gateway.sum(1).tolist()
             x_recv = _a2a(x_fan, recv_i, send_i, self._intra, pending, "dispatch")
@@ -274,8 +253,7 @@ class ExpertParallelDispatcher:
             # node), stable, i.e. by expert and source rank as in the flat strategy
             keys, buckets = torch.arange(E_loc * N, device=x.device).repeat(t.ranks_per_node), E_loc * N
             key_sizes = from_gateway.flatten()
-        row_keys = torch.repeat_interleave(keys, key_sizes.to(x.device))
-        x_local, sizes, local_index = permute(x_recv, row_keys[:, None], buckets)
+        x_local, sizes, local_index = regroup(x_recv, keys, key_sizes.to(x.device), buckets)
         sizes = sizes.view(E_loc, -1).sum(1)
         handle = DispatchHandle(T, k, N, node_index, local_index, x_recv.shape[0], back, **partial)
         return x_local, sizes, handle
@@ -293,6 +271,48 @@ class ExpertParallelDispatcher:
             partial = _a2a(partial, send, recv, exchange, pending, "combine")
             yield pending
         return unpermute(partial, handle.node_index, None, handle.num_tokens, topk=handle.num_nodes)
+
+
+# ---- the local steps: pangu_ops kernels and torch ops only (no communication, no host reads),
+# so that they compile with torch.compile(fullgraph=True) ----
+
+def node_rows(x: Tensor, ids: Tensor, weights: Tensor | None, num_nodes: int, experts_per_node: int):
+    """Node rows: `permute` of x by destination node (one row per token and node it needs), with
+    each row's expert ids restricted to the node (-1: slot on another node, or dropped) and
+    weights. Returns (x_node, node_sizes, node_index, row_ids, row_weights)."""
+    T, k = ids.shape
+    N = num_nodes
+    node_of = torch.where(ids >= 0, ids // experts_per_node, N)
+    needs = torch.zeros(T, N + 1, dtype=torch.bool, device=ids.device).scatter_(1, node_of, True)[:, :N]
+    node_ids = torch.where(needs, torch.arange(N, device=ids.device), -1)
+    x_node, node_sizes, node_index = permute(x, node_ids, N)
+    token, node = node_index // N, node_index % N
+    ids_t = ids[token]
+    on_node = (ids_t >= 0) & (node_of[token] == node[:, None])
+    row_ids = torch.where(on_node, ids_t, -1).to(torch.int32)
+    row_weights = None if weights is None else weights[token]
+    return x_node, node_sizes, node_index, row_ids, row_weights
+
+
+def fan_out(x_recv: Tensor, ids_recv: Tensor, from_node: Tensor, node: int, num_nodes: int, experts_per_node: int):
+    """The gateway's step: each received node row fanned out to its node's experts (`permute` by
+    node-local expert, i.e. by (rank, local expert)). `from_node[m]`: rows received from node m.
+    Returns (node-local ids, x_fan, fan_index, rows per (node-local expert, source node))."""
+    N, EPN = num_nodes, experts_per_node
+    ids_recv = torch.where(ids_recv >= 0, ids_recv - node * EPN, -1)
+    x_fan, _, fan_index = permute(x_recv, ids_recv, EPN)
+    src_node = torch.repeat_interleave(torch.arange(N, device=x_recv.device), from_node)
+    key = torch.where(ids_recv >= 0, ids_recv.long() * N + src_node[:, None], EPN * N)  # -1: the spare bucket
+    per_key = torch.zeros(EPN * N + 1, dtype=torch.int64, device=x_recv.device)
+    per_key.scatter_add_(0, key.flatten(), torch.ones_like(key.flatten()))
+    return ids_recv, x_fan, fan_index, per_key[:-1]
+
+
+def regroup(x_recv: Tensor, keys: Tensor, key_sizes: Tensor, buckets: int):
+    """Received rows arrive in runs: `key_sizes[i]` rows of key `keys[i]`; `permute` them by key
+    (stable). Returns permute's (rows, sizes per key, index)."""
+    row_keys = torch.repeat_interleave(keys, key_sizes)
+    return permute(x_recv, row_keys[:, None], buckets)
 
 
 def _complete(steps):

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import routing
 from ..ops import _checks, expert_mlp, permute, rre_dispatch, unpermute
+from ..ops.expert_mlp import fp32_weight_grads
 
 
 class SwiGLU(nn.Module):
@@ -120,13 +121,21 @@ class MoEFeedForward(nn.Module):
         if self.dispatcher is None:
             y = unpermute(self._experts(x_sorted, sizes), index, weights, tokens, topk=self.topk)
         else:
-            y = self.dispatcher.run(flat, expert_ids, weights, self._experts, chunks=self.ep_chunks)
+            y = self.dispatcher.run(flat, expert_ids, weights, self._chunk_experts(), chunks=self.ep_chunks)
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(x.shape), aux
 
     def _experts(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
         return expert_mlp(x_sorted, self.w_gate_up, self.w_down, group_sizes)
+
+    def _chunk_experts(self):
+        """The experts of `ep_chunks` chunks: with 16-bit weights, their gradients add up in fp32
+        over the chunks and are rounded once (as with one chunk), not once per chunk."""
+        if self.ep_chunks == 1 or self.w_gate_up.dtype == torch.float32 or not torch.is_grad_enabled():
+            return self._experts
+        grads = fp32_weight_grads(self.w_gate_up, self.w_down)
+        return lambda x_sorted, sizes: expert_mlp(x_sorted, self.w_gate_up, self.w_down, sizes, fp32_grads=grads)
 
     def router_logits(self, flat: Tensor) -> Tensor:
         """The router runs in fp32 whatever the model's dtype (routing decisions are sensitive to

@@ -32,8 +32,23 @@ def tensor(name: str, t: object, rank: int, layout: str, dtypes: Sequence[torch.
 
 
 def size(name: str, actual: int, expected: int, what: str) -> None:
-    if actual != expected:
+    if torch.compiler.is_compiling() or isinstance(actual, torch.SymInt) or isinstance(expected, torch.SymInt):
+        # traced data-dependent sizes (e.g. two permutes' row counts): a runtime assertion, and
+        # the equality the compiler may rely on from here on, instead of a guard it cannot make
+        message = f"{name}: expected {what}, got another size"
+        torch._check(actual == expected, lambda: message)
+    elif actual != expected:
         raise ValueError(f"{name}: expected {what} = {expected}, got {actual}")
+
+
+def dynamic_rows(at_most: int) -> torch.SymInt:
+    """The data-dependent row count of a fake kernel's output, bounded by what the op knows
+    (0 <= rows <= at_most), so that later ops can reason about it under torch.compile."""
+    if isinstance(at_most, torch.SymInt):
+        rows = torch.library.get_ctx().new_dynamic_size()
+        torch._check(rows <= at_most)
+        return rows
+    return torch.library.get_ctx().new_dynamic_size(max=at_most)
 
 
 def same_device(**tensors: torch.Tensor | None) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import ACTIVATIONS, swiglu
 from . import _checks
+from ._dispatch import Op
 from .grouped_gemm import grouped_gemm_op, grouped_gemm_wgrad_op
 
 
@@ -36,13 +37,13 @@ def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, ac
 
 
 @torch.library.custom_op("pangu::expert_mlp", mutates_args=())
-def expert_mlp_op(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
+def _expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
                   activation: str) -> tuple[Tensor, Tensor]:
     """(y [S, N], gate_up [S, 2F])."""
     return backends.kernel("expert_mlp", x.device)(x, w_gate_up, w_down, group_sizes, activation)
 
 
-@expert_mlp_op.register_fake
+@_expert_mlp.register_fake
 def _(x, w_gate_up, w_down, group_sizes, activation):
     _check(x, w_gate_up, w_down, group_sizes, activation)
     return x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(x.shape[0], w_gate_up.shape[2])
@@ -62,22 +63,76 @@ def _swiglu_backward(gate_up: Tensor, dh: Tensor) -> Tensor:
     return torch.cat([d_gate, dhf * gate * sig], dim=-1).to(dh.dtype)
 
 
-def _backward(ctx, dy, _d_gate_up):
-    x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
+def _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, wgrad):
+    """(dx, dw_gate_up, dw_down) where `needs` says which; `wgrad(a, b, sizes)` makes the weight
+    gradients (the op's own: in x's dtype; fp32 for gradients accumulated over several calls)."""
     h = swiglu(gate_up).to(x.dtype)
     dh = grouped_gemm_op(dy, w_down, group_sizes, True)
     d_gate_up = _swiglu_backward(gate_up, dh)
-    dx = grouped_gemm_op(d_gate_up, w_gate_up, group_sizes, True) if ctx.needs_input_grad[0] else None
-    dw_gate_up = grouped_gemm_wgrad_op(x, d_gate_up, group_sizes) if ctx.needs_input_grad[1] else None
-    dw_down = grouped_gemm_wgrad_op(h, dy, group_sizes) if ctx.needs_input_grad[2] else None
-    return dx, dw_gate_up, dw_down, None, None
+    dx = grouped_gemm_op(d_gate_up, w_gate_up, group_sizes, True) if needs[0] else None
+    dw_gate_up = wgrad(x, d_gate_up, group_sizes) if needs[1] else None
+    dw_down = wgrad(h, dy, group_sizes) if needs[2] else None
+    return dx, dw_gate_up, dw_down
 
 
-expert_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+def _backward(ctx, dy, _d_gate_up):
+    x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
+    return *_grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.needs_input_grad,
+                   grouped_gemm_wgrad_op), None, None
+
+
+expert_mlp_op = Op(_expert_mlp, "expert_mlp", _setup_context, _backward)
+
+
+def _wgrad_fp32(a: Tensor, b: Tensor, group_sizes: Tensor) -> Tensor:
+    # fp32 operands hold 16-bit values exactly: the products and their fp32 sums are those of the
+    # 16-bit kernel, without its final rounding
+    return grouped_gemm_wgrad_op(a.float(), b.float(), group_sizes)
+
+
+class _Fp32Grad(torch.autograd.Function):
+    """An fp32 stand-in for a weight: a free zero tensor of its shape (0-stride) whose gradient
+    autograd sums in fp32 over every use, then hands to the weight rounded once."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.dtype = w.dtype
+        return torch.zeros((), dtype=torch.float32, device=w.device).expand(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype)
+
+
+class _ExpertMLPFp32Grads(torch.autograd.Function):
+    """expert_mlp whose weight gradients go, in fp32, to the `_Fp32Grad` stand-ins."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate_up, w_down, group_sizes, activation, g_gate_up, g_down):
+        y, gate_up = expert_mlp_op(x, w_gate_up, w_down, group_sizes, activation)
+        ctx.save_for_backward(x, w_gate_up, w_down, group_sizes, gate_up)
+        ctx.mark_non_differentiable(gate_up)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, dw_gate_up, dw_down = _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy,
+                                         (needs[0], needs[5], needs[6]), _wgrad_fp32)
+        return dx, None, None, None, None, dw_gate_up, dw_down
+
+
+def fp32_weight_grads(w_gate_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor]:
+    """For `expert_mlp(..., fp32_grads=...)` called several times with the same 16-bit weights
+    (chunks of a batch, micro-batches): their gradients are summed in fp32 over the calls and
+    rounded once, as one call over all the rows would give, instead of rounded per call and summed
+    in 16 bits. Make it once per forward pass."""
+    return _Fp32Grad.apply(w_gate_up), _Fp32Grad.apply(w_down)
 
 
 def expert_mlp(x_sorted: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
-               activation: str = "swiglu") -> Tensor:
+               activation: str = "swiglu", *, fp32_grads: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Every expert's SwiGLU MLP over its rows of `x_sorted` (rows grouped by expert, as `permute`
     returns them): `y_e = (silu(x_e @ Wg[e]) * (x_e @ Wu[e])) @ w_down[e]`.
 
@@ -87,9 +142,13 @@ def expert_mlp(x_sorted: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes:
         w_down: `[E, F, N]`.
         group_sizes: `[E]` rows per expert, summing to S.
         activation: "swiglu".
+        fp32_grads: `fp32_weight_grads(w_gate_up, w_down)`, shared by several calls whose weight
+            gradients must add up in fp32 (see there).
 
     fp32 accumulation; the activation is applied to the fp32 gate/up values and rounded once.
     Returns `[S, N]` in x's dtype; differentiable in x_sorted, w_gate_up and w_down.
     """
     _check(x_sorted, w_gate_up, w_down, group_sizes, activation)
+    if fp32_grads is not None and torch.is_grad_enabled():
+        return _ExpertMLPFp32Grads.apply(x_sorted, w_gate_up, w_down, group_sizes, activation, *fp32_grads)
     return expert_mlp_op(x_sorted, w_gate_up, w_down, group_sizes, activation)[0]

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _checks
+from ._dispatch import Op
 
 
 def _check_sizes(group_sizes: Tensor, num_groups: int) -> None:
@@ -28,11 +29,11 @@ def _check(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> None:
 
 
 @torch.library.custom_op("pangu::grouped_gemm", mutates_args=())
-def grouped_gemm_op(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
+def _grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
     return backends.kernel("grouped_gemm", x.device)(x, w, group_sizes, trans_b)
 
 
-@grouped_gemm_op.register_fake
+@_grouped_gemm.register_fake
 def _(x, w, group_sizes, trans_b):
     _check(x, w, group_sizes, trans_b)
     return x.new_empty(x.shape[0], w.shape[1] if trans_b else w.shape[2])
@@ -48,15 +49,18 @@ def _check_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> None:
 
 
 @torch.library.custom_op("pangu::grouped_gemm_wgrad", mutates_args=())
-def grouped_gemm_wgrad_op(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
+def _grouped_gemm_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
     """dw [E, K, N] with dw[e] = x_e^T @ dy_e (fp32 accumulation, x's dtype)."""
     return backends.kernel("grouped_gemm_wgrad", x.device)(x, dy, group_sizes)
 
 
-@grouped_gemm_wgrad_op.register_fake
+@_grouped_gemm_wgrad.register_fake
 def _(x, dy, group_sizes):
     _check_wgrad(x, dy, group_sizes)
     return x.new_empty(group_sizes.shape[0], x.shape[1], dy.shape[1])
+
+
+grouped_gemm_wgrad_op = Op(_grouped_gemm_wgrad, "grouped_gemm_wgrad")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -77,7 +81,7 @@ def _backward(ctx, dy):
     return dx, dw, None, None
 
 
-grouped_gemm_op.register_autograd(_backward, setup_context=_setup_context)
+grouped_gemm_op = Op(_grouped_gemm, "grouped_gemm", _setup_context, _backward)
 
 
 def grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool = False) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _checks
+from ._dispatch import Op
 from .unpermute import unpermute_op
 
 
@@ -22,14 +23,14 @@ def _check(x: Tensor, expert_ids: Tensor, num_experts: int) -> None:
 
 
 @torch.library.custom_op("pangu::permute", mutates_args=())
-def permute_op(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+def _permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     return backends.kernel("permute", x.device)(x, expert_ids, num_experts)
 
 
-@permute_op.register_fake
+@_permute.register_fake
 def _(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     _check(x, expert_ids, num_experts)
-    rows = torch.library.get_ctx().new_dynamic_size()  # slots not dropped: data-dependent
+    rows = _checks.dynamic_rows(expert_ids.shape[0] * expert_ids.shape[1])  # slots not dropped
     return (x.new_empty(rows, x.shape[1]),
             expert_ids.new_empty(num_experts, dtype=torch.int64),
             expert_ids.new_empty(rows, dtype=torch.int64))
@@ -46,7 +47,7 @@ def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
     return unpermute_op(grad_x_sorted, sorted_index, None, ctx.num_tokens, ctx.topk), None, None
 
 
-permute_op.register_autograd(_backward, setup_context=_setup_context)
+permute_op = Op(_permute, "permute", _setup_context, _backward)
 
 
 def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _checks
+from ._dispatch import Op
 from .unpermute import unpermute_op
 
 
@@ -26,15 +27,15 @@ def _check(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor, num_
 
 
 @torch.library.custom_op("pangu::rre_dispatch", mutates_args=())
-def rre_dispatch_op(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
+def _rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
                     num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     return backends.kernel("rre_dispatch", x.device)(x, token_ids, domain_ids, table, num_experts)
 
 
-@rre_dispatch_op.register_fake
+@_rre_dispatch.register_fake
 def _(x, token_ids, domain_ids, table, num_experts):
     _check(x, token_ids, domain_ids, table, num_experts)
-    rows = torch.library.get_ctx().new_dynamic_size()
+    rows = _checks.dynamic_rows(x.shape[0])
     return (x.new_empty(rows, x.shape[1]), token_ids.new_empty(num_experts, dtype=torch.int64),
             token_ids.new_empty(rows, dtype=torch.int64))
 
@@ -49,7 +50,7 @@ def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
     return unpermute_op(grad_x_sorted, sorted_index, None, ctx.num_tokens, 1), None, None, None, None
 
 
-rre_dispatch_op.register_autograd(_backward, setup_context=_setup_context)
+rre_dispatch_op = Op(_rre_dispatch, "rre_dispatch", _setup_context, _backward)
 
 
 def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _checks
+from ._dispatch import Op
 
 
 def _check_index_weights(sorted_index: Tensor, rows: int, weights: Tensor | None, num_tokens: int,
@@ -33,12 +34,12 @@ def _check(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_t
 
 
 @torch.library.custom_op("pangu::unpermute", mutates_args=())
-def unpermute_op(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
+def _unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
                  topk: int) -> Tensor:
     return backends.kernel("unpermute", y_sorted.device)(y_sorted, sorted_index, weights, num_tokens, topk)
 
 
-@unpermute_op.register_fake
+@_unpermute.register_fake
 def _(y_sorted, sorted_index, weights, num_tokens, topk):
     _check(y_sorted, sorted_index, weights, num_tokens, topk)
     return y_sorted.new_empty(num_tokens, y_sorted.shape[1])
@@ -59,19 +60,22 @@ def _check_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None
 
 
 @torch.library.custom_op("pangu::unpermute_backward", mutates_args=())
-def unpermute_backward_op(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None,
+def _unpermute_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None,
                           y_sorted: Tensor | None, topk: int) -> tuple[Tensor, Tensor]:
     """(grad_y_sorted, grad_weights); grad_weights is empty unless y_sorted is given."""
     return backends.kernel("unpermute_backward", grad_y.device)(grad_y, sorted_index, weights,
                                                                y_sorted, topk)
 
 
-@unpermute_backward_op.register_fake
+@_unpermute_backward.register_fake
 def _(grad_y, sorted_index, weights, y_sorted, topk):
     _check_backward(grad_y, sorted_index, weights, y_sorted, topk)
     grad_w = (weights.new_empty(weights.shape) if y_sorted is not None
               else grad_y.new_empty(0, dtype=torch.float32))
     return grad_y.new_empty(sorted_index.shape[0], grad_y.shape[1]), grad_w
+
+
+unpermute_backward_op = Op(_unpermute_backward, "unpermute_backward")
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -87,7 +91,7 @@ def _backward(ctx, grad_y):
     return grad_y_sorted, None, grad_w if ctx.weights_grad else None, None, None
 
 
-unpermute_op.register_autograd(_backward, setup_context=_setup_context)
+unpermute_op = Op(_unpermute, "unpermute", _setup_context, _backward)
 
 
 def unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None = None,
