@@ -138,3 +138,48 @@ def test_bad_input_is_named():
     assert "expert_ids[1, 0] = -2" in errors[1]
     assert "expert_ids" in errors[2] and "rows" in errors[2]
     assert "weights" in errors[3]
+
+
+def _mismatch_rank(rank: int, strategy: str, mismatch: str):
+    """Rank 3 of 4 (2 nodes x 2) differs from the others in one thing; every rank must raise a
+    ValueError naming it and rank 3 (before: gloo aborted the receiving processes)."""
+    odd = rank == 3
+    try:
+        topo = Topology(ranks_per_node=4 if odd and mismatch == "topology" else 2, timeout=20)
+        ep = ExpertParallelDispatcher(topo, 8, strategy)
+        hidden = H + 8 if odd and mismatch == "hidden" else H
+        dtype = torch.bfloat16 if odd and mismatch == "dtype" else torch.float32
+        topk = 3 if odd and mismatch == "topk" else 2
+        x = torch.randn(6, hidden, dtype=dtype)
+        ids = torch.randint(0, 8, (6, topk))
+        if odd and mismatch == "expert id":
+            ids[2, 1] = 8
+        if mismatch == "output width":
+            x_local, sizes, handle = ep.dispatch(x, ids, torch.rand(6, topk))
+            ep.combine(x_local[:, :H - 4] if odd else x_local, handle)
+        else:
+            ep.dispatch(x, ids, torch.rand(6, topk))
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mismatch, says", [
+    ("hidden", f"hidden size (x.shape[1]): rank 3 has {H + 8}, the other ranks {H}"),
+    ("dtype", "x dtype: rank 3 has bfloat16, the other ranks float32"),
+    ("topk", "top-k (expert_ids.shape[1]): rank 3 has 3, the other ranks 2"),
+    ("output width", f"output width (y_local.shape[1]): rank 3 has {H - 4}, the other ranks {H}"),
+    ("topology", "ranks_per_node: rank 3 has 4, the other ranks 2"),
+    ("expert id", "rank 3 rejected its input"),
+])
+def test_ranks_that_disagree_all_raise_a_clear_error(strategy, mismatch, says):
+    if mismatch == "topology" and strategy == "hierarchical":
+        pytest.skip("the Topology is built before the strategy matters")
+    results = run_ranks(4, _mismatch_rank, strategy, mismatch)
+    assert sorted(results) == [0, 1, 2, 3], "a rank died"
+    for rank in range(3):
+        assert says in results[rank], (rank, results[rank])
+    assert says in results[3] or mismatch == "expert id", results[3]
+    if mismatch == "expert id":  # rank 3 raises its own error
+        assert "expert_ids[2, 1] = 8 is out of range" in results[3], results[3]

@@ -31,6 +31,7 @@ def _broken(op: str):
                                      ("grouped_gemm", "grouped_gemm"), ("grouped_gemm", "grouped_gemm_wgrad")])
 def test_verifier_flags_a_wrong_kernel(monkeypatch, op, bug):
     monkeypatch.setattr(backends, "load", lambda name: _broken(bug))
+    monkeypatch.setattr(backends, "_kernels", {})  # the per-call lookup cache
     case = verify.Case(40, 16, 12, 5, 2, empty=1)
     results = verify.check(op, "reference", torch.float32, case)
     assert any(not r.ok for r in results), f"the verifier missed a broken {bug}"

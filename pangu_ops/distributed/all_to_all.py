@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import _checks
+from .agreement import agree
 from .topology import Topology
 
 
@@ -80,6 +81,9 @@ def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_sp
     _checks.size("output_split_sizes", len(output_split_sizes), W, "length (world size)")
     _checks.size("input", input.shape[0], sum(input_split_sizes), "rows (sum of input_split_sizes)")
     _checks.size("output", output.shape[0], sum(output_split_sizes), "rows (sum of output_split_sizes)")
+    with collective("the hierarchical all-to-all (agreeing on the rows)", topology):
+        agree("hierarchical_all_to_all", {"row shape (input.shape[1:]) elements": bytes_per_row(input) // input.element_size(),
+                                          "dtype": input.dtype}, topology.group, topology.ranks, input.device)
     sizes = exchange_split_sizes(input_split_sizes, topology).tolist()  # sizes[src][dst]
     if [sizes[src][topology.rank] for src in range(W)] != list(output_split_sizes):
         raise ValueError("output_split_sizes do not match what the other ranks send to this rank")

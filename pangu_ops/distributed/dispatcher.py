@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops import _checks, permute, unpermute
+from .agreement import agree, collective_device
 from .all_to_all import add_stats, bytes_per_row, collective, peer_kinds, sent_stats
 from .topology import Topology
 
@@ -182,7 +183,7 @@ class ExpertParallelDispatcher:
         def piece(c: int):
             a, b = bounds[c], bounds[c + 1]
             x_local, sizes, handle = yield from self._dispatch(x[a:b], expert_ids[a:b],
-                                                               None if weights is None else weights[a:b])
+                                                               None if weights is None else weights[a:b], chunks)
             return (yield from self._combine(experts(x_local, sizes), handle))
 
         # Round-robin: each chunk runs to its next exchange, starts it and lets the next chunk
@@ -214,8 +215,26 @@ class ExpertParallelDispatcher:
         ids = expert_ids.long()
         return torch.where(ids >= 0, ids - lo, -1)
 
-    def _dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None):
-        ids = self._validate(x, expert_ids, weights)
+    def _agree(self, step: str, signature: dict, error: Exception | None) -> None:
+        """All ranks check that they exchange the same kind of rows (or all raise), before any row
+        travels: a disagreement would otherwise abort the receivers inside the backend."""
+        t = self.topology
+        with collective(f"{step} (agreeing on the rows)", t):
+            agree(f"{step} on {t}", signature, t.control_group, t.ranks, collective_device(t.control_group), error)
+
+    def _dispatch(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None, chunks: int = 1):
+        error = ids = None
+        try:
+            ids = self._validate(x, expert_ids, weights)
+        except (TypeError, ValueError) as e:
+            error = e
+        ok = error is None
+        self._agree("dispatch", {
+            "hidden size (x.shape[1])": x.shape[1] if ok else 0, "x dtype": x.dtype if ok else None,
+            "top-k (expert_ids.shape[1])": expert_ids.shape[1] if ok else 0,
+            "weights dtype": None if not ok or weights is None else weights.dtype,
+            "num_experts": self.num_experts, "first_expert": self.first_expert, "strategy": self.strategy,
+            "ranks_per_node": self.topology.ranks_per_node, "chunks": chunks}, error)
         T, k = ids.shape
         t, E_loc, N = self.topology, self.local_experts, self.topology.num_nodes
         pending: list = []
@@ -259,8 +278,15 @@ class ExpertParallelDispatcher:
         return x_local, sizes, handle
 
     def _combine(self, y_local: Tensor, handle: DispatchHandle):
-        _checks.tensor("y_local", y_local, 2, "[S_local, N]", _checks.FLOAT_DTYPES)
-        _checks.size("y_local", y_local.shape[0], handle.local_index.shape[0], "rows (rows dispatched here)")
+        error = None
+        try:
+            _checks.tensor("y_local", y_local, 2, "[S_local, N]", _checks.FLOAT_DTYPES)
+            _checks.size("y_local", y_local.shape[0], handle.local_index.shape[0], "rows (rows dispatched here)")
+        except (TypeError, ValueError) as e:
+            error = e
+        ok = error is None
+        self._agree("combine", {"output width (y_local.shape[1])": y_local.shape[1] if ok else 0,
+                                "y_local dtype": y_local.dtype if ok else None}, error)
         pending: list = []
         y = unpermute(y_local, handle.local_index, None, handle.received, topk=1)  # arrival order
         (exchange, send, recv), *rest = handle.back

@@ -6,6 +6,8 @@ import os
 
 import torch.distributed as dist
 
+from .agreement import agree, collective_device
+
 
 def _new_group(ranks: list[int], timeout: datetime.timedelta | None):
     return dist.new_group(ranks, timeout=timeout) if timeout is not None else dist.new_group(ranks)
@@ -27,12 +29,19 @@ class Topology:
         if not dist.is_initialized():
             raise RuntimeError("Topology needs torch.distributed initialised (init_process_group / torchrun)")
         world = dist.get_world_size()
-        if world_size is not None and world_size != world:
-            raise ValueError(f"world_size {world_size} differs from the process group's {world}")
         if ranks_per_node is None:
             ranks_per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", world)), world)
         if isinstance(timeout, (int, float)):
             timeout = datetime.timedelta(seconds=timeout)
+        error = None
+        if world_size is not None and world_size != world:
+            error = ValueError(f"world_size {world_size} differs from the process group's {world}")
+        elif not isinstance(ranks_per_node, int) or ranks_per_node <= 0 or world % ranks_per_node:
+            error = ValueError(f"ranks_per_node ({ranks_per_node}) must divide the number of ranks ({world})")
+        # every rank builds the same groups, or all of them raise (new_group with other members hangs)
+        agree("Topology", {"ranks_per_node": ranks_per_node if error is None else 0,
+                           "timeout (ms)": int(timeout.total_seconds() * 1000) if timeout else 0},
+              None, list(range(world)), collective_device(), error)
         self.timeout = timeout
         self._build(list(range(world)), ranks_per_node)
 
@@ -65,10 +74,14 @@ class Topology:
         a group inside one node has one node; a group spanning nodes keeps `ranks_per_node`.
         Collective: every rank calls it with the same size."""
         W, R = self.world_size, self.ranks_per_node
-        if group_size <= 0 or W % group_size:
-            raise ValueError(f"group_size ({group_size}) must divide the world size ({W})")
-        if R % group_size and group_size % R:
-            raise ValueError(f"group_size ({group_size}) must divide ranks_per_node ({R}) or be a multiple of it")
+        error = None
+        if not isinstance(group_size, int) or group_size <= 0 or W % group_size:
+            error = ValueError(f"group_size ({group_size}) must divide the world size ({W})")
+        elif R % group_size and group_size % R:
+            error = ValueError(f"group_size ({group_size}) must divide ranks_per_node ({R}) or be a multiple of it")
+        world = dist.get_world_size()
+        agree("Topology.split", {"group_size": group_size if error is None else 0}, None, list(range(world)),
+              collective_device(), error)
         sub_r = min(group_size, R)
         mine = None
         for g in range(W // group_size):
