@@ -6,8 +6,13 @@ Every kernel is timed beside:
   ops, the dense `torch.mm` rate of the same FLOPs for the GEMMs: the "of limit" column;
 - torch's own routes to the same result: `F.grouped_mm`, dense `torch.mm` in the op's dtype.
 On a GPU the GEMM limit is dense torch.mm in the op's dtype (cuBLAS). Torch's half-precision CPU
-matmuls are ~60-200x slower than fp32 on CPUs without native bf16/fp16 units: there the fp32 rate
-is the limit, and those baselines run on 1/32 of the rows so the run stays short.
+matmuls are ~60-200x slower than fp32 on CPUs without native bf16/fp16 units (and several times
+faster with AMX): where they are slower (`cpu_features.native_half_matmul`), the fp32 rate is the
+limit, and those baselines run on 1/32 of the rows so the run stays short.
+
+Timing: all rows of a dtype interleaved in rounds (`timing.interleaved`), min / median / spread,
+rows flagged where the machine was disturbed; plus the per-call overhead of an op on one token
+and the first call after import, in fresh processes.
 """
 from __future__ import annotations
 
@@ -24,11 +29,12 @@ import torch.nn.functional as F
 
 import pangu_ops
 from pangu_ops import backends, reference, verify
+from pangu_ops.cpu_features import native_half_matmul
 
 from pangu_ops.nn import MoEFeedForward
 
 from .layer import loop_forward
-from .timing import median_seconds
+from .timing import Timing, interleaved
 
 SLOW_BASELINE_FRACTION = 32
 
@@ -69,6 +75,9 @@ class Row:
     speedup_vs_reference: float | None = None
     fraction_of_limit: float | None = None
     note: str = ""
+    min_ms: float = 0.0  # the best round's time per call (time_ms: the median round's)
+    spread: float = 0.0  # (max - min) / median over the rounds
+    busy: bool = False  # spread > 1 or faster than its limit: the machine was disturbed
 
 
 @dataclass
@@ -83,7 +92,8 @@ class Entry:
 
 
 def _half_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype != torch.float32
+    """Half precision on a CPU whose torch matmul in that dtype is slower than in fp32."""
+    return device.type == "cpu" and not native_half_matmul(dtype)
 
 
 def _grouped_mm_entry(x, w, group_sizes, flops_per_row, device, dtype) -> Entry | None:
@@ -114,11 +124,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     w_down = verify.randn((p.experts, p.ffn, p.hidden), dtype, gen, scale=p.ffn ** -0.5, device=device)
     elt = x.element_size()
 
-    def on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
-        def run() -> object:
-            with backends.use_backend(backend):
-                return fn()
-        return run
+    on = _on
 
     def fwd_bwd(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
         xg, wg = x_sorted.detach().requires_grad_(), w.detach().requires_grad_()
@@ -195,37 +201,121 @@ def _layer_entries(p: Problem, x, dtype, device, kernel_backends, on) -> list[En
     return out
 
 
-LIMIT_OF = {"GB/s": "memcpy", "GFLOP/s": "dense mm"}
+def _overhead_entries(device: torch.device, kernel_backends: list[str], on) -> list[Entry]:
+    """What one op call costs beyond its kernel, on one token (a decode step calls several ops per
+    layer): the eager path (`pangu_ops.permute`), the custom op (`torch.ops.pangu.permute`: what
+    torch.compile sees) and the backend's kernel called directly."""
+    x = torch.randn(1, 64, device=device)
+    ids = torch.zeros(1, 2, dtype=torch.int64, device=device)
+    op = "call overhead (1 token)"
+    out = []
+    for b in kernel_backends:
+        kernel = backends.load(b).permute
+        out += [Entry(op, f"{b}: pangu_ops.permute", "kernel", on(b, lambda: pangu_ops.permute(x, ids, 4)), 1, "k calls/s"),
+                Entry(op, f"{b}: torch.ops.pangu", "baseline", on(b, lambda: torch.ops.pangu.permute(x, ids, 4)), 1,
+                      "k calls/s", "the custom op through torch's dispatcher"),
+                Entry(op, f"{b}: kernel only", "limit", lambda: kernel(x, ids, 4), 1, "k calls/s",
+                      "the backend's kernel called directly")]
+    return out
+
+
+_FIRST_CALL = """
+import time, torch
+t0 = time.perf_counter()
+import pangu_ops
+x, ids = torch.randn(4, 64, device="{device}"), torch.zeros(4, 2, dtype=torch.int64, device="{device}")
+{call}
+{sync}
+print(time.perf_counter() - t0)
+"""
+
+
+def first_call(device: torch.device, repeats: int = 3) -> list[tuple[str, str, Timing]]:
+    """Seconds from `import pangu_ops` (torch already imported) to the end of the first op call, in
+    fresh processes: through the eager path, and through the custom op (custom_op's wrapper
+    imports torch._dynamo on its first call)."""
+    import subprocess
+
+    sync = "torch.cuda.synchronize()" if device.type == "cuda" else ""
+    out = []
+    for impl, call in (("pangu_ops.permute", "pangu_ops.permute(x, ids, 4)"),
+                       ("torch.ops.pangu.permute", "torch.ops.pangu.permute(x, ids, 4)")):
+        code = _FIRST_CALL.format(device=device, call=call, sync=sync)
+        samples = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                        text=True).stdout.split()[-1]) for _ in range(repeats)]
+        out.append((impl, "kernel" if impl.startswith("pangu_ops") else "baseline", Timing(samples)))
+    return out
+
+
+LIMIT_OF = {"GB/s": "memcpy", "GFLOP/s": "dense mm", "k calls/s": "call overhead (1 token)"}
+UNIT_SCALE = {"GB/s": 1e9, "GFLOP/s": 1e9, "k calls/s": 1e3}
+BUSY_SPREAD = 1.0  # rounds whose max - min exceed the median: the machine was busy
+
+
+def _row(e: Entry, dtype: str, t: Timing) -> Row:
+    return Row(e.op, dtype, e.impl, e.kind, t.median * 1e3, e.work / t.min / UNIT_SCALE[e.unit], e.unit,
+               note=e.note, min_ms=t.min * 1e3, spread=t.spread)
 
 
 def run(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kernel_backends: list[str],
-        min_time: float = 0.25, progress: Callable[[str], None] | None = None) -> list[Row]:
+        min_time: float = 0.25, progress: Callable[[str], None] | None = None, rounds: int = 5) -> list[Row]:
+    """Every entry of a dtype timed interleaved with the others (`timing.interleaved`); rates and
+    ratios from each row's best round, flagged where the run looks disturbed."""
     rows: list[Row] = []
-    todo = [(dtype, e) for dtype in dtypes for e in entries(problem, dtype, device, kernel_backends)]
-    for i, (dtype, e) in enumerate(todo, 1):
-        seconds = median_seconds(e.fn, device, min_time=min_time)
-        rows.append(Row(e.op, str(dtype)[6:], e.impl, e.kind, seconds * 1e3, e.work / seconds / 1e9, e.unit,
-                        note=e.note))
-        if progress:
-            progress(f"[{i:>2}/{len(todo)}] {e.op:<22} {str(dtype)[6:]:<9} {e.impl:<20} {seconds * 1e3:9.3f} ms")
+    say = progress or (lambda line: None)
+
+    def measure(label: str, dtype: str, todo: list[Entry]) -> None:
+        def tick(done: int, total: int) -> None:
+            say(f"[{label} {done}/{total}] " + (f"warm-up {todo[done - 1].op} / {todo[done - 1].impl}"
+                                                if done <= len(todo) else f"round {done - len(todo)} of {rounds}"))
+        timings = interleaved([e.fn for e in todo], device, rounds=rounds, min_time=min_time, progress=tick)
+        rows.extend(_row(e, dtype, t) for e, t in zip(todo, timings))
+
+    for dtype in dtypes:
+        name = str(dtype)[6:]
+        measure(name, name, entries(problem, dtype, device, kernel_backends))
+    measure("overhead", "float32", _overhead_entries(device, kernel_backends, lambda b, fn: _on(b, fn)))
+    say("[first call] fresh processes: import pangu_ops + first op call")
+    for impl, kind, t in first_call(device):
+        rows.append(Row("first call after import", "float32", impl, kind, t.median * 1e3, t.min * 1e3, "ms",
+                        note="import pangu_ops + first op, fresh process", min_ms=t.min * 1e3, spread=t.spread))
     for r in rows:
         ref = next((q for q in rows if q.op == r.op and q.dtype == r.dtype and q.kind == "reference"), None)
-        limit = next((q for q in rows if q.op == LIMIT_OF[r.unit] and q.dtype == r.dtype and q.kind == "limit"), None)
+        limit = next((q for q in rows if q.op == LIMIT_OF.get(r.unit) and q.dtype == r.dtype and q.kind == "limit"
+                      and _backend_of(q) == _backend_of(r)), None)
         if ref is not None and r.kind != "reference":
             r.speedup_vs_reference = r.rate / ref.rate
         if limit is not None:
             r.fraction_of_limit = r.rate / limit.rate
+        r.busy = r.spread > BUSY_SPREAD or (r.fraction_of_limit or 0) > 1.0
     return rows
 
 
+def _backend_of(r: Row) -> str | None:
+    """The backend an overhead row is about ("cpu: kernel only" -> "cpu"); None for other rows."""
+    return r.impl.split(":")[0] if r.unit == "k calls/s" else None
+
+
+def _on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with backends.use_backend(backend):
+            return fn()
+    return run
+
+
 def table(rows: list[Row]) -> str:
-    head = f"{'op':<22} {'dtype':<9} {'impl':<20} {'time ms':>10} {'rate':>16} {'vs ref':>8} {'of limit':>9}  note"
+    head = (f"{'op':<24} {'dtype':<9} {'impl':<26} {'median ms':>10} {'min ms':>10} {'spread':>7} {'best rate':>18}"
+            f" {'vs ref':>8} {'of limit':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference is not None else ""
         frac = f"{100 * r.fraction_of_limit:.0f}%" if r.fraction_of_limit is not None else ""
-        lines.append(f"{r.op:<22} {r.dtype:<9} {r.impl:<20} {r.time_ms:>10.3f} {r.rate:>9.1f} {r.unit:<7}"
-                     f"{speed:>8} {frac:>9}  {r.note}")
+        note = ("BUSY? " if r.busy else "") + r.note
+        lines.append(f"{r.op:<24} {r.dtype:<9} {r.impl:<26} {r.time_ms:>10.3f} {r.min_ms:>10.3f} {r.spread:>7.2f}"
+                     f" {r.rate:>9.1f} {r.unit:<9}{speed:>8} {frac:>9}  {note}")
+    lines.append("Interleaved rounds (every row of a dtype once per round); rates and ratios from each row's best "
+                 "round; spread = (max - min) / median. BUSY?: spread > 1, or faster than its limit: the machine "
+                 "was disturbed, re-run before trusting that row.")
     return "\n".join(lines)
 
 
@@ -245,7 +335,7 @@ def plot(rows: list[Row], problem: Problem, device: torch.device, path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = [op for op in dict.fromkeys(r.op for r in rows) if op not in LIMIT_OF.values()]
+    ops = [op for op in dict.fromkeys(r.op for r in rows if r.fraction_of_limit is not None and r.kind != "limit")]
     cols = min(3, len(ops))
     nrows = -(-len(ops) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.8 * nrows), squeeze=False)
@@ -263,7 +353,8 @@ def plot(rows: list[Row], problem: Problem, device: torch.device, path: Path) ->
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(dtypes))], dtypes)
         unit = mine[0].unit if mine else ""
         ax.set_title(op)
-        ax.set_ylabel("fraction of " + ("memcpy bandwidth" if unit == "GB/s" else "dense mm rate"))
+        ax.set_ylabel("fraction of " + {"GB/s": "memcpy bandwidth", "GFLOP/s": "dense mm rate",
+                                        "k calls/s": "the bare kernel's call rate"}.get(unit, "limit"))
         ax.legend(fontsize=7)
     fig.suptitle(f"pangu_ops on {device} ({problem})", fontsize=10)
     fig.tight_layout()

@@ -1,8 +1,16 @@
-"""Wall-clock timing that is honest on CPU and GPU: warm-up, device sync, median of repeats."""
+"""Wall-clock timing that is honest on a shared, noisy machine and on a GPU: candidates and
+baselines measured interleaved (round-robin rounds), device sync, min / median / spread.
+
+A busy machine slows whatever runs while it is busy. Timing each implementation in one block
+lets a burst of load land on one of them and fake a ratio; interleaving spreads it over all of
+them, and the min over rounds (the run least disturbed) is the most repeatable estimate of what
+the code can do. The spread (max - min) / median over rounds says how disturbed the run was.
+"""
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -13,19 +21,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.25,
-                   max_repeats: int = 50) -> float:
-    """Median time of `fn()` over repeats filling about `min_time` seconds (after one warm-up)."""
+def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Seconds per call of `repeats` back-to-back calls."""
     _sync(device)
     start = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - start
-    repeats = max(3, min(max_repeats, int(min_time / max(first, 1e-6))))
-    times = []
     for _ in range(repeats):
-        start = time.perf_counter()
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+@dataclass
+class Timing:
+    samples: list[float]  # seconds per call, one per round
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the rounds: 0 on a quiet machine; above 1 the machine was busy."""
+        return (max(self.samples) - self.min) / self.median
+
+
+def interleaved(fns: list[Callable[[], object]], device: torch.device, *, rounds: int = 5,
+                min_time: float = 0.25, progress: Callable[[int, int], None] | None = None) -> list[Timing]:
+    """Times every fn in `rounds` round-robin rounds (each round visits every fn, starting one
+    further along each time); in each round a fn runs back to back for about min_time / rounds
+    seconds (at least once). One warm-up call each first, which also sizes the repeats.
+    `progress(done, total)` after each fn's warm-up and each round."""
+    repeats = []
+    for i, fn in enumerate(fns):
+        first = _time(fn, device, 1)
+        repeats.append(max(1, int(min_time / rounds / max(first, 1e-7))))
+        if progress:
+            progress(i + 1, len(fns) + rounds)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for j in range(len(fns)):
+            i = (r + j) % len(fns)
+            samples[i].append(_time(fns[i], device, repeats[i]))
+        if progress:
+            progress(len(fns) + r + 1, len(fns) + rounds)
+    return [Timing(s) for s in samples]

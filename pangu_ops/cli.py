@@ -81,9 +81,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     base = bench_ops.PRESETS[args.preset]
     problem = bench_ops.Problem(*(getattr(base, f) if getattr(args, f) is None else getattr(args, f)
                                   for f in ("tokens", "hidden", "ffn", "experts", "topk")))
-    # Interpreted Triton on CPU tensors is a correctness tool: timed only when asked for.
-    names = args.backend or [n for n in verify.available_backends(device)
-                             if n != "reference" and not (n == "triton" and device.type == "cpu")]
+    # Default: the backend that serves this device in production (cpu, triton on CUDA, ascend on
+    # NPUs) beside torch's own routes. Emulators and verifiers (interpreted Triton, the AscendC CPU
+    # twin, triton_ascend) are correctness tools: timed only when asked for with --backend.
+    names = args.backend or [backends.AUTO_BY_DEVICE[device.type]]
     dtypes = [DTYPE_NAMES[d] for d in args.dtype or ["float32", "bfloat16"]]
     bench_ops.main(problem, dtypes, device, names, Path(args.out), args.min_time)
     return 0

@@ -39,7 +39,7 @@ def test_bench_writes_table_json_png(tmp_path, capsys):
               "--dtype", "float32", "bfloat16", "--out", str(out_dir), "--min-time", "0.01"])
     captured = capsys.readouterr()
     assert "grouped_gemm" in captured.out and "memcpy" in captured.out
-    assert "[ 1/" in captured.err  # progress lines
+    assert "[float32 1/" in captured.err and "round 1 of" in captured.err  # progress lines
     data = json.loads((out_dir / "bench.json").read_text())
     kinds = {r["kind"] for r in data["rows"]}
     assert {"kernel", "reference", "limit"} <= kinds
