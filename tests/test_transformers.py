@@ -1,0 +1,173 @@
+"""The "pangu_ops" experts backend for Hugging Face transformers: tiny models of every MoE family
+built from config objects (no downloads) give eager's logits (fp32, and bf16 as accurately as
+eager itself), eager's gradients, the same generated tokens, and compile with fullgraph=True."""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+hf = pytest.importorskip("pangu_ops.integrations.transformers")
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64)
+FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=20,
+                                         num_experts=6, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=40, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                         decoder_sparse_step=1, norm_topk_prob=True, head_dim=8)),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=24,
+                                             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                                             topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2)),
+    # transposed experts with biases and a clamped, interleaved gate (its own _apply_gate)
+    "gpt_oss": ("GptOssConfig", dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
+                                     sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+}
+
+
+def _model(family: str, dtype=torch.float32):
+    cls, extra = FAMILIES[family]
+    config = getattr(transformers, cls)(**{**COMMON, **extra})
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    for p in model.parameters():  # HF's tiny init leaves experts near zero: make them matter
+        if p.dim() == 3:
+            torch.nn.init.normal_(p, std=0.2)
+    return model.to(dtype)
+
+
+def _experts_modules(model):
+    return [m for m in model.modules() if hasattr(m, "has_gate") and hasattr(m, "down_proj")]
+
+
+def _logits(model, ids, implementation):
+    model.set_experts_implementation(implementation)
+    return model(ids).logits.detach()
+
+
+def _ids(batch=2, seq=9):
+    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_eager_fp32(family):
+    model = _model(family)
+    assert _experts_modules(model), f"{family} has no experts module on the experts interface"
+    ids = _ids()
+    eager, ours = _logits(model, ids, "eager"), _logits(model, ids, hf.NAME)
+    scale = eager.abs().max()
+    torch.testing.assert_close(ours, eager, rtol=0, atol=2e-6 * float(scale))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_bf16_as_accurate_as_eager(family):
+    """bf16: pangu_ops (fp32 accumulation, rounding where eager rounds) is no further from the
+    fp32 model than eager bf16 is (x2, for different rounding points), and close in absolute terms."""
+    ids = _ids()
+    exact = _logits(_model(family), ids, "eager").float()
+    model = _model(family, torch.bfloat16)
+    eager, ours = _logits(model, ids, "eager").float(), _logits(model, ids, hf.NAME).float()
+    eager_err, our_err = (eager - exact).abs().max(), (ours - exact).abs().max()
+    assert our_err <= 2 * eager_err + 1e-3 * exact.abs().max(), (float(our_err), float(eager_err))
+    assert our_err <= 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_gradients_equal_eager(family):
+    model = _model(family)
+    ids = _ids()
+
+    def grads(implementation):
+        model.zero_grad()
+        model.set_experts_implementation(implementation)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager, ours = grads("eager"), grads(hf.NAME)
+    assert eager.keys() == ours.keys()
+    expert_params = [n for n in eager if "experts" in n]
+    assert expert_params, "no expert weight received a gradient"
+    for name in eager:
+        scale = float(eager[name].abs().max()) or 1.0
+        torch.testing.assert_close(ours[name], eager[name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_generate_gives_eager_tokens(family):
+    model = _model(family)
+    ids = _ids(1, 6)
+
+    def generate(implementation):
+        model.set_experts_implementation(implementation)
+        return model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    assert torch.equal(generate(hf.NAME), generate("eager"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_model_compiles_fullgraph(family):
+    torch._dynamo.reset()
+    model = _model(family)
+    ids = _ids()
+    model.set_experts_implementation(hf.NAME)
+    eager = model(ids).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_routing_weights_and_expert_parallel_sentinels():
+    """[T, E] routing weights are gathered at the top-k ids; ids >= E (another rank's experts
+    under transformers' EP) contribute nothing, as in transformers' own backends."""
+    model = _model("mixtral")
+    experts = _experts_modules(model)[0]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, COMMON["hidden_size"], generator=gen)
+    ids = torch.randint(0, 6, (5, 2), generator=gen)
+    dense = torch.rand(5, 6, generator=gen)
+    expected = hf._moe.grouped_mm_experts_forward(experts, x, ids, dense.gather(1, ids))
+    torch.testing.assert_close(hf.experts_forward(experts, x, ids, dense), expected, rtol=1e-5, atol=1e-6)
+    experts._is_expert_parallel = True
+    try:
+        ids_ep = ids.clone()
+        ids_ep[1, 0] = 6  # a sentinel: not this rank's expert
+        w = torch.rand(5, 2, generator=gen)
+        masked = w.clone()
+        masked[1, 0] = 0.0
+        expected = hf._moe.grouped_mm_experts_forward(experts, x, ids.masked_fill(ids_ep >= 6, 0), masked)
+        torch.testing.assert_close(hf.experts_forward(experts, x, ids_ep, w), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        experts._is_expert_parallel = False
+
+
+def test_unservable_experts_fall_back_with_one_warning():
+    class Odd(torch.nn.Module):  # no stacked weights: not ours to serve
+        has_gate = True
+
+    odd = Odd()
+    calls = []
+    original = hf._moe.grouped_mm_experts_forward
+    hf._moe.grouped_mm_experts_forward = lambda *a: calls.append(a) or "fallback"
+    try:
+        with pytest.warns(UserWarning, match="no stacked .* `gate_up_proj` weight; Odd runs transformers' 'grouped_mm'"):
+            assert hf.experts_forward(odd, torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1)) == "fallback"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once only
+            hf.experts_forward(odd, torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
+    finally:
+        hf._moe.grouped_mm_experts_forward = original
+        hf._warned.clear()
+    assert len(calls) == 2
+
+
+def test_dtype_mismatch_is_a_clear_error():
+    model = _model("mixtral")
+    experts = _experts_modules(model)[0]
+    x = torch.randn(3, COMMON["hidden_size"], dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="x .*bfloat16.* and w .*float32.* must have the same dtype"):
+        hf.experts_forward(experts, x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
