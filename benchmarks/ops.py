@@ -7,7 +7,7 @@ Every kernel is timed beside:
 - torch's own routes to the same result: `F.grouped_mm`, dense `torch.mm` in the op's dtype.
 On a GPU the GEMM limit is dense torch.mm in the op's dtype (cuBLAS). Torch's half-precision CPU
 matmuls are ~60-200x slower than fp32 on CPUs without native bf16/fp16 units (and several times
-faster with AMX): where they are slower (`cpu_features.native_half_matmul`), the fp32 rate is the
+faster with AMX): where they are slower (`torch.ops.pangu_cpu.native_half_matmul`), the fp32 rate is the
 limit, and those baselines run on 1/32 of the rows so the run stays short.
 
 Timing: all rows of a dtype interleaved in rounds (`timing.interleaved`), min / median / spread,
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 import pangu_ops
 from pangu_ops import backends, reference, verify
-from pangu_ops.cpu_features import native_half_matmul
 
 from pangu_ops.nn import MoEFeedForward
 
@@ -92,8 +91,12 @@ class Entry:
 
 
 def _half_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
-    """Half precision on a CPU whose torch matmul in that dtype is slower than in fp32."""
-    return device.type == "cpu" and not native_half_matmul(dtype)
+    """Half precision on a CPU whose torch matmul in that dtype is slower than in fp32 (the C++
+    kernels' own probe, which also decides whether they multiply in that dtype)."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return False
+    backends.load("cpu")
+    return not torch.ops.pangu_cpu.native_half_matmul(dtype)
 
 
 def _grouped_mm_entry(x, w, group_sizes, flops_per_row, device, dtype) -> Entry | None:

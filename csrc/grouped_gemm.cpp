@@ -7,11 +7,47 @@
 // BLAS, and the result converted back. Experts with no rows cost nothing (and get dw[e] = 0).
 #include <torch/library.h>
 
+#include <chrono>
+#include <mutex>
 #include <vector>
 
 #include "common.h"
 
 namespace pangu_cpu {
+
+namespace {
+double best_mm_seconds(const at::Tensor& a, const at::Tensor& b, int repeats) {
+  double best = 1e30;
+  for (int i = 0; i < repeats; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    at::mm(a, b);
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+bool probe_half_matmul(at::ScalarType dtype) {
+  const at::Tensor a = at::randn({128, 512}), b = at::randn({512, 512});
+  const at::Tensor ah = a.to(dtype), bh = b.to(dtype);
+  const double fp32 = best_mm_seconds(a, b, 4);
+  if (best_mm_seconds(ah, bh, 1) > 20 * fp32) return false;  // (the first call sets up the kernel)
+  return best_mm_seconds(ah, bh, 3) <= fp32;
+}
+}  // namespace
+
+bool native_half_matmul(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return true;
+  TORCH_CHECK_VALUE(dtype == at::kBFloat16 || dtype == at::kHalf, "native_half_matmul: bfloat16 or float16");
+  static std::once_flag once_bf16, once_fp16;
+  static bool bf16 = false, fp16 = false;
+  if (dtype == at::kBFloat16) {
+    std::call_once(once_bf16, [] { bf16 = probe_half_matmul(at::kBFloat16); });
+    return bf16;
+  }
+  std::call_once(once_fp16, [] { fp16 = probe_half_matmul(at::kHalf); });
+  return fp16;
+}
+
 namespace {
 
 at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
@@ -56,6 +92,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
 TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("grouped_gemm(Tensor x, Tensor w, Tensor group_sizes, bool trans_b) -> Tensor");
   m.def("grouped_gemm_wgrad(Tensor x, Tensor dy, Tensor group_sizes) -> Tensor");
+  m.def("native_half_matmul(ScalarType dtype) -> bool", [](at::ScalarType dtype) { return native_half_matmul(dtype); });
 }
 
 TORCH_LIBRARY_IMPL(pangu_cpu, CPU, m) {

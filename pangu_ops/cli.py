@@ -75,6 +75,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.distributed:
         return cmd_bench_distributed(args)
+    if args.hf:
+        from pangu_ops.benchmarks import hf as bench_hf
+
+        given = {"dtypes": [DTYPE_NAMES[d] for d in args.dtype]} if args.dtype else {}
+        if args.tokens:
+            given["sizes"] = (args.tokens,)
+        bench_hf.main(Path(args.out), min_time=args.min_time, **given)
+        return 0
     from pangu_ops.benchmarks import ops as bench_ops
 
     device = torch.device(args.device) if args.device else _default_device()
@@ -130,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="default: cuda if available, else cpu")
     b.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     b.add_argument("--min-time", type=float, default=0.25, help="seconds of repeats per measurement")
+    b.add_argument("--hf", action="store_true",
+                   help="transformers' MoE experts blocks: the 'pangu_ops' experts backend vs transformers' own")
     d = b.add_argument_group("--distributed: flat vs hierarchical expert-parallel all-to-all on local gloo ranks "
                              "(defaults: 2 nodes x 4 ranks, 64 experts, top-8, 256 tokens/rank, H 1024, bfloat16)")
     d.add_argument("--distributed", action="store_true", help="run the expert-parallel communication benchmark")

@@ -70,3 +70,13 @@ def test_bench_distributed_reports_inter_node_bytes(tmp_path, capsys):
     assert 0 < 2 * hier["inter_bytes"] <= flat["inter_bytes"]
     assert hier["inter_messages"] < flat["inter_messages"]
     assert (out_dir / "bench_distributed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_hf_writes_table_json_png(tmp_path, capsys):
+    pytest.importorskip("transformers", minversion="5.0")
+    out_dir = tmp_path / "hf"
+    cli.main(["bench", "--hf", "--tokens", "2", "--dtype", "float32", "--out", str(out_dir), "--min-time", "0.01"])
+    assert "pangu_ops" in capsys.readouterr().out
+    rows = json.loads((out_dir / "bench_hf.json").read_text())["rows"]
+    assert {"pangu_ops", "eager", "grouped_mm", "weight streaming"} <= {r["impl"] for r in rows}
+    assert (out_dir / "bench_hf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,210 @@
+"""`pangu-ops bench --hf`: transformers' MoE experts blocks on the "pangu_ops" experts backend
+against every built-in transformers experts backend that runs here, in the same run.
+
+Blocks: a Mixtral-shaped one (few wide experts, top-2) and a Qwen3-MoE-shaped one (many narrow
+experts, top-8), at scaled-down widths that a 2-core CPU finishes in minutes; forward and
+forward+backward, float32 and bfloat16; prefill/training sizes and decode sizes. Limits measured
+in the same run: for decode, streaming the touched experts' weights once at memcpy bandwidth; for
+prefill, the dense matmul rate of the same FLOPs in the dtype. Timing: `timing.interleaved`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .timing import interleaved
+
+BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    config: str  # transformers config class
+    module: str  # transformers experts class
+    hidden: int
+    ffn: int
+    experts: int
+    topk: int
+
+
+BLOCKS = (
+    Block("mixtral-shaped", "MixtralConfig", "transformers.models.mixtral.modeling_mixtral.MixtralExperts",
+          1024, 3584, 8, 2),
+    Block("qwen3-moe-shaped", "Qwen3MoeConfig", "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts",
+          1024, 384, 64, 8),
+)
+PREFILL, DECODE = (2048,), (1, 4, 16)
+BATCHED_MM_BYTES = 2 << 30  # batched_mm's per-slot weight copies beyond this are not run
+
+
+@dataclass
+class Row:
+    block: str
+    dtype: str
+    tokens: int
+    mode: str  # "fwd" or "fwd+bwd"
+    impl: str
+    median_ms: float
+    min_ms: float
+    spread: float
+    vs_fastest_builtin: float | None = None  # fastest built-in's min time / this one's
+    of_limit: float | None = None  # limit time / this one's (1 = at the limit)
+
+
+def _experts(block: Block, dtype: torch.dtype):
+    import importlib
+
+    import transformers
+
+    extra = {"intermediate_size": block.ffn, "num_local_experts": block.experts} if block.config == "MixtralConfig" \
+        else {"moe_intermediate_size": block.ffn, "num_experts": block.experts}
+    config = getattr(transformers, block.config)(hidden_size=block.hidden, num_experts_per_tok=block.topk, **extra)
+    module_path, cls = block.module.rsplit(".", 1)
+    experts = getattr(importlib.import_module(module_path), cls)(config)
+    torch.manual_seed(0)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=block.hidden ** -0.5)
+    return experts.to(dtype)
+
+
+def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, impl: str):
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, block.hidden, generator=gen).to(dtype)
+    logits = torch.randn(tokens, block.experts, generator=gen)
+    weights, ids = torch.softmax(logits, -1).topk(block.topk, -1)
+    weights = weights.to(dtype)
+
+    def call(inp):
+        experts.config._experts_implementation = impl
+        return experts(inp, ids, weights)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return call(x)
+    else:
+        xg = x.detach().requires_grad_()
+
+        def run():
+            experts.zero_grad(set_to_none=True)
+            call(xg).float().square().mean().backward()
+    return run, ids
+
+
+def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: str, tokens: int) -> tuple:
+    """(name, fn) of the same-run limit: decode, copying the touched experts' weights once (the
+    bytes a kernel must stream); prefill, dense torch.mm of the same FLOPs in the dtype (fp32 where
+    this CPU's half-precision matmul is slower; x3 for fwd+bwd)."""
+    if tokens in DECODE:
+        touched = ids.unique()
+        src = [experts.gate_up_proj[touched], experts.down_proj[touched]]
+        dst = [torch.empty_like(t) for t in src]
+        return "weight streaming", lambda: [d.copy_(s) for d, s in zip(dst, src)]
+    from pangu_ops import backends
+
+    mm_dtype = dtype
+    if dtype != torch.float32:
+        backends.load("cpu")
+        mm_dtype = dtype if torch.ops.pangu_cpu.native_half_matmul(dtype) else torch.float32
+    rows = tokens * block.topk
+    a = torch.randn(rows, block.hidden, dtype=mm_dtype)
+    w1 = torch.randn(block.hidden, 2 * block.ffn, dtype=mm_dtype)
+    w2 = torch.randn(block.ffn, block.hidden, dtype=mm_dtype)
+    h = torch.randn(rows, block.ffn, dtype=mm_dtype)
+    passes = 1 if mode == "fwd" else 3
+    return f"dense mm {str(mm_dtype)[6:]}", lambda: [(a @ w1, h @ w2) for _ in range(passes)]
+
+
+def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + DECODE, modes=("fwd", "fwd+bwd"),
+        min_time: float = 0.5, rounds: int = 3) -> list[Row]:
+    import pangu_ops.integrations.transformers as hf
+
+    rows: list[Row] = []
+    todo = [(b, d, t, m) for b in blocks for d in dtypes for t in sizes for m in modes]
+    for i, (block, dtype, tokens, mode) in enumerate(todo, 1):
+        experts = _experts(block, dtype)
+        # batched_mm gathers every slot's expert weights ([T*k, 2F, H] ...): only where that fits
+        gathered = tokens * block.topk * 3 * block.ffn * block.hidden * torch.finfo(dtype).bits // 8
+        impls = (hf.NAME,) + tuple(b for b in BUILT_IN if b != "batched_mm" or gathered <= BATCHED_MM_BYTES)
+        fns, ids = [], None
+        for impl in impls:
+            fn, ids = _case(block, experts, tokens, dtype, mode, impl)
+            fns.append(fn)
+        limit_name, limit_fn = _limits(block, experts, dtype, ids, mode, tokens)
+        print(f"[{i}/{len(todo)}] {block.name} {str(dtype)[6:]} T={tokens} {mode}", file=sys.stderr, flush=True)
+        timings = interleaved(fns + [limit_fn], torch.device("cpu"), rounds=rounds, min_time=min_time)
+        limit = timings[-1].min
+        group = [Row(block.name, str(dtype)[6:], tokens, mode, impl, t.median * 1e3, t.min * 1e3, t.spread)
+                 for impl, t in zip(impls + (limit_name,), timings)]
+        fastest = min(r.min_ms for r in group if r.impl in BUILT_IN)
+        for r in group:
+            r.vs_fastest_builtin = fastest / r.min_ms
+            r.of_limit = limit * 1e3 / r.min_ms
+        rows += group
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    head = (f"{'block':<17} {'dtype':<9} {'tokens':>6} {'mode':<8} {'impl':<18} {'median ms':>10} {'min ms':>10}"
+            f" {'spread':>6} {'vs fastest built-in':>20} {'of limit':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.block:<17} {r.dtype:<9} {r.tokens:>6} {r.mode:<8} {r.impl:<18} {r.median_ms:>10.3f}"
+                     f" {r.min_ms:>10.3f} {r.spread:>6.2f} {r.vs_fastest_builtin:>19.2f}x {100 * r.of_limit:>8.0f}%")
+    lines.append("vs fastest built-in: the fastest of transformers' eager / batched_mm (where its per-slot weight "
+                 f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over "
+                 "this row's; of limit: the same-run limit's time over this row's (decode: streaming the touched "
+                 "experts' weights once; prefill: dense mm of the same FLOPs).")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r.block, r.dtype, r.mode) for r in rows))
+    cols = 4
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.4 * cols, 3.4 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (block, dtype, mode) in zip(axes.flat, panels):
+        mine = [r for r in rows if (r.block, r.dtype, r.mode) == (block, dtype, mode)]
+        sizes = list(dict.fromkeys(r.tokens for r in mine))
+        impls = [i for i in dict.fromkeys(r.impl for r in mine) if i in BUILT_IN or i == "pangu_ops"]
+        width = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            vals = [next((r.vs_fastest_builtin for r in mine if r.tokens == t and r.impl == impl), 0.0)  # 0: not run
+                    for t in sizes]
+            ax.bar([i + j * width for i in range(len(sizes))], vals, width, label=impl)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(sizes))], [str(t) for t in sizes])
+        ax.set_title(f"{block} {dtype} {mode}", fontsize=9)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("speed vs fastest built-in")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(out_dir: Path, **kwargs) -> list[Row]:
+    rows = run(**kwargs)
+    text = table(rows)
+    print(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_hf.txt").write_text(text + "\n")
+    (out_dir / "bench_hf.json").write_text(json.dumps(
+        {"blocks": [dataclasses.asdict(b) for b in kwargs.get("blocks", BLOCKS)], "torch": torch.__version__,
+         "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+    plot(rows, out_dir / "bench_hf.png")
+    print(f"wrote {out_dir / 'bench_hf.txt'}, bench_hf.json and bench_hf.png", file=sys.stderr)
+    return rows
