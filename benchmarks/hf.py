@@ -101,7 +101,7 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
     """(name, fn) of the same-run limit: decode, copying the touched experts' weights once (the
     bytes a kernel must stream); prefill, dense torch.mm of the same FLOPs in the dtype (fp32 where
     this CPU's half-precision matmul is slower; x3 for fwd+bwd)."""
-    if tokens in DECODE:
+    if tokens <= max(DECODE):  # decode sizes: weight-bound
         touched = ids.unique()
         src = [experts.gate_up_proj[touched], experts.down_proj[touched]]
         dst = [torch.empty_like(t) for t in src]
