@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .ops import _half_on_cpu
 from .timing import interleaved
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
@@ -106,12 +107,7 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
         src = [experts.gate_up_proj[touched], experts.down_proj[touched]]
         dst = [torch.empty_like(t) for t in src]
         return "weight streaming", lambda: [d.copy_(s) for d, s in zip(dst, src)]
-    from pangu_ops import backends
-
-    mm_dtype = dtype
-    if dtype != torch.float32:
-        backends.load("cpu")
-        mm_dtype = dtype if torch.ops.pangu_cpu.native_half_matmul(dtype) else torch.float32
+    mm_dtype = torch.float32 if _half_on_cpu(dtype, torch.device("cpu")) else dtype
     rows = tokens * block.topk
     a = torch.randn(rows, block.hidden, dtype=mm_dtype)
     w1 = torch.randn(block.hidden, 2 * block.ffn, dtype=mm_dtype)

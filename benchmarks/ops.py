@@ -127,8 +127,6 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     w_down = verify.randn((p.experts, p.ffn, p.hidden), dtype, gen, scale=p.ffn ** -0.5, device=device)
     elt = x.element_size()
 
-    on = _on
-
     def fwd_bwd(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
         xg, wg = x_sorted.detach().requires_grad_(), w.detach().requires_grad_()
         return lambda: torch.autograd.grad(fn(xg, wg), [xg, wg], dy)
@@ -152,8 +150,8 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     out: list[Entry] = []
     for op, (kernel_fn, ref_fn, work, unit) in ops.items():
         out.append(Entry(op, "reference", "reference", ref_fn, work, unit))
-        out += [Entry(op, b, "kernel", on(b, kernel_fn), work, unit) for b in kernel_backends]
-    out += _layer_entries(p, x, dtype, device, kernel_backends, on)
+        out += [Entry(op, b, "kernel", _on(b, kernel_fn), work, unit) for b in kernel_backends]
+    out += _layer_entries(p, x, dtype, device, kernel_backends)
 
     # Limits and torch baselines.
     dst = torch.empty_like(x_sorted)
@@ -181,7 +179,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     return out
 
 
-def _layer_entries(p: Problem, x, dtype, device, kernel_backends, on) -> list[Entry]:
+def _layer_entries(p: Problem, x, dtype, device, kernel_backends) -> list[Entry]:
     """A whole top-k MoEFeedForward forward+backward (router, permute, expert MLP, combine),
     against the same layer written the usual way (benchmarks/layer.py; "reference" here). Work:
     the expert FLOPs, 3 GEMMs of 2*H*F per routed token, times 3 for forward+backward."""
@@ -199,12 +197,12 @@ def _layer_entries(p: Problem, x, dtype, device, kernel_backends, on) -> list[En
     op = "moe layer fwd+bwd"
     out = [Entry(op, "loop over experts", "reference", fwd_bwd(lambda t: loop_forward(layer, t), x[:part]),
                  flops_per_token * part, "GFLOP/s", note)]
-    out += [Entry(op, b, "kernel", on(b, fwd_bwd(lambda t: layer(t)[0], x)), flops_per_token * p.tokens, "GFLOP/s")
+    out += [Entry(op, b, "kernel", _on(b, fwd_bwd(lambda t: layer(t)[0], x)), flops_per_token * p.tokens, "GFLOP/s")
             for b in kernel_backends]
     return out
 
 
-def _overhead_entries(device: torch.device, kernel_backends: list[str], on) -> list[Entry]:
+def _overhead_entries(device: torch.device, kernel_backends: list[str]) -> list[Entry]:
     """What one op call costs beyond its kernel, on one token (a decode step calls several ops per
     layer): the eager path (`pangu_ops.permute`), the custom op (`torch.ops.pangu.permute`: what
     torch.compile sees) and the backend's kernel called directly."""
@@ -214,8 +212,8 @@ def _overhead_entries(device: torch.device, kernel_backends: list[str], on) -> l
     out = []
     for b in kernel_backends:
         kernel = backends.load(b).permute
-        out += [Entry(op, f"{b}: pangu_ops.permute", "kernel", on(b, lambda: pangu_ops.permute(x, ids, 4)), 1, "k calls/s"),
-                Entry(op, f"{b}: torch.ops.pangu", "baseline", on(b, lambda: torch.ops.pangu.permute(x, ids, 4)), 1,
+        out += [Entry(op, f"{b}: pangu_ops.permute", "kernel", _on(b, lambda: pangu_ops.permute(x, ids, 4)), 1, "k calls/s"),
+                Entry(op, f"{b}: torch.ops.pangu", "baseline", _on(b, lambda: torch.ops.pangu.permute(x, ids, 4)), 1,
                       "k calls/s", "the custom op through torch's dispatcher"),
                 Entry(op, f"{b}: kernel only", "limit", lambda: kernel(x, ids, 4), 1, "k calls/s",
                       "the backend's kernel called directly")]
@@ -277,7 +275,7 @@ def run(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kerne
     for dtype in dtypes:
         name = str(dtype)[6:]
         measure(name, name, entries(problem, dtype, device, kernel_backends))
-    measure("overhead", "float32", _overhead_entries(device, kernel_backends, lambda b, fn: _on(b, fn)))
+    measure("overhead", "float32", _overhead_entries(device, kernel_backends))
     say("[first call] fresh processes: import pangu_ops + first op call")
     for impl, kind, t in first_call(device):
         rows.append(Row("first call after import", "float32", impl, kind, t.median * 1e3, t.min * 1e3, "ms",

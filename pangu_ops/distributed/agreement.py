@@ -31,6 +31,10 @@ def _decode(code: int):
     return str(value).replace("torch.", "") if isinstance(value, torch.dtype) else value
 
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (2.11 has only the former)
+all_gather_into_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 def collective_device(group=None) -> torch.device:
     """The device a collective on `group` takes its tensors on (NCCL: CUDA, HCCL: NPU, else CPU)."""
     backend = str(dist.get_backend(group)).lower()
@@ -51,9 +55,7 @@ def agree(what: str, values: dict[str, object], group, ranks: list[int], device:
     mine = [_encode("input error" if error is not None else None)]
     mine += [0 if error is not None else _encode(values[k]) for k in keys]
     everyone = torch.empty(len(ranks) * len(mine), dtype=torch.int64, device=device)
-    # torch 2.13 renamed all_gather_into_tensor to all_gather_single (2.11 has only the former)
-    gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-    gather(everyone, torch.tensor(mine, dtype=torch.int64, device=device), group=group)
+    all_gather_into_tensor(everyone, torch.tensor(mine, dtype=torch.int64, device=device), group=group)
     table = everyone.view(len(ranks), len(mine)).tolist()
     if error is not None:
         raise error

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..ops import _checks
-from .agreement import agree
+from .agreement import agree, all_gather_into_tensor
 from .topology import Topology
 
 
@@ -47,10 +47,8 @@ def exchange_split_sizes(input_split_sizes: list[int], topology: Topology) -> to
     """[W, W] matrix of rows sent: entry [i, j] is what rank i sends rank j (one all-gather)."""
     mine = torch.tensor(input_split_sizes, dtype=torch.int64)
     everyone = torch.empty(topology.world_size * topology.world_size, dtype=torch.int64)
-    # torch 2.13 renamed all_gather_into_tensor to all_gather_single (2.11 has only the former).
-    gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
     with collective("exchanging the split sizes", topology):
-        gather(everyone, mine, group=topology.group)
+        all_gather_into_tensor(everyone, mine, group=topology.group)
     return everyone.view(topology.world_size, topology.world_size)
 
 

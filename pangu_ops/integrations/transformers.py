@@ -66,10 +66,6 @@ def _uses_fused_swiglu(experts: nn.Module) -> bool:
             and gate is _moe._default_apply_gate and isinstance(getattr(experts, "act_fn", None), nn.SiLU))
 
 
-def _row_bias(bias: Tensor | None, rows_expert: Tensor) -> Tensor | float:
-    return 0.0 if bias is None else bias[rows_expert]
-
-
 def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """transformers' experts interface on pangu_ops ops (see the module docstring)."""
     why = _unsupported(experts)
@@ -90,18 +86,20 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     if _uses_fused_swiglu(experts):
         y = expert_mlp(x_sorted, experts.gate_up_proj, experts.down_proj, sizes)
     else:
-        has_bias = getattr(experts, "has_bias", False)
-        rows_expert = (torch.repeat_interleave(torch.arange(num_experts, device=sizes.device), sizes,
-                                               output_size=x_sorted.shape[0]) if has_bias else None)
+        rows_expert = None
+        if getattr(experts, "has_bias", False):  # each row's expert, to add its expert's bias
+            rows_expert = torch.repeat_interleave(torch.arange(num_experts, device=sizes.device), sizes,
+                                                  output_size=x_sorted.shape[0])
+
+        def bias(name: str) -> Tensor | float:
+            b = getattr(experts, name, None) if rows_expert is not None else None
+            return 0.0 if b is None else b[rows_expert]
+
         if getattr(experts, "has_gate", True):
-            h = grouped_gemm(x_sorted, experts.gate_up_proj, sizes, trans_b)
-            h = experts._apply_gate(h + _row_bias(getattr(experts, "gate_up_proj_bias", None) if has_bias else None,
-                                                  rows_expert))
+            h = experts._apply_gate(grouped_gemm(x_sorted, experts.gate_up_proj, sizes, trans_b) + bias("gate_up_proj_bias"))
         else:
-            h = grouped_gemm(x_sorted, experts.up_proj, sizes, trans_b)
-            h = experts.act_fn(h + _row_bias(getattr(experts, "up_proj_bias", None) if has_bias else None, rows_expert))
-        y = grouped_gemm(h, experts.down_proj, sizes, trans_b)
-        y = y + _row_bias(getattr(experts, "down_proj_bias", None) if has_bias else None, rows_expert)
+            h = experts.act_fn(grouped_gemm(x_sorted, experts.up_proj, sizes, trans_b) + bias("up_proj_bias"))
+        y = grouped_gemm(h, experts.down_proj, sizes, trans_b) + bias("down_proj_bias")
         if getattr(experts, "has_post_expert_norm", False):
             y = experts.post_expert_norm(y)
     return unpermute(y, index, top_k_weights, hidden_states.shape[0], topk=k).to(hidden_states.dtype)
