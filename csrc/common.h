@@ -108,10 +108,11 @@ inline at::Tensor as_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
 }
 
-// Whether torch's CPU matmul in `dtype` (bf16/fp16) is at least as fast as in fp32 on this machine:
-// from ~200x slower (AVX2 only) to several times faster (AMX-BF16), which CPU flags and oneDNN's
-// "supported" answers do not tell apart. Probed once per dtype on first use: a 128 x 512 x 512
-// matmul, best of 3, against fp32 (a few ms where it is fast; one call of up to ~0.2 s where not).
+// Whether torch's CPU matmul in `dtype` (bf16/fp16) is about as fast as in fp32 or faster on this
+// machine: from ~200x slower (AVX2 only) to several times faster (AMX-BF16), which CPU flags and
+// oneDNN's "supported" answers do not tell apart. Probed once per dtype on first use: a
+// 128 x 512 x 512 matmul after an untimed first call, best of 4, against fp32 (a few ms where it is
+// fast; ~0.5 s once where not).
 bool native_half_matmul(at::ScalarType dtype);
 
 // out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: in the

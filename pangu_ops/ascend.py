@@ -115,10 +115,10 @@ class Kernels:
                      group_sizes.to(torch.int64).contiguous(), dw, E, rows, K, N, TILE_M, TILE_N, 0, 1)
         return dw
 
-    def expert_mlp(self, x, w_gate_up, w_down, group_sizes, activation):
-        gate_up = self.grouped_gemm(x, w_gate_up, group_sizes, False)
-        h = reference.swiglu(gate_up).to(x.dtype)
-        return self.grouped_gemm(h, w_down, group_sizes, False), gate_up
+    def expert_mlp(self, x, w_gate_up, w_down, group_sizes, activation, trans_b, limit):
+        gate_up = self.grouped_gemm(x, w_gate_up, group_sizes, trans_b)
+        h = reference.gated(gate_up, activation, limit).to(x.dtype)
+        return self.grouped_gemm(h, w_down, group_sizes, trans_b), gate_up
 
     def rre_dispatch(self, x, token_ids, domain_ids, table, num_experts):
         expert_ids = _checks.rre_lookup(token_ids, domain_ids, table, num_experts)

@@ -7,6 +7,8 @@ oracle for the ops' hand-written backward passes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -87,26 +89,34 @@ def grouped_gemm_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
     return torch.stack(dw).to(x.dtype)
 
 
-ACTIVATIONS = ("swiglu",)
+# Gated activations of expert_mlp: act(gate) * up with act = silu (SwiGLU), erf GELU (GeGLU) or
+# tanh-approximated GELU; `limit` (finite) clamps gate to <= limit and up to [-limit, limit] first
+# (the clamped SwiGLU of DeepSeek-V4 / GLM-5, `swiglu_limit`).
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 
 
-def swiglu(gate_up: Tensor) -> Tensor:
-    """silu(gate) * up in fp32, for gate_up = [gate | up] along the last dimension."""
+def gated(gate_up: Tensor, activation: str = "swiglu", limit: float = math.inf) -> Tensor:
+    """act(gate) * up in fp32, for gate_up = [gate | up] along the last dimension."""
     gate, up = gate_up.float().chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    if limit != math.inf:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    if activation == "swiglu":
+        return torch.nn.functional.silu(gate) * up
+    return torch.nn.functional.gelu(gate, approximate="tanh" if activation == "geglu_tanh" else "none") * up
 
 
-def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
-               activation: str) -> tuple[Tensor, Tensor]:
-    """gate_up = grouped_gemm(x, w_gate_up) (rounded to x's dtype), h = silu(gate) * up (fp32 from
-    the rounded gate_up, rounded), y = grouped_gemm(h, w_down). Returns (y [S, N], gate_up [S, 2F]).
+def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str,
+               trans_b: bool, limit: float) -> tuple[Tensor, Tensor]:
+    """gate_up = grouped_gemm(x, w_gate_up, trans_b) (rounded to x's dtype), h = gated(gate_up)
+    (fp32 from the rounded gate_up, rounded), y = grouped_gemm(h, w_down, trans_b).
+    Returns (y [S, N], gate_up [S, 2F]).
 
     Every backend activates the *rounded* gate_up, fused or not: the backward pass recomputes h
     from the saved gate_up, so forward and backward see the same h. Autograd through this
     function rounds the gradients where the op's backward does (dh, d_gate_up in x's dtype)."""
-    gate_up = grouped_gemm(x, w_gate_up, group_sizes, False)
-    h = swiglu(gate_up).to(x.dtype)
-    return grouped_gemm(h, w_down, group_sizes, False), gate_up
+    gate_up = grouped_gemm(x, w_gate_up, group_sizes, trans_b)
+    h = gated(gate_up, activation, limit).to(x.dtype)
+    return grouped_gemm(h, w_down, group_sizes, trans_b), gate_up
 
 
 def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,

@@ -207,21 +207,32 @@ def _check_rre_dispatch(dtype: torch.dtype, case: Case, gen: torch.Generator, de
     yield compare("grad x", *(_grads(o, [x], g)[0] for o in (got, want)), dtype)
 
 
+# The gates checked besides plain SwiGLU over [E, K, 2F] weights, one per case (by its token count):
+# (activation, trans_b, limit). 0.7 is not a bf16/fp16 value, so no rounded gate sits on the clamp.
+GATE_VARIANTS = (("geglu", True, None), ("geglu_tanh", False, 0.7), ("swiglu", True, 0.7))
+
+
 def _check_expert_mlp(dtype: torch.dtype, case: Case, gen: torch.Generator, dev: torch.device):
     ids, _ = routing(case, gen, device=dev)
     group_sizes = torch.bincount(ids[ids >= 0].long(), minlength=case.experts)
     rows, k_dim, f_dim = int(group_sizes.sum()), case.hidden, case.ffn
-    x = randn((rows, k_dim), dtype, gen, noncontig=True, device=dev).requires_grad_()
-    w_gate_up = randn((case.experts, k_dim, 2 * f_dim), dtype, gen, scale=k_dim ** -0.5, device=dev).requires_grad_()
-    w_down = randn((case.experts, f_dim, k_dim), dtype, gen, scale=f_dim ** -0.5, device=dev).requires_grad_()
-    got = expert_mlp(x, w_gate_up, w_down, group_sizes)
-    want = reference.expert_mlp(x, w_gate_up, w_down, group_sizes, "swiglu")[0]
-    yield compare("y", got, want, dtype, roundings=2)  # gate_up, then h and y
-    g = randn((rows, k_dim), dtype, gen, device=dev)
-    params = [x, w_gate_up, w_down]
-    # dh and d_gate_up are rounded on the way to the weight and input gradients.
-    for name, a, b in zip(("grad x", "grad w_gate_up", "grad w_down"), _grads(got, params, g), _grads(want, params, g)):
-        yield compare(name, a, b, dtype, roundings=3)
+    for activation, trans_b, limit in (("swiglu", False, None), GATE_VARIANTS[case.tokens % len(GATE_VARIANTS)]):
+        tag = "" if activation == "swiglu" and not trans_b and limit is None else \
+            f" [{activation}{' trans_b' if trans_b else ''}{f' limit={limit}' if limit else ''}]"
+        x = randn((rows, k_dim), dtype, gen, noncontig=True, device=dev).requires_grad_()
+        up_shape, down_shape = ((2 * f_dim, k_dim), (k_dim, f_dim)) if trans_b else ((k_dim, 2 * f_dim), (f_dim, k_dim))
+        w_gate_up = randn((case.experts, *up_shape), dtype, gen, scale=k_dim ** -0.5, device=dev).requires_grad_()
+        w_down = randn((case.experts, *down_shape), dtype, gen, scale=f_dim ** -0.5, device=dev).requires_grad_()
+        got = expert_mlp(x, w_gate_up, w_down, group_sizes, activation, trans_b=trans_b, limit=limit)
+        want = reference.expert_mlp(x, w_gate_up, w_down, group_sizes, activation, trans_b,
+                                    float("inf") if limit is None else limit)[0]
+        yield compare("y" + tag, got, want, dtype, roundings=2)  # gate_up, then h and y
+        g = randn((rows, k_dim), dtype, gen, device=dev)
+        params = [x, w_gate_up, w_down]
+        # dh and d_gate_up are rounded on the way to the weight and input gradients.
+        for name, a, b in zip(("grad x", "grad w_gate_up", "grad w_down"), _grads(got, params, g),
+                              _grads(want, params, g)):
+            yield compare(name + tag, a, b, dtype, roundings=3)
 
 
 CHECKS: dict[str, Callable] = {

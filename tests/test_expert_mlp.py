@@ -1,4 +1,4 @@
-"""expert_mlp (gate/up GEMM + SwiGLU + down GEMM) against the reference and a plain loop."""
+"""expert_mlp (gate/up GEMM + gate + down GEMM) against the reference and a plain loop."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,42 @@ def test_equals_per_expert_loop(backend):
     torch.testing.assert_close(y, torch.cat(parts), rtol=1e-5, atol=1e-5)
 
 
+GATES = {  # activation -> the textbook function of the gate
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+    "geglu_tanh": lambda g: 0.5 * g * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (g + 0.044715 * g ** 3))),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", list(GATES))
+def test_gates_on_transformers_layout_equal_per_expert_loop(backend, activation):
+    """GeGLU / tanh-GeGLU / clamped SwiGLU over transformers' [E, 2F, K] / [E, N, F] weights
+    (trans_b), values and gradients, against the textbook loop with F.linear (DeepSeek-V4's
+    clamp: gate <= limit, |up| <= limit)."""
+    limit = 0.9 if activation == "swiglu" else None
+    sizes = torch.tensor([5, 0, 3, 9])
+    x = torch.randn(17, 12, requires_grad=True)
+    w_gate_up = (torch.randn(4, 2 * 10, 12) * 0.5).requires_grad_()  # [E, 2F, K]
+    w_down = (torch.randn(4, 7, 10) * 0.3).requires_grad_()  # [E, N, F]
+    with pangu_ops.use_backend(backend):
+        y = pangu_ops.expert_mlp(x, w_gate_up, w_down, sizes, activation, trans_b=True, limit=limit)
+    parts, clamped = [], 0
+    for e, x_e in enumerate(x.split(sizes.tolist())):
+        gate, up = F.linear(x_e, w_gate_up[e]).chunk(2, dim=1)
+        if limit is not None:
+            clamped += int((gate > limit).sum() + (up.abs() > limit).sum())
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        parts.append(F.linear(GATES[activation](gate) * up, w_down[e]))
+    assert limit is None or clamped > 10  # the clamp is exercised
+    want = torch.cat(parts)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    got_grads = torch.autograd.grad(y, (x, w_gate_up, w_down), g)
+    for a, b in zip(got_grads, torch.autograd.grad(want, (x, w_gate_up, w_down), g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_reach_every_used_expert(backend):
     sizes = torch.tensor([4, 0, 2])
@@ -44,7 +80,7 @@ BAD = {
     "odd gate_up width": ((torch.randn(4, 8), torch.randn(2, 8, 7), torch.randn(2, 3, 5), torch.tensor([2, 2])),
                           ValueError, "must be even"),
     "F mismatch": ((torch.randn(4, 8), torch.randn(2, 8, 8), torch.randn(2, 3, 5), torch.tensor([2, 2])),
-                   ValueError, r"F \(w_gate_up.shape\[2\] / 2\)"),
+                   ValueError, r"F \(half of w_gate_up's 2F\)"),
     "K mismatch": ((torch.randn(4, 9), torch.randn(2, 8, 8), torch.randn(2, 4, 5), torch.tensor([2, 2])),
                    ValueError, r"K \(x_sorted.shape\[1\]\)"),
     "sizes do not sum": ((torch.randn(4, 8), torch.randn(2, 8, 8), torch.randn(2, 4, 5), torch.tensor([2, 1])),
@@ -60,6 +96,16 @@ def test_bad_input(backend, name):
     args, exc, message = BAD[name]
     with pangu_ops.use_backend(backend), pytest.raises(exc, match=message):
         pangu_ops.expert_mlp(*args)
+
+
+def test_bad_limit_and_transposed_shapes():
+    x, sizes = torch.randn(4, 8), torch.tensor([2, 2])
+    with pytest.raises(ValueError, match="limit must be positive"):
+        pangu_ops.expert_mlp(x, torch.randn(2, 8, 8), torch.randn(2, 4, 5), sizes, limit=0.0)
+    with pytest.raises(ValueError, match=r"w_gate_up \[E, 2F, K\]: expected K \(x_sorted.shape\[1\]\) = 8, got 9"):
+        pangu_ops.expert_mlp(x, torch.randn(2, 6, 9), torch.randn(2, 5, 3), sizes, trans_b=True)
+    with pytest.raises(ValueError, match=r"w_down \[E, N, F\]: expected F \(half of w_gate_up's 2F\) = 3, got 4"):
+        pangu_ops.expert_mlp(x, torch.randn(2, 6, 8), torch.randn(2, 5, 4), sizes, trans_b=True)
 
 
 def test_unknown_activation():

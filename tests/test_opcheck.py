@@ -32,7 +32,10 @@ def _samples():
         "grouped_gemm_wgrad": (ops.grouped_gemm_wgrad, (xs.detach(), dy, sizes)),
         "expert_mlp": (ops.expert_mlp, (xs, verify.randn((case.experts, case.hidden, 2 * case.ffn), torch.float32, gen)
                                         .requires_grad_(), wt.transpose(1, 2).contiguous().detach().requires_grad_(),
-                                        sizes, "swiglu")),
+                                        sizes, "swiglu", False, float("inf"))),
+        "expert_mlp geglu trans_b clamped": (ops.expert_mlp, (xs, verify.randn((case.experts, 2 * case.ffn, case.hidden),
+                                                                               torch.float32, gen).requires_grad_(),
+                                                              wt.detach().requires_grad_(), sizes, "geglu", True, 0.7)),
     }
 
 

@@ -22,6 +22,16 @@ FAMILIES = {
                                              topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5)),
     "olmoe": ("OlmoeConfig", dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2)),
+    # GeGLU experts (the fused gate in erf- and tanh-GELU form)
+    "olmoe_gelu": ("OlmoeConfig", dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2, hidden_act="gelu")),
+    "mixtral_gelu_tanh": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+                                                hidden_act="gelu_pytorch_tanh")),
+    # hash-routed first layer (frozen token id -> experts table), clamped SwiGLU (swiglu_limit)
+    "deepseek_v4": ("DeepseekV4Config", dict(num_key_value_heads=1, head_dim=16, qk_rope_head_dim=8, q_lora_rank=16,
+                                             o_lora_rank=16, o_groups=2, index_head_dim=8, index_n_heads=2, index_topk=4,
+                                             sliding_window=8, intermediate_size=24, moe_intermediate_size=24,
+                                             n_routed_experts=8, num_experts_per_tok=2, hc_mult=2, swiglu_limit=0.5,
+                                             layer_types=["sliding_attention"] * 2, mlp_layer_types=["hash_moe", "moe"])),
     # transposed experts with biases and a clamped, interleaved gate (its own _apply_gate)
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
                                      sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
@@ -38,6 +48,9 @@ def _model(family: str, dtype=torch.float32):
     for p in model.parameters():  # HF's tiny init leaves experts near zero: make them matter
         if p.dim() == 3:
             torch.nn.init.normal_(p, std=0.2)
+    for name, b in model.named_buffers():
+        if name.endswith("tid2eid"):  # hash routing tables come from checkpoints: draw one
+            b.copy_(torch.randint(0, config.n_routed_experts, b.shape))
     return model.to(dtype)
 
 
@@ -74,7 +87,9 @@ def test_logits_bf16_as_accurate_as_eager(family):
     eager, ours = _logits(model, ids, "eager").float(), _logits(model, ids, hf.NAME).float()
     eager_err, our_err = (eager - exact).abs().max(), (ours - exact).abs().max()
     assert our_err <= 2 * eager_err + 1e-3 * exact.abs().max(), (float(our_err), float(eager_err))
-    assert our_err <= 0.05 * exact.abs().max()
+    # absolute closeness where the model itself allows it (tiny DeepSeek-V4 is 40% off in bf16 on
+    # eager too: its bf16 routers flip experts)
+    assert our_err <= max(0.05 * exact.abs().max(), eager_err), (float(our_err), float(eager_err))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,9 +107,10 @@ def test_training_step_gradients_equal_eager(family):
     assert eager.keys() == ours.keys()
     expert_params = [n for n in eager if "experts" in n]
     assert expert_params, "no expert weight received a gradient"
-    for name in eager:
-        scale = float(eager[name].abs().max()) or 1.0
-        torch.testing.assert_close(ours[name], eager[name], rtol=0, atol=1e-5 * scale, msg=name)
+    largest = max(float(g.abs().max()) for g in eager.values())
+    for name in eager:  # (+ a 1e-8 share of the largest gradient, for tensors whose own is ~0)
+        scale = float(eager[name].abs().max())
+        torch.testing.assert_close(ours[name], eager[name], rtol=0, atol=1e-5 * scale + 1e-8 * largest, msg=name)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
@@ -169,5 +185,23 @@ def test_dtype_mismatch_is_a_clear_error():
     model = _model("mixtral")
     experts = _experts_modules(model)[0]
     x = torch.randn(3, COMMON["hidden_size"], dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="x .*bfloat16.* and w .*float32.* must have the same dtype"):
+    with pytest.raises(TypeError, match=r"hidden_states .*bfloat16.* and MixtralExperts.gate_up_proj .*float32.* must have the same dtype"):
         hf.experts_forward(experts, x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2))
+
+
+def test_fused_gate_serves_the_default_and_clamped_gates_only():
+    """Which experts run the fused expert_mlp: transformers' default gate (SiLU here) and
+    DeepSeek-V4's clamped SwiGLU; GPT-OSS's interleaved gate and biases go through its own
+    `_apply_gate` (the values of both paths are checked above against eager)."""
+    fused = {family: hf._fused_gate(_experts_modules(_model(family))[0]) for family in FAMILIES}
+    assert fused["mixtral"] == fused["qwen3_moe"] == fused["deepseek_v3"] == ("swiglu", None)
+    assert fused["deepseek_v4"] == ("swiglu", 0.5)
+    assert fused["gpt_oss"] is None
+    assert fused["olmoe_gelu"] == ("geglu", None) and fused["mixtral_gelu_tanh"] == ("geglu_tanh", None)
+    from transformers import activations
+
+    experts = _experts_modules(_model("mixtral"))[0]
+    for act, name in ((activations.GELUActivation(), "geglu"), (activations.GELUTanh(), "geglu_tanh"),
+                      (torch.nn.ReLU(), None)):
+        experts.act_fn = act
+        assert hf._fused_gate(experts) == (None if name is None else (name, None))

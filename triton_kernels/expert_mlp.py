@@ -1,5 +1,5 @@
-"""The fused expert MLP on Triton: the gate/up grouped GEMM with SwiGLU in its epilogue (fp32
-accumulators -> silu(gate) * up -> rounded once), then the down grouped GEMM."""
+"""The fused expert MLP on Triton: the gate/up grouped GEMM with the gate in its epilogue (fp32
+accumulators -> act(gate) * up -> rounded once), then the down grouped GEMM."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ import torch
 from .grouped_gemm import gated_grouped_gemm, grouped_gemm
 
 
-def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                       group_sizes: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    gate_up, h = gated_grouped_gemm(x, w_gate_up, group_sizes)
-    return grouped_gemm(h, w_down, group_sizes, False), gate_up
+def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, group_sizes: torch.Tensor,
+               activation: str, trans_b: bool, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    gate_up, h = gated_grouped_gemm(x, w_gate_up, group_sizes, activation, trans_b, limit)
+    return grouped_gemm(h, w_down, group_sizes, trans_b), gate_up

@@ -11,6 +11,8 @@ Empty experts get zeros.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,17 +36,37 @@ _CONFIGS = [
 ]
 
 
+# expert_mlp's activations (reference.ACTIVATIONS) as the kernel's ACT code
+ACT_CODES = {"swiglu": 0, "geglu": 1, "geglu_tanh": 2}
+
+
+@triton.jit
+def _gate(gate, up, limit, ACT: tl.constexpr, CLAMP: tl.constexpr):
+    """act(gate) * up in fp32 (reference.gated): ACT 0 silu, 1 erf GELU, 2 tanh GELU
+    (= x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)); CLAMP: gate <= limit, |up| <= limit."""
+    if CLAMP:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    if ACT == 0:
+        act = gate * tl.sigmoid(gate)
+    elif ACT == 1:
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    else:
+        act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+    return act * up
+
+
 @gemm_configs(_CONFIGS, key=["N", "K", "GATED"])
 @triton.jit
 def _grouped_gemm_kernel(
-    x_ptr, w_ptr, y_ptr, h_ptr, sizes_ptr, S, E, N, K,
+    x_ptr, w_ptr, y_ptr, h_ptr, sizes_ptr, S, E, N, K, limit,
     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_hm,
-    GATED: tl.constexpr, UPCAST: tl.constexpr,
+    GATED: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = x_e @ w[e] per expert. GATED (the expert MLP's gate/up GEMM): w[e] is [K, 2N], gate
     columns then up columns; each tile computes both halves, stores them to y ([S, 2N]) and
-    h = silu(gate) * up to h ([S, N]), computed in fp32 from the gate/up values as stored (rounded
+    h = act(gate) * up to h ([S, N]), computed in fp32 from the gate/up values as stored (rounded
     to the output dtype), as every backend does."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -81,14 +103,15 @@ def _grouped_gemm_kernel(
             if GATED:
                 tl.store(y_ptrs + N * s_yn, to_dtype(acc_up, y_ptr.dtype.element_ty), mask=out_mask)
                 gate = to_dtype(acc, y_ptr.dtype.element_ty).to(tl.float32)
-                h = gate * tl.sigmoid(gate) * to_dtype(acc_up, y_ptr.dtype.element_ty).to(tl.float32)
+                h = _gate(gate, to_dtype(acc_up, y_ptr.dtype.element_ty).to(tl.float32), limit, ACT, CLAMP)
                 tl.store(h_ptr + rows[:, None] * s_hm + rn[None, :], to_dtype(h, h_ptr.dtype.element_ty), mask=out_mask)
             t += nprog
         first_tile += tiles
         row0 += m
 
 
-def _launch(x, w, y, h, group_sizes, n: int, s_wk: int, s_wn: int, gated: bool) -> None:
+def _launch(x, w, y, h, group_sizes, n: int, s_wk: int, s_wn: int, gated: bool, activation: str = "swiglu",
+            limit: float = math.inf) -> None:
     S, K = x.shape
     E = w.shape[0]
 
@@ -97,9 +120,9 @@ def _launch(x, w, y, h, group_sizes, n: int, s_wk: int, s_wn: int, gated: bool) 
         return (num_programs(x.device, upper),)
 
     _grouped_gemm_kernel[grid](
-        x, w, y, h, group_sizes, S, E, n, K,
+        x, w, y, h, group_sizes, S, E, n, K, limit if limit != math.inf else 0.0,
         x.stride(0), x.stride(1), w.stride(0), s_wk, s_wn, y.stride(0), y.stride(1), h.stride(0),
-        GATED=gated, UPCAST=upcast_operands(x.dtype),
+        GATED=gated, ACT=ACT_CODES[activation], CLAMP=limit != math.inf, UPCAST=upcast_operands(x.dtype),
         **(INTERPRET_BLOCKS if INTERPRET else {}),
     )
 
@@ -117,17 +140,19 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, tr
     return y
 
 
-def gated_grouped_gemm(x: torch.Tensor, w_gate_up: torch.Tensor, group_sizes: torch.Tensor):
-    """(gate_up [S, 2F], h = silu(gate) * up [S, F]) in x's dtype, from one fused GEMM."""
+def gated_grouped_gemm(x: torch.Tensor, w_gate_up: torch.Tensor, group_sizes: torch.Tensor, activation: str,
+                       trans_b: bool, limit: float):
+    """(gate_up [S, 2F], h = act(gate) * up [S, F]) in x's dtype, from one fused GEMM."""
     if check_values(x):
         _checks.group_sizes_values("expert_mlp", group_sizes, x.shape[0])
     S, K = x.shape
-    F = w_gate_up.shape[2] // 2
+    F = w_gate_up.shape[1 if trans_b else 2] // 2
     gate_up = torch.empty(S, 2 * F, dtype=x.dtype, device=x.device)
     h = torch.empty(S, F, dtype=x.dtype, device=x.device)
     if S == 0 or F == 0 or K == 0:
         return gate_up.zero_(), h.zero_()
-    _launch(x, w_gate_up, gate_up, h, group_sizes, F, w_gate_up.stride(1), w_gate_up.stride(2), gated=True)
+    s_wk, s_wn = (w_gate_up.stride(2), w_gate_up.stride(1)) if trans_b else (w_gate_up.stride(1), w_gate_up.stride(2))
+    _launch(x, w_gate_up, gate_up, h, group_sizes, F, s_wk, s_wn, gated=True, activation=activation, limit=limit)
     return gate_up, h
 
 

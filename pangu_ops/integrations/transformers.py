@@ -12,10 +12,11 @@ backend serves the tensors' device:
   weights -> the module's gate (`_apply_gate`, or `act_fn` without a gate) -> grouped GEMM with
   the down weights -> unpermute (the weighted sum of each token's rows in fp32).
 The weights are read in transformers' layouts as they are (`[E, 2F, H]` and `[E, H, F]` through
-`grouped_gemm(..., trans_b=True)`, or `[E, H, 2F]` / `[E, F, H]` when `is_transposed`): no copy,
-no transpose per call. Where the experts are transposed, carry no bias and use the default SwiGLU
-gate, the fused `expert_mlp` op runs instead. Per-expert biases and `post_expert_norm` are applied
-per row. What it cannot serve (an experts module without the weights it reads) goes to
+`trans_b=True`, or `[E, H, 2F]` / `[E, F, H]` when `is_transposed`): no copy, no transpose per
+call. Where the experts carry no bias and use transformers' default gate with SiLU / GELU /
+tanh-GELU, or DeepSeek-V4's clamped SwiGLU, the fused `expert_mlp` op runs the whole MLP (gate in
+the GEMM's epilogue on GPU); other gates (GPT-OSS's) go through the module's own `_apply_gate`
+between two grouped GEMMs. Per-expert biases and `post_expert_norm` are applied per row. What it cannot serve (an experts module without the weights it reads) goes to
 transformers' own "grouped_mm" path with a one-time warning naming why.
 """
 from __future__ import annotations
@@ -57,13 +58,35 @@ def _unsupported(experts: nn.Module) -> str | None:
     return None
 
 
-def _uses_fused_swiglu(experts: nn.Module) -> bool:
-    """The fused expert_mlp computes exactly silu(gate) * up over [E, H, 2F] / [E, F, H] weights."""
+def _activation(act_fn) -> str | None:
+    """expert_mlp's name for a transformers activation module, or None."""
+    from transformers import activations
+
+    if isinstance(act_fn, (nn.SiLU, activations.SiLUActivation)):
+        return "swiglu"
+    if isinstance(act_fn, activations.GELUActivation):  # erf GELU (also its python variant)
+        return "geglu"
+    if isinstance(act_fn, (activations.GELUTanh, activations.NewGELUActivation)):
+        return "geglu_tanh"
+    return None
+
+
+def _fused_gate(experts: nn.Module) -> tuple[str, float | None] | None:
+    """(activation, limit) when the fused expert_mlp computes exactly this module's experts: gate |
+    up concatenated, no biases, no post-expert norm, and transformers' default gate act(gate) * up
+    or DeepSeek-V4's clamped one (`swiglu_limit`). None: run the module's own gate unfused."""
+    if (not getattr(experts, "has_gate", True) or not getattr(experts, "is_concatenated", True)
+            or getattr(experts, "has_bias", False) or getattr(experts, "has_post_expert_norm", False)):
+        return None
+    activation = _activation(getattr(experts, "act_fn", None))
     gate = getattr(type(experts), "_apply_gate", None)
-    return (getattr(experts, "is_transposed", False) and getattr(experts, "has_gate", True)
-            and getattr(experts, "is_concatenated", True) and not getattr(experts, "has_bias", False)
-            and not getattr(experts, "has_post_expert_norm", False)
-            and gate is _moe._default_apply_gate and isinstance(getattr(experts, "act_fn", None), nn.SiLU))
+    if activation is None:
+        return None
+    if gate is _moe._default_apply_gate:
+        return activation, None
+    if type(experts).__name__ == "DeepseekV4Experts" and isinstance(getattr(experts, "limit", None), (int, float)):
+        return activation, float(experts.limit)
+    return None
 
 
 def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
@@ -73,7 +96,9 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
         return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
     _checks.tensor("hidden_states", hidden_states, 2, "[T, H]", _checks.FLOAT_DTYPES)
     _checks.tensor("top_k_index", top_k_index, 2, "[T, k]", _checks.INDEX_DTYPES)
-    num_experts = experts.gate_up_proj.shape[0] if getattr(experts, "has_gate", True) else experts.up_proj.shape[0]
+    weight = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+    _checks.same_dtype("hidden_states", hidden_states, f"{type(experts).__name__}.{weight}", getattr(experts, weight))
+    num_experts = getattr(experts, weight).shape[0]
     k = top_k_index.shape[1]
     if top_k_weights.dim() == 2 and top_k_weights.shape[1] != k:  # dense [T, E] routing weights
         _checks.size("top_k_weights [T, E]", top_k_weights.shape[1], num_experts, "E (experts)")
@@ -83,23 +108,27 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
         ids = torch.where(ids < num_experts, ids, -1)
     x_sorted, sizes, index = permute(hidden_states, ids, num_experts)
     trans_b = not getattr(experts, "is_transposed", False)
-    if _uses_fused_swiglu(experts):
-        y = expert_mlp(x_sorted, experts.gate_up_proj, experts.down_proj, sizes)
+    fused = _fused_gate(experts)
+    if fused is not None:
+        activation, limit = fused
+        y = expert_mlp(x_sorted, experts.gate_up_proj, experts.down_proj, sizes, activation, trans_b=trans_b,
+                       limit=limit)
     else:
         rows_expert = None
         if getattr(experts, "has_bias", False):  # each row's expert, to add its expert's bias
             rows_expert = torch.repeat_interleave(torch.arange(num_experts, device=sizes.device), sizes,
                                                   output_size=x_sorted.shape[0])
 
-        def bias(name: str) -> Tensor | float:
-            b = getattr(experts, name, None) if rows_expert is not None else None
-            return 0.0 if b is None else b[rows_expert]
+        def gemm(a: Tensor, weight: str) -> Tensor:
+            out = grouped_gemm(a, getattr(experts, weight), sizes, trans_b)
+            b = getattr(experts, f"{weight}_bias", None) if rows_expert is not None else None
+            return out if b is None else out + b[rows_expert]
 
         if getattr(experts, "has_gate", True):
-            h = experts._apply_gate(grouped_gemm(x_sorted, experts.gate_up_proj, sizes, trans_b) + bias("gate_up_proj_bias"))
+            h = experts._apply_gate(gemm(x_sorted, "gate_up_proj"))
         else:
-            h = experts.act_fn(grouped_gemm(x_sorted, experts.up_proj, sizes, trans_b) + bias("up_proj_bias"))
-        y = grouped_gemm(h, experts.down_proj, sizes, trans_b) + bias("down_proj_bias")
+            h = experts.act_fn(gemm(x_sorted, "up_proj"))
+        y = gemm(h, "down_proj")
         if getattr(experts, "has_post_expert_norm", False):
             y = experts.post_expert_norm(y)
     return unpermute(y, index, top_k_weights, hidden_states.shape[0], topk=k).to(hidden_states.dtype)

@@ -1,84 +1,109 @@
-"""pangu::expert_mlp — every expert's gated MLP over its rows: y_e = swiglu(x_e @ w_gate_up[e]) @ w_down[e].
+"""pangu::expert_mlp — every expert's gated MLP over its rows: y_e = act(x_e @ Wg[e]) * (x_e @ Wu[e]) @ w_down[e].
 
-Kernels: `reference.expert_mlp`, `csrc/expert_mlp.cpp`, `triton_kernels/expert_mlp.py` (SwiGLU fused
-into the gate/up GEMM's epilogue). The forward also returns gate_up (in x's dtype), saved for the
-backward, which is built from the grouped GEMM ops: dh = dy @ w_down^T, dW_down = h^T dy, the
-SwiGLU derivative (elementwise, fp32), dx = d_gate_up @ w_gate_up^T, dW_gate_up = x^T d_gate_up.
+Kernels: `reference.expert_mlp`, `csrc/expert_mlp.cpp`, `triton_kernels/expert_mlp.py` (the gate
+fused into the gate/up GEMM's epilogue). Gates: SwiGLU, GeGLU (erf or tanh GELU), each optionally
+clamped (`limit`); weights `[E, K, 2F]` / `[E, F, N]`, or transposed (`trans_b`: HF's `[E, 2F, K]` /
+`[E, N, F]`). The forward also returns gate_up (in x's dtype), saved for the backward, which is
+built from the grouped GEMM ops: dh = dy @ w_down^T, dW_down = h^T dy, the gate's derivative
+(elementwise, fp32), dx = d_gate_up @ w_gate_up^T, dW_gate_up = x^T d_gate_up.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import ACTIVATIONS, swiglu
+from ..reference import ACTIVATIONS, gated
 from . import _checks
 from ._dispatch import Op
 from .grouped_gemm import grouped_gemm_op, grouped_gemm_wgrad_op
 
 
-def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str) -> None:
+def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str, trans_b: bool,
+           limit: float) -> None:
+    up_layout, down_layout = ("[E, 2F, K]", "[E, N, F]") if trans_b else ("[E, K, 2F]", "[E, F, N]")
     _checks.tensor("x_sorted", x, 2, "[S, K]", _checks.FLOAT_DTYPES)
-    _checks.tensor("w_gate_up", w_gate_up, 3, "[E, K, 2F]", _checks.FLOAT_DTYPES)
-    _checks.tensor("w_down", w_down, 3, "[E, F, N]", _checks.FLOAT_DTYPES)
+    _checks.tensor("w_gate_up", w_gate_up, 3, up_layout, _checks.FLOAT_DTYPES)
+    _checks.tensor("w_down", w_down, 3, down_layout, _checks.FLOAT_DTYPES)
     _checks.same_dtype("x_sorted", x, "w_gate_up", w_gate_up)
     _checks.same_dtype("x_sorted", x, "w_down", w_down)
-    E, K, two_f = w_gate_up.shape
-    _checks.size("w_gate_up [E, K, 2F]", K, x.shape[1], "K (x_sorted.shape[1])")
+    E = w_gate_up.shape[0]
+    K, two_f = (w_gate_up.shape[2], w_gate_up.shape[1]) if trans_b else (w_gate_up.shape[1], w_gate_up.shape[2])
+    _checks.size(f"w_gate_up {up_layout}", K, x.shape[1], "K (x_sorted.shape[1])")
     if two_f % 2:
-        raise ValueError(f"w_gate_up [E, K, 2F]: the last dimension must be even (gate | up), got {two_f}")
-    _checks.size("w_down [E, F, N]", w_down.shape[0], E, "E (w_gate_up.shape[0])")
-    _checks.size("w_down [E, F, N]", w_down.shape[1], two_f // 2, "F (w_gate_up.shape[2] / 2)")
+        raise ValueError(f"w_gate_up {up_layout}: 2F must be even (gate | up), got {two_f}")
+    _checks.size(f"w_down {down_layout}", w_down.shape[0], E, "E (w_gate_up.shape[0])")
+    _checks.size(f"w_down {down_layout}", w_down.shape[2 if trans_b else 1], two_f // 2, "F (half of w_gate_up's 2F)")
     _checks.tensor("group_sizes", group_sizes, 1, "[E]", _checks.INDEX_DTYPES)
     _checks.size("group_sizes", group_sizes.shape[0], E, "length (E = w_gate_up.shape[0])")
     _checks.same_device(x_sorted=x, w_gate_up=w_gate_up, w_down=w_down, group_sizes=group_sizes)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not limit > 0:  # also rejects NaN
+        raise ValueError(f"limit must be positive (math.inf or None: no clamp), got {limit}")
 
 
 @torch.library.custom_op("pangu::expert_mlp", mutates_args=())
 def _expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
-                  activation: str) -> tuple[Tensor, Tensor]:
+                  activation: str, trans_b: bool, limit: float) -> tuple[Tensor, Tensor]:
     """(y [S, N], gate_up [S, 2F])."""
-    return backends.kernel("expert_mlp", x.device)(x, w_gate_up, w_down, group_sizes, activation)
+    return backends.kernel("expert_mlp", x.device)(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
 
 
 @_expert_mlp.register_fake
-def _(x, w_gate_up, w_down, group_sizes, activation):
-    _check(x, w_gate_up, w_down, group_sizes, activation)
-    return x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(x.shape[0], w_gate_up.shape[2])
+def _(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit):
+    _check(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
+    n, two_f = (w_down.shape[1], w_gate_up.shape[1]) if trans_b else (w_down.shape[2], w_gate_up.shape[2])
+    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], two_f)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, w_gate_up, w_down, group_sizes, _ = inputs
+    x, w_gate_up, w_down, group_sizes, ctx.activation, ctx.trans_b, ctx.limit = inputs
     ctx.save_for_backward(x, w_gate_up, w_down, group_sizes, output[1])
 
 
-def _swiglu_backward(gate_up: Tensor, dh: Tensor) -> Tensor:
-    """d(silu(g) * u) / d[g | u] applied to dh, in fp32, in dh's dtype."""
+def _gated_backward(gate_up: Tensor, dh: Tensor, activation: str, limit: float) -> Tensor:
+    """d(act(gate) * up) / d[gate | up] applied to dh (through the clamps), in fp32, in dh's dtype."""
     gate, up = gate_up.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
     dhf = dh.float()
-    d_gate = dhf * up * sig * (1 + gate * (1 - sig))
-    return torch.cat([d_gate, dhf * gate * sig], dim=-1).to(dh.dtype)
+    if limit != math.inf:  # clamp's gradient: 1 inside [min, max] (bounds included, as torch's)
+        pass_gate, pass_up = gate <= limit, (up >= -limit) & (up <= limit)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    if activation == "swiglu":
+        sig = torch.sigmoid(gate)
+        act, d_act = gate * sig, sig * (1 + gate * (1 - sig))
+    elif activation == "geglu":
+        cdf = 0.5 * (1 + torch.erf(gate * math.sqrt(0.5)))
+        act, d_act = gate * cdf, cdf + gate * torch.exp(-0.5 * gate * gate) * (0.5 * math.sqrt(2 / math.pi))
+    else:  # geglu_tanh: x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3)
+        c = math.sqrt(2 / math.pi)
+        sig = torch.sigmoid(2 * c * (gate + 0.044715 * gate ** 3))
+        act, d_act = gate * sig, sig + gate * sig * (1 - sig) * 2 * c * (1 + 3 * 0.044715 * gate * gate)
+    d_gate, d_up = dhf * up * d_act, dhf * act
+    if limit != math.inf:
+        d_gate, d_up = d_gate * pass_gate, d_up * pass_up
+    return torch.cat([d_gate, d_up], dim=-1).to(dh.dtype)
 
 
-def _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, wgrad):
+def _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, wgrad, activation, trans_b, limit):
     """(dx, dw_gate_up, dw_down) where `needs` says which; `wgrad(a, b, sizes)` makes the weight
     gradients (the op's own: in x's dtype; fp32 for gradients accumulated over several calls)."""
-    h = swiglu(gate_up).to(x.dtype)
-    dh = grouped_gemm_op(dy, w_down, group_sizes, True)
-    d_gate_up = _swiglu_backward(gate_up, dh)
-    dx = grouped_gemm_op(d_gate_up, w_gate_up, group_sizes, True) if needs[0] else None
-    dw_gate_up = wgrad(x, d_gate_up, group_sizes) if needs[1] else None
-    dw_down = wgrad(h, dy, group_sizes) if needs[2] else None
+    h = gated(gate_up, activation, limit).to(x.dtype)
+    dh = grouped_gemm_op(dy, w_down, group_sizes, not trans_b)
+    d_gate_up = _gated_backward(gate_up, dh, activation, limit)
+    dx = grouped_gemm_op(d_gate_up, w_gate_up, group_sizes, not trans_b) if needs[0] else None
+    # w[e] = [K, N]: dw = a^T b; transposed w[e] = [N, K]: dw = b^T a
+    dw_gate_up = (wgrad(d_gate_up, x, group_sizes) if trans_b else wgrad(x, d_gate_up, group_sizes)) if needs[1] else None
+    dw_down = (wgrad(dy, h, group_sizes) if trans_b else wgrad(h, dy, group_sizes)) if needs[2] else None
     return dx, dw_gate_up, dw_down
 
 
 def _backward(ctx, dy, _d_gate_up):
     x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
-    return *_grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.needs_input_grad,
-                   grouped_gemm_wgrad_op), None, None
+    return *_grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.needs_input_grad, grouped_gemm_wgrad_op,
+                   ctx.activation, ctx.trans_b, ctx.limit), None, None, None, None
 
 
 expert_mlp_op = Op(_expert_mlp, "expert_mlp", _setup_context, _backward)
@@ -108,9 +133,10 @@ class _ExpertMLPFp32Grads(torch.autograd.Function):
     """expert_mlp whose weight gradients go, in fp32, to the `_Fp32Grad` stand-ins."""
 
     @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, group_sizes, activation, g_gate_up, g_down):
-        y, gate_up = expert_mlp_op(x, w_gate_up, w_down, group_sizes, activation)
+    def forward(ctx, x, w_gate_up, w_down, group_sizes, activation, trans_b, limit, g_gate_up, g_down):
+        y, gate_up = expert_mlp_op(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
         ctx.save_for_backward(x, w_gate_up, w_down, group_sizes, gate_up)
+        ctx.gate = (activation, trans_b, limit)
         ctx.mark_non_differentiable(gate_up)
         return y
 
@@ -119,8 +145,8 @@ class _ExpertMLPFp32Grads(torch.autograd.Function):
         x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, dw_gate_up, dw_down = _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy,
-                                         (needs[0], needs[5], needs[6]), _wgrad_fp32)
-        return dx, None, None, None, None, dw_gate_up, dw_down
+                                         (needs[0], needs[7], needs[8]), _wgrad_fp32, *ctx.gate)
+        return dx, None, None, None, None, None, None, dw_gate_up, dw_down
 
 
 def fp32_weight_grads(w_gate_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,23 +158,29 @@ def fp32_weight_grads(w_gate_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor
 
 
 def expert_mlp(x_sorted: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
-               activation: str = "swiglu", *, fp32_grads: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Every expert's SwiGLU MLP over its rows of `x_sorted` (rows grouped by expert, as `permute`
-    returns them): `y_e = (silu(x_e @ Wg[e]) * (x_e @ Wu[e])) @ w_down[e]`.
+               activation: str = "swiglu", *, trans_b: bool = False, limit: float | None = None,
+               fp32_grads: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Every expert's gated MLP over its rows of `x_sorted` (rows grouped by expert, as `permute`
+    returns them): `y_e = (act(x_e @ Wg[e]) * (x_e @ Wu[e])) @ w_down[e]`.
 
     Args:
         x_sorted: `[S, K]`.
-        w_gate_up: `[E, K, 2F]`, gate columns `[:F]` then up columns `[F:]`.
-        w_down: `[E, F, N]`.
+        w_gate_up: `[E, K, 2F]`, gate columns `[:F]` then up columns `[F:]`; with `trans_b`,
+            `[E, 2F, K]` (gate rows, then up rows: transformers' `gate_up_proj`).
+        w_down: `[E, F, N]`; with `trans_b`, `[E, N, F]` (transformers' `down_proj`).
         group_sizes: `[E]` rows per expert, summing to S.
-        activation: "swiglu".
+        activation: "swiglu" (silu), "geglu" (erf GELU) or "geglu_tanh" (tanh-approximated GELU).
+        limit: clamps gate to `<= limit` and up to `[-limit, limit]` before the activation (the
+            clamped SwiGLU of DeepSeek-V4, `swiglu_limit`); None: no clamp.
         fp32_grads: `fp32_weight_grads(w_gate_up, w_down)`, shared by several calls whose weight
             gradients must add up in fp32 (see there).
 
     fp32 accumulation; the activation is applied to the fp32 gate/up values and rounded once.
     Returns `[S, N]` in x's dtype; differentiable in x_sorted, w_gate_up and w_down.
     """
-    _check(x_sorted, w_gate_up, w_down, group_sizes, activation)
+    limit = math.inf if limit is None else float(limit)
+    _check(x_sorted, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
     if fp32_grads is not None and torch.is_grad_enabled():
-        return _ExpertMLPFp32Grads.apply(x_sorted, w_gate_up, w_down, group_sizes, activation, *fp32_grads)
-    return expert_mlp_op(x_sorted, w_gate_up, w_down, group_sizes, activation)[0]
+        return _ExpertMLPFp32Grads.apply(x_sorted, w_gate_up, w_down, group_sizes, activation, trans_b, limit,
+                                         *fp32_grads)
+    return expert_mlp_op(x_sorted, w_gate_up, w_down, group_sizes, activation, trans_b, limit)[0]
