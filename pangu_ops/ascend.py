@@ -122,7 +122,7 @@ class Kernels:
 
     def rre_dispatch(self, x, token_ids, domain_ids, table, num_experts):
         expert_ids = _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
-        return self.permute(x, expert_ids.reshape(-1, 1), num_experts)
+        return self.permute(x, expert_ids.reshape(x.shape[0], table.shape[2] if table.dim() == 3 else 1), num_experts)
 
 
 class TwinRunner:

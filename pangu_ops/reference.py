@@ -121,7 +121,8 @@ def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor
 
 def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
                  num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Random Routed Experts dispatch: the expert of token (b, s) is table[domain_ids[b],
-    token_ids[b, s]] (top-1, no gate); then `permute` of x [B*S, H] with k = 1."""
+    """Table-routed dispatch: the experts of token (b, s) are table[domain_ids[b], token_ids[b, s]]
+    (RRE: a [D, V] table, top-1; hash routing: a [D, V, k] table, k experts); then `permute` of
+    x [B*S, H] with those k = table.shape[2] (or 1) experts per token."""
     expert_ids = _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
-    return permute(x, expert_ids.reshape(-1, 1), num_experts)
+    return permute(x, expert_ids.reshape(x.shape[0], table.shape[2] if table.dim() == 3 else 1), num_experts)

@@ -1,4 +1,6 @@
-"""Routing: Random Routed Experts (PanGu-Σ), learned top-k (Pangu Ultra MoE), balance losses.
+"""Routing: Random Routed Experts (PanGu-Σ), learned top-k (Mixtral, Qwen, DeepSeek-V3 / Pangu Ultra
+MoE: softmax/sigmoid scores, normalisation, routed scaling, group-limited choice, the aux-loss-free
+correction bias), hash routing by token id (DeepSeek-V4), balance losses.
 
 RRE routes without a gate, in two levels: the sample's domain picks its group of experts, the
 token's vocabulary id picks one expert of that group through a table drawn at initialisation —
@@ -10,6 +12,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import _checks
@@ -58,25 +61,93 @@ def required_experts(token_ids: Tensor, domain_ids: Tensor, table: Tensor) -> Te
     return torch.unique(rre_route(token_ids, domain_ids, table))
 
 
-def topk_route(logits: Tensor, k: int, *, score: str = "softmax", normalize: bool = True,
-               scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Learned top-k routing. Returns (weights [T, k] fp32, expert_ids [T, k] int64, probs [T, E]
-    fp32). `score`: "softmax" or "sigmoid" (Pangu Ultra MoE); `normalize` rescales the k weights to
-    sum to 1; `scaling` multiplies them (Pangu Ultra MoE's routed scaling factor, 2.5)."""
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
+
+
+def router_scores(logits: Tensor, score: str = "softmax") -> Tensor:
+    """Per-expert scores [T, E] in fp32: "softmax" (Mixtral, Qwen), "sigmoid" (DeepSeek-V3, Pangu
+    Ultra MoE) or "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus(logit)))."""
     _checks.tensor("logits", logits, 2, "[T, E]", _checks.FLOAT_DTYPES)
-    _checks.positive_int("k", k)
-    if k > logits.shape[1]:
-        raise ValueError(f"k ({k}) must be at most the number of experts ({logits.shape[1]})")
     if score == "softmax":
-        probs = logits.float().softmax(-1)
-    elif score == "sigmoid":
-        probs = logits.float().sigmoid()
-    else:
-        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-    weights, expert_ids = probs.topk(k, dim=-1)
+        return logits.float().softmax(-1)
+    if score == "sigmoid":
+        return logits.float().sigmoid()
+    if score == "sqrtsoftplus":
+        return F.softplus(logits.float()).sqrt()
+    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
+def _gate_weights(scores: Tensor, expert_ids: Tensor, normalize: bool, scaling: float) -> Tensor:
+    """The chosen experts' scores, rescaled to sum to 1 when `normalize`, times `scaling`."""
+    weights = scores.gather(1, expert_ids)
     if normalize:
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
-    return weights * scaling, expert_ids, probs
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling
+
+
+def topk_route(logits: Tensor, k: int, *, score: str = "softmax", normalize: bool = True, scaling: float = 1.0,
+               correction_bias: Tensor | None = None, n_group: int = 1,
+               topk_group: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Learned top-k routing. Returns (weights [T, k] fp32, expert_ids [T, k] int64, scores [T, E]
+    fp32).
+
+    score: see `router_scores`. normalize: rescale the k weights to sum to 1 (Mixtral's softmax
+    over the top-k logits is softmax + normalize; Qwen's `norm_topk_prob`). scaling: the routed
+    scaling factor (DeepSeek-V3 2.5, Pangu Ultra MoE). correction_bias [E]: DeepSeek-V3's
+    aux-loss-free balancing bias, added to the scores for the choice of experts only (the weights
+    are the unbiased scores). n_group / topk_group: group-limited routing: the experts form n_group
+    equal groups, each scored by the sum of its two best (biased) scores, and only the experts of
+    the topk_group best groups can be chosen."""
+    scores = router_scores(logits, score)
+    num_experts = scores.shape[1]
+    _checks.positive_int("k", k)
+    if k > num_experts:
+        raise ValueError(f"k ({k}) must be at most the number of experts ({num_experts})")
+    choice = scores
+    if correction_bias is not None:
+        _checks.tensor("correction_bias", correction_bias, 1, "[E]", _checks.FLOAT_DTYPES)
+        _checks.size("correction_bias", correction_bias.shape[0], num_experts, "length (E = logits.shape[1])")
+        choice = scores + correction_bias.float()
+    topk_group = n_group if topk_group is None else topk_group
+    if n_group > 1 and topk_group < n_group:
+        _checks.positive_int("topk_group", topk_group)
+        if num_experts % n_group:
+            raise ValueError(f"n_group ({n_group}) must divide the number of experts ({num_experts})")
+        if k > topk_group * (num_experts // n_group):
+            raise ValueError(f"k ({k}) is more than the {topk_group} groups of {num_experts // n_group} experts hold")
+        grouped = choice.view(-1, n_group, num_experts // n_group)
+        group_scores = grouped.topk(min(2, grouped.shape[2]), dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_scores.topk(topk_group, -1).indices,
+                                                                         True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, num_experts)
+    expert_ids = choice.topk(k, dim=-1).indices
+    return _gate_weights(scores, expert_ids, normalize, scaling), expert_ids, scores
+
+
+def hash_table(vocab_size: int, num_experts: int, k: int, *, seed: int, layer: int = 0) -> Tensor:
+    """A frozen token-id -> experts table `[vocab_size, k]` (int64) for hash routing: k distinct
+    experts per token id, drawn uniformly (every expert gets V*k/E ids in expectation),
+    reproducible from (seed, layer). DeepSeek-V4 checkpoints bring their own (`tid2eid`)."""
+    _checks.positive_int("k", k)
+    if k > num_experts:
+        raise ValueError(f"k ({k}) must be at most the number of experts ({num_experts})")
+    gen = _generator(seed, layer, -1)
+    chunk = max(1, (1 << 22) // num_experts)  # bounded memory for large vocabularies
+    return torch.cat([torch.rand(min(chunk, vocab_size - v), num_experts, generator=gen).argsort(-1)[:, :k]
+                      for v in range(0, vocab_size, chunk)]) if vocab_size else torch.empty(0, k, dtype=torch.long)
+
+
+def hash_route(logits: Tensor, token_ids: Tensor, table: Tensor, *, score: str = "softmax", normalize: bool = True,
+               scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Hash routing (DeepSeek-V4's hash MoE layers): the experts of a token are `table[token_id]`
+    ([V, k], frozen), weighted by the router's scores of those experts as in `topk_route`.
+    Returns (weights [T, k] fp32, expert_ids [T, k] int64, scores [T, E] fp32)."""
+    scores = router_scores(logits, score)
+    _checks.tensor("table", table, 2, "[vocab_size, k]", _checks.INDEX_DTYPES)
+    flat = token_ids.reshape(-1)
+    _checks.size("token_ids", flat.shape[0], scores.shape[0], "numel (T = logits.shape[0])")
+    expert_ids = _checks.rre_lookup(flat[None, :], flat.new_zeros(1), table[None], scores.shape[1])[0].long()
+    return _gate_weights(scores, expert_ids, normalize, scaling), expert_ids, scores
 
 
 def load_balancing_loss(probs: Tensor, expert_ids: Tensor, *, alpha: float = 1e-2,

@@ -191,20 +191,23 @@ def _check_grouped_gemm(dtype: torch.dtype, case: Case, gen: torch.Generator, de
 
 def _check_rre_dispatch(dtype: torch.dtype, case: Case, gen: torch.Generator, dev: torch.device):
     """RRE: case.experts experts split over (up to) 2 domains, case.tokens tokens as 1-2 samples,
-    a vocabulary of 3 * hidden ids."""
+    a vocabulary of 3 * hidden ids; then the same with a [D, V, k] hash-routing table."""
     domains = 2 if case.experts % 2 == 0 else 1
     table = rre_route_table(3 * case.hidden, case.experts, domains, seed=int(gen.initial_seed()) % 997,
                                     layer=0).to(dev)
     batch = 2 if case.tokens % 2 == 0 and case.tokens else 1
     token_ids = torch.randint(0, 3 * case.hidden, (batch, case.tokens // batch), generator=gen, device="cpu").to(dev)
     domain_ids = torch.randint(0, domains, (batch,), generator=gen, device="cpu").to(dev)
-    x = randn((token_ids.numel(), case.hidden), dtype, gen, noncontig=True, device=dev).requires_grad_()
-    got = rre_dispatch(x, token_ids, domain_ids, table, case.experts)
-    want = reference.rre_dispatch(x, token_ids, domain_ids, table, case.experts)
-    for name, a, b in zip(("x_sorted", "group_sizes", "sorted_index"), got, want):
-        yield compare(name, a, b, None)
-    g = randn(tuple(want[0].shape), dtype, gen, device=dev)
-    yield compare("grad x", *(_grads(o, [x], g)[0] for o in (got, want)), dtype)
+    # hash routing: a [D, V, k] table of k distinct experts per token id
+    hash_table = torch.rand(domains, 3 * case.hidden, case.experts, generator=gen, device="cpu").argsort(-1)[..., :case.topk]
+    for tag, tab in (("", table), (f" [hash k={case.topk}]", hash_table.to(dev))):
+        x = randn((token_ids.numel(), case.hidden), dtype, gen, noncontig=True, device=dev).requires_grad_()
+        got = rre_dispatch(x, token_ids, domain_ids, tab, case.experts)
+        want = reference.rre_dispatch(x, token_ids, domain_ids, tab, case.experts)
+        for name, a, b in zip(("x_sorted", "group_sizes", "sorted_index"), got, want):
+            yield compare(name + tag, a, b, None)
+        g = randn(tuple(want[0].shape), dtype, gen, device=dev)
+        yield compare("grad x" + tag, *(_grads(o, [x], g)[0] for o in (got, want)), dtype)
 
 
 # The gates checked besides plain SwiGLU over [E, K, 2F] weights, one per case (by its token count):

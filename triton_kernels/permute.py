@@ -1,6 +1,6 @@
 """permute (and rre_dispatch) on Triton: stable counting sort of the T*k slots by expert, then
-row scatter. In LOOKUP mode (rre_dispatch, k = 1) a slot's expert is table[domain, token], read
-inside both kernels, so no expert-id tensor is written.
+row scatter. In LOOKUP mode (rre_dispatch) slot j of a token has expert table[domain, token, j]
+(k = 1 for RRE's [D, V] table), read inside both kernels, so no expert-id tensor is written.
 
 1. histogram: each program counts its block of slots per expert (a one-hot sum), and the ids that
    are out of range;
@@ -24,14 +24,15 @@ BLOCK_H = 128
 
 
 @triton.jit
-def _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, LOOKUP: tl.constexpr):
+def _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, topk, LOOKUP: tl.constexpr):
     """Expert of each slot: -1 dropped (or past the end), -2 bad (token or domain out of range)."""
     live = offs < slots
     if LOOKUP:
-        tok = tl.load(ids_ptr + offs, mask=live, other=0).to(tl.int64)
-        dom = tl.load(dom_ptr + offs // seq, mask=live, other=0).to(tl.int64)
+        token = offs // topk
+        tok = tl.load(ids_ptr + token, mask=live, other=0).to(tl.int64)
+        dom = tl.load(dom_ptr + token // seq, mask=live, other=0).to(tl.int64)
         ok = (tok >= 0) & (tok < V) & (dom >= 0) & (dom < D)
-        ids = tl.load(table_ptr + dom * V + tok, mask=live & ok, other=-2).to(tl.int32)
+        ids = tl.load(table_ptr + (dom * V + tok) * topk + offs % topk, mask=live & ok, other=-2).to(tl.int32)
         ids = tl.where(live, ids, -1)
     else:
         ids = tl.load(ids_ptr + offs, mask=live, other=-1).to(tl.int32)
@@ -39,11 +40,11 @@ def _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, LOOKUP: t
 
 
 @triton.jit
-def _histogram_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, counts_ptr, bad_ptr, slots, E,
+def _histogram_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, counts_ptr, bad_ptr, slots, E, topk,
                       LOOKUP: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ids = _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, LOOKUP)
+    ids = _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, topk, LOOKUP)
     experts = tl.arange(0, E_PAD)
     onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
     tl.store(counts_ptr + pid * E + experts, tl.sum(onehot, axis=0), mask=experts < E)
@@ -57,7 +58,7 @@ def _scatter_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, x_ptr, out_ptr, inde
                     BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ids = _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, LOOKUP)
+    ids = _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, topk, LOOKUP)
     onehot = (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
     rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # earlier slots, same expert
     keep = (offs < slots) & (ids >= 0)
@@ -72,9 +73,9 @@ def _scatter_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, x_ptr, out_ptr, inde
 
 
 def _sort_rows(x, ids, lookup, k: int, num_experts: int, on_bad):
-    """The three steps for `ids` (flat expert ids, or token ids when `lookup` = (domain_ids,
-    table)); `on_bad()` raises for the first bad slot."""
-    slots, H, E = ids.numel(), x.shape[1], num_experts
+    """The three steps for `ids` (expert ids, or token ids when `lookup` = (domain_ids, table));
+    `on_bad()` raises for the first bad slot."""
+    slots, H, E = ids.numel() * (k if lookup is not None else 1), x.shape[1], num_experts
     x = x if x.stride(1) == 1 else x.contiguous()
     dom, table = lookup if lookup is not None else (ids, ids)  # unused placeholders when not looking up
     seq, D, V = (max(1, ids.shape[1]), table.shape[0], table.shape[1]) if lookup is not None else (1, 0, 0)
@@ -84,7 +85,7 @@ def _sort_rows(x, ids, lookup, k: int, num_experts: int, on_bad):
     counts = torch.empty(blocks, E, dtype=torch.int64, device=x.device)
     bad = torch.empty(blocks, dtype=torch.int64, device=x.device)
     common = dict(LOOKUP=lookup is not None, BLOCK=BLOCK_SLOTS, E_PAD=e_pad)
-    _histogram_kernel[(blocks,)](ids, dom, table, seq, D, V, counts, bad, slots, E, **common)
+    _histogram_kernel[(blocks,)](ids, dom, table, seq, D, V, counts, bad, slots, E, k, **common)
     group_sizes = counts.sum(0)
     expert_start = torch.cumsum(group_sizes, 0) - group_sizes
     base = torch.cumsum(counts, 0) - counts + expert_start
@@ -109,4 +110,5 @@ def rre_dispatch(x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Ten
     def on_bad():  # the reference's lookup validates and raises with the offending position
         _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
 
-    return _sort_rows(x, token_ids, (domain_ids, table), 1, num_experts, on_bad)
+    k = table.shape[2] if table.dim() == 3 else 1
+    return _sort_rows(x, token_ids, (domain_ids, table), k, num_experts, on_bad)

@@ -28,12 +28,22 @@ class SwiGLU(nn.Module):
 class MoEFeedForward(nn.Module):
     """SwiGLU experts behind a router, dropless by default.
 
-    router="topk": a learned linear router in fp32 (softmax or sigmoid scores, top-k, normalised weights,
-    routed scaling), the balance loss (`aux_loss_alpha`; over `ep_group` when given: the EP-group
-    loss), optional `capacity_factor` dropping each expert's overflow slots.
+    router="topk": a learned linear router in fp32 (`routing.topk_route`: softmax / sigmoid /
+    sqrt-softplus scores, top-k, normalised weights or not, routed scaling, group-limited choice with
+    `n_group` / `topk_group`, and with `correction_bias=True` DeepSeek-V3's aux-loss-free balancing
+    bias, moved by `update_correction_bias`), the balance loss (`aux_loss_alpha`; over `ep_group`
+    when given: the EP-group loss), optional `capacity_factor` dropping each expert's overflow slots.
+    Mixtral = softmax + normalize; Qwen-MoE = softmax, normalize = `norm_topk_prob`; DeepSeek-V3 /
+    Pangu Ultra MoE = sigmoid + groups + correction bias + scaling.
     router="rre": PanGu-Σ's Random Routed Experts: `num_domains` domains owning equal shares of the
     experts, a fixed balanced route table per layer (`seed`, `layer`), top-1, no gate, no loss;
     `forward` then needs `token_ids` and `domain_ids`.
+    router="hash": hash routing by token id (DeepSeek-V4's hash MoE layers): a frozen
+    `[vocab_size, topk]` table (`routing.hash_table`, or a checkpoint's, in the `hash_table`
+    buffer) picks each token's experts, the learned router's scores weigh them; the lookup runs
+    inside `rre_dispatch`'s fused permute; `forward` needs `token_ids`.
+    Shared experts: `num_shared_experts` (width `shared_ffn`, default `ffn * num_shared_experts`),
+    gated per token by `sigmoid(x @ w)` with `shared_gate=True` (Qwen2-MoE).
 
     Experts are stored stacked: `w_gate_up [E, H, 2F]` (gate | up), `w_down [E, F, H]`.
     `forward(x [..., H], token_ids=None, domain_ids=None) -> (y [..., H], aux_loss)`.
@@ -47,17 +57,22 @@ class MoEFeedForward(nn.Module):
     """
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, *, router: str = "topk", topk: int = 2,
-                 score: str = "softmax", normalize: bool = True, routed_scaling: float = 1.0,
-                 num_shared_experts: int = 0, capacity_factor: float | None = None, aux_loss_alpha: float = 1e-2,
+                 score: str = "softmax", normalize: bool = True, routed_scaling: float = 1.0, n_group: int = 1,
+                 topk_group: int | None = None, correction_bias: bool = False,
+                 num_shared_experts: int = 0, shared_ffn: int | None = None, shared_gate: bool = False,
+                 capacity_factor: float | None = None, aux_loss_alpha: float = 1e-2,
                  ep_group=None, num_domains: int = 1, vocab_size: int | None = None, seed: int = 0, layer: int = 0,
                  dispatcher=None, ep_chunks: int = 1, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if router not in ("topk", "rre"):
-            raise ValueError(f"router must be 'topk' or 'rre', got {router!r}")
+        if router not in ("topk", "rre", "hash"):
+            raise ValueError(f"router must be 'topk', 'rre' or 'hash', got {router!r}")
+        if score not in routing.SCORES:
+            raise ValueError(f"score must be one of {routing.SCORES}, got {score!r}")
         self.hidden, self.ffn, self.router_kind = hidden, ffn, router
         self.topk = 1 if router == "rre" else topk
         self.score, self.normalize, self.routed_scaling = score, normalize, routed_scaling
+        self.n_group, self.topk_group = n_group, topk_group
         self.capacity_factor, self.aux_loss_alpha, self.ep_group = capacity_factor, aux_loss_alpha, ep_group
         self.seed, self.layer = seed, layer
         self.dispatcher, self.ep_chunks = dispatcher, ep_chunks
@@ -69,15 +84,27 @@ class MoEFeedForward(nn.Module):
         self.w_down = nn.Parameter(torch.empty(stored, ffn, hidden, **factory))
         nn.init.normal_(self.w_gate_up, std=hidden ** -0.5)
         nn.init.normal_(self.w_down, std=ffn ** -0.5)
-        self.gate = nn.Linear(hidden, num_experts, bias=False, **factory) if router == "topk" else None
+        self.gate = nn.Linear(hidden, num_experts, bias=False, **factory) if router != "rre" else None
+        if correction_bias:
+            if router != "topk":
+                raise ValueError("correction_bias needs router='topk'")
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
+        else:
+            self.e_score_correction_bias = None
+        self._load: Tensor | None = None  # slots per expert since the last update_correction_bias
+        if router != "topk" and vocab_size is None:
+            raise ValueError(f"router={router!r} needs vocab_size")
+        if router == "hash":
+            self.register_buffer("hash_table", routing.hash_table(vocab_size, num_experts, topk, seed=seed,
+                                                                  layer=layer).to(device))
         if router == "rre":
-            if vocab_size is None:
-                raise ValueError("router='rre' needs vocab_size")
             self.register_buffer("table", routing.rre_route_table(vocab_size, num_experts, num_domains, seed=seed,
                                                                   layer=layer).to(device))
             # domain_index[d]: the table row of domain d, -1 where the domain has no experts here.
             self.register_buffer("domain_index", torch.arange(num_domains, device=device))
-        self.shared = SwiGLU(hidden, ffn * num_shared_experts, **factory) if num_shared_experts else None
+        shared_ffn = ffn * num_shared_experts if shared_ffn is None else shared_ffn
+        self.shared = SwiGLU(hidden, shared_ffn, **factory) if num_shared_experts and shared_ffn else None
+        self.shared_gate = nn.Linear(hidden, 1, bias=False, **factory) if shared_gate and self.shared else None
 
     @property
     def num_experts(self) -> int:
@@ -108,9 +135,25 @@ class MoEFeedForward(nn.Module):
                     raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])}: this rank's expert-parallel group "
                                      f"serves domain {serves} only (its tokens never leave the domain's group)")
                 expert_ids = routing.rre_route(token_ids, rows, self.table).reshape(-1, 1)
+        elif self.router_kind == "hash":
+            if token_ids is None:
+                raise ValueError("a hash-routed layer needs token_ids")
+            _checks.size("token_ids", token_ids.numel(), tokens, "numel (tokens of x)")
+            token_ids = token_ids.reshape(1, -1)
+            weights, expert_ids, _ = routing.hash_route(self.router_logits(flat), token_ids, self.hash_table,
+                                                        score=self.score, normalize=self.normalize,
+                                                        scaling=self.routed_scaling)
+            if self.dispatcher is None:  # the table lookup fused into the permute
+                x_sorted, sizes, index = rre_dispatch(flat, token_ids, token_ids.new_zeros(1), self.hash_table[None],
+                                                      self.num_experts)
         else:
-            weights, expert_ids, probs = routing.topk_route(self.router_logits(flat), self.topk, score=self.score,
-                                                            normalize=self.normalize, scaling=self.routed_scaling)
+            weights, expert_ids, probs = routing.topk_route(
+                self.router_logits(flat), self.topk, score=self.score, normalize=self.normalize,
+                scaling=self.routed_scaling, correction_bias=self.e_score_correction_bias, n_group=self.n_group,
+                topk_group=self.topk_group)
+            if self.e_score_correction_bias is not None and self.training:
+                load = routing._slot_counts(expert_ids.reshape(-1), self.num_experts).detach()
+                self._load = load if self._load is None else self._load + load
             if self.capacity_factor is not None:
                 capacity = math.ceil(self.capacity_factor * tokens * self.topk / self.num_experts)
                 expert_ids = routing.apply_capacity(expert_ids, self.num_experts, capacity)
@@ -123,8 +166,26 @@ class MoEFeedForward(nn.Module):
         else:
             y = self.dispatcher.run(flat, expert_ids, weights, self._chunk_experts(), chunks=self.ep_chunks)
         if self.shared is not None:
-            y = y + self.shared(flat)
+            shared = self.shared(flat)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(flat)) * shared)
         return y.view(x.shape), aux
+
+    @torch.no_grad()
+    def update_correction_bias(self, rate: float = 1e-3) -> None:
+        """DeepSeek-V3's aux-loss-free balancing, once per optimizer step: every expert's
+        `e_score_correction_bias` moves by `rate` towards balance, up where the expert received
+        fewer slots than the mean over the training forward passes since the last update (all
+        ranks of `ep_group` counted), down where more."""
+        if self.e_score_correction_bias is None:
+            raise RuntimeError("this layer has no correction bias (correction_bias=False)")
+        if self._load is None:
+            raise RuntimeError("no training forward pass since the last update_correction_bias")
+        load, self._load = self._load, None
+        if self.ep_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(load, group=self.ep_group)
+        self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
 
     def _experts(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
         return expert_mlp(x_sorted, self.w_gate_up, self.w_down, group_sizes)

@@ -115,9 +115,10 @@ def sorted_index_values(sorted_index: torch.Tensor, slots: int) -> None:
 
 def rre_lookup(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor,
                num_experts: int | None = None) -> torch.Tensor:
-    """`table[domain_ids[b], token_ids[b, s]]` ([B, S]) after checking the domain and token ids,
-    and that every expert found is in [0, num_experts) (only >= 0 when num_experts is None)."""
-    num_domains, vocab = table.shape
+    """`table[domain_ids[b], token_ids[b, s]]` ([B, S] for a [D, V] table, [B, S, k] for a
+    [D, V, k] one) after checking the domain and token ids, and that every expert found is in
+    [0, num_experts) (only >= 0 when num_experts is None)."""
+    num_domains, vocab = table.shape[:2]
     bad = (domain_ids < 0) | (domain_ids >= num_domains)
     if bool(bad.any()):
         b = int(bad.nonzero()[0])
@@ -129,7 +130,10 @@ def rre_lookup(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.T
     experts = table[domain_ids.long()[:, None], token_ids.long()]
     bad = experts < 0 if num_experts is None else (experts < 0) | (experts >= num_experts)
     if bool(bad.any()):
-        b, s = (int(i) for i in bad.nonzero()[0])
+        where = [int(i) for i in bad.nonzero()[0]]
+        b, s = where[:2]
+        slot = "".join(f", {j}" for j in where[2:])
         bound = "a non-negative expert id" if num_experts is None else f"an expert id in [0, num_experts={num_experts})"
-        raise ValueError(f"table[{int(domain_ids[b])}, {int(token_ids[b, s])}] = {int(experts[b, s])} is not {bound}")
+        raise ValueError(f"table[{int(domain_ids[b])}, {int(token_ids[b, s])}{slot}] = {int(experts[tuple(where)])} "
+                         f"is not {bound}")
     return experts
