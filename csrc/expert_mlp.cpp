@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "common.h"
 
@@ -56,13 +57,139 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   return {y, gate_up};
 }
 
+// ---- gated_backward: d(act(gate) * up) / d[gate | up] applied to dh, and h, in one pass ----
+
+// exp(x) for x in float range to ~2 ulp, written as plain arithmetic so that loops over it
+// vectorise (libm's expf does not): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float sigmoid_approx(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+
+// erf(x) to ~1.5e-7 absolute (Abramowitz & Stegun 7.1.26).
+inline float erf_approx(float x) {
+  const float a = std::fabs(x), t = 1.0f / (1.0f + 0.3275911f * a);
+  const float y = 1.0f - (((((1.061405429f * t - 1.453152027f) * t) + 1.421413741f) * t - 0.284496736f) * t +
+                          0.254829592f) * t * exp_approx(-a * a);
+  return std::copysign(y, x);
+}
+
+enum class Act { kSwiglu, kGeglu, kGegluTanh };
+
+struct ActGrad {
+  float act, d_act;
+};
+
+// act(g) and its derivative in fp32.
+template <Act kAct>
+inline ActGrad activation(float g) {
+  if constexpr (kAct == Act::kSwiglu) {
+    const float s = sigmoid_approx(g);
+    return {g * s, s * (1.0f + g * (1.0f - s))};
+  } else if constexpr (kAct == Act::kGeglu) {
+    const float cdf = 0.5f * (1.0f + erf_approx(g * 0.70710678f));
+    return {g * cdf, cdf + g * exp_approx(-0.5f * g * g) * 0.39894228f};
+  } else {
+    constexpr float c2 = 1.5957691216f;  // 2 sqrt(2 / pi)
+    const float s = sigmoid_approx(c2 * (g + 0.044715f * g * g * g));
+    return {g * s, s + g * s * (1.0f - s) * c2 * (1.0f + 3.0f * 0.044715f * g * g)};
+  }
+}
+
+// Element loads / stores through the raw bits (bf16), so that GCC vectorises the loop around them.
+inline float load_float(const float* p, int64_t i) { return p[i]; }
+inline float load_float(const double* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load_float(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load_float(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store_float(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_float(double* p, int64_t i, float v) { p[i] = v; }
+inline void store_float(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void store_float(c10::BFloat16* p, int64_t i, float v) {
+  reinterpret_cast<uint16_t*>(p)[i] = from_float<c10::BFloat16>(v).x;
+}
+
+// One row: d_gate, d_up (dh's dtype) and h (gate/up's dtype) from gate, up and dh.
+template <Act kAct, typename in_t, typename grad_t>
+void gated_backward_row(const in_t* __restrict gate, const in_t* __restrict up, const grad_t* __restrict d,
+                        grad_t* __restrict d_gate, grad_t* __restrict d_up, in_t* __restrict h, int64_t F,
+                        float limit) {
+  for (int64_t i = 0; i < F; ++i) {
+    const float g0 = load_float(gate, i), u0 = load_float(up, i), di = load_float(d, i);
+    const float g = std::min(g0, limit), u = std::min(std::max(u0, -limit), limit);
+    const ActGrad a = activation<kAct>(g);
+    const float pass_g = g0 <= limit ? 1.0f : 0.0f, pass_u = ((u0 >= -limit) & (u0 <= limit)) ? 1.0f : 0.0f;
+    store_float(d_gate, i, di * u * a.d_act * pass_g);
+    store_float(d_up, i, di * a.act * pass_u);
+    store_float(h, i, a.act * u);
+  }
+}
+
+template <Act kAct, typename in_t, typename grad_t>
+void gated_backward_rows(const in_t* gu, const grad_t* dh, grad_t* dgu, in_t* h, int64_t rows, int64_t F,
+                         float limit) {
+  at::parallel_for(0, rows, row_grain(F * 12), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      gated_backward_row<kAct>(gu + r * 2 * F, gu + r * 2 * F + F, dh + r * F, dgu + r * 2 * F, dgu + r * 2 * F + F,
+                               h + r * F, F, limit);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& gate_up, const at::Tensor& dh,
+                                                  c10::string_view activation_name, double limit) {
+  TORCH_CHECK_VALUE(gate_up.dim() == 2 && dh.dim() == 2 && gate_up.size(0) == dh.size(0) &&
+                        gate_up.size(1) == 2 * dh.size(1),
+                    "gated_backward: need gate_up [S, 2F] and dh [S, F]");
+  TORCH_CHECK_TYPE(gate_up.scalar_type() == dh.scalar_type(), "gated_backward: gate_up and dh dtypes differ");
+  const at::Tensor gu = gate_up.contiguous(), d = dh.contiguous();
+  at::Tensor dgu = at::empty(gu.sizes(), d.options()), h = at::empty(d.sizes(), gu.options());
+  const int64_t rows = gu.size(0), F = d.size(1);
+  const float lim = std::isfinite(limit) ? static_cast<float>(limit) : std::numeric_limits<float>::infinity();
+  PANGU_DISPATCH_FLOATS(gu.scalar_type(), "gated_backward", [&] {
+    const scalar_t* g = gu.data_ptr<scalar_t>();
+    const scalar_t* dp = d.data_ptr<scalar_t>();
+    if (activation_name == "swiglu") {
+      gated_backward_rows<Act::kSwiglu>(g, dp, dgu.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rows, F, lim);
+    } else if (activation_name == "geglu") {
+      gated_backward_rows<Act::kGeglu>(g, dp, dgu.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rows, F, lim);
+    } else {
+      TORCH_CHECK_VALUE(activation_name == "geglu_tanh", "gated_backward: unknown activation");
+      gated_backward_rows<Act::kGegluTanh>(g, dp, dgu.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rows, F, lim);
+    }
+  });
+  return {dgu, h};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
+  m.def("gated_backward(Tensor gate_up, Tensor dh, str activation, float limit) -> (Tensor, Tensor)");
   m.def("expert_mlp(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor group_sizes, str activation, bool trans_b,"
         " float limit) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pangu_cpu, CPU, m) { m.impl("expert_mlp", &expert_mlp); }
+TORCH_LIBRARY_IMPL(pangu_cpu, CPU, m) {
+  m.impl("expert_mlp", &expert_mlp);
+  m.impl("gated_backward", &gated_backward);
+}
 
 }  // namespace pangu_cpu

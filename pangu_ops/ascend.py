@@ -120,6 +120,9 @@ class Kernels:
         h = reference.gated(gate_up, activation, limit).to(x.dtype)
         return self.grouped_gemm(h, w_down, group_sizes, trans_b), gate_up
 
+    def gated_backward(self, gate_up, dh, activation, limit):  # elementwise: the reference's torch ops
+        return reference.gated_backward(gate_up, dh, activation, limit)
+
     def rre_dispatch(self, x, token_ids, domain_ids, table, num_experts):
         expert_ids = _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
         return self.permute(x, expert_ids.reshape(x.shape[0], table.shape[2] if table.dim() == 3 else 1), num_experts)

@@ -105,6 +105,31 @@ def gated(gate_up: Tensor, activation: str = "swiglu", limit: float = math.inf) 
     return torch.nn.functional.gelu(gate, approximate="tanh" if activation == "geglu_tanh" else "none") * up
 
 
+def gated_backward(gate_up: Tensor, dh: Tensor, activation: str, limit: float) -> tuple[Tensor, Tensor]:
+    """The backward of `gated`: (d_gate_up [S, 2F] in dh's dtype: the gradient of act(gate) * up
+    through the clamps applied to dh, in fp32; h = gated(gate_up) [S, F] in gate_up's dtype,
+    recomputed for the down weights' gradient)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    dhf = dh.float()
+    if limit != math.inf:  # clamp's gradient: 1 inside [min, max] (bounds included, as torch's)
+        pass_gate, pass_up = gate <= limit, (up >= -limit) & (up <= limit)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    if activation == "swiglu":
+        sig = torch.sigmoid(gate)
+        act, d_act = gate * sig, sig * (1 + gate * (1 - sig))
+    elif activation == "geglu":
+        cdf = 0.5 * (1 + torch.erf(gate * math.sqrt(0.5)))
+        act, d_act = gate * cdf, cdf + gate * torch.exp(-0.5 * gate * gate) * (0.5 * math.sqrt(2 / math.pi))
+    else:  # geglu_tanh: x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3)
+        c = math.sqrt(2 / math.pi)
+        sig = torch.sigmoid(2 * c * (gate + 0.044715 * gate ** 3))
+        act, d_act = gate * sig, sig + gate * sig * (1 - sig) * 2 * c * (1 + 3 * 0.044715 * gate * gate)
+    d_gate, d_up = dhf * up * d_act, dhf * act
+    if limit != math.inf:
+        d_gate, d_up = d_gate * pass_gate, d_up * pass_up
+    return torch.cat([d_gate, d_up], dim=-1).to(dh.dtype), (act * up).to(gate_up.dtype)
+
+
 def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str,
                trans_b: bool, limit: float) -> tuple[Tensor, Tensor]:
     """gate_up = grouped_gemm(x, w_gate_up, trans_b) (rounded to x's dtype), h = gated(gate_up)

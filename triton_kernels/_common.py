@@ -26,19 +26,23 @@ def upcast_operands(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype != torch.float32
 
 
-def num_programs(device: torch.device, upper_bound: int) -> int:
-    """Programs of a persistent kernel: a few per SM on a GPU; a handful in the interpreter."""
-    per_device = 4 if device.type != "cuda" else 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(per_device, upper_bound))
+def num_programs(device: torch.device, upper_bound: int, blocks_per_sm: int | None = None) -> int:
+    """Programs of a persistent kernel: one wave on a GPU (SMs x the blocks of this kernel that fit
+    on one SM at once; 1 where not known yet); a handful in the interpreter."""
+    if device.type != "cuda":
+        return max(1, min(4, upper_bound))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(sms * (blocks_per_sm or 1), upper_bound))
 
 
-def gemm_configs(configs: list[triton.Config], key: list[str]):
-    """Autotune over `configs` on a GPU; under the interpreter (slow per program) the launch passes
-    INTERPRET_BLOCKS instead."""
+def gemm_configs(configs: list[triton.Config], key: list[str], prune=None):
+    """Autotune over `configs` (narrowed per launch by `prune`) on a GPU; under the interpreter
+    (slow per program) the launch passes INTERPRET_BLOCKS instead."""
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        return triton.autotune(configs=configs, key=key)(kernel)
+        return triton.autotune(configs=configs, key=key,
+                               prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
     return wrap
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import gated_backward  # noqa: F401  (elementwise: torch's own kernels on the GPU)
 from .grouped_gemm import gated_grouped_gemm, grouped_gemm
 
 

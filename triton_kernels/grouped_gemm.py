@@ -20,20 +20,70 @@ import triton.language as tl
 from ..ops import _checks
 from ._common import INTERPRET, check_values, gemm_configs, load_tile, num_programs, to_dtype, upcast_operands
 
-# fp32 GEMMs stay IEEE fp32 (torch's default), not TF32; Triton ignores it for 16-bit operands.
-# Always given: triton-ascend 3.2 fails on a dot without one when it arrives through a constexpr.
-DOT_PRECISION: tl.constexpr = tl.constexpr("ieee")
-
 # Blocks used under the interpreter (its cost is per program and K-step, not per element).
 INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
 
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
-    ]
-]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). On matrix units (16-bit operands; fp32 as
+# TF32 where torch allows it):
+_MMA_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                (64, 64, 64, 4, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
+# IEEE fp32: plain multiply-adds, whose operands live in registers: small tiles, few stages.
+_FMA_CONFIGS = [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2), (32, 64, 32, 4, 2)]
+# The gated GEMM holds two accumulators: configs keeping more fp32 accumulator values per thread
+# than this spill (measured with `pangu-ops compile-check`).
+MAX_ACC_PER_THREAD = 128
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 follows torch's matmul setting (TF32 tensor cores where
+    `torch.backends.cuda.matmul.allow_tf32` or `torch.set_float32_matmul_precision("high"/"medium")`
+    allow it, as torch's own fp32 matmul does; IEEE otherwise); 16-bit operands ignore it."""
+    if dtype == torch.float32 and not INTERPRET and (
+            torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"):
+        return "tf32"
+    return "ieee"
+
+
+def gemm_config_list(dtype: torch.dtype, gated: bool, precision: str) -> list[triton.Config]:
+    """The configs the autotuner may try for this dtype / precision / kind (before the shared
+    memory limit of the device at hand, `fits`)."""
+    table = _FMA_CONFIGS if dtype == torch.float32 and precision == "ieee" else _MMA_CONFIGS
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in table if not gated or 2 * bm * bn // (32 * w) <= MAX_ACC_PER_THREAD]
+
+
+def shared_bytes(config: triton.Config, dtype: torch.dtype, gated: bool) -> int:
+    """Shared memory of the software pipeline: num_stages copies of the x tile and the w tile(s)."""
+    k = config.kwargs
+    tiles = k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"] * (2 if gated else 1)
+    return config.num_stages * tiles * torch.empty(0, dtype=dtype).element_size()
+
+
+def fits(config: triton.Config, dtype: torch.dtype, gated: bool, shared_limit: int) -> bool:
+    return shared_bytes(config, dtype, gated) <= shared_limit
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotune's early prune: the configs of the launch's dtype and precision that fit the
+    device's shared memory (and, gated, its registers)."""
+    args = {**named_args, **kwargs}
+    x, gated, precision = args["x_ptr"], bool(args.get("GATED", False)), args["PRECISION"]
+    wanted = {str(c) for c in gemm_config_list(x.dtype, gated, precision)}
+    kept = [c for c in configs if str(c) in wanted] or configs  # (configs narrowed by triton_ascend: as given)
+    if x.device.type == "cuda":
+        limit = triton.runtime.driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
+        kept = [c for c in kept if fits(c, x.dtype, gated, limit)]
+        if not kept:
+            raise RuntimeError(f"no grouped GEMM config fits this device's {limit} B of shared memory")
+    return kept
+
+
+def _all_configs() -> list[triton.Config]:
+    seen = {}
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "ieee")):
+        for c in gemm_config_list(dtype, False, precision):
+            seen.setdefault(str(c), c)
+    return list(seen.values())
 
 
 # expert_mlp's activations (reference.ACTIVATIONS) as the kernel's ACT code
@@ -56,12 +106,12 @@ def _gate(gate, up, limit, ACT: tl.constexpr, CLAMP: tl.constexpr):
     return act * up
 
 
-@gemm_configs(_CONFIGS, key=["N", "K", "GATED"])
+@gemm_configs(_all_configs(), key=["N", "K", "GATED", "PRECISION"], prune=_prune)
 @triton.jit
 def _grouped_gemm_kernel(
     x_ptr, w_ptr, y_ptr, h_ptr, sizes_ptr, S, E, N, K, limit,
     s_xm, s_xk, s_we, s_wk, s_wn, s_ym, s_yn, s_hm,
-    GATED: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, UPCAST: tl.constexpr,
+    GATED: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y = x_e @ w[e] per expert. GATED (the expert MLP's gate/up GEMM): w[e] is [K, 2N], gate
@@ -91,10 +141,10 @@ def _grouped_gemm_kernel(
             for k0 in range(0, K, BLOCK_K):
                 a = load_tile(x_ptrs, row_ok[:, None] & (rk[None, :] + k0 < K), UPCAST)
                 w_mask = (rk[:, None] + k0 < K) & (rn[None, :] < N)
-                acc = tl.dot(a, load_tile(w_ptrs, w_mask, UPCAST), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a, load_tile(w_ptrs, w_mask, UPCAST), acc, input_precision=PRECISION)
                 if GATED:
                     b_up = load_tile(w_ptrs + N * s_wn, w_mask, UPCAST)
-                    acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+                    acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
                 x_ptrs += BLOCK_K * s_xk
                 w_ptrs += BLOCK_K * s_wk
             out_mask = row_ok[:, None] & (rn[None, :] < N)
@@ -110,21 +160,45 @@ def _grouped_gemm_kernel(
         row0 += m
 
 
+# Blocks per SM of each compiled forward kernel (by its blocks, gated or not, dtype), learned from
+# the compiled kernel after its first launch (registers and shared memory as compiled); until then
+# the persistent grid assumes 1 block per SM, which never oversubscribes.
+_OCCUPANCY: dict[tuple, int] = {}
+
+
+def _occupancy_key(blocks: dict, gated: bool, dtype: torch.dtype, precision: str) -> tuple:
+    return blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"], gated, dtype, precision
+
+
+def _learn_occupancy(compiled, key: tuple, device: torch.device) -> None:
+    from .compile_check import Target, occupancy
+
+    props = torch.cuda.get_device_properties(device)
+    sm = Target("device", "cuda", 0, 32, 0, props.shared_memory_per_multiprocessor, props.regs_per_multiprocessor,
+                props.max_threads_per_multi_processor // 32)
+    _OCCUPANCY[key] = max(1, occupancy(sm, compiled.metadata.num_warps, compiled.n_regs, compiled.metadata.shared))
+
+
 def _launch(x, w, y, h, group_sizes, n: int, s_wk: int, s_wn: int, gated: bool, activation: str = "swiglu",
             limit: float = math.inf) -> None:
     S, K = x.shape
     E = w.shape[0]
 
+    precision = dot_precision(x.dtype)
+
     def grid(meta):
         upper = (triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(n, meta["BLOCK_N"])
-        return (num_programs(x.device, upper),)
+        return (num_programs(x.device, upper, _OCCUPANCY.get(_occupancy_key(meta, gated, x.dtype, precision))),)
 
-    _grouped_gemm_kernel[grid](
+    compiled = _grouped_gemm_kernel[grid](
         x, w, y, h, group_sizes, S, E, n, K, limit if limit != math.inf else 0.0,
         x.stride(0), x.stride(1), w.stride(0), s_wk, s_wn, y.stride(0), y.stride(1), h.stride(0),
         GATED=gated, ACT=ACT_CODES[activation], CLAMP=limit != math.inf, UPCAST=upcast_operands(x.dtype),
-        **(INTERPRET_BLOCKS if INTERPRET else {}),
+        PRECISION=precision, **(INTERPRET_BLOCKS if INTERPRET else {}),
     )
+    best = getattr(_grouped_gemm_kernel, "best_config", None)
+    if x.device.type == "cuda" and compiled is not None and best is not None:
+        _learn_occupancy(compiled, _occupancy_key(best.kwargs, gated, x.dtype, precision), x.device)
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, trans_b: bool) -> torch.Tensor:
@@ -156,12 +230,12 @@ def gated_grouped_gemm(x: torch.Tensor, w_gate_up: torch.Tensor, group_sizes: to
     return gate_up, h
 
 
-@gemm_configs(_CONFIGS, key=["K", "N"])
+@gemm_configs(_all_configs(), key=["K", "N", "PRECISION"], prune=_prune)
 @triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, sizes_ptr, ends_ptr, K, N,
     s_xm, s_xk, s_dm, s_dn, s_we, s_wk, s_wn,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -179,7 +253,7 @@ def _grouped_wgrad_kernel(
         row_ok = rm < end
         a = load_tile(x_ptr + rm[:, None] * s_xm + rk[None, :] * s_xk, row_ok[:, None] & (rk[None, :] < K), UPCAST)
         b = load_tile(dy_ptr + rm[:, None] * s_dm + rn[None, :] * s_dn, row_ok[:, None] & (rn[None, :] < N), UPCAST)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
     dw_ptrs = dw_ptr + e.to(tl.int64) * s_we + rk[:, None] * s_wk + rn[None, :] * s_wn
     tl.store(dw_ptrs, to_dtype(acc, dw_ptr.dtype.element_ty), mask=(rk[:, None] < K) & (rn[None, :] < N))
 
@@ -203,7 +277,7 @@ def grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Ten
     _grouped_wgrad_kernel[grid](
         x, dy, dw, sizes, ends, K, N,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        UPCAST=upcast_operands(x.dtype),
+        UPCAST=upcast_operands(x.dtype), PRECISION=dot_precision(x.dtype),
         **(INTERPRET_BLOCKS if INTERPRET else {}),
     )
     return dw

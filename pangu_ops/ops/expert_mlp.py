@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..reference import ACTIVATIONS, gated
+from ..reference import ACTIVATIONS
 from . import _checks
 from ._dispatch import Op
 from .grouped_gemm import grouped_gemm_op, grouped_gemm_wgrad_op
@@ -64,35 +64,25 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, w_gate_up, w_down, group_sizes, output[1])
 
 
-def _gated_backward(gate_up: Tensor, dh: Tensor, activation: str, limit: float) -> Tensor:
-    """d(act(gate) * up) / d[gate | up] applied to dh (through the clamps), in fp32, in dh's dtype."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    dhf = dh.float()
-    if limit != math.inf:  # clamp's gradient: 1 inside [min, max] (bounds included, as torch's)
-        pass_gate, pass_up = gate <= limit, (up >= -limit) & (up <= limit)
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    if activation == "swiglu":
-        sig = torch.sigmoid(gate)
-        act, d_act = gate * sig, sig * (1 + gate * (1 - sig))
-    elif activation == "geglu":
-        cdf = 0.5 * (1 + torch.erf(gate * math.sqrt(0.5)))
-        act, d_act = gate * cdf, cdf + gate * torch.exp(-0.5 * gate * gate) * (0.5 * math.sqrt(2 / math.pi))
-    else:  # geglu_tanh: x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3)
-        c = math.sqrt(2 / math.pi)
-        sig = torch.sigmoid(2 * c * (gate + 0.044715 * gate ** 3))
-        act, d_act = gate * sig, sig + gate * sig * (1 - sig) * 2 * c * (1 + 3 * 0.044715 * gate * gate)
-    d_gate, d_up = dhf * up * d_act, dhf * act
-    if limit != math.inf:
-        d_gate, d_up = d_gate * pass_gate, d_up * pass_up
-    return torch.cat([d_gate, d_up], dim=-1).to(dh.dtype)
+@torch.library.custom_op("pangu::gated_backward", mutates_args=())
+def _gated_backward(gate_up: Tensor, dh: Tensor, activation: str, limit: float) -> tuple[Tensor, Tensor]:
+    """(d_gate_up [S, 2F], h [S, F]): `reference.gated_backward`, one fused pass on CPU."""
+    return backends.kernel("gated_backward", gate_up.device)(gate_up, dh, activation, limit)
+
+
+@_gated_backward.register_fake
+def _(gate_up, dh, activation, limit):
+    return gate_up.new_empty(gate_up.shape, dtype=dh.dtype), gate_up.new_empty(dh.shape)
+
+
+gated_backward_op = Op(_gated_backward, "gated_backward")
 
 
 def _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, wgrad, activation, trans_b, limit):
     """(dx, dw_gate_up, dw_down) where `needs` says which; `wgrad(a, b, sizes)` makes the weight
     gradients (the op's own: in x's dtype; fp32 for gradients accumulated over several calls)."""
-    h = gated(gate_up, activation, limit).to(x.dtype)
     dh = grouped_gemm_op(dy, w_down, group_sizes, not trans_b)
-    d_gate_up = _gated_backward(gate_up, dh, activation, limit)
+    d_gate_up, h = gated_backward_op(gate_up, dh, activation, limit)
     dx = grouped_gemm_op(d_gate_up, w_gate_up, group_sizes, not trans_b) if needs[0] else None
     # w[e] = [K, N]: dw = a^T b; transposed w[e] = [N, K]: dw = b^T a
     dw_gate_up = (wgrad(d_gate_up, x, group_sizes) if trans_b else wgrad(x, d_gate_up, group_sizes)) if needs[1] else None

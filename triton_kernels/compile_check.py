@@ -1,0 +1,360 @@
+"""`pangu-ops compile-check`: every Triton kernel variant the launch code can pick, compiled by
+Triton's real compiler for a GPU target on a machine without a GPU.
+
+A variant is a kernel with the arguments a launch gives it (pointer dtypes, sizes and strides, as
+they specialise: strides of 1 and multiples of 16), its constexprs and one autotune config. The
+kernel's own `warmup` compiles it through the same path a launch takes, against a stand-in driver
+that names the target (`TARGETS`), so what is checked is what a GPU would run. Each result holds
+ok / the compiler's error, shared memory against the target's per-block limit, registers and
+spill bytes (ptxas' report; on AMD the assembly's register and scratch counts), the matrix
+instructions used (wgmma / mma.sync / MFMA, or FMA: plain multiply-adds), and the blocks per SM that
+fit (`occupancy`). Results are cached by (source hash, target, variant, Triton version), so a
+repeated run compiles only what changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import grouped_gemm as gg
+from . import permute as pm
+from . import unpermute as up
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str  # "cuda" or "hip"
+    arch: int | str
+    warp_size: int
+    shared_per_block: int  # bytes one block may use
+    shared_per_sm: int
+    regs_per_sm: int
+    max_warps_per_sm: int
+
+
+TARGETS = {
+    "sm90": Target("sm90", "cuda", 90, 32, 227 * 1024, 228 * 1024, 65536, 64),
+    "sm80": Target("sm80", "cuda", 80, 32, 163 * 1024, 164 * 1024, 65536, 64),
+    # MI300X: 64 KiB LDS per workgroup (and per CU); 512 VGPRs x 64 lanes per SIMD, 4 SIMDs
+    "gfx942": Target("gfx942", "hip", "gfx942", 64, 64 * 1024, 64 * 1024, 4 * 512 * 64, 32),
+}
+
+
+def occupancy(target: Target, num_warps: int, regs: int | None, shared: int) -> int:
+    """Blocks of a kernel that fit on one SM / CU at once: by warps, shared memory (1 KiB reserved
+    per block on NVIDIA) and registers (allocated per warp in 256-register units on NVIDIA, 8-VGPR
+    units per wave on CDNA3; regs None: unknown, not limiting)."""
+    fits = [target.max_warps_per_sm // num_warps]
+    reserved = 1024 if target.backend == "cuda" else 0
+    if shared:
+        fits.append(target.shared_per_sm // (shared + reserved))
+    if regs:
+        unit = 256 if target.backend == "cuda" else 8 * target.warp_size
+        per_warp = -(-regs * target.warp_size // unit) * unit
+        fits.append(target.regs_per_sm // (per_warp * num_warps))
+    return max(0, min(fits))
+
+
+@dataclass
+class Variant:
+    kernel: str
+    dtype: str
+    mode: str
+    config: str
+    fn: object  # the JITFunction
+    args: tuple  # positional launch arguments (torch dtypes stand for tensors)
+    kwargs: dict  # constexprs and the config's num_warps / num_stages
+    kept: bool = True  # whether the launch code would keep this config on the target
+
+    @property
+    def num_warps(self) -> int:
+        return self.kwargs.get("num_warps", 4)
+
+
+@dataclass
+class Result:
+    target: str
+    kernel: str
+    dtype: str
+    mode: str
+    config: str
+    kept: bool
+    ok: bool
+    error: str = ""
+    shared: int | None = None
+    shared_limit: int = 0
+    regs: int | None = None
+    spills: int | None = None  # bytes: spill stores + loads (NVIDIA), scratch (AMD)
+    mma: str = ""
+    blocks_per_sm: int | None = None
+    seconds: float = 0.0
+    cached: bool = False
+
+
+# ---- the variants ----
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# DeepSeek-V3-like expert GEMMs (E = 256, hidden 7168, expert ffn 2048), and odd sizes.
+SHAPES = {"deepseek": dict(S=65536, E=256, K=7168, N=2048), "odd": dict(S=37 * 8, E=5, K=100, N=600)}
+
+
+def _gemm_variants(target: Target, dtypes, shapes, configs: str) -> Iterator[Variant]:
+    kernel = gg._grouped_gemm_kernel
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        precision = "ieee"  # (tf32 for fp32 where allowed: below)
+        for shape_name in shapes:
+            sh = SHAPES[shape_name]
+            S, E, K, N = sh["S"], sh["E"], sh["K"], sh["N"]
+            modes = [("NN", False, False, "swiglu", False), ("NT", True, False, "swiglu", False),
+                     ("gated", False, True, "swiglu", False), ("gated NT", True, True, "swiglu", False),
+                     ("gated geglu_tanh clamp", True, True, "geglu_tanh", True)]
+            if dtype == torch.float32 and target.backend == "cuda":
+                precision = "tf32"
+            for mode, trans_b, gated, act, clamp in modes:
+                width = 2 * N if gated else N
+                # w [E, K, width] or transposed [E, width, K]; x [S, K]; y [S, N or 2N]
+                s_wk, s_wn = (1, K) if trans_b else (width, 1)
+                args = (dtype, dtype, dtype, dtype, torch.int64, S, E, N, K, 7.0 if clamp else 0.0,
+                        K, 1, K * width, s_wk, s_wn, width, 1, N)
+                constexprs = dict(GATED=gated, ACT=gg.ACT_CODES[act], CLAMP=clamp, UPCAST=False)
+                for cfg in _configs(gg.gemm_config_list(dtype, gated, precision), configs):
+                    yield Variant("grouped_gemm", dname, f"{mode} {shape_name}", _cfg_name(cfg), kernel.fn, args,
+                                  {**constexprs, "PRECISION": precision, **cfg.all_kwargs()},
+                                  kept=gg.fits(cfg, dtype, gated, target.shared_per_block))
+        for cfg in _configs(gg.gemm_config_list(dtype, False, precision), configs):
+            sh = SHAPES[shapes[0]]
+            args = (dtype, dtype, dtype, torch.int64, torch.int64, sh["K"], sh["N"], sh["K"], 1, sh["N"], 1,
+                    sh["K"] * sh["N"], sh["N"], 1)
+            yield Variant("grouped_gemm_wgrad", dname, f"wgrad {shapes[0]}", _cfg_name(cfg), gg._grouped_wgrad_kernel.fn,
+                          args, {"UPCAST": False, "PRECISION": precision, **cfg.all_kwargs()},
+                          kept=gg.fits(cfg, dtype, False, target.shared_per_block))
+
+
+def _cfg_name(cfg) -> str:
+    k = cfg.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def _configs(configs, which: str):
+    return configs if which == "all" else configs[:1]
+
+
+def _data_variants(dtypes) -> Iterator[Variant]:
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for lookup in (False, True):
+            mode = "rre_dispatch" if lookup else "permute"
+            common = dict(LOOKUP=lookup, BLOCK=pm.BLOCK_SLOTS, E_PAD=256)
+            if dname == dtypes[0]:  # the histogram reads no rows: one dtype is enough
+                yield Variant("permute histogram", "-", f"{mode} E=256", "-", pm._histogram_kernel,
+                              (torch.int64, torch.int64, torch.int64, 4096, 8, 50000, torch.int64, torch.int64,
+                               65536, 256, 8), common)
+            yield Variant("permute scatter", dname, f"{mode} E=256", "-", pm._scatter_kernel,
+                          (torch.int64, torch.int64, torch.int64, 4096, 8, 50000, dtype, dtype, torch.int64, torch.int64,
+                           65536, 256, 8, 7168, 7168, 7168), {**common, "BLOCK_H": pm.BLOCK_H})
+        yield Variant("unpermute combine", dname, "k=8", "-", up._combine_kernel,
+                      (dtype, torch.int64, torch.float32, dtype, 8192, 7168, 8, 7168, 7168),
+                      {"HAS_W": True, "BLOCK_T": up.BLOCK_T, "BLOCK_N": up.BLOCK_N})
+        yield Variant("unpermute backward", dname, "k=8", "-", up._backward_kernel,
+                      (dtype, torch.int64, torch.float32, dtype, dtype, torch.float32, 65536, 7168, 65536, 8, 7168,
+                       7168, 7168), {"HAS_W": True, "WGRAD": True, "BLOCK_R": up.BLOCK_R, "BLOCK_N": up.BLOCK_N})
+
+
+def variants(target: Target, *, configs: str = "all", dtypes=tuple(DTYPES), shapes=tuple(SHAPES)) -> list[Variant]:
+    """configs: "all" (every config the autotuner may try) or "first" (the first of each list)."""
+    return list(_gemm_variants(target, dtypes, shapes, configs)) + list(_data_variants(dtypes))
+
+
+# ---- compiling without a GPU ----
+
+class _StandInDriver:
+    """What JITFunction.warmup asks of the active driver, for a target with no device here."""
+
+    def __init__(self, target: Target):
+        self.target = GPUTarget(target.backend, target.arch, target.warp_size)
+        self.device = f"compile-check:{target.name}"
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def _target(target: Target):
+    from triton.runtime.driver import driver
+
+    previous = driver._active
+    driver.set_active(_StandInDriver(target))
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _nvidia_usage(log: str) -> tuple[int | None, int | None]:
+    regs = [int(m) for m in _PTXAS.findall(log)]
+    spills = [int(a) + int(b) for a, b in _SPILLS.findall(log)]
+    return (max(regs) if regs else None), (max(spills) if spills else None)
+
+
+def _amd_usage(asm: str) -> tuple[int | None, int | None]:
+    vgpr = re.search(r"\.vgpr_count:\s+(\d+)", asm)
+    agpr = re.search(r"\.agpr_count:\s+(\d+)", asm)
+    scratch = re.search(r"ScratchSize: (\d+)", asm)
+    regs = (int(vgpr.group(1)) + (int(agpr.group(1)) if agpr else 0)) if vgpr else None
+    return regs, (int(scratch.group(1)) if scratch else None)
+
+
+def _mma(asm: dict) -> str:
+    ptx = asm.get("ptx", "")
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma.sync"
+    if re.search(r"v_mfma", asm.get("amdgcn", "")):
+        return "MFMA"
+    return "FMA"
+
+
+def _key(target: Target, v: Variant) -> str:
+    parts = [triton.__version__, target.name, v.fn.cache_key, repr(v.args), repr(sorted(v.kwargs.items()))]
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def compile_one(target: Target, v: Variant) -> Result:
+    from triton import knobs
+
+    result = Result(target.name, v.kernel, v.dtype, v.mode, v.config, v.kept, ok=False,
+                    shared_limit=target.shared_per_block)
+    start = time.perf_counter()
+    log = io.StringIO()
+    try:
+        with _target(target), contextlib.redirect_stdout(log), knobs.nvidia.scope():
+            knobs.nvidia.dump_ptxas_log = True
+            compiled = v.fn.warmup(*v.args, grid=(1,), **v.kwargs)
+        result.ok = True
+        result.shared = int(compiled.metadata.shared)
+        asm = compiled.asm
+        if target.backend == "cuda":
+            result.regs, result.spills = _nvidia_usage(log.getvalue())
+        else:
+            result.regs, result.spills = _amd_usage(asm.get("amdgcn", ""))
+        result.mma = _mma(asm)
+        result.blocks_per_sm = occupancy(target, v.num_warps, result.regs, result.shared)
+    except Exception as e:  # the compiler's own message is the result
+        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PANGU_OPS_CACHE", Path.home() / ".cache" / "pangu_ops")) / "compile_check"
+
+
+def run(targets: list[str], *, configs: str = "all", dtypes=tuple(DTYPES), shapes=tuple(SHAPES),
+        progress: Callable[[str], None] | None = None) -> list[Result]:
+    """Compiles every variant for every target (cached results are reused, not recompiled)."""
+    results = []
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    # Triton's own cache would answer a repeated compile without running ptxas (no usage report)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+    for name in targets:
+        target = TARGETS[name]
+        todo = variants(target, configs=configs, dtypes=dtypes, shapes=shapes)
+        for i, v in enumerate(todo, 1):
+            path = cache / f"{_key(target, v)}.json"
+            if path.exists():
+                r = Result(**json.loads(path.read_text()))
+                r.cached = True
+            else:
+                r = compile_one(target, v)
+                path.write_text(json.dumps(dataclasses.asdict(r)))
+            results.append(r)
+            if progress:
+                progress(f"[{name} {i}/{len(todo)}] {v.kernel} {v.dtype} {v.mode} {v.config}: "
+                         f"{'ok' if r.ok else 'ERROR'}{' (cached)' if r.cached else f' {r.seconds:.1f}s'}")
+    return results
+
+
+def table(results: list[Result]) -> str:
+    head = (f"{'target':<7} {'kernel':<19} {'dtype':<5} {'mode':<30} {'config':<20} {'kept':<4} {'result':<6} "
+            f"{'shared KiB':>10} {'limit':>6} {'regs':>5} {'spill B':>7} {'mma':<8} {'blk/SM':>6}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        shared = f"{r.shared / 1024:.1f}" if r.shared is not None else "-"
+        over = "!" if r.shared is not None and r.shared > r.shared_limit else ""
+        lines.append(f"{r.target:<7} {r.kernel:<19} {r.dtype:<5} {r.mode:<30} {r.config:<20} "
+                     f"{'yes' if r.kept else 'no':<4} {'ok' if r.ok else 'ERROR':<6} {shared + over:>10} "
+                     f"{r.shared_limit // 1024:>6} {r.regs if r.regs is not None else '-':>5} "
+                     f"{r.spills if r.spills is not None else '-':>7} {r.mma:<8} "
+                     f"{r.blocks_per_sm if r.blocks_per_sm is not None else '-':>6}")
+        if not r.ok:
+            lines.append(f"        {r.error}")
+    return "\n".join(lines)
+
+
+def problems(results: list[Result]) -> list[str]:
+    """What the CI test asserts, as messages: compile errors; kept configs over the shared-memory
+    limit; kept 16-bit GEMM configs that spill; 16-bit GEMMs not on the target's matrix units."""
+    out = []
+    for r in results:
+        where = f"{r.target} {r.kernel} {r.dtype} {r.mode} {r.config}"
+        if not r.ok:
+            if r.kept:
+                out.append(f"{where}: does not compile: {r.error}")
+            continue
+        if r.kept and r.shared > r.shared_limit:
+            out.append(f"{where}: kept, but needs {r.shared} B of shared memory (limit {r.shared_limit})")
+        gemm16 = r.kernel.startswith("grouped_gemm") and r.dtype in ("bf16", "fp16")
+        if r.kept and gemm16 and r.spills:
+            out.append(f"{where}: kept, but spills {r.spills} B")
+        want = {"sm90": "wgmma", "sm80": "mma.sync", "gfx942": "MFMA"}[r.target]
+        if gemm16 and r.mma != want and r.kernel == "grouped_gemm":
+            out.append(f"{where}: uses {r.mma}, not {want}")
+    return out
+
+
+def main(targets: list[str], out: Path | None, configs: str = "all") -> int:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    results = run(targets, configs=configs, progress=progress)
+    print(table(results))
+    found = problems(results)
+    print(f"\n{len(results)} variants, {sum(r.ok for r in results)} compiled, "
+          f"{sum(r.kept for r in results)} kept by the launch code; {len(found)} problems")
+    for p in found:
+        print(f"  {p}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compile_check.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    return 1 if found else 0
+
+
+__all__ = ["TARGETS", "Result", "Variant", "compile_one", "main", "occupancy", "problems", "run", "table", "variants"]
