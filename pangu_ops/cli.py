@@ -111,6 +111,16 @@ def cmd_bench_distributed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile_check(args: argparse.Namespace) -> int:
+    if backends.TRITON_INTERPRET:
+        print("compile-check: unset TRITON_INTERPRET (the real compiler is what is checked)", file=sys.stderr)
+        return 2
+    from pangu_ops.triton_kernels import compile_check
+
+    targets = list(compile_check.TARGETS) if args.target == "all" else [args.target]
+    return compile_check.main(targets, Path(args.out) if args.out else None, configs=args.configs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pangu-ops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,12 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", type=int, help="timed iterations (default 5)")
     d.add_argument("--link-mbit", type=float,
                    help="emulate a slow inter-node link of this rate (network namespaces + tc; needs root)")
+
+    c = sub.add_parser("compile-check", help="compile every Triton kernel variant for a GPU target with the real "
+                       "compiler, no GPU needed: errors, shared memory, registers, spills, MMA kind")
+    c.add_argument("--target", choices=["sm90", "sm80", "gfx942", "all"], default="all")
+    c.add_argument("--configs", choices=["all", "first"], default="all",
+                   help="every autotune config (default), or the first one the target keeps (fast)")
+    c.add_argument("--out", default="bench_out", help="folder for compile_check.json ('' for none)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench}[args.command](args)
+    return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench,
+            "compile-check": cmd_compile_check}[args.command](args)
 
 
 if __name__ == "__main__":

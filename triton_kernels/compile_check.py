@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -30,9 +31,10 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import grouped_gemm as gg
-from . import permute as pm
-from . import unpermute as up
+# (the package's names grouped_gemm / permute / unpermute are the host functions: import the modules)
+gg = importlib.import_module(f"{__package__}.grouped_gemm")
+pm = importlib.import_module(f"{__package__}.permute")
+up = importlib.import_module(f"{__package__}.unpermute")
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class Result:
 
 # ---- the variants ----
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "fp32": IEEE fp32 (torch's default); "tf32": fp32 operands where torch allows TF32 (NVIDIA only)
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # DeepSeek-V3-like expert GEMMs (E = 256, hidden 7168, expert ffn 2048), and odd sizes.
 SHAPES = {"deepseek": dict(S=65536, E=256, K=7168, N=2048), "odd": dict(S=37 * 8, E=5, K=100, N=600)}
 
@@ -117,15 +120,15 @@ def _gemm_variants(target: Target, dtypes, shapes, configs: str) -> Iterator[Var
     kernel = gg._grouped_gemm_kernel
     for dname in dtypes:
         dtype = DTYPES[dname]
-        precision = "ieee"  # (tf32 for fp32 where allowed: below)
+        precision = "tf32" if dname == "tf32" else "ieee"
+        if precision == "tf32" and target.backend != "cuda":
+            continue
         for shape_name in shapes:
             sh = SHAPES[shape_name]
             S, E, K, N = sh["S"], sh["E"], sh["K"], sh["N"]
             modes = [("NN", False, False, "swiglu", False), ("NT", True, False, "swiglu", False),
                      ("gated", False, True, "swiglu", False), ("gated NT", True, True, "swiglu", False),
                      ("gated geglu_tanh clamp", True, True, "geglu_tanh", True)]
-            if dtype == torch.float32 and target.backend == "cuda":
-                precision = "tf32"
             for mode, trans_b, gated, act, clamp in modes:
                 width = 2 * N if gated else N
                 # w [E, K, width] or transposed [E, width, K]; x [S, K]; y [S, N or 2N]
@@ -133,17 +136,20 @@ def _gemm_variants(target: Target, dtypes, shapes, configs: str) -> Iterator[Var
                 args = (dtype, dtype, dtype, dtype, torch.int64, S, E, N, K, 7.0 if clamp else 0.0,
                         K, 1, K * width, s_wk, s_wn, width, 1, N)
                 constexprs = dict(GATED=gated, ACT=gg.ACT_CODES[act], CLAMP=clamp, UPCAST=False)
-                for cfg in _configs(gg.gemm_config_list(dtype, gated, precision), configs):
+                aligned = K % 16 == 0 and N % 16 == 0
+                kept = {str(c) for c in gg.kept_configs(dtype, gated, precision, shared_limit=target.shared_per_block,
+                                                        big_registers=target.arch == 90, aligned=aligned)}
+                for cfg in _configs(gg.gemm_config_list(dtype, gated, precision, aligned), configs, kept):
                     yield Variant("grouped_gemm", dname, f"{mode} {shape_name}", _cfg_name(cfg), kernel.fn, args,
-                                  {**constexprs, "PRECISION": precision, **cfg.all_kwargs()},
-                                  kept=gg.fits(cfg, dtype, gated, target.shared_per_block))
-        for cfg in _configs(gg.gemm_config_list(dtype, False, precision), configs):
+                                  {**constexprs, "PRECISION": precision, **cfg.all_kwargs()}, kept=str(cfg) in kept)
+        kept = {str(c) for c in gg.kept_configs(dtype, False, precision, shared_limit=target.shared_per_block,
+                                                big_registers=target.arch == 90, aligned=True, wgrad=True)}
+        for cfg in _configs(gg.gemm_config_list(dtype, False, precision), configs, kept):
             sh = SHAPES[shapes[0]]
             args = (dtype, dtype, dtype, torch.int64, torch.int64, sh["K"], sh["N"], sh["K"], 1, sh["N"], 1,
                     sh["K"] * sh["N"], sh["N"], 1)
             yield Variant("grouped_gemm_wgrad", dname, f"wgrad {shapes[0]}", _cfg_name(cfg), gg._grouped_wgrad_kernel.fn,
-                          args, {"UPCAST": False, "PRECISION": precision, **cfg.all_kwargs()},
-                          kept=gg.fits(cfg, dtype, False, target.shared_per_block))
+                          args, {"UPCAST": False, "PRECISION": precision, **cfg.all_kwargs()}, kept=str(cfg) in kept)
 
 
 def _cfg_name(cfg) -> str:
@@ -151,16 +157,20 @@ def _cfg_name(cfg) -> str:
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def _configs(configs, which: str):
-    return configs if which == "all" else configs[:1]
+def _configs(configs, which: str, kept: set[str]):
+    """All configs, or the first that the target keeps (the first one if it keeps none)."""
+    if which == "all":
+        return configs
+    return [next((c for c in configs if str(c) in kept), configs[0])]
 
 
 def _data_variants(dtypes) -> Iterator[Variant]:
+    dtypes = [d for d in dtypes if d != "tf32"]
     for dname in dtypes:
         dtype = DTYPES[dname]
         for lookup in (False, True):
             mode = "rre_dispatch" if lookup else "permute"
-            common = dict(LOOKUP=lookup, BLOCK=pm.BLOCK_SLOTS, E_PAD=256)
+            common = dict(LOOKUP=lookup, BLOCK=pm.BLOCK_SLOTS, E_PAD=256, num_warps=pm.num_warps(256))
             if dname == dtypes[0]:  # the histogram reads no rows: one dtype is enough
                 yield Variant("permute histogram", "-", f"{mode} E=256", "-", pm._histogram_kernel,
                               (torch.int64, torch.int64, torch.int64, 4096, 8, 50000, torch.int64, torch.int64,
@@ -177,7 +187,7 @@ def _data_variants(dtypes) -> Iterator[Variant]:
 
 
 def variants(target: Target, *, configs: str = "all", dtypes=tuple(DTYPES), shapes=tuple(SHAPES)) -> list[Variant]:
-    """configs: "all" (every config the autotuner may try) or "first" (the first of each list)."""
+    """configs: "all" (every config the autotuner may try) or "first" (the first kept one)."""
     return list(_gemm_variants(target, dtypes, shapes, configs)) + list(_data_variants(dtypes))
 
 
@@ -289,9 +299,9 @@ def run(targets: list[str], *, configs: str = "all", dtypes=tuple(DTYPES), shape
         todo = variants(target, configs=configs, dtypes=dtypes, shapes=shapes)
         for i, v in enumerate(todo, 1):
             path = cache / f"{_key(target, v)}.json"
-            if path.exists():
-                r = Result(**json.loads(path.read_text()))
-                r.cached = True
+            if path.exists():  # the compiler's facts; the labels are this variant's
+                r = dataclasses.replace(Result(**json.loads(path.read_text())), kernel=v.kernel, dtype=v.dtype,
+                                        mode=v.mode, config=v.config, kept=v.kept, cached=True)
             else:
                 r = compile_one(target, v)
                 path.write_text(json.dumps(dataclasses.asdict(r)))
@@ -321,7 +331,8 @@ def table(results: list[Result]) -> str:
 
 def problems(results: list[Result]) -> list[str]:
     """What the CI test asserts, as messages: compile errors; kept configs over the shared-memory
-    limit; kept 16-bit GEMM configs that spill; 16-bit GEMMs not on the target's matrix units."""
+    limit; kept 16-bit (and TF32) GEMM configs that spill; those GEMMs not on the target's matrix
+    units."""
     out = []
     for r in results:
         where = f"{r.target} {r.kernel} {r.dtype} {r.mode} {r.config}"
@@ -331,12 +342,14 @@ def problems(results: list[Result]) -> list[str]:
             continue
         if r.kept and r.shared > r.shared_limit:
             out.append(f"{where}: kept, but needs {r.shared} B of shared memory (limit {r.shared_limit})")
-        gemm16 = r.kernel.startswith("grouped_gemm") and r.dtype in ("bf16", "fp16")
+        gemm16 = r.kernel.startswith("grouped_gemm") and r.dtype in ("bf16", "fp16", "tf32")
         if r.kept and gemm16 and r.spills:
             out.append(f"{where}: kept, but spills {r.spills} B")
-        want = {"sm90": "wgmma", "sm80": "mma.sync", "gfx942": "MFMA"}[r.target]
-        if gemm16 and r.mma != want and r.kernel == "grouped_gemm":
-            out.append(f"{where}: uses {r.mma}, not {want}")
+        want = {"sm90": {"wgmma"}, "sm80": {"mma.sync"}, "gfx942": {"MFMA"}}[r.target]
+        if r.target == "sm90" and " odd" in r.mode:  # unaligned sizes take tiles below wgmma's 64 rows
+            want = {"wgmma", "mma.sync"}
+        if gemm16 and r.kept and r.mma not in want and r.kernel == "grouped_gemm":
+            out.append(f"{where}: uses {r.mma}, not {' or '.join(sorted(want))}")
     return out
 
 

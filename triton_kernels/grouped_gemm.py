@@ -12,6 +12,7 @@ Empty experts get zeros.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -20,18 +21,41 @@ import triton.language as tl
 from ..ops import _checks
 from ._common import INTERPRET, check_values, gemm_configs, load_tile, num_programs, to_dtype, upcast_operands
 
+# PANGU_OPS_TRITON_AUTOTUNE=0: the first config that fits, no timing of the others on first call
+# (first calls in seconds instead of tens of seconds: test suites, short jobs).
+AUTOTUNE = os.environ.get("PANGU_OPS_TRITON_AUTOTUNE", "1") != "0"
+
 # Blocks used under the interpreter (its cost is per program and K-step, not per element).
 INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). On matrix units (16-bit operands; fp32 as
-# TF32 where torch allows it):
-_MMA_CONFIGS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                (64, 64, 64, 4, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen with `pangu-ops compile-check` (no
+# config kept here spills on sm_90 / sm_80). 16-bit operands on the matrix units:
+_MMA_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3),
+                (128, 128, 32, 4, 4), (256, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 4)]
+# fp32 operands as TF32 on the matrix units (twice the bytes per element, more registers):
+_TF32_CONFIGS = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]
 # IEEE fp32: plain multiply-adds, whose operands live in registers: small tiles, few stages.
 _FMA_CONFIGS = [(64, 64, 32, 4, 2), (64, 128, 32, 8, 2), (32, 64, 32, 4, 2)]
-# The gated GEMM holds two accumulators: configs keeping more fp32 accumulator values per thread
-# than this spill (measured with `pangu-ops compile-check`).
-MAX_ACC_PER_THREAD = 128
+# K or N not a multiple of 16: masked, unvectorised loads whose addresses take the registers.
+_UNALIGNED_CONFIGS = [(32, 64, 16, 4, 2), (32, 32, 32, 4, 2), (64, 64, 16, 4, 2)]
+
+
+def _registers_fit(config: triton.Config, dtype: torch.dtype, gated: bool, big_registers: bool,
+                   aligned: bool) -> bool:
+    """Whether the config's fp32 accumulators leave room in the registers (`compile-check` on sm_90
+    and sm_80): unaligned rows at most 32 values per thread; the gated GEMM's two accumulators at
+    most 128 per thread with 8 warps of 16-bit operands on sm_90 (`big_registers`: wgmma reads its
+    operands from shared memory), else 64, with BLOCK_K <= 32 off sm_90 (operand fragments in
+    registers)."""
+    k = config.kwargs
+    per_thread = (2 if gated else 1) * k["BLOCK_M"] * k["BLOCK_N"] // (32 * config.num_warps)
+    if not aligned:
+        return per_thread <= (16 if gated and dtype == torch.float32 else 32)
+    if not gated:
+        return True
+    if big_registers and config.num_warps >= 8 and dtype != torch.float32:
+        return per_thread <= 128
+    return per_thread <= 64 and (big_registers or k["BLOCK_K"] <= 32)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -44,44 +68,59 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def gemm_config_list(dtype: torch.dtype, gated: bool, precision: str) -> list[triton.Config]:
-    """The configs the autotuner may try for this dtype / precision / kind (before the shared
-    memory limit of the device at hand, `fits`)."""
-    table = _FMA_CONFIGS if dtype == torch.float32 and precision == "ieee" else _MMA_CONFIGS
+def gemm_config_list(dtype: torch.dtype, gated: bool, precision: str, aligned: bool = True) -> list[triton.Config]:
+    """The configs of this dtype / precision / alignment (`kept_configs`: those a device keeps)."""
+    if not aligned:
+        table = _UNALIGNED_CONFIGS
+    elif dtype == torch.float32:
+        table = _FMA_CONFIGS if precision == "ieee" else _TF32_CONFIGS
+    else:
+        table = _MMA_CONFIGS
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in table if not gated or 2 * bm * bn // (32 * w) <= MAX_ACC_PER_THREAD]
+            for bm, bn, bk, w, st in table]
 
 
-def shared_bytes(config: triton.Config, dtype: torch.dtype, gated: bool) -> int:
-    """Shared memory of the software pipeline: num_stages copies of the x tile and the w tile(s)."""
+def kept_configs(dtype: torch.dtype, gated: bool, precision: str, *, shared_limit: int, big_registers: bool,
+                 aligned: bool, wgrad: bool = False) -> list[triton.Config]:
+    """The configs the autotuner tries on a device: of this dtype / precision, fitting its shared
+    memory per block (`shared_bytes`) and registers (`_registers_fit`)."""
+    return [c for c in gemm_config_list(dtype, gated, precision, aligned)
+            if shared_bytes(c, dtype, gated, wgrad) <= shared_limit
+            and (wgrad or _registers_fit(c, dtype, gated, big_registers, aligned))]
+
+
+def shared_bytes(config: triton.Config, dtype: torch.dtype, gated: bool, wgrad: bool = False) -> int:
+    """Shared memory of the software pipeline: num_stages copies of the two operand tiles (forward:
+    x [BM, BK] and w [BK, BN], twice for gated; dW: x [BM, BK] and dy [BM, BN])."""
     k = config.kwargs
-    tiles = k["BLOCK_M"] * k["BLOCK_K"] + k["BLOCK_K"] * k["BLOCK_N"] * (2 if gated else 1)
-    return config.num_stages * tiles * torch.empty(0, dtype=dtype).element_size()
-
-
-def fits(config: triton.Config, dtype: torch.dtype, gated: bool, shared_limit: int) -> bool:
-    return shared_bytes(config, dtype, gated) <= shared_limit
+    second = k["BLOCK_M"] * k["BLOCK_N"] if wgrad else k["BLOCK_K"] * k["BLOCK_N"] * (2 if gated else 1)
+    return config.num_stages * (k["BLOCK_M"] * k["BLOCK_K"] + second) * torch.empty(0, dtype=dtype).element_size()
 
 
 def _prune(configs, named_args, **kwargs):
-    """Autotune's early prune: the configs of the launch's dtype and precision that fit the
-    device's shared memory (and, gated, its registers)."""
+    """Autotune's early prune: `kept_configs` for the launch's dtype, precision and sizes on its
+    device (the configs as given where triton_ascend narrowed them already)."""
     args = {**named_args, **kwargs}
-    x, gated, precision = args["x_ptr"], bool(args.get("GATED", False)), args["PRECISION"]
-    wanted = {str(c) for c in gemm_config_list(x.dtype, gated, precision)}
-    kept = [c for c in configs if str(c) in wanted] or configs  # (configs narrowed by triton_ascend: as given)
-    if x.device.type == "cuda":
-        limit = triton.runtime.driver.active.utils.get_device_properties(x.device.index)["max_shared_mem"]
-        kept = [c for c in kept if fits(c, x.dtype, gated, limit)]
-        if not kept:
-            raise RuntimeError(f"no grouped GEMM config fits this device's {limit} B of shared memory")
-    return kept
+    x, gated, precision, wgrad = args["x_ptr"], bool(args.get("GATED", False)), args["PRECISION"], "dy_ptr" in args
+    if x.device.type != "cuda":
+        return configs
+    props = triton.runtime.driver.active.utils.get_device_properties(x.device.index)
+    aligned = all(args[n] % 16 == 0 for n in ("K", "N"))
+    wanted = kept_configs(x.dtype, gated, precision, shared_limit=props["max_shared_mem"],
+                          big_registers=torch.cuda.get_device_capability(x.device)[0] >= 9, aligned=aligned,
+                          wgrad=wgrad)
+    if not wanted:
+        raise RuntimeError(f"no grouped GEMM config fits this device's {props['max_shared_mem']} B of shared memory")
+    names = {str(c) for c in wanted}
+    kept = [c for c in configs if str(c) in names]
+    return kept if AUTOTUNE else kept[:1]
 
 
 def _all_configs() -> list[triton.Config]:
     seen = {}
-    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "ieee")):
-        for c in gemm_config_list(dtype, False, precision):
+    for dtype, precision, aligned in ((torch.bfloat16, "ieee", True), (torch.float32, "tf32", True),
+                                      (torch.float32, "ieee", True), (torch.bfloat16, "ieee", False)):
+        for c in gemm_config_list(dtype, False, precision, aligned):
             seen.setdefault(str(c), c)
     return list(seen.values())
 
@@ -174,8 +213,9 @@ def _learn_occupancy(compiled, key: tuple, device: torch.device) -> None:
     from .compile_check import Target, occupancy
 
     props = torch.cuda.get_device_properties(device)
-    sm = Target("device", "cuda", 0, 32, 0, props.shared_memory_per_multiprocessor, props.regs_per_multiprocessor,
-                props.max_threads_per_multi_processor // 32)
+    sm = Target("device", "cuda", 0, 32, 0, getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+                getattr(props, "regs_per_multiprocessor", 65536),
+                getattr(props, "max_threads_per_multi_processor", 2048) // 32)
     _OCCUPANCY[key] = max(1, occupancy(sm, compiled.metadata.num_warps, compiled.n_regs, compiled.metadata.shared))
 
 
