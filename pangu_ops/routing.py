@@ -29,8 +29,8 @@ def rre_domain_row(vocab_size: int, first_expert: int, num_experts: int, *, seed
     each expert receiving vocab_size // num_experts or one more vocabulary ids, at random."""
     _checks.positive_int("vocab_size", vocab_size)
     _checks.positive_int("num_experts", num_experts)
-    balanced = torch.arange(vocab_size) % num_experts  # counts differ by at most one
-    shuffled = balanced[torch.randperm(vocab_size, generator=_generator(seed, layer, domain))]
+    balanced = torch.arange(vocab_size, device="cpu") % num_experts  # counts differ by at most one (made on the CPU)
+    shuffled = balanced[torch.randperm(vocab_size, generator=_generator(seed, layer, domain), device="cpu")]
     return shuffled + first_expert
 
 
@@ -133,8 +133,8 @@ def hash_table(vocab_size: int, num_experts: int, k: int, *, seed: int, layer: i
         raise ValueError(f"k ({k}) must be at most the number of experts ({num_experts})")
     gen = _generator(seed, layer, -1)
     chunk = max(1, (1 << 22) // num_experts)  # bounded memory for large vocabularies
-    return torch.cat([torch.rand(min(chunk, vocab_size - v), num_experts, generator=gen).argsort(-1)[:, :k]
-                      for v in range(0, vocab_size, chunk)]) if vocab_size else torch.empty(0, k, dtype=torch.long)
+    return torch.cat([torch.rand(min(chunk, vocab_size - v), num_experts, generator=gen, device="cpu").argsort(-1)[:, :k]
+                      for v in range(0, vocab_size, chunk)]) if vocab_size else torch.empty(0, k, dtype=torch.long, device="cpu")
 
 
 def hash_route(logits: Tensor, token_ids: Tensor, table: Tensor, *, score: str = "softmax", normalize: bool = True,

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,8 +265,11 @@ def compile_one(target: Target, v: Variant) -> Result:
     start = time.perf_counter()
     log = io.StringIO()
     try:
-        with _target(target), contextlib.redirect_stdout(log), knobs.nvidia.scope():
+        # a fresh Triton cache: a cached kernel would come back without ptxas' register report
+        with _target(target), contextlib.redirect_stdout(log), knobs.nvidia.scope(), knobs.cache.scope(), \
+                tempfile.TemporaryDirectory() as fresh:
             knobs.nvidia.dump_ptxas_log = True
+            knobs.cache.dir = fresh
             compiled = v.fn.warmup(*v.args, grid=(1,), **v.kwargs)
         result.ok = True
         result.shared = int(compiled.metadata.shared)
@@ -292,8 +296,6 @@ def run(targets: list[str], *, configs: str = "all", dtypes=tuple(DTYPES), shape
     results = []
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    # Triton's own cache would answer a repeated compile without running ptxas (no usage report)
-    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
     for name in targets:
         target = TARGETS[name]
         todo = variants(target, configs=configs, dtypes=dtypes, shapes=shapes)

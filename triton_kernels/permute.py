@@ -45,7 +45,12 @@ def _slot_experts(offs, slots, ids_ptr, dom_ptr, table_ptr, seq, D, V, topk, LOO
     return ids
 
 
-@triton.jit
+# Sizes are not specialised (a size of 1 becomes a constant otherwise): on an H200 with Triton 3.6
+# the scatter of one 16-bit token failed to compile (LLVM lowering) when they were.
+_SIZES = ["seq", "D", "V", "slots", "E", "topk"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _histogram_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, counts_ptr, bad_ptr, slots, E, topk,
                       LOOKUP: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
     pid = tl.program_id(0)
@@ -58,7 +63,7 @@ def _histogram_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, counts_ptr, bad_pt
     tl.store(bad_ptr + pid, tl.sum(bad, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES + ["H"])
 def _scatter_kernel(ids_ptr, dom_ptr, table_ptr, seq, D, V, x_ptr, out_ptr, index_ptr, base_ptr, slots, E,
                     topk, H, s_x, s_out, LOOKUP: tl.constexpr, BLOCK: tl.constexpr, E_PAD: tl.constexpr,
                     BLOCK_H: tl.constexpr):
@@ -107,7 +112,9 @@ def _sort_rows(x, ids, lookup, k: int, num_experts: int, on_bad):
 
 
 def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
-    return _sort_rows(x, expert_ids, None, expert_ids.shape[1], num_experts,
+    # int64 ids: on an H200 with Triton 3.6 the scatter over int32 ids gave wrong 16-bit rows (the
+    # interpreter and int64 ids were right); the [T, k] conversion costs next to nothing
+    return _sort_rows(x, expert_ids.long(), None, expert_ids.shape[1], num_experts,
                       lambda: _checks.expert_ids_values(expert_ids, num_experts))
 
 
