@@ -11,7 +11,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # -march=native: the extension is compiled on the machine that runs it (pip install builds it).
 # Set PANGU_OPS_PORTABLE=1 to build a binary that runs on any x86-64.
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+# -fno-math-errno: sqrt and friends without the errno branch that keeps loops from vectorising
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
 if os.environ.get("PANGU_OPS_PORTABLE") != "1":
     cxx_flags.append("-march=native")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import sys
 from dataclasses import dataclass
@@ -114,17 +115,22 @@ def _grouped_mm_entry(x, w, group_sizes, flops_per_row, device, dtype) -> Entry 
 
 def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_backends: list[str]) -> list[Entry]:
     p = problem
-    gen = verify.generator(0)
     case = verify.Case(p.tokens, p.hidden, p.ffn, p.experts, p.topk)
-    ids, weights = verify.routing(case, gen, device=device)
-    x = verify.randn((p.tokens, p.hidden), dtype, gen, device=device)
+    ids, weights = verify.routing(case, verify.generator(0), device=device)
+    # drawn on the device (the DeepSeek preset's weights are 3.8G values: minutes on a CPU)
+    dgen = torch.Generator(device).manual_seed(0)
+
+    def randn(shape, scale=1.0):
+        return (torch.randn(shape, generator=dgen, device=device) * scale).to(dtype)
+
+    x = randn((p.tokens, p.hidden))
     x_sorted, group_sizes, sorted_index = reference.permute(x, ids, p.experts)
     rows = x_sorted.shape[0]
-    y_sorted = verify.randn((rows, p.ffn), dtype, gen, device=device)
-    w = verify.randn((p.experts, p.hidden, p.ffn), dtype, gen, scale=p.hidden ** -0.5, device=device)
-    dy = verify.randn((rows, p.ffn), dtype, gen, device=device)
-    w_gate_up = verify.randn((p.experts, p.hidden, 2 * p.ffn), dtype, gen, scale=p.hidden ** -0.5, device=device)
-    w_down = verify.randn((p.experts, p.ffn, p.hidden), dtype, gen, scale=p.ffn ** -0.5, device=device)
+    y_sorted = randn((rows, p.ffn))
+    w = randn((p.experts, p.hidden, p.ffn), p.hidden ** -0.5)
+    dy = randn((rows, p.ffn))
+    w_gate_up = randn((p.experts, p.hidden, 2 * p.ffn), p.hidden ** -0.5)
+    w_down = randn((p.experts, p.ffn, p.hidden), p.ffn ** -0.5)
     elt = x.element_size()
 
     def fwd_bwd(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
@@ -144,7 +150,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
                                  fwd_bwd(lambda a, b: reference.grouped_gemm(a, b, group_sizes, False)),
                                  6 * rows * p.hidden * p.ffn, "GFLOP/s"),
         "expert_mlp": (lambda: pangu_ops.expert_mlp(x_sorted, w_gate_up, w_down, group_sizes),
-                       lambda: reference.expert_mlp(x_sorted, w_gate_up, w_down, group_sizes, "swiglu"),
+                       lambda: reference.expert_mlp(x_sorted, w_gate_up, w_down, group_sizes, "swiglu", False, math.inf),
                        6 * rows * p.hidden * p.ffn, "GFLOP/s"),
     }
     out: list[Entry] = []

@@ -65,6 +65,23 @@ inline c10::BFloat16 from_float<c10::BFloat16>(float f) {
                        c10::BFloat16::from_bits());
 }
 
+// Element loads / stores through the raw bits (bf16), so that GCC vectorises the loop around them.
+inline float load_float(const float* p, int64_t i) { return p[i]; }
+inline float load_float(const double* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load_float(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load_float(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store_float(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_float(double* p, int64_t i, float v) { p[i] = v; }
+inline void store_float(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
+inline void store_float(c10::BFloat16* p, int64_t i, float v) {
+  reinterpret_cast<uint16_t*>(p)[i] = from_float<c10::BFloat16>(v).x;
+}
+
 // y[0:n] += w * float(x[0:n]).
 template <typename scalar_t>
 inline void axpy_to_float(float* __restrict y, const scalar_t* __restrict x, float w, int64_t n) {

@@ -110,23 +110,6 @@ inline ActGrad activation(float g) {
   }
 }
 
-// Element loads / stores through the raw bits (bf16), so that GCC vectorises the loop around them.
-inline float load_float(const float* p, int64_t i) { return p[i]; }
-inline float load_float(const double* p, int64_t i) { return static_cast<float>(p[i]); }
-inline float load_float(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
-inline float load_float(const c10::BFloat16* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline void store_float(float* p, int64_t i, float v) { p[i] = v; }
-inline void store_float(double* p, int64_t i, float v) { p[i] = v; }
-inline void store_float(c10::Half* p, int64_t i, float v) { p[i] = static_cast<c10::Half>(v); }
-inline void store_float(c10::BFloat16* p, int64_t i, float v) {
-  reinterpret_cast<uint16_t*>(p)[i] = from_float<c10::BFloat16>(v).x;
-}
-
 // One row: d_gate, d_up (dh's dtype) and h (gate/up's dtype) from gate, up and dh.
 template <Act kAct, typename in_t, typename grad_t>
 void gated_backward_row(const in_t* __restrict gate, const in_t* __restrict up, const grad_t* __restrict d,

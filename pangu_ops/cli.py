@@ -75,6 +75,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.distributed:
         return cmd_bench_distributed(args)
+    if args.ecss:
+        from pangu_ops.benchmarks import ecss as bench_ecss
+
+        bench_ecss.main(Path(args.out))
+        return 0
     if args.hf:
         from pangu_ops.benchmarks import hf as bench_hf
 
@@ -148,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="default: cuda if available, else cpu")
     b.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     b.add_argument("--min-time", type=float, default=0.25, help="seconds of repeats per measurement")
+    b.add_argument("--ecss", action="store_true",
+                   help="ECSS: the fused host AdamW vs torch's, lazy vs dense steps, training within a device budget")
     b.add_argument("--hf", action="store_true",
                    help="transformers' MoE experts blocks: the 'pangu_ops' experts backend vs transformers' own")
     d = b.add_argument_group("--distributed: flat vs hierarchical expert-parallel all-to-all on local gloo ranks "

@@ -84,9 +84,10 @@ def generator(seed: int) -> torch.Generator:
 
 
 def randn(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, *, scale: float = 1.0,
-          noncontig: bool = False, device: torch.device | str = "cpu") -> Tensor:
+          noncontig: bool = False, device: torch.device | str | None = None) -> Tensor:
     """Standard normal values (never all zeros), drawn on the CPU from `gen` and moved to
-    `device`; `noncontig` returns a strided view."""
+    `device` (None: torch's default device); `noncontig` returns a strided view."""
+    device = torch.get_default_device() if device is None else device
     if noncontig and len(shape) == 2:
         base = torch.randn(shape[0], 2 * shape[1], generator=gen, device="cpu") * scale
         return base.to(device, dtype)[:, ::2]
@@ -94,9 +95,11 @@ def randn(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, *, s
 
 
 def routing(case: Case, gen: torch.Generator, index_dtype: torch.dtype = torch.int64,
-            device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """(expert_ids [T, k], weights [T, k] fp32): k distinct experts per token drawn from the
-    experts not chosen to stay empty, a share `case.drop` of slots set to -1."""
+            device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """(expert_ids [T, k], weights [T, k] fp32) on `device` (None: torch's default device): k
+    distinct experts per token drawn from the experts not chosen to stay empty, a share
+    `case.drop` of slots set to -1."""
+    device = torch.get_default_device() if device is None else device
     active = torch.randperm(case.experts, generator=gen, device="cpu")[: case.experts - case.empty]
     assert active.numel() >= case.topk, f"{case}: fewer active experts than k"
     picks = torch.rand(case.tokens, active.numel(), generator=gen, device="cpu").argsort(1)[:, : case.topk]

@@ -15,8 +15,11 @@ TRITON = "triton_ascend" if _ascend else "triton"
 # so on CPU the Triton kernels run on CPU tensors in Triton's interpreter.
 if DEVICE == "cpu" and TRITON == "triton":
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# On a GPU: values are what the tests check, not speed: one config per GEMM, no autotune timing.
+# On a GPU: values are what the tests check, not speed: one config per GEMM, no autotune timing;
+# and the value checks (a host sync each, off by default there) on, as the error tests expect them.
 os.environ.setdefault("PANGU_OPS_TRITON_AUTOTUNE", "0")
+if DEVICE != "cpu":
+    os.environ.setdefault("PANGU_OPS_CHECK_VALUES", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -4,13 +4,13 @@ import torch
 
 import pangu_ops
 
-from conftest import BACKENDS
+from conftest import BACKENDS, DEVICE
 
-x = torch.randn(4, 8)
-ids = torch.tensor([[0, 1], [1, 2], [2, 0], [-1, 1]])
-y_sorted, index = torch.randn(7, 6), torch.tensor([0, 2, 5, 1, 7, 3, 4])
-w = torch.randn(3, 8, 5)
-sizes = torch.tensor([2, 3, 2])
+x = torch.randn(4, 8, device=DEVICE)
+ids = torch.tensor([[0, 1], [1, 2], [2, 0], [-1, 1]], device=DEVICE)
+y_sorted, index = torch.randn(7, 6, device=DEVICE), torch.tensor([0, 2, 5, 1, 7, 3, 4], device=DEVICE)
+w = torch.randn(3, 8, 5, device=DEVICE)
+sizes = torch.tensor([2, 3, 2], device=DEVICE)
 
 BAD_CALLS = {
     # permute

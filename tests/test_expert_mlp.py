@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import pangu_ops
 
-from conftest import BACKENDS, reference_test
+from conftest import BACKENDS, DEVICE, reference_test
 
 
 test_matches_reference = reference_test("expert_mlp")
@@ -94,6 +94,7 @@ BAD = {
 @pytest.mark.parametrize("name", list(BAD))
 def test_bad_input(backend, name):
     args, exc, message = BAD[name]
+    args = [a.to(DEVICE) for a in args]  # (made at import, on the CPU)
     with pangu_ops.use_backend(backend), pytest.raises(exc, match=message):
         pangu_ops.expert_mlp(*args)
 

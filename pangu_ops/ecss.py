@@ -1,0 +1,316 @@
+"""ECSS — PanGu-Σ's Expert Computation and Storage Separation: experts stored on the host,
+computed on the device.
+
+    store = ExpertStore(model, lr=1e-4, weight_decay=0.1, device="cuda", device_budget_bytes=8 << 30)
+    dense_opt = torch.optim.AdamW(store.dense_parameters(), lr=1e-4)  # everything but the experts
+    for token_ids, domain_ids, labels in batches:
+        store.prepare(token_ids, domain_ids)   # this batch's experts onto the device (before forward)
+        loss = loss_fn(model(token_ids, domain_ids), labels)
+        loss.backward()
+        store.step()                           # their gradients to the host, lazy AdamW there
+        dense_opt.step(); dense_opt.zero_grad()
+
+Every RRE layer's experts live in host memory as fp32 master weights with their AdamW state
+(m, v, and a step count per expert), plus a compute-dtype copy that uploads read. RRE routes by
+(domain, token id) alone, so `prepare` knows each layer's required experts before any compute
+(`routing.required_experts`). The device holds, per layer, a pool of `slots` expert rows in the
+compute dtype that *is* the layer's weight (`w_gate_up [slots, H, 2F]`, `w_down [slots, F, H]`);
+the route table is remapped once per step onto the pool's slots, so `rre_dispatch` stays one
+fused pass (a token routed to an expert that `prepare` did not load raises, never computes with
+another's weights). Several micro-batches may be prepared and run before one `step` (gradient
+accumulation): experts already resident and unchanged since their upload are reused (the hits in
+`stats`; least recently used ones are evicted first, never one holding gradients). `step` sends the pool rows of this
+step's experts' gradients to the host and runs the fused C++ AdamW (`pangu_cpu::adamw_experts`)
+over those experts only ("lazy" Adam, as torch's SparseAdam: an expert without gradient is not
+touched), writing the new compute-dtype copies that the next upload reads. Device bytes per layer:
+the pool and its gradient, `2 * slots * (expert's elements) * compute element size`, which
+`device_budget_bytes` bounds (default: every expert fits).
+
+Uploads go through a side CUDA stream from pinned memory where a GPU is the device (the next
+batch's `prepare` can then run while the current one computes); on the CPU they are plain copies.
+Top-k layers (experts known only after the router) are not served yet: the store refuses a model
+that has them.
+"""
+from __future__ import annotations
+
+import collections
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, routing
+from .nn.moe import MoEFeedForward
+
+
+def adamw_experts_reference(master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, grads: Tensor,
+                            expert_ids: Tensor, compute: Tensor | None, *, lr: float, betas: tuple[float, float],
+                            eps: float, weight_decay: float) -> None:
+    """The semantics of the fused kernel, in torch ops: for each listed expert e (rows of the [E, n]
+    state) with gradient row g, torch.optim.AdamW's update with e's own step count, in place; its
+    compute-dtype copy written to `compute` when given."""
+    beta1, beta2 = betas
+    ids = expert_ids.long()
+    steps[ids] += 1
+    t = steps[ids].double()
+    step_size = (lr / (1 - beta1 ** t)).float()[:, None]
+    bc2_sqrt = (1 - beta2 ** t).sqrt().float()[:, None]
+    g = grads.float()
+    p, m, v = master[ids], exp_avg[ids], exp_avg_sq[ids]
+    p.mul_(1 - lr * weight_decay)
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
+    master[ids], exp_avg[ids], exp_avg_sq[ids] = p, m, v
+    if compute is not None:
+        compute[ids] = p.to(compute.dtype)
+
+
+def adamw_experts(master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, grads: Tensor,
+                  expert_ids: Tensor, compute: Tensor | None = None, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """AdamW over the listed experts' rows of fp32 host state [E, n], in place, in one fused pass
+    per element (`csrc/adamw.cpp`): master, exp_avg, exp_avg_sq and steps [E] updated, `compute`
+    ([E, n], fp32/bf16/fp16) given the new weights. grads [len(expert_ids), n] fp32/bf16/fp16.
+    Experts listed twice or out of range raise before anything is written."""
+    try:
+        kernel = backends.load("cpu") if master.device.type == "cpu" else None
+    except backends.BackendUnavailable:
+        kernel = None
+    if kernel is None:
+        adamw_experts_reference(master, exp_avg, exp_avg_sq, steps, grads, expert_ids, compute, lr=lr, betas=betas,
+                                eps=eps, weight_decay=weight_decay)
+        return
+    kernel.adamw_experts(master, exp_avg, exp_avg_sq, steps, grads.contiguous(), expert_ids.long(), compute, lr,
+                         betas[0], betas[1], eps, weight_decay)
+
+
+@dataclass
+class StepStats:
+    """One step of the store: what moved, what was reused, what the device holds."""
+
+    resident_bytes: int = 0  # device pools + their gradients, all layers
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    hits: int = 0  # required experts found resident and up to date
+    misses: int = 0  # required experts uploaded
+    experts_updated: int = 0
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: MoEFeedForward
+    table: Tensor  # the layer's own route table (global expert ids), on the host
+    master: Tensor  # [E, n] fp32: w_gate_up | w_down of each expert, flattened
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    steps: Tensor  # [E] int64
+    compute: Tensor  # [E, n] compute dtype: what uploads read
+    slots: int
+    slot_of: dict = field(default_factory=dict)  # global id -> pool slot (resident and up to date)
+    lru: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # resident ids, oldest first
+    pending: set = field(default_factory=set)  # experts prepared since the last step (their gradients build up)
+
+
+class ExpertStore:
+    """Host-side storage and optimizer of every RRE layer's experts (module docstring)."""
+
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, device: torch.device | str | None = None,
+                 compute_dtype: torch.dtype | None = None, device_budget_bytes: int | None = None):
+        self.model, self.lr, self.betas, self.eps, self.weight_decay = model, lr, betas, eps, weight_decay
+        moe = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEFeedForward)]
+        if not moe:
+            raise ValueError("the model has no MoE layer for an ExpertStore")
+        for name, m in moe:
+            if m.router_kind != "rre":
+                raise ValueError(f"layer {name!r}: ExpertStore serves RRE layers only (a {m.router_kind} layer's experts "
+                                 "are known only after its router)")
+            if m.dispatcher is not None:
+                raise ValueError(f"layer {name!r}: expert-parallel layers keep their experts on their ranks")
+        first = moe[0][1].w_gate_up
+        self.device = torch.device(device) if device is not None else first.device
+        self.compute_dtype = compute_dtype or first.dtype
+        pinned = self.device.type == "cuda"
+        elt = torch.empty(0, dtype=self.compute_dtype).element_size()
+        per_slot = sum(2 * (m.w_gate_up[0].numel() + m.w_down[0].numel()) * elt for _, m in moe)  # weights + grads
+        budget = per_slot * max(m.num_experts for _, m in moe) if device_budget_bytes is None else device_budget_bytes
+        self.budget = budget
+        self.layers: list[_Layer] = []
+        for name, m in moe:
+            E = m.num_experts
+            with torch.no_grad():
+                master = torch.cat([m.w_gate_up.detach().reshape(E, -1), m.w_down.detach().reshape(E, -1)], 1)
+            master = master.to("cpu", torch.float32).contiguous()
+            n = master.shape[1]
+            # every layer gets the same share of the budget, in expert slots
+            slots = min(E, budget // len(moe) // (2 * n * elt))
+            compute = torch.empty(E, n, dtype=self.compute_dtype, pin_memory=pinned)
+            compute.copy_(master)
+            layer = _Layer(name, m, m.table.detach().to("cpu").clone(), master, torch.zeros_like(master),
+                           torch.zeros_like(master), torch.zeros(E, dtype=torch.long), compute, slots)
+            self.layers.append(layer)
+            self._install_pool(layer)
+        self.full_bytes = sum(2 * layer.master.shape[0] * layer.master.shape[1] * elt for layer in self.layers)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stats = StepStats()
+
+    # ---- the model's side ----
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """The model's parameters the store does not manage (attention, embeddings, dense FFNs):
+        for the user's own optimizer."""
+        managed = {id(layer.module.w_gate_up) for layer in self.layers} | {id(layer.module.w_down) for layer in self.layers}
+        return [p for p in self.model.parameters() if id(p) not in managed]
+
+    def _install_pool(self, layer: _Layer) -> None:
+        m = layer.module
+        H, two_f = m.w_gate_up.shape[1:]
+        F, out = m.w_down.shape[1:]
+        m.w_gate_up = nn.Parameter(torch.zeros(layer.slots, H, two_f, dtype=self.compute_dtype, device=self.device))
+        m.w_down = nn.Parameter(torch.zeros(layer.slots, F, out, dtype=self.compute_dtype, device=self.device))
+        layer.slot_of.clear()
+        layer.lru.clear()
+        layer.pending = set()
+
+    # ---- the step protocol ----
+
+    def prepare(self, token_ids: Tensor, domain_ids: Tensor) -> StepStats:
+        """Loads every RRE layer's experts for this batch onto the device and remaps the layers'
+        route tables onto them. Checks everything first (token ids, domains, the budget): nothing
+        is copied or changed when it raises."""
+        token_ids = token_ids.reshape(domain_ids.shape[0], -1) if token_ids.dim() == 1 else token_ids
+        plans = []
+        for layer in self.layers:
+            rows = layer.module.table_rows(domain_ids.to(layer.module.domain_index.device))
+            required = routing.required_experts(token_ids.to("cpu"), rows.to("cpu"), layer.table)
+            needed = len(layer.pending | set(required.tolist()))  # with the micro-batches since the last step
+            if needed > layer.slots:
+                elt = torch.empty(0, dtype=self.compute_dtype).element_size()
+                need = needed * 2 * layer.master.shape[1] * elt
+                raise ValueError(f"layer {layer.name!r}: this step needs {needed} experts = {need} B of "
+                                 f"device memory (weights + gradients), more than its share of device_budget_bytes "
+                                 f"({layer.slots} experts); raise the budget to at least "
+                                 f"{need * len(self.layers)} B or split the batch")
+            plans.append((layer, required))
+        stats = StepStats()
+        for layer, required in plans:
+            self._load(layer, required, stats)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        stats.resident_bytes = sum(2 * (l.module.w_gate_up.numel() + l.module.w_down.numel())
+                                   * l.module.w_gate_up.element_size() for l in self.layers)
+        self.stats = stats
+        return stats
+
+    def _load(self, layer: _Layer, required: Tensor, stats: StepStats) -> None:
+        m, ids = layer.module, required.tolist()
+        missing = [e for e in ids if e not in layer.slot_of]
+        stats.hits += len(ids) - len(missing)
+        stats.misses += len(missing)
+        in_use = set(layer.slot_of.values())
+        free = [s for s in range(layer.slots) if s not in in_use]
+        wanted = set(ids) | layer.pending  # (pending experts hold gradients: never evicted)
+        victims = [e for e in layer.lru if e not in wanted]  # least recently used first
+        for e in missing:
+            if free:
+                slot = free.pop()
+            else:
+                old = victims.pop(0)
+                slot = layer.slot_of.pop(old)
+                del layer.lru[old]
+            layer.slot_of[e] = slot
+        for e in ids:  # most recently used last
+            layer.lru.pop(e, None)
+            layer.lru[e] = True
+        if missing:
+            src = layer.compute[torch.tensor(missing)]
+            slots = torch.tensor([layer.slot_of[e] for e in missing], device=self.device)
+            n1 = m.w_gate_up[0].numel()
+            with torch.no_grad(), (torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()):
+                rows = src.to(self.device, non_blocking=True)
+                m.w_gate_up.index_copy_(0, slots, rows[:, :n1].view(-1, *m.w_gate_up.shape[1:]))
+                m.w_down.index_copy_(0, slots, rows[:, n1:].view(-1, *m.w_down.shape[1:]))
+            stats.h2d_bytes += src.numel() * src.element_size()
+        # the route table onto the pool: slot ids; experts not resident -> `slots` (out of range: raises)
+        remap = torch.full((layer.master.shape[0],), layer.slots, dtype=torch.long)
+        for e, s in layer.slot_of.items():
+            remap[e] = s
+        m.table = remap[layer.table].to(m.table.device)
+        layer.pending |= set(ids)
+
+    def step(self) -> StepStats:
+        """After backward: this step's experts' gradients to the host, the fused AdamW over those
+        experts, their new compute-dtype copies written for the next upload; the pool rows they
+        occupy are then stale (re-uploaded when next required)."""
+        stats = self.stats
+        for layer in self.layers:
+            if not layer.pending:
+                raise RuntimeError("ExpertStore.step() without prepare() for this step")
+            m = layer.module
+            if m.w_gate_up.grad is None or m.w_down.grad is None:
+                raise RuntimeError(f"layer {layer.name!r}: no gradient: call step() after backward()")
+            ids = torch.tensor(sorted(layer.pending))
+            slots = torch.tensor([layer.slot_of[e] for e in ids.tolist()], device=self.device)
+            grads = torch.cat([m.w_gate_up.grad.index_select(0, slots).reshape(len(ids), -1),
+                               m.w_down.grad.index_select(0, slots).reshape(len(ids), -1)], 1).to("cpu")
+            stats.d2h_bytes += grads.numel() * grads.element_size()
+            adamw_experts(layer.master, layer.exp_avg, layer.exp_avg_sq, layer.steps, grads, ids, layer.compute,
+                          lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+            stats.experts_updated += len(ids)
+            for e in ids.tolist():  # stale on the device now: evicted, re-uploaded when next required
+                layer.lru.pop(e, None)
+                layer.slot_of.pop(e, None)
+            m.w_gate_up.grad = m.w_down.grad = None
+            layer.pending = set()
+        return stats
+
+    # ---- checkpoints and the full model ----
+
+    def state_dict(self) -> dict:
+        return {"hyper": {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay},
+                "layers": {l.name: {"master": l.master.clone(), "exp_avg": l.exp_avg.clone(),
+                                    "exp_avg_sq": l.exp_avg_sq.clone(), "steps": l.steps.clone()} for l in self.layers}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores weights and optimizer state (bit-exact); every layer is checked before any is
+        written. The device pools start empty (everything is uploaded again)."""
+        layers = state["layers"]
+        mine = {l.name: l for l in self.layers}
+        if set(layers) != set(mine):
+            raise ValueError(f"the state's layers {sorted(layers)} are not this store's {sorted(mine)}")
+        for name, s in layers.items():
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                if s[key].shape != mine[name].master.shape:
+                    raise ValueError(f"layer {name!r}: {key} is {tuple(s[key].shape)}, the store has "
+                                     f"{tuple(mine[name].master.shape)}")
+            if s["steps"].shape != mine[name].steps.shape:
+                raise ValueError(f"layer {name!r}: steps is {tuple(s['steps'].shape)}, the store has "
+                                 f"{tuple(mine[name].steps.shape)}")
+        hyper = state["hyper"]
+        self.lr, self.betas, self.eps, self.weight_decay = hyper["lr"], tuple(hyper["betas"]), hyper["eps"], \
+            hyper["weight_decay"]
+        for name, s in layers.items():
+            layer = mine[name]
+            for key in ("master", "exp_avg", "exp_avg_sq", "steps"):
+                getattr(layer, key).copy_(s[key])
+            layer.compute.copy_(layer.master)
+            self._install_pool(layer)
+
+    def restore_model(self) -> None:
+        """Puts every layer's full expert weights (compute dtype) and own route table back into the
+        model, on the store's device: the model then runs, saves and `extract_domain`s without the
+        store (which must not be used afterwards)."""
+        for layer in self.layers:
+            m, E = layer.module, layer.master.shape[0]
+            n1 = m.w_gate_up[0].numel()
+            full = layer.compute.to(self.device)
+            m.w_gate_up = nn.Parameter(full[:, :n1].reshape(E, *m.w_gate_up.shape[1:]).clone())
+            m.w_down = nn.Parameter(full[:, n1:].reshape(E, *m.w_down.shape[1:]).clone())
+            m.table = layer.table.to(m.domain_index.device)
+        self.layers = []
+
+
+__all__ = ["ExpertStore", "StepStats", "adamw_experts", "adamw_experts_reference"]

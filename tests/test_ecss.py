@@ -1,0 +1,239 @@
+"""ECSS: the fused host AdamW kernel against its reference and torch.optim.AdamW, and training with
+the experts on the host equal to training without (lazy AdamW reference), within the budget,
+with bit-exact checkpoints and errors before any copy. Here "device" and host are both the CPU:
+the mechanism (pools, remapped tables, uploads, host updates) runs all the same.
+
+Tolerances: fp32 kernel vs reference / torch: 2e-6 relative + 1e-7 absolute (one fused pass vs
+torch's separate ops: different fp32 roundings of the same formula); after 6 training steps
+1e-4 relative + 1e-5 absolute (those roundings, carried through the forward and backward passes
+of the following steps)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pangu_ops import ecss
+from pangu_ops.nn import PanguSigmaConfig, PanguSigmaLM
+
+from conftest import DEVICE
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="host-side optimizer tests: CPU")
+TOL = dict(rtol=2e-6, atol=1e-7)
+TRAIN_TOL = dict(rtol=1e-4, atol=1e-5)
+HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+def _state(E=6, n=20011, seed=0):  # n: odd, one of the kernel's 16384-element chunks and a tail
+    g = torch.Generator().manual_seed(seed)
+    master = torch.randn(E, n, generator=g)
+    m, v = torch.randn(E, n, generator=g) * 0.1, torch.rand(E, n, generator=g) * 0.01
+    steps = torch.randint(0, 5, (E,), generator=g)
+    return master, m, v, steps
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", [[3], [5, 0, 2], [0, 1, 2, 3, 4, 5]], ids=["one", "some", "all"])
+def test_kernel_matches_reference(grad_dtype, ids):
+    a = _state()
+    b = tuple(t.clone() for t in a)
+    expert_ids = torch.tensor(ids)
+    grads = (torch.randn(len(ids), a[0].shape[1]) * 0.3).to(grad_dtype)
+    out_a, out_b = torch.zeros(a[0].shape, dtype=torch.bfloat16), torch.zeros(a[0].shape, dtype=torch.bfloat16)
+    ecss.adamw_experts(*a, grads, expert_ids, out_a, **HYPER)
+    ecss.adamw_experts_reference(*b, grads, expert_ids, out_b, **HYPER)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **TOL)
+    untouched = [e for e in range(6) if e not in ids]
+    assert torch.equal(a[0][untouched], _state()[0][untouched])  # lazy: experts not listed keep everything
+    assert torch.equal(a[3][untouched], _state()[3][untouched])
+    assert (out_a[ids].float() - a[0][ids]).abs().max() <= a[0][ids].abs().max() * 2 ** -8  # bf16 copy
+    assert torch.equal(out_a[untouched], torch.zeros_like(out_a[untouched]))
+
+
+def test_kernel_dense_equals_torch_adamw():
+    """Every expert updated every step: torch.optim.AdamW over the [E, n] tensor, 5 steps."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3000))
+    opt = torch.optim.AdamW([w], **HYPER)
+    master, m, v, steps = w.detach().clone(), torch.zeros(4, 3000), torch.zeros(4, 3000), torch.zeros(4, dtype=torch.long)
+    for _ in range(5):
+        g = torch.randn(4, 3000)
+        w.grad = g.clone()
+        opt.step()
+        ecss.adamw_experts(master, m, v, steps, g, torch.arange(4), None, **HYPER)
+    torch.testing.assert_close(master, w.detach(), **TOL)
+    torch.testing.assert_close(m, opt.state[w]["exp_avg"], **TOL)
+    torch.testing.assert_close(v, opt.state[w]["exp_avg_sq"], **TOL)
+    assert steps.tolist() == [5] * 4
+
+
+def test_kernel_rejects_bad_ids_before_writing():
+    a = _state()
+    before = tuple(t.clone() for t in a)
+    for ids, message in (([1, 6], "out of range"), ([2, 2], "listed twice")):
+        with pytest.raises(ValueError, match=message):
+            ecss.adamw_experts(*a, torch.randn(2, a[0].shape[1]), torch.tensor(ids), None, **HYPER)
+        for x, y in zip(a, before):
+            assert torch.equal(x, y)
+
+
+CONFIG = PanguSigmaConfig(vocab_size=64, hidden=32, num_heads=4, num_layers=3, ffn=48, rre_layers=[1, 2],
+                          num_experts=8, num_domains=2, expert_ffn=24)
+
+
+def _batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):  # one domain per batch half of the time: not every expert is used each step
+        dom = torch.tensor([i % 2, i % 2]) if i % 3 else torch.tensor([0, 1])
+        yield torch.randint(0, CONFIG.vocab_size, (2, 9), generator=g), dom
+
+
+def _loss(model, tok, dom):
+    logits, _ = model(tok, dom)
+    return F.cross_entropy(logits.reshape(-1, CONFIG.vocab_size), tok.reshape(-1))
+
+
+def _moe_layers(model):
+    return [b.ffn for b in model.blocks if hasattr(b.ffn, "table")]
+
+
+def test_training_with_ecss_equals_training_without():
+    """Reference: the same model, experts on the 'device' as usual, updated by the reference lazy
+    AdamW (only experts that got tokens), dense parameters by torch AdamW; ECSS: experts on the
+    host. Same weights and optimizer state after 6 steps."""
+    torch.manual_seed(0)
+    ref = PanguSigmaLM(CONFIG)
+    model = copy.deepcopy(ref)
+    ref_dense = torch.optim.AdamW([p for n, p in ref.named_parameters() if "w_gate_up" not in n and "w_down" not in n],
+                                  **HYPER)
+    states = {}
+    store = ecss.ExpertStore(model, **HYPER)
+    dense = torch.optim.AdamW(store.dense_parameters(), **HYPER)
+    for tok, dom in _batches(6):
+        _loss(ref, tok, dom).backward()
+        for layer in _moe_layers(ref):
+            used = torch.unique(layer.table[layer.table_rows(dom)[:, None], tok])
+            E = layer.w_gate_up.shape[0]
+            for w in (layer.w_gate_up, layer.w_down):
+                st = states.setdefault(id(w), (torch.zeros(E, w[0].numel()), torch.zeros(E, w[0].numel()),
+                                               torch.zeros(E, dtype=torch.long)))
+                flat = w.detach().reshape(E, -1).clone()
+                ecss.adamw_experts_reference(flat, *st, w.grad.reshape(E, -1)[used], used, None, **HYPER)
+                with torch.no_grad():
+                    w.copy_(flat.view_as(w))
+                w.grad = None
+        ref_dense.step()
+        ref_dense.zero_grad()
+
+        store.prepare(tok, dom)
+        _loss(model, tok, dom).backward()
+        store.step()
+        dense.step()
+        dense.zero_grad()
+    for layer, ref_layer in zip(store.layers, _moe_layers(ref)):
+        E = layer.master.shape[0]
+        want = torch.cat([ref_layer.w_gate_up.detach().reshape(E, -1), ref_layer.w_down.detach().reshape(E, -1)], 1)
+        torch.testing.assert_close(layer.master, want, **TRAIN_TOL)
+        m_ref = torch.cat([states[id(ref_layer.w_gate_up)][0], states[id(ref_layer.w_down)][0]], 1)
+        torch.testing.assert_close(layer.exp_avg, m_ref, **TRAIN_TOL)
+        assert torch.equal(layer.steps, states[id(ref_layer.w_gate_up)][2])
+        assert 0 < int(layer.steps.min()) < 6  # lazy: some experts skipped some steps
+    ref_dense_params = [p for n, p in ref.named_parameters() if "w_gate_up" not in n and "w_down" not in n]
+    for p, q in zip(ref_dense_params, store.dense_parameters()):
+        torch.testing.assert_close(q, p, **TRAIN_TOL)
+
+
+def test_budget_is_respected_and_too_small_a_budget_names_the_bytes():
+    torch.manual_seed(0)
+    model = PanguSigmaLM(CONFIG)
+    per_expert = 2 * 4 * (32 * 48 + 24 * 32)  # weights + gradients, fp32
+    budget = 2 * 5 * per_expert  # 5 of the 8 experts per layer (2 layers)
+    store = ecss.ExpertStore(model, device_budget_bytes=budget, **HYPER)
+    dense = torch.optim.AdamW(store.dense_parameters(), **HYPER)
+    ran = 0
+    for tok, dom in _batches(2):
+        if dom[0] != dom[1]:
+            continue
+        stats = store.prepare(tok[:1, :4], dom[:1])
+        assert stats.resident_bytes <= budget
+        _loss(model, tok[:1, :4], dom[:1]).backward()
+        store.step()
+        dense.step()
+        ran += 1
+    assert ran
+    big = torch.arange(64).reshape(2, 32)  # every token id, both domains: all 8 experts of a layer
+    with pytest.raises(ValueError, match=r"needs 8 experts = 147456 B of device memory .* at least 294912 B"):
+        store.prepare(big, torch.tensor([0, 1]))
+
+
+def test_bad_ids_raise_before_any_copy():
+    model = PanguSigmaLM(CONFIG)
+    store = ecss.ExpertStore(model, **HYPER)
+    tables = [l.module.table.clone() for l in store.layers]
+    with pytest.raises(ValueError, match="out of range"):
+        store.prepare(torch.tensor([[1, 64]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"domain_ids\[0\] = 2 is out of range"):
+        store.prepare(torch.tensor([[1, 2]]), torch.tensor([2]))
+    assert store.stats.h2d_bytes == 0
+    assert all(torch.equal(l.module.table, t) for l, t in zip(store.layers, tables))
+    with pytest.raises(RuntimeError, match="without prepare"):
+        store.step()
+
+
+def test_checkpoint_resume_is_bit_exact():
+    def run(model, store, dense, batches):
+        for tok, dom in batches:
+            store.prepare(tok, dom)
+            _loss(model, tok, dom).backward()
+            store.step()
+            dense.step()
+            dense.zero_grad()
+
+    torch.manual_seed(0)
+    model = PanguSigmaLM(CONFIG)
+    twin = copy.deepcopy(model)
+    store = ecss.ExpertStore(model, **HYPER)
+    dense = torch.optim.AdamW(store.dense_parameters(), **HYPER)
+    batches = list(_batches(6))
+    run(model, store, dense, batches[:3])
+    saved = copy.deepcopy((store.state_dict(), model.state_dict(), dense.state_dict()))
+    run(model, store, dense, batches[3:])
+
+    store2 = ecss.ExpertStore(twin, **HYPER)
+    dense2 = torch.optim.AdamW(store2.dense_parameters(), **HYPER)
+    twin.load_state_dict({k: v for k, v in saved[1].items() if "w_gate_up" not in k and "w_down" not in k and
+                          not k.endswith(".table")}, strict=False)
+    store2.load_state_dict(saved[0])
+    dense2.load_state_dict(saved[2])
+    run(twin, store2, dense2, batches[3:])
+    for a, b in zip(store.layers, store2.layers):
+        for key in ("master", "exp_avg", "exp_avg_sq", "steps"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+    with pytest.raises(ValueError, match="layers"):
+        store2.load_state_dict({"hyper": saved[0]["hyper"], "layers": {}})
+
+
+def test_restore_model_gives_the_trained_weights_back():
+    torch.manual_seed(0)
+    model = PanguSigmaLM(CONFIG)
+    store = ecss.ExpertStore(model, **HYPER)
+    for tok, dom in _batches(2):
+        store.prepare(tok, dom)
+        _loss(model, tok, dom).backward()
+        store.step()
+    masters = [l.master.clone() for l in store.layers]
+    layers = [l.module for l in store.layers]
+    store.restore_model()
+    for m, master in zip(layers, masters):
+        E = master.shape[0]
+        assert torch.equal(torch.cat([m.w_gate_up.reshape(E, -1), m.w_down.reshape(E, -1)], 1), master)
+    tok, dom = next(_batches(1))
+    model(tok, dom)  # runs without the store
+
+
+def test_topk_layers_are_refused():
+    from pangu_ops.nn import MoEFeedForward
+
+    with pytest.raises(ValueError, match="RRE layers only"):
+        ecss.ExpertStore(torch.nn.Sequential(MoEFeedForward(16, 8, 4)))
