@@ -6,7 +6,11 @@ The bottom layers are shared dense SwiGLU layers, the top ones Random Routed Exp
 experts are split between the domains. After training, `extract_domain` keeps only the docs
 experts; the sub-model's loss on docs equals the full model's.
 
-    python examples/train_rre_lm.py [--steps 300] [--backend cpu]
+    python examples/train_rre_lm.py [--steps 300] [--backend cpu] [--ecss]
+
+With --ecss the experts live on the host (`pangu_ops.ecss.ExpertStore`): each step loads the
+batch's experts, and after backward their gradients go back to the host's fused AdamW; the dense
+parameters train with torch's AdamW as usual.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import pangu_ops
+from pangu_ops import ecss
 from pangu_ops.nn import PanguSigmaConfig, PanguSigmaLM, extract_domain, rre_layers
 
 DOMAINS = ("code", "docs")
@@ -60,6 +65,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ecss", action="store_true", help="experts on the host (pangu_ops.ecss.ExpertStore)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -70,7 +76,8 @@ def main() -> int:
     model = PanguSigmaLM(config)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, RRE layers {config.rre_layers}, "
           f"{config.num_experts} experts ({config.num_experts // config.num_domains} per domain)")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    store = ecss.ExpertStore(model, lr=2e-3, weight_decay=0.01) if args.ecss else None
+    opt = torch.optim.AdamW(store.dense_parameters() if store else model.parameters(), lr=2e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
     start, first, smooth = time.time(), None, None
     with pangu_ops.use_backend(args.backend):
@@ -78,10 +85,16 @@ def main() -> int:
             lr = 2e-3 * min(1.0, step / 30) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, _ = lm_loss(model, *batch(data, args.batch, args.seq, gen, "train"))
+            tokens, domains = batch(data, args.batch, args.seq, gen, "train")
+            if store is not None:
+                store.lr = lr
+                store.prepare(tokens, domains)  # this batch's experts onto the device
+            loss, _ = lm_loss(model, tokens, domains)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if store is not None:
+                store.step()  # their gradients to the host, AdamW there
             smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
             first = first if first is not None else loss.item()
             done = step / args.steps
@@ -89,6 +102,11 @@ def main() -> int:
             print(f"\r[{bar}] step {step}/{args.steps}  loss {smooth:.3f}  {time.time() - start:5.0f}s",
                   end="\n" if step % 50 == 0 or step == args.steps else "", file=sys.stderr, flush=True)
 
+        if store is not None:
+            st = store.stats
+            print(f"ECSS: last step {st.experts_updated} experts updated on the host, {st.h2d_bytes / 1e6:.2f} MB up, "
+                  f"{st.d2h_bytes / 1e6:.2f} MB of gradients down, {st.resident_bytes / 1e6:.2f} MB resident")
+            store.restore_model()  # the full experts back in the model: evaluation and extraction as usual
         model.eval()
         eval_gen = torch.Generator().manual_seed(1234)
         tokens, domains = batch(data, 32, args.seq, eval_gen, "eval")
