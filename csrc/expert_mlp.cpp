@@ -12,52 +12,7 @@
 namespace pangu_cpu {
 namespace {
 
-// act(gate) * up in fp32 for gu = [gate | up] (fp32, [m, 2F]).
-at::Tensor gated(const at::Tensor& gu, int64_t F, c10::string_view activation, double limit) {
-  at::Tensor gate = gu.narrow(1, 0, F), up = gu.narrow(1, F, F);
-  if (std::isfinite(limit)) {
-    gate = gate.clamp_max(limit);
-    up = up.clamp(-limit, limit);
-  }
-  if (activation == "swiglu") return at::silu(gate).mul_(up);
-  return at::gelu(gate, activation == "geglu_tanh" ? "tanh" : "none").mul_(up);
-}
-
-std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Tensor& w_gate_up,
-                                              const at::Tensor& w_down, const at::Tensor& group_sizes,
-                                              c10::string_view activation, bool trans_b, double limit) {
-  TORCH_CHECK_VALUE(activation == "swiglu" || activation == "geglu" || activation == "geglu_tanh",
-                    "expert_mlp: activation must be 'swiglu', 'geglu' or 'geglu_tanh'");
-  TORCH_CHECK_VALUE(x.dim() == 2 && w_gate_up.dim() == 3 && w_down.dim() == 3,
-                    "expert_mlp: need x [S, K], w_gate_up [E, K, 2F] ([E, 2F, K]), w_down [E, F, N] ([E, N, F])");
-  TORCH_CHECK_TYPE(x.scalar_type() == w_gate_up.scalar_type() && x.scalar_type() == w_down.scalar_type(),
-                   "expert_mlp: x, w_gate_up and w_down dtypes differ");
-  // per-expert views in the [K, 2F] / [F, N] orientation
-  auto up_w = [&](int64_t e) { return trans_b ? w_gate_up.select(0, e).t() : w_gate_up.select(0, e); };
-  auto down_w = [&](int64_t e) { return trans_b ? w_down.select(0, e).t() : w_down.select(0, e); };
-  const int64_t E = w_gate_up.size(0);
-  const int64_t K = trans_b ? w_gate_up.size(2) : w_gate_up.size(1);
-  const int64_t F = (trans_b ? w_gate_up.size(1) : w_gate_up.size(2)) / 2;
-  const int64_t N = trans_b ? w_down.size(1) : w_down.size(2);
-  TORCH_CHECK_VALUE(K == x.size(1) && w_down.size(0) == E && (trans_b ? w_down.size(2) : w_down.size(1)) == F &&
-                        group_sizes.numel() == E,
-                    "expert_mlp: inconsistent shapes");
-  const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "expert_mlp");
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  at::Tensor gate_up = at::empty({x.size(0), 2 * F}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    at::Tensor gu = gate_up.narrow(0, off[e], m);
-    mm_fp32_into(gu, x.narrow(0, off[e], m), up_w(e));
-    at::Tensor h = gated(as_float(gu), F, activation, limit);
-    if (x.scalar_type() != at::kFloat) h = h.to(x.scalar_type());  // rounded like every backend
-    mm_fp32_into(y.narrow(0, off[e], m), h, down_w(e));
-  }
-  return {y, gate_up};
-}
-
-// ---- gated_backward: d(act(gate) * up) / d[gate | up] applied to dh, and h, in one pass ----
+// ---- the gates: act(gate) * up and its derivative, as plain vectorisable arithmetic ----
 
 // exp(x) for x in float range to ~2 ulp, written as plain arithmetic so that loops over it
 // vectorise (libm's expf does not): 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2.
@@ -161,6 +116,73 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& gate_up, con
   });
   return {dgu, h};
 }
+
+// ---- the forward gate: h = act(gate) * up from the rounded gate_up, one vectorised pass ----
+
+template <Act kAct, typename T>
+void gated_forward_row(const T* __restrict gate, const T* __restrict up, T* __restrict h, int64_t F, float limit) {
+  for (int64_t i = 0; i < F; ++i) {
+    const float g = std::min(load_float(gate, i), limit), u = std::min(std::max(load_float(up, i), -limit), limit);
+    store_float(h, i, activation<kAct>(g).act * u);
+  }
+}
+
+// h [m, F] in gu's dtype from gu = [gate | up] ([m, 2F], contiguous rows).
+at::Tensor gated_forward(const at::Tensor& gu, int64_t F, c10::string_view name, double limit) {
+  at::Tensor h = at::empty({gu.size(0), F}, gu.options());
+  const float lim = std::isfinite(limit) ? static_cast<float>(limit) : std::numeric_limits<float>::infinity();
+  PANGU_DISPATCH_FLOATS(gu.scalar_type(), "expert_mlp", [&] {
+    const scalar_t* g = gu.data_ptr<scalar_t>();
+    scalar_t* out = h.data_ptr<scalar_t>();
+    at::parallel_for(0, gu.size(0), row_grain(F * 6), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* gate = g + r * 2 * F;
+        if (name == "swiglu") {
+          gated_forward_row<Act::kSwiglu>(gate, gate + F, out + r * F, F, lim);
+        } else if (name == "geglu") {
+          gated_forward_row<Act::kGeglu>(gate, gate + F, out + r * F, F, lim);
+        } else {
+          gated_forward_row<Act::kGegluTanh>(gate, gate + F, out + r * F, F, lim);
+        }
+      }
+    });
+  });
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Tensor& w_gate_up,
+                                              const at::Tensor& w_down, const at::Tensor& group_sizes,
+                                              c10::string_view activation, bool trans_b, double limit) {
+  TORCH_CHECK_VALUE(activation == "swiglu" || activation == "geglu" || activation == "geglu_tanh",
+                    "expert_mlp: activation must be 'swiglu', 'geglu' or 'geglu_tanh'");
+  TORCH_CHECK_VALUE(x.dim() == 2 && w_gate_up.dim() == 3 && w_down.dim() == 3,
+                    "expert_mlp: need x [S, K], w_gate_up [E, K, 2F] ([E, 2F, K]), w_down [E, F, N] ([E, N, F])");
+  TORCH_CHECK_TYPE(x.scalar_type() == w_gate_up.scalar_type() && x.scalar_type() == w_down.scalar_type(),
+                   "expert_mlp: x, w_gate_up and w_down dtypes differ");
+  // per-expert views in the [K, 2F] / [F, N] orientation
+  auto up_w = [&](int64_t e) { return trans_b ? w_gate_up.select(0, e).t() : w_gate_up.select(0, e); };
+  auto down_w = [&](int64_t e) { return trans_b ? w_down.select(0, e).t() : w_down.select(0, e); };
+  const int64_t E = w_gate_up.size(0);
+  const int64_t K = trans_b ? w_gate_up.size(2) : w_gate_up.size(1);
+  const int64_t F = (trans_b ? w_gate_up.size(1) : w_gate_up.size(2)) / 2;
+  const int64_t N = trans_b ? w_down.size(1) : w_down.size(2);
+  TORCH_CHECK_VALUE(K == x.size(1) && w_down.size(0) == E && (trans_b ? w_down.size(2) : w_down.size(1)) == F &&
+                        group_sizes.numel() == E,
+                    "expert_mlp: inconsistent shapes");
+  const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "expert_mlp");
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  at::Tensor gate_up = at::empty({x.size(0), 2 * F}, x.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = off[e + 1] - off[e];
+    if (m == 0) continue;
+    at::Tensor gu = gate_up.narrow(0, off[e], m);
+    mm_fp32_into(gu, x.narrow(0, off[e], m), up_w(e));
+    const at::Tensor h = gated_forward(gu, F, activation, limit);  // rounded like every backend
+    mm_fp32_into(y.narrow(0, off[e], m), h, down_w(e));
+  }
+  return {y, gate_up};
+}
+
 
 }  // namespace
 
