@@ -171,7 +171,7 @@ def _data_variants(dtypes) -> Iterator[Variant]:
         dtype = DTYPES[dname]
         for lookup in (False, True):
             mode = "rre_dispatch" if lookup else "permute"
-            common = dict(LOOKUP=lookup, BLOCK=pm.BLOCK_SLOTS, E_PAD=256, num_warps=pm.num_warps(256))
+            common = dict(LOOKUP=lookup, BLOCK=pm.block_slots(lookup, 256), E_PAD=256, num_warps=pm.num_warps(256))
             if dname == dtypes[0]:  # the histogram reads no rows: one dtype is enough
                 yield Variant("permute histogram", "-", f"{mode} E=256", "-", pm._histogram_kernel,
                               (torch.int64, torch.int64, torch.int64, 4096, 8, 50000, torch.int64, torch.int64,

@@ -23,6 +23,12 @@ BLOCK_SLOTS = 64
 BLOCK_H = 128
 
 
+def block_slots(lookup: bool, e_pad: int) -> int:
+    """Slots per program: 64, or 32 for table lookups over 128+ experts (whose address math with
+    64 slots spills ~0.6-0.9 KB per thread on sm_90: compile-check)."""
+    return 32 if lookup and e_pad >= 128 else BLOCK_SLOTS
+
+
 def num_warps(e_pad: int) -> int:
     """Warps for a [BLOCK_SLOTS, E_PAD] one-hot block: 4 up to 64 experts, more beyond (with 4 warps
     at E = 256 the scatter spills ~2 KB per thread on sm_90: compile-check)."""
@@ -91,11 +97,12 @@ def _sort_rows(x, ids, lookup, k: int, num_experts: int, on_bad):
     dom, table = lookup if lookup is not None else (ids, ids)  # unused placeholders when not looking up
     seq, D, V = (max(1, ids.shape[1]), table.shape[0], table.shape[1]) if lookup is not None else (1, 0, 0)
     ids, table = ids.contiguous().view(-1), table.contiguous()
-    blocks = max(1, triton.cdiv(slots, BLOCK_SLOTS))
     e_pad = triton.next_power_of_2(E)
+    block = block_slots(lookup is not None, e_pad)
+    blocks = max(1, triton.cdiv(slots, block))
     counts = torch.empty(blocks, E, dtype=torch.int64, device=x.device)
     bad = torch.empty(blocks, dtype=torch.int64, device=x.device)
-    common = dict(LOOKUP=lookup is not None, BLOCK=BLOCK_SLOTS, E_PAD=e_pad, num_warps=num_warps(e_pad))
+    common = dict(LOOKUP=lookup is not None, BLOCK=block, E_PAD=e_pad, num_warps=num_warps(e_pad))
     _histogram_kernel[(blocks,)](ids, dom, table, seq, D, V, counts, bad, slots, E, k, **common)
     group_sizes = counts.sum(0)
     expert_start = torch.cumsum(group_sizes, 0) - group_sizes

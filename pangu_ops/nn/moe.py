@@ -65,6 +65,7 @@ class MoEFeedForward(nn.Module):
                  dispatcher=None, ep_chunks: int = 1, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        table_device = torch.get_default_device() if device is None else device  # (tables are drawn on the CPU)
         if router not in ("topk", "rre", "hash"):
             raise ValueError(f"router must be 'topk', 'rre' or 'hash', got {router!r}")
         if score not in routing.SCORES:
@@ -96,10 +97,10 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"router={router!r} needs vocab_size")
         if router == "hash":
             self.register_buffer("hash_table", routing.hash_table(vocab_size, num_experts, topk, seed=seed,
-                                                                  layer=layer).to(device))
+                                                                  layer=layer).to(table_device))
         if router == "rre":
             self.register_buffer("table", routing.rre_route_table(vocab_size, num_experts, num_domains, seed=seed,
-                                                                  layer=layer).to(device))
+                                                                  layer=layer).to(table_device))
             # domain_index[d]: the table row of domain d, -1 where the domain has no experts here.
             self.register_buffer("domain_index", torch.arange(num_domains, device=device))
         shared_ffn = ffn * num_shared_experts if shared_ffn is None else shared_ffn
