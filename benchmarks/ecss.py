@@ -9,6 +9,8 @@
 3. A PanGu-Σ-shaped model (8 domains, RRE layers) trained with its experts on the host within a
    device budget of 1/8 of the experts' bytes, against the same model trained without ECSS:
    tokens/s and resident bytes.
+4. Top-k layers under ECSS (experts fetched after each router) against no ECSS: what not knowing
+   the experts in advance costs.
 Timing: `timing.interleaved`, candidates and baselines in the same rounds.
 """
 from __future__ import annotations
@@ -129,6 +131,57 @@ def _training_rows(steps: int) -> list[Row]:
     ]
 
 
+def _topk_rows(steps: int) -> list[Row]:
+    """Top-k layers under ECSS: the router's choice read on the host and the missing experts
+    uploaded during forward (the cost of not knowing the experts in advance), vs no ECSS."""
+    from pangu_ops import ecss
+    from pangu_ops.nn import MoEFeedForward
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(MoEFeedForward(256, 512, 64, topk=8, aux_loss_alpha=0) for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)[0]
+            return x
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(512, 256, generator=gen) for _ in range(steps)]
+    torch.manual_seed(0)
+    plain, model = Net(), Net()
+    model.load_state_dict(plain.state_dict())
+    opt = torch.optim.AdamW(plain.parameters(), fused=True, **HYPER)
+    store = ecss.ExpertStore(model, **HYPER)  # budget: every expert (a batch of 512 tokens x top-8 uses most)
+    dense = torch.optim.AdamW(store.dense_parameters(), fused=True, **HYPER)
+
+    def train_plain():
+        for x in batches:
+            plain(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    def train_ecss():
+        for x in batches:
+            store.prepare()
+            model(x).square().mean().backward()
+            store.step()
+            dense.step()
+            dense.zero_grad()
+
+    print(f"[ecss] top-k layers, {steps} steps, with and without ECSS", file=sys.stderr, flush=True)
+    t_plain, t_ecss = interleaved([train_plain, train_ecss], torch.device("cpu"), rounds=3, min_time=0.0)
+    tokens = 512 * steps
+    return [
+        Row("training, 3 top-8-of-64 layers (on-demand fetch)", "without ECSS", t_plain.min * 1e3 / steps,
+            f"{tokens / t_plain.min:.0f} tok/s", ""),
+        Row("training, 3 top-8-of-64 layers (on-demand fetch)", "ECSS, experts fetched after each router",
+            t_ecss.min * 1e3 / steps, f"{tokens / t_ecss.min:.0f} tok/s",
+            f"{t_plain.min / t_ecss.min:.2f}x the plain run's speed"),
+    ]
+
+
 def table(rows: list[Row]) -> str:
     head = f"{'part':<48} {'impl':<38} {'ms':>9} {'rate':>12}  ratio"
     return "\n".join([head, "-" * (len(head) + 40)] +
@@ -155,7 +208,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def main(out_dir: Path, experts: int = 64, n: int = 1 << 20, steps: int = 8, min_time: float = 0.3) -> list[Row]:
-    rows = _kernel_rows(experts, n, min_time) + _training_rows(steps)
+    rows = _kernel_rows(experts, n, min_time) + _training_rows(steps) + _topk_rows(steps)
     text = table(rows)
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,10 @@ the pool and its gradient, `2 * slots * (expert's elements) * compute element si
 
 Uploads go through a side CUDA stream from pinned memory where a GPU is the device (the next
 batch's `prepare` can then run while the current one computes); on the CPU they are plain copies.
-Top-k layers (experts known only after the router) are not served yet: the store refuses a model
-that has them.
+Top-k layers: their experts are known only after the router, so each forward reads the router's
+choice on the host (one device sync per layer) and uploads the missing experts then, on the
+critical path (`MoEFeedForward.expert_slots`); eager mode only (the sync breaks a compiled graph).
+Hash-routed and expert-parallel layers are not served.
 """
 from __future__ import annotations
 
@@ -102,7 +104,7 @@ class StepStats:
 class _Layer:
     name: str
     module: MoEFeedForward
-    table: Tensor  # the layer's own route table (global expert ids), on the host
+    table: Tensor | None  # an RRE layer's own route table (global expert ids), on the host; None: top-k
     master: Tensor  # [E, n] fp32: w_gate_up | w_down of each expert, flattened
     exp_avg: Tensor
     exp_avg_sq: Tensor
@@ -125,9 +127,8 @@ class ExpertStore:
         if not moe:
             raise ValueError("the model has no MoE layer for an ExpertStore")
         for name, m in moe:
-            if m.router_kind != "rre":
-                raise ValueError(f"layer {name!r}: ExpertStore serves RRE layers only (a {m.router_kind} layer's experts "
-                                 "are known only after its router)")
+            if m.router_kind == "hash":
+                raise ValueError(f"layer {name!r}: ExpertStore serves RRE and top-k layers, not hash-routed ones")
             if m.dispatcher is not None:
                 raise ValueError(f"layer {name!r}: expert-parallel layers keep their experts on their ranks")
         first = moe[0][1].w_gate_up
@@ -149,8 +150,9 @@ class ExpertStore:
             slots = min(E, budget // len(moe) // (2 * n * elt))
             compute = torch.empty(E, n, dtype=self.compute_dtype, pin_memory=pinned)
             compute.copy_(master)
-            layer = _Layer(name, m, m.table.detach().to("cpu").clone(), master, torch.zeros_like(master),
-                           torch.zeros_like(master), torch.zeros(E, dtype=torch.long), compute, slots)
+            table = m.table.detach().to("cpu").clone() if m.router_kind == "rre" else None
+            layer = _Layer(name, m, table, master, torch.zeros_like(master), torch.zeros_like(master),
+                           torch.zeros(E, dtype=torch.long), compute, slots)
             self.layers.append(layer)
             self._install_pool(layer)
         self.full_bytes = sum(2 * layer.master.shape[0] * layer.master.shape[1] * elt for layer in self.layers)
@@ -174,36 +176,59 @@ class ExpertStore:
         layer.slot_of.clear()
         layer.lru.clear()
         layer.pending = set()
+        if layer.table is None:  # top-k: the router's choice is fetched on demand, during forward
+            m.expert_slots = lambda expert_ids, layer=layer: self._fetch(layer, expert_ids)
 
     # ---- the step protocol ----
 
-    def prepare(self, token_ids: Tensor, domain_ids: Tensor) -> StepStats:
-        """Loads every RRE layer's experts for this batch onto the device and remaps the layers'
-        route tables onto them. Checks everything first (token ids, domains, the budget): nothing
-        is copied or changed when it raises."""
-        token_ids = token_ids.reshape(domain_ids.shape[0], -1) if token_ids.dim() == 1 else token_ids
+    def prepare(self, token_ids: Tensor | None = None, domain_ids: Tensor | None = None) -> StepStats:
+        """Starts a (micro-)batch: loads every RRE layer's experts for it onto the device and remaps
+        the layers' route tables onto them. Checks everything first (token ids, domains, the
+        budget): nothing is copied or changed when it raises. (Top-k layers fetch during forward.)"""
+        rre = [layer for layer in self.layers if layer.table is not None]
+        if rre and (token_ids is None or domain_ids is None):
+            raise ValueError("prepare() needs token_ids and domain_ids for the model's RRE layers")
+        if rre:
+            token_ids = token_ids.reshape(domain_ids.shape[0], -1) if token_ids.dim() == 1 else token_ids
         plans = []
-        for layer in self.layers:
+        for layer in rre:
             rows = layer.module.table_rows(domain_ids.to(layer.module.domain_index.device))
             required = routing.required_experts(token_ids.to("cpu"), rows.to("cpu"), layer.table)
             needed = len(layer.pending | set(required.tolist()))  # with the micro-batches since the last step
             if needed > layer.slots:
                 elt = torch.empty(0, dtype=self.compute_dtype).element_size()
                 need = needed * 2 * layer.master.shape[1] * elt
-                raise ValueError(f"layer {layer.name!r}: this step needs {needed} experts = {need} B of "
-                                 f"device memory (weights + gradients), more than its share of device_budget_bytes "
-                                 f"({layer.slots} experts); raise the budget to at least "
-                                 f"{need * len(self.layers)} B or split the batch")
+                raise self._over_budget(layer, needed)
             plans.append((layer, required))
-        stats = StepStats()
+        stats = self.stats = StepStats()
         for layer, required in plans:
             self._load(layer, required, stats)
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        stats.resident_bytes = sum(2 * (l.module.w_gate_up.numel() + l.module.w_down.numel())
-                                   * l.module.w_gate_up.element_size() for l in self.layers)
-        self.stats = stats
         return stats
+
+    def _over_budget(self, layer: _Layer, needed: int) -> ValueError:
+        elt = torch.empty(0, dtype=self.compute_dtype).element_size()
+        need = needed * 2 * layer.master.shape[1] * elt
+        return ValueError(f"layer {layer.name!r}: this step needs {needed} experts = {need} B of device memory "
+                          f"(weights + gradients), more than its share of device_budget_bytes ({layer.slots} experts); "
+                          f"raise the budget to at least {need * len(self.layers)} B or split the batch")
+
+    def _fetch(self, layer: _Layer, expert_ids: Tensor) -> Tensor:
+        """A top-k layer's router chose `expert_ids` [T, k] (global, -1 dropped): load the missing
+        ones (a host read of the choice, then the upload, both on the forward's critical path) and
+        return the pool slots of the same shape."""
+        chosen = torch.unique(expert_ids[expert_ids >= 0]).to("cpu")
+        needed = len(layer.pending | set(chosen.tolist()))
+        if needed > layer.slots:
+            raise self._over_budget(layer, needed)
+        self._load(layer, chosen, self.stats)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        remap = torch.full((layer.master.shape[0] + 1,), -1, dtype=torch.long)
+        for e, slot in layer.slot_of.items():
+            remap[e] = slot
+        return remap.to(expert_ids.device)[expert_ids.long()]  # (index -1 -> the last entry: -1, dropped)
 
     def _load(self, layer: _Layer, required: Tensor, stats: StepStats) -> None:
         m, ids = layer.module, required.tolist()
@@ -234,21 +259,27 @@ class ExpertStore:
                 m.w_gate_up.index_copy_(0, slots, rows[:, :n1].view(-1, *m.w_gate_up.shape[1:]))
                 m.w_down.index_copy_(0, slots, rows[:, n1:].view(-1, *m.w_down.shape[1:]))
             stats.h2d_bytes += src.numel() * src.element_size()
+        layer.pending |= set(ids)
+        stats.resident_bytes = sum(2 * (l.module.w_gate_up.numel() + l.module.w_down.numel())
+                                   * l.module.w_gate_up.element_size() for l in self.layers)
+        if layer.table is None:
+            return
         # the route table onto the pool: slot ids; experts not resident -> `slots` (out of range: raises)
         remap = torch.full((layer.master.shape[0],), layer.slots, dtype=torch.long)
         for e, s in layer.slot_of.items():
             remap[e] = s
         m.table = remap[layer.table].to(m.table.device)
-        layer.pending |= set(ids)
 
     def step(self) -> StepStats:
         """After backward: this step's experts' gradients to the host, the fused AdamW over those
         experts, their new compute-dtype copies written for the next upload; the pool rows they
         occupy are then stale (re-uploaded when next required)."""
         stats = self.stats
+        if not any(layer.pending for layer in self.layers):
+            raise RuntimeError("ExpertStore.step() without prepare() / a forward pass for this step")
         for layer in self.layers:
             if not layer.pending:
-                raise RuntimeError("ExpertStore.step() without prepare() for this step")
+                continue
             m = layer.module
             if m.w_gate_up.grad is None or m.w_down.grad is None:
                 raise RuntimeError(f"layer {layer.name!r}: no gradient: call step() after backward()")
@@ -309,7 +340,9 @@ class ExpertStore:
             full = layer.compute.to(self.device)
             m.w_gate_up = nn.Parameter(full[:, :n1].reshape(E, *m.w_gate_up.shape[1:]).clone())
             m.w_down = nn.Parameter(full[:, n1:].reshape(E, *m.w_down.shape[1:]).clone())
-            m.table = layer.table.to(m.domain_index.device)
+            if layer.table is not None:
+                m.table = layer.table.to(m.domain_index.device)
+            m.expert_slots = None
         self.layers = []
 
 

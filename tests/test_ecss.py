@@ -245,8 +245,69 @@ def test_restore_model_gives_the_trained_weights_back():
     assert sub.blocks[1].ffn.num_experts == CONFIG.num_experts // CONFIG.num_domains
 
 
-def test_topk_layers_are_refused():
+def test_hash_layers_are_refused():
     from pangu_ops.nn import MoEFeedForward
 
-    with pytest.raises(ValueError, match="RRE layers only"):
-        ecss.ExpertStore(torch.nn.Sequential(MoEFeedForward(16, 8, 4)))
+    with pytest.raises(ValueError, match="not hash-routed ones"):
+        ecss.ExpertStore(torch.nn.Sequential(MoEFeedForward(16, 8, 4, router="hash", vocab_size=20)))
+
+
+class _TopkNet(torch.nn.Module):
+    """Two top-k MoE layers (softmax top-2 of 8; sigmoid top-3 of 8 with capacity) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        from pangu_ops.nn import MoEFeedForward
+
+        self.embed = torch.nn.Embedding(40, 16)
+        self.moe1 = MoEFeedForward(16, 12, 8, topk=2, aux_loss_alpha=0.01)
+        self.moe2 = MoEFeedForward(16, 12, 8, topk=3, score="sigmoid", capacity_factor=1.5, aux_loss_alpha=0.01)
+        self.head = torch.nn.Linear(16, 40)
+
+    def forward(self, tok):
+        x = self.embed(tok)
+        y1, a1 = self.moe1(x)
+        y2, a2 = self.moe2(x + y1)
+        return self.head(x + y1 + y2), a1 + a2
+
+
+def test_topk_layers_fetch_the_routers_choice_and_train_like_without_ecss():
+    torch.manual_seed(0)
+    ref = _TopkNet()
+    model = copy.deepcopy(ref)
+    store = ecss.ExpertStore(model, device_budget_bytes=2 * 7 * 2 * 4 * (16 * 24 + 12 * 16), **HYPER)  # 7 of 8
+    dense = torch.optim.AdamW(store.dense_parameters(), **HYPER)
+    ref_dense = torch.optim.AdamW([p for n, p in ref.named_parameters() if "w_" not in n], **HYPER)
+    states = {}
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        tok = torch.randint(0, 40, (1, 2), generator=g, device="cpu").to(torch.get_default_device())  # <= 6 experts
+        logits, aux = ref(tok)
+        (F.cross_entropy(logits.reshape(-1, 40), tok.reshape(-1)) + aux).backward()
+        for layer in (ref.moe1, ref.moe2):  # lazy: the experts with a gradient
+            E = 8
+            for w in (layer.w_gate_up, layer.w_down):
+                used = torch.nonzero(w.grad.reshape(E, -1).abs().sum(1) > 0).flatten()
+                st = states.setdefault(id(w), (torch.zeros(E, w[0].numel()), torch.zeros(E, w[0].numel()),
+                                               torch.zeros(E, dtype=torch.long)))
+                flat = w.detach().reshape(E, -1).clone()
+                ecss.adamw_experts_reference(flat, *st, w.grad.reshape(E, -1)[used], used, None, **HYPER)
+                with torch.no_grad():
+                    w.copy_(flat.view_as(w))
+                w.grad = None
+        ref_dense.step()
+        ref_dense.zero_grad()
+
+        stats = store.prepare()
+        logits, aux = model(tok)
+        (F.cross_entropy(logits.reshape(-1, 40), tok.reshape(-1)) + aux).backward()
+        assert stats.misses > 0 and stats.resident_bytes <= store.budget
+        store.step()
+        dense.step()
+        dense.zero_grad()
+    for layer, ref_layer in zip(store.layers, (ref.moe1, ref.moe2)):
+        want = torch.cat([ref_layer.w_gate_up.detach().reshape(8, -1), ref_layer.w_down.detach().reshape(8, -1)], 1)
+        torch.testing.assert_close(layer.master, want, **TRAIN_TOL)
+    with pytest.raises(ValueError, match="this step needs 8 experts"):  # 8 experts chosen, 7 slots
+        store.prepare()
+        model(torch.arange(40).reshape(20, 2))

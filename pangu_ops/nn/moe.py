@@ -93,6 +93,8 @@ class MoEFeedForward(nn.Module):
         else:
             self.e_score_correction_bias = None
         self._load: Tensor | None = None  # slots per expert since the last update_correction_bias
+        # set by an ecss.ExpertStore: global expert ids -> slots of its device pool (fetching them)
+        self.expert_slots = None
         if router != "topk" and vocab_size is None:
             raise ValueError(f"router={router!r} needs vocab_size")
         if router == "hash":
@@ -148,19 +150,22 @@ class MoEFeedForward(nn.Module):
                 x_sorted, sizes, index = rre_dispatch(flat, token_ids, token_ids.new_zeros(1), self.hash_table[None],
                                                       self.num_experts)
         else:
+            experts = self.gate.out_features  # all of them (the stored ones may be an ECSS pool)
             weights, expert_ids, probs = routing.topk_route(
                 self.router_logits(flat), self.topk, score=self.score, normalize=self.normalize,
                 scaling=self.routed_scaling, correction_bias=self.e_score_correction_bias, n_group=self.n_group,
                 topk_group=self.topk_group)
             if self.e_score_correction_bias is not None and self.training:
-                load = routing._slot_counts(expert_ids.reshape(-1), self.num_experts).detach()
+                load = routing._slot_counts(expert_ids.reshape(-1), experts).detach()
                 self._load = load if self._load is None else self._load + load
             if self.capacity_factor is not None:
-                capacity = math.ceil(self.capacity_factor * tokens * self.topk / self.num_experts)
-                expert_ids = routing.apply_capacity(expert_ids, self.num_experts, capacity)
+                capacity = math.ceil(self.capacity_factor * tokens * self.topk / experts)
+                expert_ids = routing.apply_capacity(expert_ids, experts, capacity)
             if self.training and self.aux_loss_alpha:
                 aux = routing.load_balancing_loss(probs, expert_ids, alpha=self.aux_loss_alpha, group=self.ep_group)
             if self.dispatcher is None:
+                if self.expert_slots is not None:  # ECSS: the chosen experts fetched into the device pool
+                    expert_ids = self.expert_slots(expert_ids)
                 x_sorted, sizes, index = permute(flat, expert_ids, self.num_experts)
         if self.dispatcher is None:
             y = unpermute(self._experts(x_sorted, sizes), index, weights, tokens, topk=self.topk)
