@@ -107,6 +107,19 @@ def _moe_layers(model):
     return [b.ffn for b in model.blocks if hasattr(b.ffn, "table")]
 
 
+def _lazy_reference_step(layer, used, states):
+    """The reference lazy AdamW on a layer kept on the device as usual: experts `used` only."""
+    E = layer.w_gate_up.shape[0]
+    for w in (layer.w_gate_up, layer.w_down):
+        st = states.setdefault(id(w), (torch.zeros(E, w[0].numel()), torch.zeros(E, w[0].numel()),
+                                       torch.zeros(E, dtype=torch.long)))
+        flat = w.detach().reshape(E, -1).clone()
+        ecss.adamw_experts_reference(flat, *st, w.grad.reshape(E, -1)[used], used, None, **HYPER)
+        with torch.no_grad():
+            w.copy_(flat.view_as(w))
+        w.grad = None
+
+
 def test_training_with_ecss_equals_training_without():
     """Reference: the same model, experts on the 'device' as usual, updated by the reference lazy
     AdamW (only experts that got tokens), dense parameters by torch AdamW; ECSS: experts on the
@@ -122,16 +135,7 @@ def test_training_with_ecss_equals_training_without():
     for tok, dom in _batches(6):
         _loss(ref, tok, dom).backward()
         for layer in _moe_layers(ref):
-            used = torch.unique(layer.table[layer.table_rows(dom)[:, None], tok])
-            E = layer.w_gate_up.shape[0]
-            for w in (layer.w_gate_up, layer.w_down):
-                st = states.setdefault(id(w), (torch.zeros(E, w[0].numel()), torch.zeros(E, w[0].numel()),
-                                               torch.zeros(E, dtype=torch.long)))
-                flat = w.detach().reshape(E, -1).clone()
-                ecss.adamw_experts_reference(flat, *st, w.grad.reshape(E, -1)[used], used, None, **HYPER)
-                with torch.no_grad():
-                    w.copy_(flat.view_as(w))
-                w.grad = None
+            _lazy_reference_step(layer, torch.unique(layer.table[layer.table_rows(dom)[:, None], tok]), states)
         ref_dense.step()
         ref_dense.zero_grad()
 
@@ -285,16 +289,8 @@ def test_topk_layers_fetch_the_routers_choice_and_train_like_without_ecss():
         logits, aux = ref(tok)
         (F.cross_entropy(logits.reshape(-1, 40), tok.reshape(-1)) + aux).backward()
         for layer in (ref.moe1, ref.moe2):  # lazy: the experts with a gradient
-            E = 8
-            for w in (layer.w_gate_up, layer.w_down):
-                used = torch.nonzero(w.grad.reshape(E, -1).abs().sum(1) > 0).flatten()
-                st = states.setdefault(id(w), (torch.zeros(E, w[0].numel()), torch.zeros(E, w[0].numel()),
-                                               torch.zeros(E, dtype=torch.long)))
-                flat = w.detach().reshape(E, -1).clone()
-                ecss.adamw_experts_reference(flat, *st, w.grad.reshape(E, -1)[used], used, None, **HYPER)
-                with torch.no_grad():
-                    w.copy_(flat.view_as(w))
-                w.grad = None
+            _lazy_reference_step(layer, torch.nonzero(layer.w_down.grad.reshape(8, -1).abs().sum(1) > 0).flatten(),
+                                 states)
         ref_dense.step()
         ref_dense.zero_grad()
 
