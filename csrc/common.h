@@ -132,11 +132,60 @@ inline at::Tensor as_float(const at::Tensor& t) {
 // fast; ~0.5 s once where not).
 bool native_half_matmul(at::ScalarType dtype);
 
-// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: in the
-// operands' own dtype where this CPU's matmul is native in it, else through fp32 copies.
+// out[m, N] = a[m, K] @ b[K, N] for a few rows (decode): fp32 accumulation, b read once, in 16-bit
+// where it is 16-bit. b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: each
+// output is a dot product of two contiguous rows) or row-major itself (stride(1) == 1: rows of b
+// scaled and summed). Per-call overhead a few microseconds against ~80 us for oneDNN's GEMV here.
+// out[1, N] = a[1, K] @ b[K, N] (one row: decode), fp32 accumulation, b read once in its own 16-bit
+// dtype. b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
+// contiguous rows) or row-major itself (stride(1) == 1: rows of b scaled and summed). Beats
+// oneDNN's GEMV here by its per-call cost (small experts: 30-70 us against 40-80 us); with 2+ rows
+// oneDNN's blocking wins, so it keeps those.
+template <typename T>
+inline float dot_rows(const T* __restrict x, const T* __restrict y, int64_t K) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < K; ++k) sum += load_float(x, k) * load_float(y, k);
+  return sum;
+}
+
+template <typename T>
+void gemv(T* __restrict out, const T* __restrict a, const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K,
+          int64_t N) {
+  if (sb0 == 1) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) store_float(out, n, dot_rows(a, b + n * sb1, K));
+    });
+    return;
+  }
+  constexpr int64_t kCols = 512;  // out[cols] += a[k] * b[k, cols], in a cache-resident fp32 block
+  at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = c * kCols, len = std::min(kCols, N - n0);
+      float acc[kCols] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = b + k * sb0 + n0;
+        const float ak = load_float(a, k);
+        for (int64_t j = 0; j < len; ++j) acc[j] += ak * load_float(row, j);
+      }
+      for (int64_t j = 0; j < len; ++j) store_float(out, n0 + j, acc[j]);
+    }
+  });
+}
+
+// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: one row of
+// 16-bit operands by `gemv`; else in the operands' own dtype where this CPU's matmul is native in
+// it, else through fp32 copies.
 inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
-  if (t == at::kFloat) {
+  const bool half = t == at::kBFloat16 || t == at::kHalf;
+  if (half && a.scalar_type() == t && b.scalar_type() == t && a.size(0) == 1 && a.stride(1) == 1 &&
+      out.stride(1) == 1 && (b.stride(0) == 1 || b.stride(1) == 1)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(t, "gemv", [&] {
+      gemv(out.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
+           a.size(1), b.size(1));
+    });
+  } else if (t == at::kFloat) {
     at::mm_out(out, as_float(a), as_float(b));
   } else if (a.scalar_type() == t && b.scalar_type() == t && native_half_matmul(t)) {
     at::mm_out(out, a, b);  // oneDNN / cpublas accumulate half-precision products in fp32
