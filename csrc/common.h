@@ -45,12 +45,13 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
 // NaN, which keeps GCC from vectorising the loops around it; the select below does not.
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
-inline float to_float(c10::BFloat16 v) {
-  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+inline float bf16_bits_to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+inline float to_float(c10::BFloat16 v) { return bf16_bits_to_float(v.x); }
 
 template <typename scalar_t>
 inline scalar_t from_float(float f) {
@@ -70,10 +71,7 @@ inline float load_float(const float* p, int64_t i) { return p[i]; }
 inline float load_float(const double* p, int64_t i) { return static_cast<float>(p[i]); }
 inline float load_float(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
 inline float load_float(const c10::BFloat16* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+  return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(p)[i]);
 }
 inline void store_float(float* p, int64_t i, float v) { p[i] = v; }
 inline void store_float(double* p, int64_t i, float v) { p[i] = v; }

@@ -155,7 +155,8 @@ class ExpertStore:
                            torch.zeros(E, dtype=torch.long), compute, slots)
             self.layers.append(layer)
             self._install_pool(layer)
-        self.full_bytes = sum(2 * layer.master.shape[0] * layer.master.shape[1] * elt for layer in self.layers)
+        # device pools (as allocated) + their gradients, all layers: fixed once the pools exist
+        self.resident_bytes = sum(2 * (l.module.w_gate_up.numel() + l.module.w_down.numel()) * elt for l in self.layers)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stats = StepStats()
 
@@ -194,11 +195,7 @@ class ExpertStore:
         for layer in rre:
             rows = layer.module.table_rows(domain_ids.to(layer.module.domain_index.device))
             required = routing.required_experts(token_ids.to("cpu"), rows.to("cpu"), layer.table)
-            needed = len(layer.pending | set(required.tolist()))  # with the micro-batches since the last step
-            if needed > layer.slots:
-                elt = torch.empty(0, dtype=self.compute_dtype).element_size()
-                need = needed * 2 * layer.master.shape[1] * elt
-                raise self._over_budget(layer, needed)
+            self._check_room(layer, required)
             plans.append((layer, required))
         stats = self.stats = StepStats()
         for layer, required in plans:
@@ -207,28 +204,35 @@ class ExpertStore:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         return stats
 
-    def _over_budget(self, layer: _Layer, needed: int) -> ValueError:
-        elt = torch.empty(0, dtype=self.compute_dtype).element_size()
-        need = needed * 2 * layer.master.shape[1] * elt
-        return ValueError(f"layer {layer.name!r}: this step needs {needed} experts = {need} B of device memory "
-                          f"(weights + gradients), more than its share of device_budget_bytes ({layer.slots} experts); "
-                          f"raise the budget to at least {need * len(self.layers)} B or split the batch")
+    def _check_room(self, layer: _Layer, required: Tensor) -> None:
+        """Raises if the pool cannot hold `required` with the experts prepared since the last step."""
+        needed = len(layer.pending | set(required.tolist()))
+        if needed > layer.slots:
+            elt = torch.empty(0, dtype=self.compute_dtype).element_size()
+            need = needed * 2 * layer.master.shape[1] * elt
+            raise ValueError(f"layer {layer.name!r}: this step needs {needed} experts = {need} B of device memory "
+                             f"(weights + gradients), more than its share of device_budget_bytes ({layer.slots} "
+                             f"experts); raise the budget to at least {need * len(self.layers)} B or split the batch")
 
     def _fetch(self, layer: _Layer, expert_ids: Tensor) -> Tensor:
         """A top-k layer's router chose `expert_ids` [T, k] (global, -1 dropped): load the missing
         ones (a host read of the choice, then the upload, both on the forward's critical path) and
         return the pool slots of the same shape."""
         chosen = torch.unique(expert_ids[expert_ids >= 0]).to("cpu")
-        needed = len(layer.pending | set(chosen.tolist()))
-        if needed > layer.slots:
-            raise self._over_budget(layer, needed)
+        self._check_room(layer, chosen)
         self._load(layer, chosen, self.stats)
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        remap = torch.full((layer.master.shape[0] + 1,), -1, dtype=torch.long)
-        for e, slot in layer.slot_of.items():
-            remap[e] = slot
-        return remap.to(expert_ids.device)[expert_ids.long()]  # (index -1 -> the last entry: -1, dropped)
+        slots = self._slots(layer, absent=-1).to(expert_ids.device)
+        return torch.where(expert_ids >= 0, slots[expert_ids.long().clamp_min(0)], -1)  # -1 stays dropped
+
+    @staticmethod
+    def _slots(layer: _Layer, absent: int) -> Tensor:
+        """[E] int64: each expert's pool slot, `absent` for experts not resident."""
+        remap = torch.full((layer.master.shape[0],), absent, dtype=torch.long)
+        if layer.slot_of:
+            remap[torch.tensor(list(layer.slot_of))] = torch.tensor(list(layer.slot_of.values()))
+        return remap
 
     def _load(self, layer: _Layer, required: Tensor, stats: StepStats) -> None:
         m, ids = layer.module, required.tolist()
@@ -260,15 +264,9 @@ class ExpertStore:
                 m.w_down.index_copy_(0, slots, rows[:, n1:].view(-1, *m.w_down.shape[1:]))
             stats.h2d_bytes += src.numel() * src.element_size()
         layer.pending |= set(ids)
-        stats.resident_bytes = sum(2 * (l.module.w_gate_up.numel() + l.module.w_down.numel())
-                                   * l.module.w_gate_up.element_size() for l in self.layers)
-        if layer.table is None:
-            return
-        # the route table onto the pool: slot ids; experts not resident -> `slots` (out of range: raises)
-        remap = torch.full((layer.master.shape[0],), layer.slots, dtype=torch.long)
-        for e, s in layer.slot_of.items():
-            remap[e] = s
-        m.table = remap[layer.table].to(m.table.device)
+        stats.resident_bytes = self.resident_bytes
+        if layer.table is not None:  # the route table onto the pool; experts not resident -> `slots`: raises
+            m.table = self._slots(layer, absent=layer.slots)[layer.table].to(m.table.device)
 
     def step(self) -> StepStats:
         """After backward: this step's experts' gradients to the host, the fused AdamW over those

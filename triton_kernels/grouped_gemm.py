@@ -219,11 +219,11 @@ def _learn_occupancy(compiled, key: tuple, device: torch.device) -> None:
     _OCCUPANCY[key] = max(1, occupancy(sm, compiled.metadata.num_warps, compiled.n_regs, compiled.metadata.shared))
 
 
-def _launch(x, w, y, h, group_sizes, n: int, s_wk: int, s_wn: int, gated: bool, activation: str = "swiglu",
+def _launch(x, w, y, h, group_sizes, n: int, trans_b: bool, gated: bool, activation: str = "swiglu",
             limit: float = math.inf) -> None:
     S, K = x.shape
     E = w.shape[0]
-
+    s_wk, s_wn = (w.stride(2), w.stride(1)) if trans_b else (w.stride(1), w.stride(2))  # trans_b: strides only
     precision = dot_precision(x.dtype)
 
     def grid(meta):
@@ -238,7 +238,9 @@ def _launch(x, w, y, h, group_sizes, n: int, s_wk: int, s_wn: int, gated: bool, 
     )
     best = getattr(_grouped_gemm_kernel, "best_config", None)
     if x.device.type == "cuda" and compiled is not None and best is not None:
-        _learn_occupancy(compiled, _occupancy_key(best.kwargs, gated, x.dtype, precision), x.device)
+        key = _occupancy_key(best.kwargs, gated, x.dtype, precision)
+        if key not in _OCCUPANCY:  # once per compiled config, not on every launch
+            _learn_occupancy(compiled, key, x.device)
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, trans_b: bool) -> torch.Tensor:
@@ -249,8 +251,7 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, tr
     y = torch.empty(S, N, dtype=x.dtype, device=x.device)
     if S == 0 or N == 0 or K == 0:
         return y.zero_()
-    s_wk, s_wn = (w.stride(2), w.stride(1)) if trans_b else (w.stride(1), w.stride(2))
-    _launch(x, w, y, y, group_sizes, N, s_wk, s_wn, gated=False)
+    _launch(x, w, y, y, group_sizes, N, trans_b, gated=False)
     return y
 
 
@@ -265,8 +266,7 @@ def gated_grouped_gemm(x: torch.Tensor, w_gate_up: torch.Tensor, group_sizes: to
     h = torch.empty(S, F, dtype=x.dtype, device=x.device)
     if S == 0 or F == 0 or K == 0:
         return gate_up.zero_(), h.zero_()
-    s_wk, s_wn = (w_gate_up.stride(2), w_gate_up.stride(1)) if trans_b else (w_gate_up.stride(1), w_gate_up.stride(2))
-    _launch(x, w_gate_up, gate_up, h, group_sizes, F, s_wk, s_wn, gated=True, activation=activation, limit=limit)
+    _launch(x, w_gate_up, gate_up, h, group_sizes, F, trans_b, gated=True, activation=activation, limit=limit)
     return gate_up, h
 
 

@@ -32,15 +32,13 @@ def tensor(name: str, t: object, rank: int, layout: str, dtypes: Sequence[torch.
 
 
 def size(name: str, actual: int, expected: int, what: str) -> None:
-    if torch.compiler.is_compiling() or isinstance(actual, torch.SymInt) or isinstance(expected, torch.SymInt):
-        # traced data-dependent sizes (e.g. two permutes' row counts): a runtime assertion, and
-        # the equality the compiler may rely on from here on, instead of a guard it cannot make
-        if torch.compiler.is_compiling():
-            # dynamo (torch <= 2.11) accepts no message function that closes over a variable
-            torch._check(actual == expected)
-        else:
-            message = f"{name}: expected {what}, got another size"
-            torch._check(actual == expected, lambda: message)
+    # traced data-dependent sizes (e.g. two permutes' row counts): a runtime assertion, and the
+    # equality the compiler may rely on from here on, instead of a guard it cannot make
+    if torch.compiler.is_compiling():
+        torch._check(actual == expected)  # dynamo (torch <= 2.11) takes no message closing over a variable
+    elif isinstance(actual, torch.SymInt) or isinstance(expected, torch.SymInt):
+        message = f"{name}: expected {what}, got another size"
+        torch._check(actual == expected, lambda: message)
     elif actual != expected:
         raise ValueError(f"{name}: expected {what} = {expected}, got {actual}")
 
