@@ -6,8 +6,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -25,21 +23,10 @@ inline int64_t row_grain(int64_t row_bytes) {
   return std::max<int64_t>(1, (int64_t{64} << 10) / std::max<int64_t>(row_bytes, 1));
 }
 
-// A fresh output of many MB costs one page fault per 4 KiB page on first write, which on this
-// kind of machine is slower than the copy itself. Asking for transparent huge pages on the
-// 2 MiB-aligned interior of the buffer cuts the faults 512-fold. Advisory only: ignored where THP
-// is off, never changes results.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-#ifdef MADV_HUGEPAGE  // Linux; elsewhere the hint does not exist and the output is just allocated
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return t;
-}
+// A contiguous CPU output for a kernel to fill: outputs of 1 MiB and more come from a caching pool
+// of 2 MiB-aligned, huge-page-advised blocks (output_pool.cpp): a fresh multi-MB allocation pays a
+// page fault per 4 KiB page on first write, which costs more than the copy that fills it.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Element conversions written so that loops over them vectorise: c10's bf16 rounding branches on
 // NaN, which keeps GCC from vectorising the loops around it; the select below does not.

@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& gate_up, con
                     "gated_backward: need gate_up [S, 2F] and dh [S, F]");
   TORCH_CHECK_TYPE(gate_up.scalar_type() == dh.scalar_type(), "gated_backward: gate_up and dh dtypes differ");
   const at::Tensor gu = gate_up.contiguous(), d = dh.contiguous();
-  at::Tensor dgu = at::empty(gu.sizes(), d.options()), h = at::empty(d.sizes(), gu.options());
+  at::Tensor dgu = empty_output(gu.sizes(), d.options()), h = empty_output(d.sizes(), gu.options());
   const int64_t rows = gu.size(0), F = d.size(1);
   const float lim = std::isfinite(limit) ? static_cast<float>(limit) : std::numeric_limits<float>::infinity();
   PANGU_DISPATCH_FLOATS(gu.scalar_type(), "gated_backward", [&] {
@@ -170,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
                         group_sizes.numel() == E,
                     "expert_mlp: inconsistent shapes");
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "expert_mlp");
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  at::Tensor gate_up = at::empty({x.size(0), 2 * F}, x.options());
+  at::Tensor y = empty_output({x.size(0), N}, x.options());
+  at::Tensor gate_up = empty_output({x.size(0), 2 * F}, x.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = off[e + 1] - off[e];
     if (m == 0) continue;

@@ -64,7 +64,7 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
   TORCH_CHECK_VALUE((trans_b ? w.size(2) : w.size(1)) == K, "grouped_gemm: w's K differs from x's");
   TORCH_CHECK_VALUE(group_sizes.numel() == E, "grouped_gemm: group_sizes must have E = ", E, " entries");
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm");
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  at::Tensor y = empty_output({x.size(0), N}, x.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = off[e + 1] - off[e];
     if (m == 0) continue;
@@ -81,7 +81,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
   TORCH_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), "grouped_gemm_wgrad: x and dy dtypes differ");
   const int64_t E = group_sizes.numel(), K = x.size(1), N = dy.size(1);
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm_wgrad");
-  at::Tensor dw = at::empty({E, K, N}, x.options());
+  at::Tensor dw = empty_output({E, K, N}, x.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = off[e + 1] - off[e];
     if (m == 0) {
