@@ -196,3 +196,13 @@ def status() -> dict[str, str | None]:
         except BackendUnavailable as e:
             out[name] = str(e)
     return out
+
+
+def cpu_output_cache(clear: bool = False) -> dict[str, int]:
+    """The C++ CPU kernels' cache of large output blocks (outputs of 1 MiB and more reuse the memory
+    of freed ones instead of fresh pages, whose first-touch faults cost more than filling them):
+    `cached_bytes` held for reuse now, outputs `reused` from it and `fresh` blocks allocated so far.
+    `clear=True` first returns the cached blocks to the system. Its size is capped by
+    PANGU_OPS_CPU_OUTPUT_CACHE_MB (default 1024; 0 turns it off), read when the extension loads."""
+    cached, reused, fresh = _load_cpu().output_cache(clear)
+    return {"cached_bytes": cached, "reused": reused, "fresh": fresh}
