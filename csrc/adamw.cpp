@@ -122,14 +122,48 @@ void adamw_experts(at::Tensor master, at::Tensor exp_avg, at::Tensor exp_avg_sq,
   }
 }
 
+// The memory traffic of an all-experts adamw_experts pass (master, m, v read and written, a bf16
+// gradient read, a bf16 copy written) with one multiply-add per value in place of AdamW's arithmetic:
+// the bandwidth limit of that access pattern on this machine, for `pangu-ops bench --ecss` (a plain
+// copy is no limit for it: read-modify-write streams run faster than copies here).
+void adamw_traffic(at::Tensor master, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& grads,
+                   at::Tensor compute) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&master, &exp_avg, &exp_avg_sq, &grads, &compute}) {
+    TORCH_CHECK_VALUE(t->is_contiguous() && t->numel() == master.numel(), "adamw_traffic: contiguous, same sizes");
+  }
+  TORCH_CHECK_TYPE(master.scalar_type() == at::kFloat && exp_avg.scalar_type() == at::kFloat &&
+                       exp_avg_sq.scalar_type() == at::kFloat && grads.scalar_type() == at::kBFloat16 &&
+                       compute.scalar_type() == at::kBFloat16,
+                   "adamw_traffic: fp32 master / exp_avg / exp_avg_sq, bf16 grads and compute");
+  float* P = master.data_ptr<float>();
+  float* M = exp_avg.data_ptr<float>();
+  float* V = exp_avg_sq.data_ptr<float>();
+  const c10::BFloat16* G = grads.data_ptr<c10::BFloat16>();
+  c10::BFloat16* C = compute.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, master.numel(), 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float g = load_float(G, i);
+      M[i] = 0.5f * M[i] + g;
+      V[i] = 0.5f * V[i] + g;
+      P[i] = 0.5f * P[i] + g;
+      store_float(C, i, P[i]);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
+  m.def("adamw_traffic(Tensor(a!) master, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grads,"
+        " Tensor(d!) compute) -> ()");
   m.def("adamw_experts(Tensor(a!) master, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) steps, Tensor grads,"
         " Tensor expert_ids, Tensor(e!)? compute, float lr, float beta1, float beta2, float eps,"
         " float weight_decay) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pangu_cpu, CPU, m) { m.impl("adamw_experts", &adamw_experts); }
+TORCH_LIBRARY_IMPL(pangu_cpu, CPU, m) {
+  m.impl("adamw_experts", &adamw_experts);
+  m.impl("adamw_traffic", &adamw_traffic);
+}
 
 }  // namespace pangu_cpu
