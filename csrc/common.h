@@ -117,15 +117,12 @@ inline at::Tensor as_float(const at::Tensor& t) {
 // fast; ~0.5 s once where not).
 bool native_half_matmul(at::ScalarType dtype);
 
-// out[m, N] = a[m, K] @ b[K, N] for a few rows (decode): fp32 accumulation, b read once, in 16-bit
-// where it is 16-bit. b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: each
-// output is a dot product of two contiguous rows) or row-major itself (stride(1) == 1: rows of b
-// scaled and summed). Per-call overhead a few microseconds against ~80 us for oneDNN's GEMV here.
 // out[1, N] = a[1, K] @ b[K, N] (one row: decode), fp32 accumulation, b read once in its own 16-bit
 // dtype. b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
 // contiguous rows) or row-major itself (stride(1) == 1: rows of b scaled and summed). Beats
 // oneDNN's GEMV here by its per-call cost (small experts: 30-70 us against 40-80 us); with 2+ rows
-// oneDNN's blocking wins, so it keeps those.
+// oneDNN wins (it stays at the weight-streaming time up to 4 rows, where a loop of dot products
+// like this one grows with the rows: measured), so it keeps those.
 template <typename T>
 inline float dot_rows(const T* __restrict x, const T* __restrict y, int64_t K) {
   float sum = 0.f;
