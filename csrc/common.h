@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -108,6 +109,33 @@ inline std::vector<int64_t> group_offsets(const at::Tensor& group_sizes, int64_t
 // An fp32 view of t: t itself when it is fp32, else a converted copy.
 inline at::Tensor as_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+// Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by rows,
+// each expert's products then running single-threaded on one thread, when the split is even (no
+// thread above 5/4 of an equal share of the rows, 2+ experts per thread); else fn(0, E) here, each
+// product using every thread. Side by side, experts of a few hundred rows run 10-20% faster than
+// one after another with each product's threads splitting so few rows (and each thread streams
+// its own experts' weights).
+template <typename Fn>
+void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1, rows = off.back();
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads < 2 || E < 2 * threads || rows == 0) return fn(0, E);
+  std::vector<int64_t> first(threads + 1, E);
+  first[0] = 0;
+  for (int64_t t = 1, e = 0; t < threads; ++t) {
+    while (e < E && off[e] * threads < rows * t) ++e;
+    first[t] = e;
+  }
+  for (int64_t t = 0; t < threads; ++t) {
+    if ((off[first[t + 1]] - off[first[t]]) * threads * 4 > rows * 5) return fn(0, E);
+  }
+  const at::ThreadLocalState state;  // the caller's dispatch state (below autograd) for ATen calls
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t t = t0; t < t1; ++t) fn(first[t], first[t + 1]);
+  });
 }
 
 // Whether torch's CPU matmul in `dtype` (bf16/fp16) is about as fast as in fp32 or faster on this

@@ -172,14 +172,16 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "expert_mlp");
   at::Tensor y = empty_output({x.size(0), N}, x.options());
   at::Tensor gate_up = empty_output({x.size(0), 2 * F}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    at::Tensor gu = gate_up.narrow(0, off[e], m);
-    mm_fp32_into(gu, x.narrow(0, off[e], m), up_w(e));
-    const at::Tensor h = gated_forward(gu, F, activation, limit);  // rounded like every backend
-    mm_fp32_into(y.narrow(0, off[e], m), h, down_w(e));
-  }
+  for_experts(off, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t m = off[e + 1] - off[e];
+      if (m == 0) continue;
+      at::Tensor gu = gate_up.narrow(0, off[e], m);
+      mm_fp32_into(gu, x.narrow(0, off[e], m), up_w(e));
+      const at::Tensor h = gated_forward(gu, F, activation, limit);  // rounded like every backend
+      mm_fp32_into(y.narrow(0, off[e], m), h, down_w(e));
+    }
+  });
   return {y, gate_up};
 }
 

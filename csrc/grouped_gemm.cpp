@@ -1,7 +1,8 @@
 // grouped_gemm: y[rows of group e] = x[rows of group e] @ w[e] (w[e]^T with trans_b), and the
 // weight gradient dw[e] = x_e^T @ dy_e, both accumulated in fp32.
 //
-// The work is one BLAS call on each expert's slice (mm_fp32_into): in the operands' own dtype where
+// The work is one BLAS call on each expert's slice (mm_fp32_into; experts side by side on the
+// threads where they split evenly: for_experts): in the operands' own dtype where
 // this CPU's matmul is native in it (AMX-BF16, AVX512-BF16; probed once per process below), else
 // through fp32 copies of x_e and w[e] (O(m*K + K*N) conversions against O(m*K*N) flops). Experts
 // with no rows cost nothing (and get dw[e] = 0).
@@ -65,12 +66,14 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
   TORCH_CHECK_VALUE(group_sizes.numel() == E, "grouped_gemm: group_sizes must have E = ", E, " entries");
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm");
   at::Tensor y = empty_output({x.size(0), N}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    const at::Tensor we = trans_b ? w.select(0, e).t() : w.select(0, e);
-    mm_fp32_into(y.narrow(0, off[e], m), x.narrow(0, off[e], m), we);
-  }
+  for_experts(off, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t m = off[e + 1] - off[e];
+      if (m == 0) continue;
+      const at::Tensor we = trans_b ? w.select(0, e).t() : w.select(0, e);
+      mm_fp32_into(y.narrow(0, off[e], m), x.narrow(0, off[e], m), we);
+    }
+  });
   return y;
 }
 
@@ -82,14 +85,16 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
   const int64_t E = group_sizes.numel(), K = x.size(1), N = dy.size(1);
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm_wgrad");
   at::Tensor dw = empty_output({E, K, N}, x.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = off[e + 1] - off[e];
-    if (m == 0) {
-      dw.select(0, e).zero_();
-      continue;
+  for_experts(off, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t m = off[e + 1] - off[e];
+      if (m == 0) {
+        dw.select(0, e).zero_();
+        continue;
+      }
+      mm_fp32_into(dw.select(0, e), x.narrow(0, off[e], m).t(), dy.narrow(0, off[e], m));
     }
-    mm_fp32_into(dw.select(0, e), x.narrow(0, off[e], m).t(), dy.narrow(0, off[e], m));
-  }
+  });
   return dw;
 }
 
