@@ -1,4 +1,6 @@
 """expert_mlp (gate/up GEMM + gate + down GEMM) against the reference and a plain loop."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,22 @@ def test_unknown_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         pangu_ops.expert_mlp(torch.randn(4, 8), torch.randn(2, 8, 8), torch.randn(2, 4, 5), torch.tensor([2, 2]),
                              activation="relu")
+
+
+@pytest.mark.parametrize("eager_path", [True, False])
+def test_saved_gate_up_is_not_differentiated(eager_path):
+    """The op's second output (gate_up, kept for the backward pass) is non-differentiable, and the
+    backward pass fills no zero gradient for it ([S, 2F] every step)."""
+    sizes = torch.tensor([6, 0, 5])
+    x = torch.randn(11, 8, requires_grad=True)
+    w_gate_up = (torch.randn(3, 8, 2 * 16) * 0.3).requires_grad_()
+    w_down = (torch.randn(3, 16, 8) * 0.3).requires_grad_()
+    args = (x, w_gate_up, w_down, sizes, "swiglu", False, float("inf"))
+    op = importlib.import_module("pangu_ops.ops.expert_mlp").expert_mlp_op if eager_path else torch.ops.pangu.expert_mlp
+    y, gate_up = op(*args)
+    assert y.requires_grad and not gate_up.requires_grad
+    with torch.profiler.profile(record_shapes=True) as prof:
+        y.square().sum().backward()
+    filled = [e.input_shapes for e in prof.events() if e.name in ("aten::fill_", "aten::zero_", "aten::zeros")]
+    assert not any(shapes and list(shapes[0]) == [11, 32] for shapes in filled), filled
+    assert x.grad is not None and w_gate_up.grad is not None and w_down.grad is not None
