@@ -111,25 +111,34 @@ inline at::Tensor as_float(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
 }
 
-// Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by rows,
+// Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by cost,
 // each expert's products then running single-threaded on one thread, when the split is even (no
-// thread above 5/4 of an equal share of the rows, 2+ experts per thread); else fn(0, E) here, each
-// product using every thread. Side by side, experts of a few hundred rows run 10-20% faster than
-// one after another with each product's threads splitting so few rows (and each thread streams
-// its own experts' weights).
+// thread above 5/4 of an equal share, 2+ experts per thread); else fn(0, E) here, each product
+// using every thread. Side by side, experts of a few hundred rows run 10-20% faster than one after
+// another with each product's threads splitting so few rows, and each thread streams its own
+// experts' weights. An expert's cost: its rows plus kRowsPerWeightPass for reading its weights once,
+// which is what a decode step's 1-2-row experts cost.
+constexpr int64_t kRowsPerWeightPass = 32;
+
 template <typename Fn>
 void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
-  const int64_t E = static_cast<int64_t>(off.size()) - 1, rows = off.back();
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads < 2 || E < 2 * threads || rows == 0) return fn(0, E);
+  if (threads < 2 || E < 2 * threads || off.back() == 0) return fn(0, E);
+  std::vector<int64_t> cost(E + 1, 0);  // prefix sums
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = off[e + 1] - off[e];
+    cost[e + 1] = cost[e] + (m > 0 ? m + kRowsPerWeightPass : 0);
+  }
+  const int64_t total = cost[E];
   std::vector<int64_t> first(threads + 1, E);
   first[0] = 0;
   for (int64_t t = 1, e = 0; t < threads; ++t) {
-    while (e < E && off[e] * threads < rows * t) ++e;
+    while (e < E && cost[e] * threads < total * t) ++e;
     first[t] = e;
   }
   for (int64_t t = 0; t < threads; ++t) {
-    if ((off[first[t + 1]] - off[first[t]]) * threads * 4 > rows * 5) return fn(0, E);
+    if ((cost[first[t + 1]] - cost[first[t]]) * threads * 4 > total * 5) return fn(0, E);
   }
   const at::ThreadLocalState state;  // the caller's dispatch state (below autograd) for ATen calls
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
