@@ -10,7 +10,6 @@
 #include <cmath>
 #include <initializer_list>
 #include <optional>
-#include <tuple>
 #include <type_traits>
 
 #include "common.h"
@@ -84,21 +83,22 @@ void adamw_experts(at::Tensor master, at::Tensor exp_avg, at::Tensor exp_avg_sq,
   float* P = master.data_ptr<float>();
   float* M = exp_avg.data_ptr<float>();
   float* V = exp_avg_sq.data_ptr<float>();
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2), eps_f = static_cast<float>(eps);
   auto with_grads = [&](auto* G) {
     auto run = [&](auto* out_base) {
       at::parallel_for(0, S * chunks, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t s = t / chunks, c0 = (t % chunks) * kChunk, len = std::min(kChunk, n - c0);
           const int64_t row = id[s] * n + c0;
-          const auto args = std::make_tuple(P + row, M + row, V + row, G + s * n + c0, out_base + row, len, decay,
-                                            static_cast<float>(beta1), static_cast<float>(beta2), step_size[s],
-                                            inv_bc2_sqrt[s], static_cast<float>(eps));
-          if (out_base != nullptr) {
-            std::apply(adamw_row<true, std::remove_const_t<std::remove_pointer_t<decltype(G)>>,
-                                 std::remove_pointer_t<decltype(out_base)>>, args);
+          const auto out = out_base != nullptr ? out_base + row : nullptr;
+          auto update = [&](auto write_out) {
+            adamw_row<decltype(write_out)::value>(P + row, M + row, V + row, G + s * n + c0, out, len, decay, b1, b2,
+                                                  step_size[s], inv_bc2_sqrt[s], eps_f);
+          };
+          if (out != nullptr) {
+            update(std::true_type{});
           } else {
-            std::apply(adamw_row<false, std::remove_const_t<std::remove_pointer_t<decltype(G)>>,
-                                 std::remove_pointer_t<decltype(out_base)>>, args);
+            update(std::false_type{});
           }
         }
       });

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
 
@@ -44,6 +45,25 @@ inline float erf_approx(float x) {
 }
 
 enum class Act { kSwiglu, kGeglu, kGegluTanh };
+
+// fn(std::integral_constant<Act, ...>) for the activation named `name`: the gate loops are
+// compiled per activation, and the name is compared once per call, not per row.
+template <typename Fn>
+void with_activation(c10::string_view name, const char* op, const Fn& fn) {
+  if (name == "swiglu") {
+    fn(std::integral_constant<Act, Act::kSwiglu>{});
+  } else if (name == "geglu") {
+    fn(std::integral_constant<Act, Act::kGeglu>{});
+  } else {
+    TORCH_CHECK_VALUE(name == "geglu_tanh", op, ": unknown activation '", name, "'");
+    fn(std::integral_constant<Act, Act::kGegluTanh>{});
+  }
+}
+
+// The clamp bound in fp32: +inf (no clamp) where limit is not finite.
+inline float clamp_bound(double limit) {
+  return std::isfinite(limit) ? static_cast<float>(limit) : std::numeric_limits<float>::infinity();
+}
 
 struct ActGrad {
   float act, d_act;
@@ -101,18 +121,12 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& gate_up, con
   const at::Tensor gu = gate_up.contiguous(), d = dh.contiguous();
   at::Tensor dgu = empty_output(gu.sizes(), d.options()), h = empty_output(d.sizes(), gu.options());
   const int64_t rows = gu.size(0), F = d.size(1);
-  const float lim = std::isfinite(limit) ? static_cast<float>(limit) : std::numeric_limits<float>::infinity();
   PANGU_DISPATCH_FLOATS(gu.scalar_type(), "gated_backward", [&] {
-    const scalar_t* g = gu.data_ptr<scalar_t>();
-    const scalar_t* dp = d.data_ptr<scalar_t>();
-    if (activation_name == "swiglu") {
-      gated_backward_rows<Act::kSwiglu>(g, dp, dgu.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rows, F, lim);
-    } else if (activation_name == "geglu") {
-      gated_backward_rows<Act::kGeglu>(g, dp, dgu.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rows, F, lim);
-    } else {
-      TORCH_CHECK_VALUE(activation_name == "geglu_tanh", "gated_backward: unknown activation");
-      gated_backward_rows<Act::kGegluTanh>(g, dp, dgu.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rows, F, lim);
-    }
+    with_activation(activation_name, "gated_backward", [&](auto act) {
+      gated_backward_rows<decltype(act)::value>(gu.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
+                                                dgu.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rows, F,
+                                                clamp_bound(limit));
+    });
   });
   return {dgu, h};
 }
@@ -130,21 +144,16 @@ void gated_forward_row(const T* __restrict gate, const T* __restrict up, T* __re
 // h [m, F] in gu's dtype from gu = [gate | up] ([m, 2F], contiguous rows).
 at::Tensor gated_forward(const at::Tensor& gu, int64_t F, c10::string_view name, double limit) {
   at::Tensor h = at::empty({gu.size(0), F}, gu.options());
-  const float lim = std::isfinite(limit) ? static_cast<float>(limit) : std::numeric_limits<float>::infinity();
+  const float lim = clamp_bound(limit);
   PANGU_DISPATCH_FLOATS(gu.scalar_type(), "expert_mlp", [&] {
     const scalar_t* g = gu.data_ptr<scalar_t>();
     scalar_t* out = h.data_ptr<scalar_t>();
-    at::parallel_for(0, gu.size(0), row_grain(F * 6), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* gate = g + r * 2 * F;
-        if (name == "swiglu") {
-          gated_forward_row<Act::kSwiglu>(gate, gate + F, out + r * F, F, lim);
-        } else if (name == "geglu") {
-          gated_forward_row<Act::kGeglu>(gate, gate + F, out + r * F, F, lim);
-        } else {
-          gated_forward_row<Act::kGegluTanh>(gate, gate + F, out + r * F, F, lim);
+    with_activation(name, "expert_mlp", [&](auto act) {
+      at::parallel_for(0, gu.size(0), row_grain(F * 6), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          gated_forward_row<decltype(act)::value>(g + r * 2 * F, g + r * 2 * F + F, out + r * F, F, lim);
         }
-      }
+      });
     });
   });
   return h;
@@ -184,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   });
   return {y, gate_up};
 }
-
 
 }  // namespace
 

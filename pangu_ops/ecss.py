@@ -135,7 +135,7 @@ class ExpertStore:
         self.device = torch.device(device) if device is not None else first.device
         self.compute_dtype = compute_dtype or first.dtype
         pinned = self.device.type == "cuda"
-        elt = torch.empty(0, dtype=self.compute_dtype).element_size()
+        self._elt = elt = torch.empty(0, dtype=self.compute_dtype).element_size()
         per_slot = sum(2 * (m.w_gate_up[0].numel() + m.w_down[0].numel()) * elt for _, m in moe)  # weights + grads
         budget = per_slot * max(m.num_experts for _, m in moe) if device_budget_bytes is None else device_budget_bytes
         self.budget = budget
@@ -208,8 +208,7 @@ class ExpertStore:
         """Raises if the pool cannot hold `required` with the experts prepared since the last step."""
         needed = len(layer.pending | set(required.tolist()))
         if needed > layer.slots:
-            elt = torch.empty(0, dtype=self.compute_dtype).element_size()
-            need = needed * 2 * layer.master.shape[1] * elt
+            need = needed * 2 * layer.master.shape[1] * self._elt
             raise ValueError(f"layer {layer.name!r}: this step needs {needed} experts = {need} B of device memory "
                              f"(weights + gradients), more than its share of device_budget_bytes ({layer.slots} "
                              f"experts); raise the budget to at least {need * len(self.layers)} B or split the batch")
