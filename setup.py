@@ -17,8 +17,9 @@ if os.environ.get("PANGU_OPS_PORTABLE") != "1":
     cxx_flags.append("-march=native")
 
 setup(
-    packages=["pangu_ops", "pangu_ops.ops", "pangu_ops.nn", "pangu_ops.distributed", "pangu_ops.integrations", "pangu_ops.benchmarks", "pangu_ops.triton_kernels",
-              "pangu_ops.ascend_kernels"],
+    packages=["pangu_ops", "pangu_ops.ops", "pangu_ops.backends", "pangu_ops.backends.triton_ascend", "pangu_ops.nn",
+              "pangu_ops.distributed", "pangu_ops.ecss", "pangu_ops.integrations", "pangu_ops.benchmarks",
+              "pangu_ops.triton_kernels", "pangu_ops.ascend_kernels"],
     package_dir={"pangu_ops.benchmarks": "benchmarks", "pangu_ops.triton_kernels": "triton_kernels",
                  "pangu_ops.ascend_kernels": "ascend_kernels"},
     # the AscendC sources travel with the package: the CPU twin compiles them on first use

@@ -1,6 +1,6 @@
 """`pangu-ops bench --ecss`: ECSS's host optimizer and training within a device budget.
 
-1. The fused host AdamW kernel (`ecss.adamw_experts`, bf16 gradients and compute copy) against
+1. The fused host AdamW kernel (`pangu_ops.adamw_experts`, bf16 gradients and compute copy) against
    `torch.optim.AdamW(fused=True)` and `(foreach=True)` on the same [E, n] state, all experts
    updated; rate in GB/s of state touched (master, m, v read+written, bf16 gradient read, bf16
    compute copy written: 28 B per parameter, as many as torch's fused step moves with its fp32
@@ -42,7 +42,7 @@ class Row:
 
 
 def _kernel_rows(experts: int, n: int, min_time: float) -> list[Row]:
-    from pangu_ops import ecss
+    from pangu_ops import adamw_experts
 
     master = torch.randn(experts, n)
     m, v, steps = torch.zeros_like(master), torch.zeros_like(master), torch.zeros(experts, dtype=torch.long)
@@ -58,11 +58,11 @@ def _kernel_rows(experts: int, n: int, min_time: float) -> list[Row]:
     one_domain = ids[: experts // 8]
 
     fns = {
-        "pangu_ops adamw_experts (all)": lambda: ecss.adamw_experts(master, m, v, steps, grads, ids, compute, **HYPER),
+        "pangu_ops adamw_experts (all)": lambda: adamw_experts(master, m, v, steps, grads, ids, compute, **HYPER),
         "torch AdamW fused=True (all)": opts["fused"].step,
         "torch AdamW foreach=True (all)": opts["foreach"].step,
         "same traffic, no AdamW math (the limit)": lambda: torch.ops.pangu_cpu.adamw_traffic(*scratch),
-        "pangu_ops lazy, 1 domain of 8": lambda: ecss.adamw_experts(master, m, v, steps, grads[: len(one_domain)],
+        "pangu_ops lazy, 1 domain of 8": lambda: adamw_experts(master, m, v, steps, grads[: len(one_domain)],
                                                                    one_domain, compute, **HYPER),
     }
     print(f"[ecss] AdamW over {experts} experts x {n} parameters", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ops import _checks
+from . import checks, routing
 
 
 def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -21,7 +21,7 @@ def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Te
     Slot `t*k + j` routes token t to expert `expert_ids[t, j]` (-1: dropped). Rows are grouped by
     expert ascending and keep slot order (token, then j) inside an expert.
     """
-    _checks.expert_ids_values(expert_ids, num_experts)
+    checks.expert_ids_values(expert_ids, num_experts)
     k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()
     kept_slots = torch.nonzero(flat >= 0).squeeze(1)  # ascending slot order
@@ -36,7 +36,7 @@ def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Te
 def unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
               topk: int) -> Tensor:
     """y[t] = sum_j weights[t, j] * y_sorted[row of slot (t, j)] in fp32, cast to y_sorted's dtype."""
-    _checks.sorted_index_values(sorted_index, num_tokens * topk)
+    checks.sorted_index_values(sorted_index, num_tokens * topk)
     rows = y_sorted.float()
     if weights is not None:
         rows = rows * weights.reshape(-1)[sorted_index].float().unsqueeze(1)
@@ -48,7 +48,7 @@ def unpermute_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | N
                        y_sorted: Tensor | None, topk: int) -> tuple[Tensor, Tensor]:
     """Gradients of `unpermute`: (grad_y_sorted [S, N], grad_weights [T, k], or [0] when
     y_sorted is None and no weight gradient is wanted)."""
-    _checks.sorted_index_values(sorted_index, grad_y.shape[0] * topk)
+    checks.sorted_index_values(sorted_index, grad_y.shape[0] * topk)
     g = grad_y.float()[sorted_index // topk]  # [S, N]: the gradient reaching each sorted row
     w = (weights.reshape(-1)[sorted_index].float().unsqueeze(1) if weights is not None else 1.0)
     grad_y_sorted = (g * w).to(grad_y.dtype)
@@ -69,7 +69,7 @@ def unpermute_weights_grad(grad_y: Tensor, sorted_index: Tensor, weights: Tensor
 
 def grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
     """y [S, N]: rows of group e times w[e] ([E, K, N]; w[e]^T for [E, N, K] with trans_b)."""
-    _checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
+    checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
     parts = []
     for e, x_e in enumerate(x.split(group_sizes.tolist())):
         w_e = w[e].t() if trans_b else w[e]
@@ -81,7 +81,7 @@ def grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Te
 
 def grouped_gemm_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
     """dw [E, K, N] with dw[e] = x_e^T @ dy_e in fp32 (zeros for an empty group)."""
-    _checks.group_sizes_values("grouped_gemm_wgrad", group_sizes, x.shape[0])
+    checks.group_sizes_values("grouped_gemm_wgrad", group_sizes, x.shape[0])
     sizes = group_sizes.tolist()
     dw = [x_e.float().t() @ dy_e.float() for x_e, dy_e in zip(x.split(sizes), dy.split(sizes))]
     if not dw:
@@ -89,10 +89,9 @@ def grouped_gemm_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
     return torch.stack(dw).to(x.dtype)
 
 
-# Gated activations of expert_mlp: act(gate) * up with act = silu (SwiGLU), erf GELU (GeGLU) or
-# tanh-approximated GELU; `limit` (finite) clamps gate to <= limit and up to [-limit, limit] first
-# (the clamped SwiGLU of DeepSeek-V4 / GLM-5, `swiglu_limit`).
-ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+# Gated activations of expert_mlp (`checks.ACTIVATIONS`): act(gate) * up with act = silu (SwiGLU),
+# erf GELU (GeGLU) or tanh-approximated GELU; `limit` (finite) clamps gate to <= limit and up to
+# [-limit, limit] first (the clamped SwiGLU of DeepSeek-V4 / GLM-5, `swiglu_limit`).
 
 
 def gated(gate_up: Tensor, activation: str = "swiglu", limit: float = math.inf) -> Tensor:
@@ -149,5 +148,28 @@ def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor
     """Table-routed dispatch: the experts of token (b, s) are table[domain_ids[b], token_ids[b, s]]
     (RRE: a [D, V] table, top-1; hash routing: a [D, V, k] table, k experts); then `permute` of
     x [B*S, H] with those k = table.shape[2] (or 1) experts per token."""
-    expert_ids = _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
+    expert_ids = routing.rre_lookup(token_ids, domain_ids, table, num_experts)
     return permute(x, expert_ids.reshape(x.shape[0], table.shape[2] if table.dim() == 3 else 1), num_experts)
+
+
+def adamw_experts(master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, grads: Tensor,
+                  expert_ids: Tensor, compute: Tensor | None, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> None:
+    """In place, for each listed expert e (rows of the [E, n] state) with gradient row g:
+    torch.optim.AdamW's update with e's own step count (bias correction in fp64, the rest in fp32),
+    and its new weights written to `compute` in compute's dtype when given."""
+    checks.expert_list_values("adamw_experts", expert_ids, master.shape[0])
+    ids = expert_ids.long()
+    steps[ids] += 1
+    t = steps[ids].double()
+    step_size = (lr / (1 - beta1 ** t)).float()[:, None]
+    bc2_sqrt = (1 - beta2 ** t).sqrt().float()[:, None]
+    g = grads.float()
+    p, m, v = master[ids], exp_avg[ids], exp_avg_sq[ids]
+    p.mul_(1 - lr * weight_decay)
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
+    master[ids], exp_avg[ids], exp_avg_sq[ids] = p, m, v
+    if compute is not None:
+        compute[ids] = p.to(compute.dtype)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import _checks
+from . import checks
 
 
 def _generator(seed: int, layer: int, domain: int) -> torch.Generator:
@@ -27,8 +27,8 @@ def rre_domain_row(vocab_size: int, first_expert: int, num_experts: int, *, seed
                    domain: int) -> Tensor:
     """One domain's row of the table: `[vocab_size]` ids in `[first_expert, first_expert + num_experts)`,
     each expert receiving vocab_size // num_experts or one more vocabulary ids, at random."""
-    _checks.positive_int("vocab_size", vocab_size)
-    _checks.positive_int("num_experts", num_experts)
+    checks.positive_int("vocab_size", vocab_size)
+    checks.positive_int("num_experts", num_experts)
     balanced = torch.arange(vocab_size, device="cpu") % num_experts  # counts differ by at most one (made on the CPU)
     shuffled = balanced[torch.randperm(vocab_size, generator=_generator(seed, layer, domain), device="cpu")]
     return shuffled + first_expert
@@ -37,8 +37,8 @@ def rre_domain_row(vocab_size: int, first_expert: int, num_experts: int, *, seed
 def rre_route_table(vocab_size: int, num_experts: int, num_domains: int, *, seed: int, layer: int) -> Tensor:
     """`[num_domains, vocab_size]` int64 table of global expert ids. Domain d owns experts
     `[d * E_d, (d + 1) * E_d)` with `E_d = num_experts // num_domains`."""
-    _checks.positive_int("num_domains", num_domains)
-    _checks.positive_int("num_experts", num_experts)
+    checks.positive_int("num_domains", num_domains)
+    checks.positive_int("num_experts", num_experts)
     if num_experts % num_domains:
         raise ValueError(f"num_experts ({num_experts}) must be divisible by num_domains ({num_domains})")
     per_domain = num_experts // num_domains
@@ -46,13 +46,41 @@ def rre_route_table(vocab_size: int, num_experts: int, num_domains: int, *, seed
                         for d in range(num_domains)])
 
 
+def rre_lookup(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor,
+               num_experts: int | None = None) -> torch.Tensor:
+    """`table[domain_ids[b], token_ids[b, s]]` ([B, S] for a [D, V] table, [B, S, k] for a
+    [D, V, k] one) after checking the domain and token ids, and that every expert found is in
+    [0, num_experts) (only >= 0 when num_experts is None)."""
+    num_domains, vocab = table.shape[:2]
+    if not checks.has_values(token_ids):  # shape inference: the lookup alone
+        return table[domain_ids.long()[:, None], token_ids.long()]
+    bad = (domain_ids < 0) | (domain_ids >= num_domains)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])} is out of range [0, num_domains={num_domains})")
+    bad = (token_ids < 0) | (token_ids >= vocab)
+    if bool(bad.any()):
+        b, s = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"token_ids[{b}, {s}] = {int(token_ids[b, s])} is out of range [0, vocab_size={vocab})")
+    experts = table[domain_ids.long()[:, None], token_ids.long()]
+    bad = experts < 0 if num_experts is None else (experts < 0) | (experts >= num_experts)
+    if bool(bad.any()):
+        where = [int(i) for i in bad.nonzero()[0]]
+        b, s = where[:2]
+        slot = "".join(f", {j}" for j in where[2:])
+        bound = "a non-negative expert id" if num_experts is None else f"an expert id in [0, num_experts={num_experts})"
+        raise ValueError(f"table[{int(domain_ids[b])}, {int(token_ids[b, s])}{slot}] = {int(experts[tuple(where)])} "
+                         f"is not {bound}")
+    return experts
+
+
 def rre_route(token_ids: Tensor, domain_ids: Tensor, table: Tensor) -> Tensor:
     """`[B, S]` expert ids: `table[domain_ids[b], token_ids[b, s]]`."""
-    _checks.tensor("token_ids", token_ids, 2, "[B, S]", _checks.INDEX_DTYPES)
-    _checks.tensor("domain_ids", domain_ids, 1, "[B]", _checks.INDEX_DTYPES)
-    _checks.tensor("table", table, 2, "[num_domains, vocab_size]", _checks.INDEX_DTYPES)
-    _checks.size("domain_ids", domain_ids.shape[0], token_ids.shape[0], "length (B = token_ids.shape[0])")
-    return _checks.rre_lookup(token_ids, domain_ids, table)
+    checks.tensor("token_ids", token_ids, 2, "[B, S]", checks.INDEX_DTYPES)
+    checks.tensor("domain_ids", domain_ids, 1, "[B]", checks.INDEX_DTYPES)
+    checks.tensor("table", table, 2, "[num_domains, vocab_size]", checks.INDEX_DTYPES)
+    checks.size("domain_ids", domain_ids.shape[0], token_ids.shape[0], "length (B = token_ids.shape[0])")
+    return rre_lookup(token_ids, domain_ids, table)
 
 
 def required_experts(token_ids: Tensor, domain_ids: Tensor, table: Tensor) -> Tensor:
@@ -67,7 +95,7 @@ SCORES = ("softmax", "sigmoid", "sqrtsoftplus")
 def router_scores(logits: Tensor, score: str = "softmax") -> Tensor:
     """Per-expert scores [T, E] in fp32: "softmax" (Mixtral, Qwen), "sigmoid" (DeepSeek-V3, Pangu
     Ultra MoE) or "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus(logit)))."""
-    _checks.tensor("logits", logits, 2, "[T, E]", _checks.FLOAT_DTYPES)
+    checks.tensor("logits", logits, 2, "[T, E]", checks.FLOAT_DTYPES)
     if score == "softmax":
         return logits.float().softmax(-1)
     if score == "sigmoid":
@@ -100,17 +128,17 @@ def topk_route(logits: Tensor, k: int, *, score: str = "softmax", normalize: boo
     the topk_group best groups can be chosen."""
     scores = router_scores(logits, score)
     num_experts = scores.shape[1]
-    _checks.positive_int("k", k)
+    checks.positive_int("k", k)
     if k > num_experts:
         raise ValueError(f"k ({k}) must be at most the number of experts ({num_experts})")
     choice = scores
     if correction_bias is not None:
-        _checks.tensor("correction_bias", correction_bias, 1, "[E]", _checks.FLOAT_DTYPES)
-        _checks.size("correction_bias", correction_bias.shape[0], num_experts, "length (E = logits.shape[1])")
+        checks.tensor("correction_bias", correction_bias, 1, "[E]", checks.FLOAT_DTYPES)
+        checks.size("correction_bias", correction_bias.shape[0], num_experts, "length (E = logits.shape[1])")
         choice = scores + correction_bias.float()
     topk_group = n_group if topk_group is None else topk_group
     if n_group > 1 and topk_group < n_group:
-        _checks.positive_int("topk_group", topk_group)
+        checks.positive_int("topk_group", topk_group)
         if num_experts % n_group:
             raise ValueError(f"n_group ({n_group}) must divide the number of experts ({num_experts})")
         if k > topk_group * (num_experts // n_group):
@@ -128,7 +156,7 @@ def hash_table(vocab_size: int, num_experts: int, k: int, *, seed: int, layer: i
     """A frozen token-id -> experts table `[vocab_size, k]` (int64) for hash routing: k distinct
     experts per token id, drawn uniformly (every expert gets V*k/E ids in expectation),
     reproducible from (seed, layer). DeepSeek-V4 checkpoints bring their own (`tid2eid`)."""
-    _checks.positive_int("k", k)
+    checks.positive_int("k", k)
     if k > num_experts:
         raise ValueError(f"k ({k}) must be at most the number of experts ({num_experts})")
     gen = _generator(seed, layer, -1)
@@ -143,10 +171,10 @@ def hash_route(logits: Tensor, token_ids: Tensor, table: Tensor, *, score: str =
     ([V, k], frozen), weighted by the router's scores of those experts as in `topk_route`.
     Returns (weights [T, k] fp32, expert_ids [T, k] int64, scores [T, E] fp32)."""
     scores = router_scores(logits, score)
-    _checks.tensor("table", table, 2, "[vocab_size, k]", _checks.INDEX_DTYPES)
+    checks.tensor("table", table, 2, "[vocab_size, k]", checks.INDEX_DTYPES)
     flat = token_ids.reshape(-1)
-    _checks.size("token_ids", flat.shape[0], scores.shape[0], "numel (T = logits.shape[0])")
-    expert_ids = _checks.rre_lookup(flat[None, :], flat.new_zeros(1), table[None], scores.shape[1])[0].long()
+    checks.size("token_ids", flat.shape[0], scores.shape[0], "numel (T = logits.shape[0])")
+    expert_ids = rre_lookup(flat[None, :], flat.new_zeros(1), table[None], scores.shape[1])[0].long()
     return _gate_weights(scores, expert_ids, normalize, scaling), expert_ids, scores
 
 
@@ -160,8 +188,8 @@ def load_balancing_loss(probs: Tensor, expert_ids: Tensor, *, alpha: float = 1e-
     probability sums and token counts are all-reduced over the group before the product, so the
     loss balances what each device actually receives; with one rank it is the micro-batch loss.
     Gradients flow to every rank's own probabilities."""
-    _checks.tensor("probs", probs, 2, "[T, E]", _checks.FLOAT_DTYPES)
-    _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
+    checks.tensor("probs", probs, 2, "[T, E]", checks.FLOAT_DTYPES)
+    checks.tensor("expert_ids", expert_ids, 2, "[T, k]", checks.INDEX_DTYPES)
     num_experts = probs.shape[1]
     counts = _slot_counts(expert_ids.reshape(-1).long(), num_experts)
     p = probs.float()
@@ -190,8 +218,8 @@ def _slot_counts(flat: Tensor, num_experts: int) -> Tensor:
 def apply_capacity(expert_ids: Tensor, num_experts: int, capacity: int) -> Tensor:
     """Drops (sets to -1) the slots beyond the first `capacity` of each expert, in slot order
     (token, then j): the capacity-factor routing of GShard/Switch. Dropped slots stay dropped."""
-    _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
-    _checks.non_negative_int("capacity", capacity)
+    checks.tensor("expert_ids", expert_ids, 2, "[T, k]", checks.INDEX_DTYPES)
+    checks.non_negative_int("capacity", capacity)
     flat = expert_ids.reshape(-1).long()
     bins = torch.where(flat >= 0, flat, num_experts)  # dropped slots in a last bin
     order = torch.argsort(bins, stable=True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pangu_ops
-from pangu_ops import ascend, verify
+from pangu_ops import verify
+from pangu_ops.backends import ascend
 
 
 @pytest.mark.parametrize("blocks", [1, 3, 40])

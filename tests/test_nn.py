@@ -69,11 +69,13 @@ def _model_and_batch():
 
 def test_extracted_domain_gives_identical_outputs(tmp_path):
     model, tokens, domains = _model_and_batch()
-    full, _ = model(tokens, domains)
+    mine = domains == 1
+    # the same batch on both sides: the dense layers' matmuls then see the same row counts (oneDNN
+    # blocks, and so rounds, by row count: the full batch's rows [mine] may differ in the last bit)
+    full = model(tokens[mine], domains[mine])[0]
     sub = extract_domain(model, 1)
     assert all(layer.num_experts == 2 for layer in rre_layers(sub))
-    mine = domains == 1
-    assert torch.equal(sub(tokens[mine], domains[mine])[0], full[mine])
+    assert torch.equal(sub(tokens[mine], domains[mine])[0], full)
     with pytest.raises(ValueError, match="domain 0 has no experts"):
         sub(tokens[:1], domains[:1])
     # the sub-model round-trips through a state dict into a fresh extraction
@@ -81,7 +83,7 @@ def test_extracted_domain_gives_identical_outputs(tmp_path):
     other, _, _ = _model_and_batch()
     fresh = extract_domain(PanguSigmaLM(other.config), 1)
     fresh.load_state_dict(torch.load(tmp_path / "sub.pt"))
-    assert torch.equal(fresh.eval()(tokens[mine], domains[mine])[0], full[mine])
+    assert torch.equal(fresh.eval()(tokens[mine], domains[mine])[0], full)
 
 
 def test_add_and_remove_domains_leave_others_unchanged():

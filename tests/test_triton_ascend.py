@@ -1,4 +1,4 @@
-"""The Triton kernels through Huawei's Ascend Triton compiler (pangu_ops.triton_ascend), on the CPU.
+"""The Triton kernels through Huawei's Ascend Triton compiler (pangu_ops.backends.triton_ascend), on the CPU.
 
 Runs only where triton-ascend and ascendnpu-ir are installed, an environment of their own (README:
 Ascend NPUs); there the reference checks of every op file also run on the triton_ascend backend
@@ -21,7 +21,7 @@ KERNELS = {"_histogram_kernel", "_scatter_kernel", "_invert_kernel", "_combine_k
 
 
 def kernels():
-    from pangu_ops import triton_ascend
+    from pangu_ops.backends import triton_ascend
 
     return triton_ascend.load_kernels()
 
@@ -44,7 +44,7 @@ def test_tile_over_the_unified_buffer_is_rejected():
     """The gated expert-MLP GEMM at a GPU tile (128 x 128 x 64, fp32, two accumulators) needs more
     than an AI core's 192 KiB unified buffer: bishengir-compile refuses it. (Why the library takes
     its smallest tile when not autotuning.)"""
-    from pangu_ops import triton_ascend
+    from pangu_ops.backends import triton_ascend
 
     kernel = sys.modules[kernels().grouped_gemm.__module__]._grouped_gemm_kernel.fn  # the autotuner's JIT function
     S, K, N, E = 8, 64, 64, 1
@@ -65,7 +65,7 @@ def _scan(x_ptr, y_ptr, R: tl.constexpr, C: tl.constexpr, AXIS: tl.constexpr, RE
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cumsum_definition(dtype, axis, reverse):
     """tl.cumsum reaches the CPU as triton-adapter's library call, defined by triton_ascend."""
-    from pangu_ops import triton_ascend
+    from pangu_ops.backends import triton_ascend
 
     x = torch.randint(-50, 50, (8, 16)).to(dtype)
     y = torch.empty_like(x)

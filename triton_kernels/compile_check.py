@@ -19,7 +19,6 @@ import hashlib
 import importlib
 import io
 import json
-import os
 import re
 import sys
 import tempfile
@@ -32,45 +31,14 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from ..backends.cache import cache_dir
+
+from .targets import TARGETS, Target, occupancy
+
 # (the package's names grouped_gemm / permute / unpermute are the host functions: import the modules)
 gg = importlib.import_module(f"{__package__}.grouped_gemm")
 pm = importlib.import_module(f"{__package__}.permute")
 up = importlib.import_module(f"{__package__}.unpermute")
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    backend: str  # "cuda" or "hip"
-    arch: int | str
-    warp_size: int
-    shared_per_block: int  # bytes one block may use
-    shared_per_sm: int
-    regs_per_sm: int
-    max_warps_per_sm: int
-
-
-TARGETS = {
-    "sm90": Target("sm90", "cuda", 90, 32, 227 * 1024, 228 * 1024, 65536, 64),
-    "sm80": Target("sm80", "cuda", 80, 32, 163 * 1024, 164 * 1024, 65536, 64),
-    # MI300X: 64 KiB LDS per workgroup (and per CU); 512 VGPRs x 64 lanes per SIMD, 4 SIMDs
-    "gfx942": Target("gfx942", "hip", "gfx942", 64, 64 * 1024, 64 * 1024, 4 * 512 * 64, 32),
-}
-
-
-def occupancy(target: Target, num_warps: int, regs: int | None, shared: int) -> int:
-    """Blocks of a kernel that fit on one SM / CU at once: by warps, shared memory (1 KiB reserved
-    per block on NVIDIA) and registers (allocated per warp in 256-register units on NVIDIA, 8-VGPR
-    units per wave on CDNA3; regs None: unknown, not limiting)."""
-    fits = [target.max_warps_per_sm // num_warps]
-    reserved = 1024 if target.backend == "cuda" else 0
-    if shared:
-        fits.append(target.shared_per_sm // (shared + reserved))
-    if regs:
-        unit = 256 if target.backend == "cuda" else 8 * target.warp_size
-        per_warp = -(-regs * target.warp_size // unit) * unit
-        fits.append(target.regs_per_sm // (per_warp * num_warps))
-    return max(0, min(fits))
 
 
 @dataclass
@@ -286,16 +254,11 @@ def compile_one(target: Target, v: Variant) -> Result:
     return result
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PANGU_OPS_CACHE", Path.home() / ".cache" / "pangu_ops")) / "compile_check"
-
-
 def run(targets: list[str], *, configs: str = "all", dtypes=tuple(DTYPES), shapes=tuple(SHAPES),
         progress: Callable[[str], None] | None = None) -> list[Result]:
     """Compiles every variant for every target (cached results are reused, not recompiled)."""
     results = []
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir("compile_check")
     for name in targets:
         target = TARGETS[name]
         todo = variants(target, configs=configs, dtypes=dtypes, shapes=shapes)

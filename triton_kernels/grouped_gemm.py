@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _checks
+from .. import checks
 from ._common import INTERPRET, check_values, gemm_configs, load_tile, num_programs, to_dtype, upcast_operands
+from .targets import Target, occupancy
 
 # PANGU_OPS_TRITON_AUTOTUNE=0: the first config that fits, no timing of the others on first call
 # (first calls in seconds instead of tens of seconds: test suites, short jobs).
@@ -210,8 +211,6 @@ def _occupancy_key(blocks: dict, gated: bool, dtype: torch.dtype, precision: str
 
 
 def _learn_occupancy(compiled, key: tuple, device: torch.device) -> None:
-    from .compile_check import Target, occupancy
-
     props = torch.cuda.get_device_properties(device)
     sm = Target("device", "cuda", 0, 32, 0, getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
                 getattr(props, "regs_per_multiprocessor", 65536),
@@ -245,7 +244,7 @@ def _launch(x, w, y, h, group_sizes, n: int, trans_b: bool, gated: bool, activat
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, trans_b: bool) -> torch.Tensor:
     if check_values(x):
-        _checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
+        checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
     S, K = x.shape
     N = w.shape[1] if trans_b else w.shape[2]
     y = torch.empty(S, N, dtype=x.dtype, device=x.device)
@@ -259,7 +258,7 @@ def gated_grouped_gemm(x: torch.Tensor, w_gate_up: torch.Tensor, group_sizes: to
                        trans_b: bool, limit: float):
     """(gate_up [S, 2F], h = act(gate) * up [S, F]) in x's dtype, from one fused GEMM."""
     if check_values(x):
-        _checks.group_sizes_values("expert_mlp", group_sizes, x.shape[0])
+        checks.group_sizes_values("expert_mlp", group_sizes, x.shape[0])
     S, K = x.shape
     F = w_gate_up.shape[1 if trans_b else 2] // 2
     gate_up = torch.empty(S, 2 * F, dtype=x.dtype, device=x.device)
@@ -300,7 +299,7 @@ def _grouped_wgrad_kernel(
 
 def grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     if check_values(x):
-        _checks.group_sizes_values("grouped_gemm_wgrad", group_sizes, x.shape[0])
+        checks.group_sizes_values("grouped_gemm_wgrad", group_sizes, x.shape[0])
     E, (S, K), N = group_sizes.shape[0], x.shape, dy.shape[1]
     dw = torch.empty(E, K, N, dtype=x.dtype, device=x.device)
     if E == 0 or K == 0 or N == 0:

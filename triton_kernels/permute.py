@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _checks
+from .. import checks, routing
 
 BLOCK_SLOTS = 64
 BLOCK_H = 128
@@ -122,13 +122,13 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
     # int64 ids: on an H200 with Triton 3.6 the scatter over int32 ids gave wrong 16-bit rows (the
     # interpreter and int64 ids were right); the [T, k] conversion costs next to nothing
     return _sort_rows(x, expert_ids.long(), None, expert_ids.shape[1], num_experts,
-                      lambda: _checks.expert_ids_values(expert_ids, num_experts))
+                      lambda: checks.expert_ids_values(expert_ids, num_experts))
 
 
 def rre_dispatch(x: torch.Tensor, token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor,
                  num_experts: int):
     def on_bad():  # the reference's lookup validates and raises with the offending position
-        _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
+        routing.rre_lookup(token_ids, domain_ids, table, num_experts)
 
     k = table.shape[2] if table.dim() == 3 else 1
     return _sort_rows(x, token_ids, (domain_ids, table), k, num_experts, on_bad)

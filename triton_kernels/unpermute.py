@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _checks
+from .. import checks
 from ._common import check_values, to_dtype
 
 BLOCK_T = 16
@@ -48,7 +48,7 @@ def _combine_kernel(ys_ptr, row_of_ptr, w_ptr, y_ptr, T, N, topk, s_ys, s_y,
 
 def unpermute(y_sorted, sorted_index, weights, num_tokens: int, topk: int):
     if check_values(y_sorted):
-        _checks.sorted_index_values(sorted_index, num_tokens * topk)
+        checks.sorted_index_values(sorted_index, num_tokens * topk)
     S, N = y_sorted.shape
     y = torch.empty(num_tokens, N, dtype=y_sorted.dtype, device=y_sorted.device)
     if num_tokens == 0 or N == 0:
@@ -92,7 +92,7 @@ def _backward_kernel(g_ptr, index_ptr, w_ptr, ys_ptr, gys_ptr, gw_ptr, S, N, slo
 
 def unpermute_backward(grad_y, sorted_index, weights, y_sorted, topk: int):
     if check_values(grad_y):
-        _checks.sorted_index_values(sorted_index, grad_y.shape[0] * topk)
+        checks.sorted_index_values(sorted_index, grad_y.shape[0] * topk)
     T, N = grad_y.shape
     S = sorted_index.shape[0]
     g = grad_y if grad_y.stride(1) == 1 else grad_y.contiguous()

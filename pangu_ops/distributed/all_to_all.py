@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from ..ops import _checks
+from .. import checks
 from .agreement import agree, all_gather_into_tensor
 from .topology import Topology
 
@@ -75,10 +75,10 @@ def hierarchical_all_to_all(output: torch.Tensor, input: torch.Tensor, output_sp
     input_split_sizes)` would, in two phases (see the module docstring). `stats`, when given,
     accumulates the bytes and messages this rank sent intra- and inter-node."""
     W, R, N = topology.world_size, topology.ranks_per_node, topology.num_nodes
-    _checks.size("input_split_sizes", len(input_split_sizes), W, "length (world size)")
-    _checks.size("output_split_sizes", len(output_split_sizes), W, "length (world size)")
-    _checks.size("input", input.shape[0], sum(input_split_sizes), "rows (sum of input_split_sizes)")
-    _checks.size("output", output.shape[0], sum(output_split_sizes), "rows (sum of output_split_sizes)")
+    checks.size("input_split_sizes", len(input_split_sizes), W, "length (world size)")
+    checks.size("output_split_sizes", len(output_split_sizes), W, "length (world size)")
+    checks.size("input", input.shape[0], sum(input_split_sizes), "rows (sum of input_split_sizes)")
+    checks.size("output", output.shape[0], sum(output_split_sizes), "rows (sum of output_split_sizes)")
     with collective("the hierarchical all-to-all (agreeing on the rows)", topology):
         agree("hierarchical_all_to_all", {"row shape (input.shape[1:]) elements": bytes_per_row(input) // input.element_size(),
                                           "dtype": input.dtype}, topology.group, topology.ranks, input.device)

@@ -1,5 +1,10 @@
-"""Expert-parallel token dispatch: each rank owns `num_experts / W` consecutive experts; tokens
-travel to the ranks of their experts and back, differentiably, on torch.distributed.
+"""Expert-parallel token dispatch: each rank owns `num_experts / W` consecutive experts, or the
+physical experts a `Placement` gives it (replicas of hot experts allowed); tokens travel to the
+ranks of their experts and back, differentiably, on torch.distributed.
+
+With a placement, each slot's logical expert is first mapped to one of its physical replicas,
+deterministically and by locality (`Placement.replica_choice`: a replica on the token's rank,
+else on its node, else spread by token); everything below then runs on physical experts.
 
 Every local step is a pangu_ops kernel (C++ on CPU, Triton on GPU, each with its reference):
 `permute` groups rows by destination (expert, rank or node, dropping slots marked -1, one copy
@@ -39,9 +44,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..ops import _checks, permute, unpermute
+from .. import checks
+from ..ops import permute, unpermute
 from .agreement import agree, collective_device
 from .all_to_all import add_stats, bytes_per_row, collective, peer_kinds, sent_stats
+from .placement import Placement
 from .topology import Topology
 
 STRATEGIES = ("flat", "hierarchical")
@@ -131,22 +138,23 @@ class ExpertParallelDispatcher:
     """Sends tokens to the ranks of their experts and their outputs back (see the module doc).
 
     `num_experts` experts, `first_expert` the first one (RRE mode: a domain's experts, on a
-    `Topology.split` group), split evenly over the topology's ranks. `stats[phase]` accumulates,
+    `Topology.split` group), split evenly over the topology's ranks, or as `placement` says
+    (`set_placement`; its logical ids count from first_expert). `stats[phase]` accumulates,
     for "dispatch" and "combine" (forward exchanges only), the bytes and messages this rank sent
     to other ranks of its node ("intra_*") and of other nodes ("inter_*"), metadata included.
     """
 
-    def __init__(self, topology: Topology, num_experts: int, strategy: str = "flat", *, first_expert: int = 0):
+    def __init__(self, topology: Topology, num_experts: int, strategy: str = "flat", *, first_expert: int = 0,
+                 placement: Placement | None = None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        _checks.positive_int("num_experts", num_experts)
-        _checks.non_negative_int("first_expert", first_expert)
-        if num_experts % topology.world_size:
+        checks.positive_int("num_experts", num_experts)
+        checks.non_negative_int("first_expert", first_expert)
+        if placement is None and num_experts % topology.world_size:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the world size ({topology.world_size})")
         self.topology, self.num_experts, self.strategy = topology, num_experts, strategy
         self.first_expert = first_expert
-        self.local_experts = num_experts // topology.world_size
-        self.experts_per_node = self.local_experts * topology.ranks_per_node
+        self.set_placement(placement)
         self.stats: dict[str, dict[str, int]] = {}
         t = topology
         self._flat = self._exchange(t.group, range(t.world_size), "the flat all-to-all")
@@ -156,10 +164,46 @@ class ExpertParallelDispatcher:
     def _exchange(self, group, members, what) -> _Exchange:
         return _Exchange(group, list(members), peer_kinds(self.topology, members), what, self.topology, self.stats)
 
+    def set_placement(self, placement: Placement | None) -> None:
+        """Route by `placement` from now on (None: num_experts / W consecutive experts per rank).
+        Every rank must set the same one (the next dispatch checks), with the experts it names
+        already in the layer (`placement.rebalance` moves them)."""
+        W = self.topology.world_size
+        if placement is not None:
+            if placement.num_ranks != W:
+                raise ValueError(f"placement is for {placement.num_ranks} ranks, the topology has {W}")
+            placement.check(self.num_experts)
+            choice, count = placement.replica_choice(self.topology.rank, self.topology.ranks_per_node)
+            self._choice = {"cpu": (choice, count)}
+        self.placement = placement
+        self.num_physical = self.num_experts if placement is None else placement.num_physical
+        self.local_experts = self.num_physical // W
+        self.experts_per_node = self.local_experts * self.topology.ranks_per_node
+
     @property
     def first_local_expert(self) -> int:
-        """Global id of this rank's first expert."""
+        """Global id of this rank's first expert (without a placement)."""
+        if self.placement is not None:
+            raise ValueError("with a placement a rank's experts need not be consecutive: use local_expert_ids")
         return self.first_expert + self.topology.rank * self.local_experts
+
+    @property
+    def local_expert_ids(self) -> Tensor:
+        """[local_experts] global logical ids of this rank's (physical) experts, in slot order."""
+        if self.placement is None:
+            return torch.arange(self.local_experts) + self.first_local_expert
+        return self.placement.experts_of(self.topology.rank) + self.first_expert
+
+    def _physical(self, ids: Tensor) -> Tensor:
+        """Logical ids [T, k] (-1 dropped) -> the physical replica each slot uses."""
+        key = str(ids.device)
+        if key not in self._choice:
+            self._choice[key] = tuple(t.to(ids.device) for t in self._choice["cpu"])
+        choice, count = self._choice[key]
+        safe = ids.clamp_min(0)
+        token = torch.arange(ids.shape[0], device=ids.device)[:, None] + self.topology.rank
+        pick = choice[safe, token % count[safe]]
+        return torch.where(ids >= 0, pick, -1)
 
     # ---- public API ----
 
@@ -176,7 +220,7 @@ class ExpertParallelDispatcher:
         """combine(experts(x_local, group_sizes), handle) of dispatch(x, expert_ids, weights), with
         the tokens in `chunks` chunks whose communication overlaps the experts' compute of the
         previous chunk (chunks=1: no overlap). Every rank must pass the same `chunks`."""
-        _checks.positive_int("chunks", chunks)
+        checks.positive_int("chunks", chunks)
         T = x.shape[0]
         bounds = [T * c // chunks for c in range(chunks + 1)]
 
@@ -201,19 +245,20 @@ class ExpertParallelDispatcher:
     # ---- the steps (generators: each yields the list of exchanges it started, to be waited) ----
 
     def _validate(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None) -> Tensor:
-        _checks.tensor("x", x, 2, "[T, H]", _checks.FLOAT_DTYPES)
-        _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
-        _checks.size("expert_ids", expert_ids.shape[0], x.shape[0], "rows (tokens of x)")
+        checks.tensor("x", x, 2, "[T, H]", checks.FLOAT_DTYPES)
+        checks.tensor("expert_ids", expert_ids, 2, "[T, k]", checks.INDEX_DTYPES)
+        checks.size("expert_ids", expert_ids.shape[0], x.shape[0], "rows (tokens of x)")
         if weights is not None:
-            _checks.tensor("weights", weights, 2, "[T, k]", _checks.FLOAT_DTYPES)
+            checks.tensor("weights", weights, 2, "[T, k]", checks.FLOAT_DTYPES)
             if weights.shape != expert_ids.shape:
                 raise ValueError(f"weights must be [T, k] = {list(expert_ids.shape)}, got {list(weights.shape)}")
-        _checks.same_device(x=x, expert_ids=expert_ids, weights=weights)
+        checks.same_device(x=x, expert_ids=expert_ids, weights=weights)
         lo, hi = self.first_expert, self.first_expert + self.num_experts
-        _checks.expert_ids_values(expert_ids, self.num_experts, first=lo, op="dispatch",
+        checks.expert_ids_values(expert_ids, self.num_experts, first=lo, op="dispatch",
                                   experts=f"one of this dispatcher's experts [{lo}, {hi})")
         ids = expert_ids.long()
-        return torch.where(ids >= 0, ids - lo, -1)
+        ids = torch.where(ids >= 0, ids - lo, -1)
+        return ids if self.placement is None else self._physical(ids)
 
     def _agree(self, step: str, signature: dict, error: Exception | None) -> None:
         """All ranks check that they exchange the same kind of rows (or all raise), before any row
@@ -234,6 +279,7 @@ class ExpertParallelDispatcher:
             "top-k (expert_ids.shape[1])": expert_ids.shape[1] if ok else 0,
             "weights dtype": None if not ok or weights is None else weights.dtype,
             "num_experts": self.num_experts, "first_expert": self.first_expert, "strategy": self.strategy,
+            "placement": 0 if self.placement is None else self.placement.fingerprint(),
             "ranks_per_node": self.topology.ranks_per_node, "chunks": chunks}, error)
         T, k = ids.shape
         t, E_loc, N = self.topology, self.local_experts, self.topology.num_nodes
@@ -242,7 +288,7 @@ class ExpertParallelDispatcher:
         if self.strategy == "flat":
             # by expert from the node rows, so that the backward sums a token's gradient rows in
             # the hierarchical strategy's order (per node, then across nodes)
-            x_sorted, per_expert, partial_index = permute(x_node, row_ids, self.num_experts)
+            x_sorted, per_expert, partial_index = permute(x_node, row_ids, self.num_physical)
             partial = dict(partial_index=partial_index, partial_weights=row_weights, partial_rows=row_ids.shape[0])
             per_rank = per_expert.view(t.world_size, E_loc)
             from_rank = self._flat.sizes(per_rank)  # [source rank, local expert]
@@ -280,8 +326,8 @@ class ExpertParallelDispatcher:
     def _combine(self, y_local: Tensor, handle: DispatchHandle):
         error = None
         try:
-            _checks.tensor("y_local", y_local, 2, "[S_local, N]", _checks.FLOAT_DTYPES)
-            _checks.size("y_local", y_local.shape[0], handle.local_index.shape[0], "rows (rows dispatched here)")
+            checks.tensor("y_local", y_local, 2, "[S_local, N]", checks.FLOAT_DTYPES)
+            checks.size("y_local", y_local.shape[0], handle.local_index.shape[0], "rows (rows dispatched here)")
         except (TypeError, ValueError) as e:
             error = e
         ok = error is None

@@ -26,8 +26,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .. import expert_mlp, grouped_gemm, permute, unpermute
-from ..ops import _checks
+from .. import checks, expert_mlp, grouped_gemm, permute, unpermute
 
 NAME = "pangu_ops"
 
@@ -94,14 +93,14 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     why = _unsupported(experts)
     if why is not None:
         return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
-    _checks.tensor("hidden_states", hidden_states, 2, "[T, H]", _checks.FLOAT_DTYPES)
-    _checks.tensor("top_k_index", top_k_index, 2, "[T, k]", _checks.INDEX_DTYPES)
+    checks.tensor("hidden_states", hidden_states, 2, "[T, H]", checks.FLOAT_DTYPES)
+    checks.tensor("top_k_index", top_k_index, 2, "[T, k]", checks.INDEX_DTYPES)
     weight = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
-    _checks.same_dtype("hidden_states", hidden_states, f"{type(experts).__name__}.{weight}", getattr(experts, weight))
+    checks.same_dtype("hidden_states", hidden_states, f"{type(experts).__name__}.{weight}", getattr(experts, weight))
     num_experts = getattr(experts, weight).shape[0]
     k = top_k_index.shape[1]
     if top_k_weights.dim() == 2 and top_k_weights.shape[1] != k:  # dense [T, E] routing weights
-        _checks.size("top_k_weights [T, E]", top_k_weights.shape[1], num_experts, "E (experts)")
+        checks.size("top_k_weights [T, E]", top_k_weights.shape[1], num_experts, "E (experts)")
         top_k_weights = top_k_weights.gather(1, top_k_index.long().clamp(0, num_experts - 1))
     ids = top_k_index
     if getattr(experts, "_is_expert_parallel", False):  # ids >= E are other ranks' experts: drop them

@@ -41,6 +41,7 @@ def extract_domain(model: nn.Module, domain: int) -> nn.Module:
         index = torch.full_like(layer.domain_index, -1)
         index[domain] = 0
         layer.domain_index = index
+        layer.reset_expert_load()
     return sub
 
 
@@ -59,6 +60,7 @@ def remove_domain(model: nn.Module, domain: int) -> None:
         index = layer.domain_index.clone()
         index[domain] = -1
         layer.domain_index = torch.where(index > row, index - 1, index)
+        layer.reset_expert_load()
 
 
 def add_domain(model: nn.Module, num_experts: int) -> int:
@@ -81,6 +83,7 @@ def add_domain(model: nn.Module, num_experts: int) -> int:
         layer.w_down = nn.Parameter(torch.cat([layer.w_down.data, w_down]))
         layer.table = torch.cat([layer.table, row.unsqueeze(0).to(layer.table)])
         layer.domain_index = torch.cat([layer.domain_index, layer.domain_index.new_tensor([layer.table.shape[0] - 1])])
+        layer.reset_expert_load()
     if new_domain is None:
         raise ValueError("the model has no RRE layer")
     return new_domain

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import routing
-from ..ops import _checks, expert_mlp, permute, rre_dispatch, unpermute
+from .. import checks, routing
+from ..ops import expert_mlp, permute, rre_dispatch, unpermute
 from ..ops.expert_mlp import fp32_weight_grads
 
 
@@ -23,6 +24,17 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+@dataclass
+class Route:
+    """The router's decision for T tokens: each token's experts either as ids or as a table lookup
+    (left to the fused `rre_dispatch`), and their gate weights."""
+
+    weights: Tensor | None  # [T, k]; None: all ones (RRE)
+    aux_loss: Tensor
+    expert_ids: Tensor | None = None  # [T, k] global expert ids, -1 dropped
+    lookup: tuple[Tensor, Tensor, Tensor] | None = None  # (token_ids [B, S], table rows [B], table [D, V(, k)])
 
 
 class MoEFeedForward(nn.Module):
@@ -48,6 +60,9 @@ class MoEFeedForward(nn.Module):
     Experts are stored stacked: `w_gate_up [E, H, 2F]` (gate | up), `w_down [E, F, H]`.
     `forward(x [..., H], token_ids=None, domain_ids=None) -> (y [..., H], aux_loss)`.
 
+    ECSS: with `expert_pool` (an `ecss.ExpertPool`, which `ecss.ExpertStore` installs) the stored
+    experts are a device pool's slots, and every route goes through its `slot_map(expert_ids)`.
+
     Expert parallelism: with `dispatcher` (a `pangu_ops.distributed.ExpertParallelDispatcher`)
     the layer stores only this rank's experts (global ids `expert_range`) and sends its tokens to
     the other ranks' experts and back, in `ep_chunks` overlapped chunks. The router (top-k) is
@@ -62,7 +77,7 @@ class MoEFeedForward(nn.Module):
                  num_shared_experts: int = 0, shared_ffn: int | None = None, shared_gate: bool = False,
                  capacity_factor: float | None = None, aux_loss_alpha: float = 1e-2,
                  ep_group=None, num_domains: int = 1, vocab_size: int | None = None, seed: int = 0, layer: int = 0,
-                 dispatcher=None, ep_chunks: int = 1, device=None, dtype=None):
+                 dispatcher=None, ep_chunks: int = 1, expert_pool=None, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         table_device = torch.get_default_device() if device is None else device  # (tables are drawn on the CPU)
@@ -93,8 +108,11 @@ class MoEFeedForward(nn.Module):
         else:
             self.e_score_correction_bias = None
         self._load: Tensor | None = None  # slots per expert since the last update_correction_bias
-        # set by an ecss.ExpertStore: global expert ids -> slots of its device pool (fetching them)
-        self.expert_slots = None
+        # tokens (slots) per logical expert routed by this rank since the last reset: what the
+        # placement planner balances (distributed.placement); counted on the device, no host sync
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.int64, device=device),
+                             persistent=False)
+        self.expert_pool = expert_pool  # ECSS: global expert ids -> slots of a device pool
         if router != "topk" and vocab_size is None:
             raise ValueError(f"router={router!r} needs vocab_size")
         if router == "hash":
@@ -116,65 +134,96 @@ class MoEFeedForward(nn.Module):
 
     @property
     def expert_range(self) -> tuple[int, int]:
-        """Global ids [first, last + 1) of the experts this layer stores."""
+        """Global ids [first, last + 1) of the experts this layer stores (expert-parallel with a
+        placement: `local_expert_ids`, which need not be consecutive)."""
         first = 0 if self.dispatcher is None else self.dispatcher.first_local_expert
         return first, first + self.w_gate_up.shape[0]
 
+    @property
+    def local_expert_ids(self) -> Tensor:
+        """[stored experts] the global logical id of each stored expert (row of w_gate_up)."""
+        if self.dispatcher is None:
+            return torch.arange(self.w_gate_up.shape[0])
+        return self.dispatcher.local_expert_ids
+
+    def reset_expert_load(self) -> None:
+        """Restarts the count (after a rebalance, or a change of the layer's experts)."""
+        self.expert_load = torch.zeros(self.num_experts, dtype=torch.int64, device=self.expert_load.device)
+
     def forward(self, x: Tensor, token_ids: Tensor | None = None, domain_ids: Tensor | None = None):
-        _checks.tensor("x", x, x.dim(), "[..., H]", _checks.FLOAT_DTYPES)
-        _checks.size("x", x.shape[-1], self.hidden, "last dimension (hidden)")
+        checks.tensor("x", x, x.dim(), "[..., H]", checks.FLOAT_DTYPES)
+        checks.size("x", x.shape[-1], self.hidden, "last dimension (hidden)")
         flat = x.reshape(-1, self.hidden)
+        route = self.route(flat, token_ids, domain_ids)
+        y = self._dispatch(flat, route)
+        if self.shared is not None:
+            shared = self.shared(flat)
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(flat)) * shared)
+        return y.view(x.shape), route.aux_loss
+
+    def route(self, flat: Tensor, token_ids: Tensor | None = None, domain_ids: Tensor | None = None) -> Route:
+        """The router's decision for the tokens `flat [T, H]` (plus the balance loss, zero unless
+        training a top-k router with `aux_loss_alpha`)."""
         tokens = flat.shape[0]
         aux = flat.new_zeros((), dtype=torch.float32)
         if self.router_kind == "rre":
             token_ids, rows = self._rre_ids(token_ids, domain_ids, tokens)
-            weights = None
             if self.dispatcher is None:  # the table lookup fused into the permute
-                x_sorted, sizes, index = rre_dispatch(flat, token_ids, rows, self.table, self.num_experts)
-            else:
-                serves = self.dispatcher.first_expert // self.dispatcher.num_experts
-                if bool((domain_ids != serves).any()):
-                    b = int((domain_ids != serves).nonzero()[0])
-                    raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])}: this rank's expert-parallel group "
-                                     f"serves domain {serves} only (its tokens never leave the domain's group)")
-                expert_ids = routing.rre_route(token_ids, rows, self.table).reshape(-1, 1)
-        elif self.router_kind == "hash":
+                return Route(None, aux, lookup=(token_ids, rows, self.table))
+            serves = self.dispatcher.first_expert // self.dispatcher.num_experts
+            if bool((domain_ids != serves).any()):
+                b = int((domain_ids != serves).nonzero()[0])
+                raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])}: this rank's expert-parallel group "
+                                 f"serves domain {serves} only (its tokens never leave the domain's group)")
+            return Route(None, aux, expert_ids=routing.rre_route(token_ids, rows, self.table).reshape(-1, 1))
+        if self.router_kind == "hash":
             if token_ids is None:
                 raise ValueError("a hash-routed layer needs token_ids")
-            _checks.size("token_ids", token_ids.numel(), tokens, "numel (tokens of x)")
+            checks.size("token_ids", token_ids.numel(), tokens, "numel (tokens of x)")
             token_ids = token_ids.reshape(1, -1)
             weights, expert_ids, _ = routing.hash_route(self.router_logits(flat), token_ids, self.hash_table,
                                                         score=self.score, normalize=self.normalize,
                                                         scaling=self.routed_scaling)
-            if self.dispatcher is None:  # the table lookup fused into the permute
-                x_sorted, sizes, index = rre_dispatch(flat, token_ids, token_ids.new_zeros(1), self.hash_table[None],
-                                                      self.num_experts)
+            # locally, the table lookup fused into the permute; across ranks, the ids
+            lookup = (token_ids, token_ids.new_zeros(1), self.hash_table[None]) if self.dispatcher is None else None
+            return Route(weights, aux, expert_ids=expert_ids, lookup=lookup)
+        experts = self.gate.out_features  # all of them (the stored ones may be an ECSS pool)
+        weights, expert_ids, probs = routing.topk_route(
+            self.router_logits(flat), self.topk, score=self.score, normalize=self.normalize,
+            scaling=self.routed_scaling, correction_bias=self.e_score_correction_bias, n_group=self.n_group,
+            topk_group=self.topk_group)
+        if self.e_score_correction_bias is not None and self.training:
+            load = routing._slot_counts(expert_ids.reshape(-1), experts).detach()
+            self._load = load if self._load is None else self._load + load
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * tokens * self.topk / experts)
+            expert_ids = routing.apply_capacity(expert_ids, experts, capacity)
+        if self.training and self.aux_loss_alpha:
+            aux = routing.load_balancing_loss(probs, expert_ids, alpha=self.aux_loss_alpha, group=self.ep_group)
+        return Route(weights, aux, expert_ids=expert_ids)
+
+    def _dispatch(self, flat: Tensor, route: Route) -> Tensor:
+        """Tokens to their experts and back, combined: across ranks (dispatcher), or here by the
+        fused table lookup or by expert ids, through the ECSS pool's slots when there is one."""
+        if self.dispatcher is not None:
+            self._count(route.expert_ids)
+            return self.dispatcher.run(flat, route.expert_ids, route.weights, self._chunk_experts(),
+                                       chunks=self.ep_chunks)
+        slots = None if self.expert_pool is None else self.expert_pool.slot_map(route.expert_ids)
+        if route.lookup is not None:
+            token_ids, rows, table = route.lookup
+            x_sorted, sizes, index = rre_dispatch(flat, token_ids, rows, table if slots is None else slots.to(table.device)[table],
+                                                  self.num_experts)
         else:
-            experts = self.gate.out_features  # all of them (the stored ones may be an ECSS pool)
-            weights, expert_ids, probs = routing.topk_route(
-                self.router_logits(flat), self.topk, score=self.score, normalize=self.normalize,
-                scaling=self.routed_scaling, correction_bias=self.e_score_correction_bias, n_group=self.n_group,
-                topk_group=self.topk_group)
-            if self.e_score_correction_bias is not None and self.training:
-                load = routing._slot_counts(expert_ids.reshape(-1), experts).detach()
-                self._load = load if self._load is None else self._load + load
-            if self.capacity_factor is not None:
-                capacity = math.ceil(self.capacity_factor * tokens * self.topk / experts)
-                expert_ids = routing.apply_capacity(expert_ids, experts, capacity)
-            if self.training and self.aux_loss_alpha:
-                aux = routing.load_balancing_loss(probs, expert_ids, alpha=self.aux_loss_alpha, group=self.ep_group)
-            if self.dispatcher is None:
-                if self.expert_slots is not None:  # ECSS: the chosen experts fetched into the device pool
-                    expert_ids = self.expert_slots(expert_ids)
-                x_sorted, sizes, index = permute(flat, expert_ids, self.num_experts)
-        if self.dispatcher is None:
-            y = unpermute(self._experts(x_sorted, sizes), index, weights, tokens, topk=self.topk)
-        else:
-            y = self.dispatcher.run(flat, expert_ids, weights, self._chunk_experts(), chunks=self.ep_chunks)
-        if self.shared is not None:
-            shared = self.shared(flat)
-            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(flat)) * shared)
-        return y.view(x.shape), aux
+            ids = route.expert_ids
+            if slots is not None:  # -1 stays dropped
+                ids = torch.where(ids >= 0, slots.to(ids.device)[ids.long().clamp_min(0)], -1)
+            x_sorted, sizes, index = permute(flat, ids, self.num_experts)
+        if slots is None:  # group_sizes count the logical experts themselves
+            self.expert_load.add_(sizes)
+        elif route.expert_ids is not None:
+            self._count(route.expert_ids)
+        return unpermute(self._experts(x_sorted, sizes), index, route.weights, flat.shape[0], topk=self.topk)
 
     @torch.no_grad()
     def update_correction_bias(self, rate: float = 1e-3) -> None:
@@ -192,6 +241,10 @@ class MoEFeedForward(nn.Module):
 
             dist.all_reduce(load, group=self.ep_group)
         self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+
+    def _count(self, expert_ids: Tensor) -> None:
+        ids = expert_ids.reshape(-1).long()
+        self.expert_load.scatter_add_(0, ids.clamp_min(0), (ids >= 0).long())
 
     def _experts(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
         return expert_mlp(x_sorted, self.w_gate_up, self.w_down, group_sizes)
@@ -213,17 +266,17 @@ class MoEFeedForward(nn.Module):
         """token_ids [B, S] and the table rows of domain_ids [B], validated."""
         if token_ids is None or domain_ids is None:
             raise ValueError("an RRE layer needs token_ids [B, S] and domain_ids [B]")
-        _checks.tensor("domain_ids", domain_ids, 1, "[B]", _checks.INDEX_DTYPES)
+        checks.tensor("domain_ids", domain_ids, 1, "[B]", checks.INDEX_DTYPES)
         token_ids = token_ids.reshape(domain_ids.shape[0], -1) if token_ids.dim() == 1 else token_ids
-        _checks.size("token_ids", token_ids.numel(), tokens, "numel (tokens of x)")
+        checks.size("token_ids", token_ids.numel(), tokens, "numel (tokens of x)")
         return token_ids, self.table_rows(domain_ids)
 
     def table_rows(self, domain_ids: Tensor) -> Tensor:
         """The rows of `table` holding domain_ids' routes; a domain out of range, or without
         experts in this layer (extracted or removed), raises."""
-        if torch.compiler.is_compiling():
-            # No host reads in a compiled graph: a bad or removed domain reaches rre_dispatch as a
-            # row out of range, which its kernel reports.
+        if not checks.has_values(domain_ids):
+            # No host reads in a compiled graph (nor values in meta or fake tensors): a bad or
+            # removed domain reaches rre_dispatch as a row out of range, which its kernel reports.
             return self.domain_index[domain_ids.long().clamp(0, self.domain_index.shape[0] - 1)]
         known = self.domain_index.shape[0]
         bad = (domain_ids < 0) | (domain_ids >= known)

@@ -1,9 +1,11 @@
-"""The ops, one module each: schema (torch.library, namespace `pangu`), fake kernel, autograd and
-dispatch to the backend chosen by `pangu_ops.backends`."""
+"""The ops, one module each: schema, fake kernel and autograd (`_define.define`: a torch.library
+custom op in namespace `pangu`), argument checks, and the public function; kernels by op name from
+the backend chosen by `pangu_ops.backends`."""
+from .adamw_experts import adamw_experts
 from .expert_mlp import expert_mlp
 from .grouped_gemm import grouped_gemm
 from .permute import permute
 from .rre_dispatch import rre_dispatch
 from .unpermute import unpermute
 
-__all__ = ["expert_mlp", "grouped_gemm", "permute", "rre_dispatch", "unpermute"]
+__all__ = ["adamw_experts", "expert_mlp", "grouped_gemm", "permute", "rre_dispatch", "unpermute"]

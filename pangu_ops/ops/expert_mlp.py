@@ -14,46 +14,36 @@ import math
 import torch
 from torch import Tensor
 
-from .. import backends
-from ..reference import ACTIVATIONS
-from . import _checks
-from ._dispatch import Op
+from .. import checks
+from ._define import define
 from .grouped_gemm import grouped_gemm_op, grouped_gemm_wgrad_op
 
 
 def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str, trans_b: bool,
            limit: float) -> None:
     up_layout, down_layout = ("[E, 2F, K]", "[E, N, F]") if trans_b else ("[E, K, 2F]", "[E, F, N]")
-    _checks.tensor("x_sorted", x, 2, "[S, K]", _checks.FLOAT_DTYPES)
-    _checks.tensor("w_gate_up", w_gate_up, 3, up_layout, _checks.FLOAT_DTYPES)
-    _checks.tensor("w_down", w_down, 3, down_layout, _checks.FLOAT_DTYPES)
-    _checks.same_dtype("x_sorted", x, "w_gate_up", w_gate_up)
-    _checks.same_dtype("x_sorted", x, "w_down", w_down)
+    checks.tensor("x_sorted", x, 2, "[S, K]", checks.FLOAT_DTYPES)
+    checks.tensor("w_gate_up", w_gate_up, 3, up_layout, checks.FLOAT_DTYPES)
+    checks.tensor("w_down", w_down, 3, down_layout, checks.FLOAT_DTYPES)
+    checks.same_dtype("x_sorted", x, "w_gate_up", w_gate_up)
+    checks.same_dtype("x_sorted", x, "w_down", w_down)
     E = w_gate_up.shape[0]
     K, two_f = (w_gate_up.shape[2], w_gate_up.shape[1]) if trans_b else (w_gate_up.shape[1], w_gate_up.shape[2])
-    _checks.size(f"w_gate_up {up_layout}", K, x.shape[1], "K (x_sorted.shape[1])")
+    checks.size(f"w_gate_up {up_layout}", K, x.shape[1], "K (x_sorted.shape[1])")
     if two_f % 2:
         raise ValueError(f"w_gate_up {up_layout}: 2F must be even (gate | up), got {two_f}")
-    _checks.size(f"w_down {down_layout}", w_down.shape[0], E, "E (w_gate_up.shape[0])")
-    _checks.size(f"w_down {down_layout}", w_down.shape[2 if trans_b else 1], two_f // 2, "F (half of w_gate_up's 2F)")
-    _checks.tensor("group_sizes", group_sizes, 1, "[E]", _checks.INDEX_DTYPES)
-    _checks.size("group_sizes", group_sizes.shape[0], E, "length (E = w_gate_up.shape[0])")
-    _checks.same_device(x_sorted=x, w_gate_up=w_gate_up, w_down=w_down, group_sizes=group_sizes)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    checks.size(f"w_down {down_layout}", w_down.shape[0], E, "E (w_gate_up.shape[0])")
+    checks.size(f"w_down {down_layout}", w_down.shape[2 if trans_b else 1], two_f // 2, "F (half of w_gate_up's 2F)")
+    checks.tensor("group_sizes", group_sizes, 1, "[E]", checks.INDEX_DTYPES)
+    checks.size("group_sizes", group_sizes.shape[0], E, "length (E = w_gate_up.shape[0])")
+    checks.same_device(x_sorted=x, w_gate_up=w_gate_up, w_down=w_down, group_sizes=group_sizes)
+    if activation not in checks.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {checks.ACTIVATIONS}, got {activation!r}")
     if not limit > 0:  # also rejects NaN
         raise ValueError(f"limit must be positive (math.inf or None: no clamp), got {limit}")
 
 
-@torch.library.custom_op("pangu::expert_mlp", mutates_args=())
-def _expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor,
-                  activation: str, trans_b: bool, limit: float) -> tuple[Tensor, Tensor]:
-    """(y [S, N], gate_up [S, 2F])."""
-    return backends.kernel("expert_mlp", x.device)(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
-
-
-@_expert_mlp.register_fake
-def _(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit):
+def _fake(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit):
     _check(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
     n, two_f = (w_down.shape[1], w_gate_up.shape[1]) if trans_b else (w_down.shape[2], w_gate_up.shape[2])
     return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], two_f)
@@ -68,18 +58,13 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-@torch.library.custom_op("pangu::gated_backward", mutates_args=())
-def _gated_backward(gate_up: Tensor, dh: Tensor, activation: str, limit: float) -> tuple[Tensor, Tensor]:
-    """(d_gate_up [S, 2F], h [S, F]): `reference.gated_backward`, one fused pass on CPU."""
-    return backends.kernel("gated_backward", gate_up.device)(gate_up, dh, activation, limit)
-
-
-@_gated_backward.register_fake
-def _(gate_up, dh, activation, limit):
+def _fake_gated_backward(gate_up, dh, activation, limit):
     return gate_up.new_empty(gate_up.shape, dtype=dh.dtype), gate_up.new_empty(dh.shape)
 
 
-gated_backward_op = Op(_gated_backward, "gated_backward")
+@define("gated_backward", fake=_fake_gated_backward)
+def gated_backward_op(gate_up: Tensor, dh: Tensor, activation: str, limit: float) -> tuple[Tensor, Tensor]:
+    """(d_gate_up [S, 2F], h [S, F]): `reference.gated_backward`, one fused pass on CPU."""
 
 
 def _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, wgrad, activation, trans_b, limit):
@@ -100,7 +85,10 @@ def _backward(ctx, dy, _d_gate_up):
                    ctx.activation, ctx.trans_b, ctx.limit), None, None, None, None
 
 
-expert_mlp_op = Op(_expert_mlp, "expert_mlp", _setup_context, _backward)
+@define("expert_mlp", fake=_fake, setup_context=_setup_context, backward=_backward)
+def expert_mlp_op(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str, trans_b: bool,
+                  limit: float) -> tuple[Tensor, Tensor]:
+    """(y [S, N], gate_up [S, 2F]): see `expert_mlp`."""
 
 
 def _wgrad_fp32(a: Tensor, b: Tensor, group_sizes: Tensor) -> Tensor:

@@ -8,59 +8,47 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
-from . import _checks
-from ._dispatch import Op
+from .. import checks
+from ._define import define
 
 
 def _check_sizes(group_sizes: Tensor, num_groups: int) -> None:
-    _checks.tensor("group_sizes", group_sizes, 1, "[E]", _checks.INDEX_DTYPES)
-    _checks.size("group_sizes", group_sizes.shape[0], num_groups, "length (E = w.shape[0])")
+    checks.tensor("group_sizes", group_sizes, 1, "[E]", checks.INDEX_DTYPES)
+    checks.size("group_sizes", group_sizes.shape[0], num_groups, "length (E = w.shape[0])")
 
 
 def _check(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> None:
-    _checks.tensor("x", x, 2, "[S, K]", _checks.FLOAT_DTYPES)
+    checks.tensor("x", x, 2, "[S, K]", checks.FLOAT_DTYPES)
     layout = "[E, N, K]" if trans_b else "[E, K, N]"
-    _checks.tensor("w", w, 3, layout, _checks.FLOAT_DTYPES)
-    _checks.same_dtype("x", x, "w", w)
-    _checks.size(f"w {layout}", w.shape[2] if trans_b else w.shape[1], x.shape[1], "K (x.shape[1])")
+    checks.tensor("w", w, 3, layout, checks.FLOAT_DTYPES)
+    checks.same_dtype("x", x, "w", w)
+    checks.size(f"w {layout}", w.shape[2] if trans_b else w.shape[1], x.shape[1], "K (x.shape[1])")
     _check_sizes(group_sizes, w.shape[0])
-    _checks.same_device(x=x, w=w, group_sizes=group_sizes)
+    checks.same_device(x=x, w=w, group_sizes=group_sizes)
 
 
-@torch.library.custom_op("pangu::grouped_gemm", mutates_args=())
-def _grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
-    return backends.kernel("grouped_gemm", x.device)(x, w, group_sizes, trans_b)
-
-
-@_grouped_gemm.register_fake
-def _(x, w, group_sizes, trans_b):
+def _fake(x, w, group_sizes, trans_b):
     _check(x, w, group_sizes, trans_b)
     return x.new_empty(x.shape[0], w.shape[1] if trans_b else w.shape[2])
 
 
 def _check_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> None:
-    _checks.tensor("x", x, 2, "[S, K]", _checks.FLOAT_DTYPES)
-    _checks.tensor("dy", dy, 2, "[S, N]", _checks.FLOAT_DTYPES)
-    _checks.same_dtype("x", x, "dy", dy)
-    _checks.size("dy", dy.shape[0], x.shape[0], "rows (S = x.shape[0])")
-    _checks.tensor("group_sizes", group_sizes, 1, "[E]", _checks.INDEX_DTYPES)
-    _checks.same_device(x=x, dy=dy, group_sizes=group_sizes)
+    checks.tensor("x", x, 2, "[S, K]", checks.FLOAT_DTYPES)
+    checks.tensor("dy", dy, 2, "[S, N]", checks.FLOAT_DTYPES)
+    checks.same_dtype("x", x, "dy", dy)
+    checks.size("dy", dy.shape[0], x.shape[0], "rows (S = x.shape[0])")
+    checks.tensor("group_sizes", group_sizes, 1, "[E]", checks.INDEX_DTYPES)
+    checks.same_device(x=x, dy=dy, group_sizes=group_sizes)
 
 
-@torch.library.custom_op("pangu::grouped_gemm_wgrad", mutates_args=())
-def _grouped_gemm_wgrad(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
-    """dw [E, K, N] with dw[e] = x_e^T @ dy_e (fp32 accumulation, x's dtype)."""
-    return backends.kernel("grouped_gemm_wgrad", x.device)(x, dy, group_sizes)
-
-
-@_grouped_gemm_wgrad.register_fake
-def _(x, dy, group_sizes):
+def _fake_wgrad(x, dy, group_sizes):
     _check_wgrad(x, dy, group_sizes)
     return x.new_empty(group_sizes.shape[0], x.shape[1], dy.shape[1])
 
 
-grouped_gemm_wgrad_op = Op(_grouped_gemm_wgrad, "grouped_gemm_wgrad")
+@define("grouped_gemm_wgrad", fake=_fake_wgrad)
+def grouped_gemm_wgrad_op(x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
+    """dw [E, K, N] with dw[e] = x_e^T @ dy_e (fp32 accumulation, x's dtype)."""
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -81,7 +69,9 @@ def _backward(ctx, dy):
     return dx, dw, None, None
 
 
-grouped_gemm_op = Op(_grouped_gemm, "grouped_gemm", _setup_context, _backward)
+@define("grouped_gemm", fake=_fake, setup_context=_setup_context, backward=_backward)
+def grouped_gemm_op(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
+    """y [S, N]: see `grouped_gemm`."""
 
 
 def grouped_gemm(x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool = False) -> Tensor:

@@ -8,29 +8,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
-from . import _checks
-from ._dispatch import Op
+from .. import checks
+from ._define import define
 from .unpermute import unpermute_op
 
 
 def _check(x: Tensor, expert_ids: Tensor, num_experts: int) -> None:
-    _checks.tensor("x", x, 2, "[T, H]", _checks.FLOAT_DTYPES)
-    _checks.tensor("expert_ids", expert_ids, 2, "[T, k]", _checks.INDEX_DTYPES)
-    _checks.size("expert_ids", expert_ids.shape[0], x.shape[0], "rows (T = x.shape[0])")
-    _checks.same_device(x=x, expert_ids=expert_ids)
-    _checks.positive_int("num_experts", num_experts)
+    checks.tensor("x", x, 2, "[T, H]", checks.FLOAT_DTYPES)
+    checks.tensor("expert_ids", expert_ids, 2, "[T, k]", checks.INDEX_DTYPES)
+    checks.size("expert_ids", expert_ids.shape[0], x.shape[0], "rows (T = x.shape[0])")
+    checks.same_device(x=x, expert_ids=expert_ids)
+    checks.positive_int("num_experts", num_experts)
 
 
-@torch.library.custom_op("pangu::permute", mutates_args=())
-def _permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.kernel("permute", x.device)(x, expert_ids, num_experts)
-
-
-@_permute.register_fake
-def _(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+def _fake(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     _check(x, expert_ids, num_experts)
-    rows = _checks.dynamic_rows(expert_ids.shape[0] * expert_ids.shape[1])  # slots not dropped
+    rows = checks.dynamic_rows(expert_ids.shape[0] * expert_ids.shape[1], x)  # slots not dropped
     return (x.new_empty(rows, x.shape[1]),
             expert_ids.new_empty(num_experts, dtype=torch.int64),
             expert_ids.new_empty(rows, dtype=torch.int64))
@@ -47,7 +40,9 @@ def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
     return unpermute_op(grad_x_sorted, sorted_index, None, ctx.num_tokens, ctx.topk), None, None
 
 
-permute_op = Op(_permute, "permute", _setup_context, _backward)
+@define("permute", fake=_fake, setup_context=_setup_context, backward=_backward)
+def permute_op(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_sorted, group_sizes, sorted_index): see `permute`."""
 
 
 def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:

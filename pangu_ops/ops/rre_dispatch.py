@@ -10,38 +10,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
-from . import _checks
-from ._dispatch import Op
+from .. import checks
+from ._define import define
 from .unpermute import unpermute_op
 
 
 def _check(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor, num_experts: int) -> None:
-    _checks.tensor("x", x, 2, "[B * S, H]", _checks.FLOAT_DTYPES)
-    _checks.tensor("token_ids", token_ids, 2, "[B, S]", _checks.INDEX_DTYPES)
-    _checks.tensor("domain_ids", domain_ids, 1, "[B]", _checks.INDEX_DTYPES)
+    checks.tensor("x", x, 2, "[B * S, H]", checks.FLOAT_DTYPES)
+    checks.tensor("token_ids", token_ids, 2, "[B, S]", checks.INDEX_DTYPES)
+    checks.tensor("domain_ids", domain_ids, 1, "[B]", checks.INDEX_DTYPES)
     if table.dim() == 3:
-        _checks.tensor("table", table, 3, "[num_domains, vocab_size, k]", _checks.INDEX_DTYPES)
-        _checks.positive_int("table's k (table.shape[2])", table.shape[2])
+        checks.tensor("table", table, 3, "[num_domains, vocab_size, k]", checks.INDEX_DTYPES)
+        checks.positive_int("table's k (table.shape[2])", table.shape[2])
     else:
-        _checks.tensor("table", table, 2, "[num_domains, vocab_size] or [num_domains, vocab_size, k]",
-                       _checks.INDEX_DTYPES)
-    _checks.size("domain_ids", domain_ids.shape[0], token_ids.shape[0], "length (B = token_ids.shape[0])")
-    _checks.size("x", x.shape[0], token_ids.shape[0] * token_ids.shape[1], "rows (B * S of token_ids)")
-    _checks.same_device(x=x, token_ids=token_ids, domain_ids=domain_ids, table=table)
-    _checks.positive_int("num_experts", num_experts)
+        checks.tensor("table", table, 2, "[num_domains, vocab_size] or [num_domains, vocab_size, k]",
+                       checks.INDEX_DTYPES)
+    checks.size("domain_ids", domain_ids.shape[0], token_ids.shape[0], "length (B = token_ids.shape[0])")
+    checks.size("x", x.shape[0], token_ids.shape[0] * token_ids.shape[1], "rows (B * S of token_ids)")
+    checks.same_device(x=x, token_ids=token_ids, domain_ids=domain_ids, table=table)
+    checks.positive_int("num_experts", num_experts)
 
 
-@torch.library.custom_op("pangu::rre_dispatch", mutates_args=())
-def _rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
-                    num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.kernel("rre_dispatch", x.device)(x, token_ids, domain_ids, table, num_experts)
-
-
-@_rre_dispatch.register_fake
-def _(x, token_ids, domain_ids, table, num_experts):
+def _fake(x, token_ids, domain_ids, table, num_experts):
     _check(x, token_ids, domain_ids, table, num_experts)
-    rows = _checks.dynamic_rows(x.shape[0] * _topk(table))
+    rows = checks.dynamic_rows(x.shape[0] * _topk(table), x)
     return (x.new_empty(rows, x.shape[1]), token_ids.new_empty(num_experts, dtype=torch.int64),
             token_ids.new_empty(rows, dtype=torch.int64))
 
@@ -60,7 +52,10 @@ def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
     return unpermute_op(grad_x_sorted, sorted_index, None, ctx.num_tokens, ctx.topk), None, None, None, None
 
 
-rre_dispatch_op = Op(_rre_dispatch, "rre_dispatch", _setup_context, _backward)
+@define("rre_dispatch", fake=_fake, setup_context=_setup_context, backward=_backward)
+def rre_dispatch_op(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,
+                    num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_sorted, group_sizes, sorted_index): see `rre_dispatch`."""
 
 
 def rre_dispatch(x: Tensor, token_ids: Tensor, domain_ids: Tensor, table: Tensor,

@@ -8,50 +8,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
-from . import _checks
-from ._dispatch import Op
+from .. import checks
+from ._define import define
 
 
 def _check_index_weights(sorted_index: Tensor, rows: int, weights: Tensor | None, num_tokens: int,
                          topk: int, **tensors: Tensor | None) -> None:
-    _checks.tensor("sorted_index", sorted_index, 1, "[S]", (torch.int64,))
-    _checks.size("sorted_index", sorted_index.shape[0], rows, "length (S = rows of y_sorted)")
-    _checks.non_negative_int("num_tokens", num_tokens)
-    _checks.positive_int("topk", topk)
+    checks.tensor("sorted_index", sorted_index, 1, "[S]", (torch.int64,))
+    checks.size("sorted_index", sorted_index.shape[0], rows, "length (S = rows of y_sorted)")
+    checks.non_negative_int("num_tokens", num_tokens)
+    checks.positive_int("topk", topk)
     if weights is not None:
-        _checks.tensor("weights", weights, 2, "[T, k]", _checks.FLOAT_DTYPES)
+        checks.tensor("weights", weights, 2, "[T, k]", checks.FLOAT_DTYPES)
         if tuple(weights.shape) != (num_tokens, topk):
             raise ValueError(f"weights must be [num_tokens, topk] = [{num_tokens}, {topk}], "
                              f"got {tuple(weights.shape)}")
-    _checks.same_device(sorted_index=sorted_index, weights=weights, **tensors)
+    checks.same_device(sorted_index=sorted_index, weights=weights, **tensors)
 
 
 def _check(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
            topk: int) -> None:
-    _checks.tensor("y_sorted", y_sorted, 2, "[S, N]", _checks.FLOAT_DTYPES)
+    checks.tensor("y_sorted", y_sorted, 2, "[S, N]", checks.FLOAT_DTYPES)
     _check_index_weights(sorted_index, y_sorted.shape[0], weights, num_tokens, topk, y_sorted=y_sorted)
 
 
-@torch.library.custom_op("pangu::unpermute", mutates_args=())
-def _unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
-                 topk: int) -> Tensor:
-    return backends.kernel("unpermute", y_sorted.device)(y_sorted, sorted_index, weights, num_tokens, topk)
-
-
-@_unpermute.register_fake
-def _(y_sorted, sorted_index, weights, num_tokens, topk):
+def _fake(y_sorted, sorted_index, weights, num_tokens, topk):
     _check(y_sorted, sorted_index, weights, num_tokens, topk)
     return y_sorted.new_empty(num_tokens, y_sorted.shape[1])
 
 
 def _check_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None,
                     y_sorted: Tensor | None, topk: int) -> None:
-    _checks.tensor("grad_y", grad_y, 2, "[T, N]", _checks.FLOAT_DTYPES)
+    checks.tensor("grad_y", grad_y, 2, "[T, N]", checks.FLOAT_DTYPES)
     rows = sorted_index.shape[0]
     if y_sorted is not None:
-        _checks.tensor("y_sorted", y_sorted, 2, "[S, N]", _checks.FLOAT_DTYPES)
-        _checks.same_dtype("grad_y", grad_y, "y_sorted", y_sorted)
+        checks.tensor("y_sorted", y_sorted, 2, "[S, N]", checks.FLOAT_DTYPES)
+        checks.same_dtype("grad_y", grad_y, "y_sorted", y_sorted)
         if weights is None:
             raise ValueError("unpermute_backward: y_sorted is only needed for the weights' gradient")
         rows = y_sorted.shape[0]
@@ -59,23 +51,17 @@ def _check_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None
                          grad_y=grad_y, y_sorted=y_sorted)
 
 
-@torch.library.custom_op("pangu::unpermute_backward", mutates_args=())
-def _unpermute_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None,
-                          y_sorted: Tensor | None, topk: int) -> tuple[Tensor, Tensor]:
-    """(grad_y_sorted, grad_weights); grad_weights is empty unless y_sorted is given."""
-    return backends.kernel("unpermute_backward", grad_y.device)(grad_y, sorted_index, weights,
-                                                               y_sorted, topk)
-
-
-@_unpermute_backward.register_fake
-def _(grad_y, sorted_index, weights, y_sorted, topk):
+def _fake_backward(grad_y, sorted_index, weights, y_sorted, topk):
     _check_backward(grad_y, sorted_index, weights, y_sorted, topk)
     grad_w = (weights.new_empty(weights.shape) if y_sorted is not None
               else grad_y.new_empty(0, dtype=torch.float32))
     return grad_y.new_empty(sorted_index.shape[0], grad_y.shape[1]), grad_w
 
 
-unpermute_backward_op = Op(_unpermute_backward, "unpermute_backward")
+@define("unpermute_backward", fake=_fake_backward)
+def unpermute_backward_op(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None, y_sorted: Tensor | None,
+                          topk: int) -> tuple[Tensor, Tensor]:
+    """(grad_y_sorted, grad_weights); grad_weights is empty unless y_sorted is given."""
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -91,7 +77,10 @@ def _backward(ctx, grad_y):
     return grad_y_sorted, None, grad_w if ctx.weights_grad else None, None, None
 
 
-unpermute_op = Op(_unpermute, "unpermute", _setup_context, _backward)
+@define("unpermute", fake=_fake, setup_context=_setup_context, backward=_backward)
+def unpermute_op(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int,
+                 topk: int) -> Tensor:
+    """y [T, N]: see `unpermute`."""
 
 
 def unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None = None,

@@ -1,48 +1,22 @@
-"""pangu_ops' Triton kernels through Huawei's Ascend Triton compiler, run on the CPU.
-
-With PyPI's `triton-ascend` (Triton for Ascend NPUs, installed as `triton`) and `ascendnpu-ir`
-(`bishengir-compile` / `bishengir-opt`), every launch of a kernel in `triton_kernels/` goes:
-
-1. Triton source -> TTIR -> linalg, by triton-ascend's own stages (its `triton-adapter-opt`): the
-   exact IR an Ascend NPU build hands to `bishengir-compile`;
-2. `bishengir-compile --target=<Ascend arch>` over that IR, the full HFusion + HIVM pipeline
-   (tiling, UB memory planning, synchronisation), which must accept the kernel; only its last step,
-   CANN's external `hivmc`, is absent without CANN, and the compiler says so;
-3. the linalg IR lowered to the LLVM dialect with `bishengir-opt` (the passes of its CPU-runner
-   pipeline), translated to an object file by triton-ascend's own LLVM, linked with g++, and run
-   program by program over the launch grid on CPU tensors.
-
-So the kernels' indexing, masking and arithmetic are checked as the Ascend compiler's front end
-lowers them, and step 2 checks that its back end accepts them. Not covered: the post-HIVM IR is not
-executed (the CPU runner wants a host entry with tensor arguments only, and its runner binary is not
-shipped), nor anything NPU-side (hivmc's code, timing).
-
-The backend `triton_ascend` (CPU tensors) loads only where both wheels are installed; they replace
-upstream Triton, so use a separate environment (README: Ascend NPUs).
-"""
+"""Compile: a kernel of `triton_kernels/` through triton-ascend's front end and bishengir (steps 1-3 of
+the package doc), to a shared library the CPU runs (`run.CpuKernel`)."""
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
-import importlib
 import importlib.util
 import os
 import platform
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
-import torch
+from ..cache import cache_dir
+from . import ARCH, CompileError, Unavailable, installed
+from .run import CpuKernel, argument_types
 
-from .ascend import cache_dir
-
-ARCH = os.environ.get("PANGU_OPS_ASCEND_ARCH", "Ascend910B3")
 
 # bishengir-compile without CANN: the whole pipeline runs, then it cannot find CANN's hivmc.
 _MISSING_HIVMC = "Cannot find hivmc"
@@ -96,21 +70,7 @@ float __truncsfbf2(float f) {
 """
 
 
-class Unavailable(RuntimeError):
-    """triton-ascend or ascendnpu-ir is missing (or unusable) here."""
-
-
-class CompileError(RuntimeError):
-    """A step of the Ascend compiler rejected a kernel."""
-
-
-def installed() -> bool:
-    """Whether the installed `triton` is triton-ascend."""
-    spec = importlib.util.find_spec("triton")
-    return spec is not None and importlib.util.find_spec("triton.backends.ascend") is not None
-
-
-def _tools() -> dict[str, str]:
+def tools() -> dict[str, str]:
     """Paths of triton-adapter-opt, bishengir-compile and bishengir-opt; Unavailable if missing."""
     if not installed():
         raise Unavailable("triton-ascend is not installed (`triton.backends.ascend` is missing): "
@@ -129,12 +89,6 @@ def _tools() -> dict[str, str]:
     if shutil.which("g++") is None:
         raise Unavailable("g++ is needed to link the lowered kernels")
     return tools
-
-
-def _cache_dir() -> Path:
-    path = cache_dir() / "triton_ascend"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
@@ -231,69 +185,6 @@ def _lower_to_library(linalg: str, tools: dict[str, str], workdir: Path) -> Path
     return library
 
 
-# MLIR argument types -> the C arguments of the lowered function (a rank-1 memref becomes
-# allocated pointer, aligned pointer, offset, size, stride).
-_SCALARS = {"i1": ctypes.c_bool, "i8": ctypes.c_int8, "i16": ctypes.c_int16, "i32": ctypes.c_int32,
-            "i64": ctypes.c_int64, "f32": ctypes.c_float, "f64": ctypes.c_double}
-_MEMREF = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-
-
-def _argument_types(linalg: str, name: str) -> list[str]:
-    header = re.search(rf"func\.func @{re.escape(name)}\((.*?)\)\s*(?:->|attributes|\{{)", linalg, re.S)
-    if header is None:
-        raise CompileError(f"no function @{name} in the lowered kernel")
-    return re.findall(r"%arg\d+: (memref<[^>]*>|\w+)", header.group(1))
-
-
-class CpuKernel:
-    """A compiled kernel, launched the way triton-ascend's JIT launches a binary: `run(grid, ...)`."""
-
-    def __init__(self, library: Path, name: str, arg_types: list[str], params: list[str], constants: dict):
-        self.lib = ctypes.CDLL(str(library))
-        self.fn = getattr(self.lib, name)
-        self.fn.restype = None
-        argtypes = []
-        for t in arg_types:
-            argtypes += _MEMREF if t.startswith("memref") else [_SCALARS[t]]
-        self.fn.argtypes = argtypes
-        self.arg_types = arg_types
-        # the runtime arguments the IR kept (Triton folds constants, e.g. ints equal to 1, into it)
-        self.params = params
-        self.kept = [p not in constants for p in params]
-        self.function = self.packed_metadata = None
-        self.scratch = torch.zeros(64, dtype=torch.int64)  # the kernels' sync-lock and workspace arguments
-
-    def _init_handles(self) -> None:
-        pass
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
-        values = [a for a, keep in zip(args, self.kept) if keep]
-        types = self.arg_types[2:len(self.arg_types) - 6]
-        if len(values) != len(types):
-            raise CompileError(f"{len(values)} runtime arguments for {len(types)} kernel parameters ({self.params})")
-        c_args = self._memref(self.scratch) + self._memref(self.scratch)
-        for value, t in zip(values, types):
-            if t.startswith("memref"):
-                c_args += self._memref(value)
-            else:
-                c_args.append(float(value) if t.startswith("f") else int(value))
-        for z in range(gz):
-            for y in range(gy):
-                for x in range(gx):
-                    self.fn(*c_args, gx, gy, gz, x, y, z)
-
-    @staticmethod
-    def _memref(t: torch.Tensor) -> list:
-        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-            raise TypeError(f"triton_ascend runs on CPU tensors, got {type(t).__name__} "
-                            f"{getattr(t, 'device', '')}")
-        size = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
-        return [t.data_ptr(), t.data_ptr(), 0, size, 1]
-
-
 class Compiler:
     """Stands in for `triton.compiler.compile` on the kernels it is given (see the module doc)."""
 
@@ -328,10 +219,10 @@ class Compiler:
         linalg = stages["ttadapter"](stages["ttir"](module, metadata), metadata)
         cpu_linalg = _with_library_functions(linalg)
         key = f"{ARCH}\n{linalg}\n{cpu_linalg}\n{_RUNTIME_C}\n{_LOWER_TO_LLVM}"
-        workdir = _cache_dir() / f"{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
+        workdir = cache_dir("triton_ascend") / f"{src.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
         with self.lock:
             if not (workdir / "kernel.so").exists():
-                tmp = Path(tempfile.mkdtemp(dir=_cache_dir()))
+                tmp = Path(tempfile.mkdtemp(dir=cache_dir("triton_ascend")))
                 try:
                     (tmp / "accepted").write_text(check_accepted(linalg, self.tools, tmp))
                     _lower_to_library(cpu_linalg, self.tools, tmp)
@@ -345,66 +236,4 @@ class Compiler:
         self.accepted[f"{src.name} {sorted(src.signature.items())} {sorted(src.constants.items())}"] = status
         fn = src.fn
         params = [fn.params[i].name for i in fn.non_constexpr_indices]
-        return CpuKernel(workdir / "kernel.so", src.name, _argument_types(linalg, src.name), params, src.constants)
-
-
-class _Driver:
-    """The active Triton driver where no NPU is: it names the Ascend target and never benchmarks
-    (load_kernels leaves each autotuner one config)."""
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-        return GPUTarget("npu", ARCH, 0)
-
-    def get_current_device(self):
-        return 0
-
-    def set_current_device(self, device):
-        pass
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_benchmarker(self):
-        return lambda kernel_call, quantiles=None, **kw: [1.0] * len(quantiles or [0])
-
-
-def smallest_tile(configs: list) -> Any:
-    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])
-
-
-@functools.cache
-def load_kernels() -> Any:
-    """`pangu_ops.triton_kernels`, its launches compiled as the module doc says. Raises Unavailable
-    where triton-ascend or ascendnpu-ir is missing."""
-    tools = _tools()
-    import triton.language.standard
-    from triton.runtime import autotuner, jit
-    from triton.runtime.driver import driver
-
-    if not isinstance(triton.language.standard._sum_combine, jit.JITFunction):
-        raise Unavailable("TRITON_INTERPRET=1 was set when triton was imported: Triton's own helpers (tl.sum, "
-                          "tl.cumsum) are then interpreted and cannot be compiled; unset it")
-    if importlib.util.find_spec("torch_npu") is None:
-        driver.set_active(_Driver())  # before the kernels' autotuners ask it for a benchmarker
-    module = importlib.import_module("pangu_ops.triton_kernels")
-    compiler = Compiler(tools)
-    for sub in list(sys.modules.values()):
-        if getattr(sub, "__name__", "").startswith(module.__name__ + "."):
-            for obj in vars(sub).values():
-                if isinstance(obj, autotuner.Autotuner):
-                    # CPU runs are no place to time configs, and the GPU's larger tiles overflow an
-                    # AI core's 192 KiB unified buffer (bishengir refuses the gated 128 x 128 one)
-                    obj.configs = [smallest_tile(obj.configs)]
-                    obj = obj.fn
-                if isinstance(obj, jit.JITFunction):
-                    compiler.attach(obj)
-    module.compiler = compiler
-    return module
-
-
-def jit(fn) -> Any:
-    """`fn` as a Triton kernel compiled and run like the library's (for tests of this path)."""
-    from triton.runtime.jit import JITFunction
-
-    return load_kernels().compiler.attach(JITFunction(fn))
+        return CpuKernel(workdir / "kernel.so", src.name, argument_types(linalg, src.name), params, src.constants)

@@ -1,4 +1,4 @@
-"""The Ascend backends: pangu_ops' AscendC kernels (`ascend_kernels/`) behind the op registry.
+"""The Ascend backends (`ascend`, `ascend_twin`): pangu_ops' AscendC kernels (`ascend_kernels/`) behind the op registry.
 
 The host side of every op lives here, once: argument checks, output allocation, the launch order
 of an op's kernels and their tiling parameters. A runner launches each kernel:
@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import importlib.util
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .ops import _checks
+from .. import checks, reference, routing
+from . import BackendUnavailable
+from .cache import cache_dir
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 TILE_M, TILE_N = 128, 256  # grouped GEMM output tile (the Matmul tiling's full single-core shape)
@@ -47,7 +48,7 @@ class Kernels:
         self.run = runner
 
     def permute(self, x: Tensor, expert_ids: Tensor, num_experts: int):
-        _checks.expert_ids_values(expert_ids, num_experts)
+        checks.expert_ids_values(expert_ids, num_experts)
         T, k = expert_ids.shape
         H = x.shape[1]
         ids = expert_ids.to(torch.int32).contiguous()
@@ -64,7 +65,7 @@ class Kernels:
         return x_sorted, group_sizes, sorted_index
 
     def unpermute(self, y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, num_tokens: int, topk: int):
-        _checks.sorted_index_values(sorted_index, num_tokens * topk)
+        checks.sorted_index_values(sorted_index, num_tokens * topk)
         rows, H = y_sorted.shape
         index = sorted_index.to(torch.int64).contiguous()
         inverse = torch.full((num_tokens * topk,), -1, dtype=torch.int64, device=y_sorted.device)
@@ -82,7 +83,7 @@ class Kernels:
         is a "token" with one slot, reading row sorted_index[r] // topk of grad_y. The weights'
         gradient (a dot product per row) is the reference's torch code."""
         num_tokens = grad_y.shape[0]
-        _checks.sorted_index_values(sorted_index, num_tokens * topk)
+        checks.sorted_index_values(sorted_index, num_tokens * topk)
         rows, H = sorted_index.shape[0], grad_y.shape[1]
         index = sorted_index.to(torch.int64)
         w = None if weights is None else weights.reshape(-1)[index].float().contiguous()
@@ -95,7 +96,7 @@ class Kernels:
         return grad_y_sorted, reference.unpermute_weights_grad(grad_y, index, weights, y_sorted, topk)
 
     def grouped_gemm(self, x: Tensor, w: Tensor, group_sizes: Tensor, trans_b: bool) -> Tensor:
-        _checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
+        checks.group_sizes_values("grouped_gemm", group_sizes, x.shape[0])
         E = w.shape[0]
         K, N = (w.shape[2], w.shape[1]) if trans_b else (w.shape[1], w.shape[2])
         rows = x.shape[0]
@@ -107,7 +108,7 @@ class Kernels:
         return y
 
     def grouped_gemm_wgrad(self, x: Tensor, dy: Tensor, group_sizes: Tensor) -> Tensor:
-        _checks.group_sizes_values("grouped_gemm_wgrad", group_sizes, x.shape[0])
+        checks.group_sizes_values("grouped_gemm_wgrad", group_sizes, x.shape[0])
         E, rows, K, N = group_sizes.shape[0], x.shape[0], x.shape[1], dy.shape[1]
         dw = x.new_zeros(E, K, N)  # experts with no rows keep their zeros
         if rows and K and N:
@@ -124,7 +125,7 @@ class Kernels:
         return reference.gated_backward(gate_up, dh, activation, limit)
 
     def rre_dispatch(self, x, token_ids, domain_ids, table, num_experts):
-        expert_ids = _checks.rre_lookup(token_ids, domain_ids, table, num_experts)
+        expert_ids = routing.rre_lookup(token_ids, domain_ids, table, num_experts)
         return self.permute(x, expert_ids.reshape(x.shape[0], table.shape[2] if table.dim() == 3 else 1), num_experts)
 
 
@@ -143,20 +144,13 @@ class TwinRunner:
         getattr(self.lib, f"twin_{kernel}")(*(arg(a) for a in args))
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: $PANGU_OPS_CACHE, else <tmp>/pangu_ops."""
-    return Path(os.environ.get("PANGU_OPS_CACHE", Path(tempfile.gettempdir()) / "pangu_ops"))
-
-
 def build_twin() -> Path:
     """Compiles the kernel sources against the CPU twin (g++, ~5 s), cached by source hash."""
     src = kernel_dir()
     files = sorted(src.glob("*.cpp")) + sorted(src.glob("*.h")) + sorted((src / "cpu_twin").rglob("*.[ch]*"))
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
-    cache = cache_dir()
-    library = cache / f"libpangu_ascend_twin-{digest}.so"
+    library = cache_dir("ascend_twin") / f"libpangu_ascend_twin-{digest}.so"
     if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         tmp = library.with_suffix(f".{os.getpid()}.tmp")
         cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Werror",
                f"-I{src / 'cpu_twin'}", f"-I{src}", str(src / "cpu_twin" / "twin_runtime.cpp"), "-o", str(tmp)]
@@ -181,3 +175,27 @@ class NpuRunner:
 def npu_library() -> Path:
     default = kernel_dir() / "build" / "libpangu_ascend.so"
     return Path(os.environ.get("PANGU_OPS_ASCEND_LIB", default))
+
+
+def load() -> Kernels:
+    """The `ascend` backend: the CANN-built kernels on the current NPU."""
+    try:
+        importlib.import_module("torch_npu")
+    except ImportError as e:
+        raise BackendUnavailable(f"torch_npu is not importable ({e}): the ascend backend needs an Ascend NPU, "
+                                 "CANN and torch_npu (README: Ascend NPUs)") from e
+    library = npu_library()
+    if not library.exists():
+        raise BackendUnavailable(f"the AscendC kernels are not built ({library} is missing): "
+                                 "cmake -S ascend_kernels -B ascend_kernels/build && cmake --build ascend_kernels/build")
+    torch.ops.load_library(str(library))
+    return Kernels(NpuRunner())
+
+
+def load_ascend_twin() -> Kernels:
+    """The `ascend_twin` backend: the same sources on the CPU twin (built on first use)."""
+    try:
+        library = build_twin()
+    except (OSError, RuntimeError) as e:
+        raise BackendUnavailable(f"cannot build the AscendC CPU twin: {e}") from e
+    return Kernels(TwinRunner(library, int(os.environ.get("PANGU_OPS_ASCEND_TWIN_BLOCKS", "3"))))

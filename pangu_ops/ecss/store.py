@@ -1,91 +1,44 @@
-"""ECSS — PanGu-Σ's Expert Computation and Storage Separation: experts stored on the host,
-computed on the device.
+"""The ECSS store: every MoE layer's experts on the host, with their optimizer state, and the
+step protocol that moves them to and from the device pools.
 
-    store = ExpertStore(model, lr=1e-4, weight_decay=0.1, device="cuda", device_budget_bytes=8 << 30)
-    dense_opt = torch.optim.AdamW(store.dense_parameters(), lr=1e-4)  # everything but the experts
-    for token_ids, domain_ids, labels in batches:
-        store.prepare(token_ids, domain_ids)   # this batch's experts onto the device (before forward)
-        loss = loss_fn(model(token_ids, domain_ids), labels)
-        loss.backward()
-        store.step()                           # their gradients to the host, lazy AdamW there
-        dense_opt.step(); dense_opt.zero_grad()
+(Use: the package doc, `pangu_ops.ecss`.)
 
 Every RRE layer's experts live in host memory as fp32 master weights with their AdamW state
 (m, v, and a step count per expert), plus a compute-dtype copy that uploads read. RRE routes by
 (domain, token id) alone, so `prepare` knows each layer's required experts before any compute
 (`routing.required_experts`). The device holds, per layer, a pool of `slots` expert rows in the
 compute dtype that *is* the layer's weight (`w_gate_up [slots, H, 2F]`, `w_down [slots, F, H]`);
-the route table is remapped once per step onto the pool's slots, so `rre_dispatch` stays one
-fused pass (a token routed to an expert that `prepare` did not load raises, never computes with
-another's weights). Several micro-batches may be prepared and run before one `step` (gradient
-accumulation): experts already resident and unchanged since their upload are reused (the hits in
-`stats`; least recently used ones are evicted first, never one holding gradients). `step` sends the pool rows of this
-step's experts' gradients to the host and runs the fused C++ AdamW (`pangu_cpu::adamw_experts`)
-over those experts only ("lazy" Adam, as torch's SparseAdam: an expert without gradient is not
-touched), writing the new compute-dtype copies that the next upload reads. Device bytes per layer:
-the pool and its gradient, `2 * slots * (expert's elements) * compute element size`, which
-`device_budget_bytes` bounds (default: every expert fits).
+the layer routes through the pool's slot map (`MoEFeedForward(expert_pool=...)`), so
+`rre_dispatch` stays one fused pass (a token routed to an expert that `prepare` did not load
+raises, never computes with another's weights). Several micro-batches may be prepared and run
+before one `step` (gradient accumulation): experts already resident and unchanged since their
+upload are reused (the hits in `stats`; least recently used ones are evicted first, never one
+holding gradients). `step` sends the pool rows of this step's experts' gradients to the host and
+runs AdamW over those experts only (the op `pangu_ops.adamw_experts`; "lazy" Adam, as torch's
+SparseAdam: an expert without gradient is not touched), writing the new compute-dtype copies that
+the next upload reads. Device bytes per layer: the pool and its gradient,
+`2 * slots * (expert's elements) * compute element size`, which `device_budget_bytes` bounds
+(default: every expert fits).
 
 Uploads go through a side CUDA stream from pinned memory where a GPU is the device (the next
 batch's `prepare` can then run while the current one computes); on the CPU they are plain copies.
 Top-k layers: their experts are known only after the router, so each forward reads the router's
 choice on the host (one device sync per layer) and uploads the missing experts then, on the
-critical path (`MoEFeedForward.expert_slots`); eager mode only (the sync breaks a compiled graph).
+critical path (`ExpertPool.slot_map`); eager mode only (the sync breaks a compiled graph).
 Hash-routed and expert-parallel layers are not served.
 """
 from __future__ import annotations
 
-import collections
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from . import backends, routing
-from .nn.moe import MoEFeedForward
-
-
-def adamw_experts_reference(master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, grads: Tensor,
-                            expert_ids: Tensor, compute: Tensor | None, *, lr: float, betas: tuple[float, float],
-                            eps: float, weight_decay: float) -> None:
-    """The semantics of the fused kernel, in torch ops: for each listed expert e (rows of the [E, n]
-    state) with gradient row g, torch.optim.AdamW's update with e's own step count, in place; its
-    compute-dtype copy written to `compute` when given."""
-    beta1, beta2 = betas
-    ids = expert_ids.long()
-    steps[ids] += 1
-    t = steps[ids].double()
-    step_size = (lr / (1 - beta1 ** t)).float()[:, None]
-    bc2_sqrt = (1 - beta2 ** t).sqrt().float()[:, None]
-    g = grads.float()
-    p, m, v = master[ids], exp_avg[ids], exp_avg_sq[ids]
-    p.mul_(1 - lr * weight_decay)
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    p.sub_(step_size * m / (v.sqrt() / bc2_sqrt + eps))
-    master[ids], exp_avg[ids], exp_avg_sq[ids] = p, m, v
-    if compute is not None:
-        compute[ids] = p.to(compute.dtype)
-
-
-def adamw_experts(master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, grads: Tensor,
-                  expert_ids: Tensor, compute: Tensor | None = None, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-    """AdamW over the listed experts' rows of fp32 host state [E, n], in place, in one fused pass
-    per element (`csrc/adamw.cpp`): master, exp_avg, exp_avg_sq and steps [E] updated, `compute`
-    ([E, n], fp32/bf16/fp16) given the new weights. grads [len(expert_ids), n] fp32/bf16/fp16.
-    Experts listed twice or out of range raise before anything is written."""
-    try:
-        kernel = backends.load("cpu") if master.device.type == "cpu" else None
-    except backends.BackendUnavailable:
-        kernel = None
-    if kernel is None:
-        adamw_experts_reference(master, exp_avg, exp_avg_sq, steps, grads, expert_ids, compute, lr=lr, betas=betas,
-                                eps=eps, weight_decay=weight_decay)
-        return
-    kernel.adamw_experts(master, exp_avg, exp_avg_sq, steps, grads.contiguous(), expert_ids.long(), compute, lr,
-                         betas[0], betas[1], eps, weight_decay)
+from .. import routing
+from ..nn.moe import MoEFeedForward
+from ..ops import adamw_experts
+from .pool import ExpertPool
 
 
 @dataclass
@@ -110,10 +63,7 @@ class _Layer:
     exp_avg_sq: Tensor
     steps: Tensor  # [E] int64
     compute: Tensor  # [E, n] compute dtype: what uploads read
-    slots: int
-    slot_of: dict = field(default_factory=dict)  # global id -> pool slot (resident and up to date)
-    lru: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # resident ids, oldest first
-    pending: set = field(default_factory=set)  # experts prepared since the last step (their gradients build up)
+    pool: ExpertPool
 
 
 class ExpertStore:
@@ -152,7 +102,9 @@ class ExpertStore:
             compute.copy_(master)
             table = m.table.detach().to("cpu").clone() if m.router_kind == "rre" else None
             layer = _Layer(name, m, table, master, torch.zeros_like(master), torch.zeros_like(master),
-                           torch.zeros(E, dtype=torch.long), compute, slots)
+                           torch.zeros(E, dtype=torch.long), compute, ExpertPool(E, slots))
+            if table is None:  # top-k: the router's choice is fetched on demand, during forward
+                layer.pool.fetch = lambda expert_ids, layer=layer: self._fetch(layer, expert_ids)
             self.layers.append(layer)
             self._install_pool(layer)
         # device pools (as allocated) + their gradients, all layers: fixed once the pools exist
@@ -172,13 +124,11 @@ class ExpertStore:
         m = layer.module
         H, two_f = m.w_gate_up.shape[1:]
         F, out = m.w_down.shape[1:]
-        m.w_gate_up = nn.Parameter(torch.zeros(layer.slots, H, two_f, dtype=self.compute_dtype, device=self.device))
-        m.w_down = nn.Parameter(torch.zeros(layer.slots, F, out, dtype=self.compute_dtype, device=self.device))
-        layer.slot_of.clear()
-        layer.lru.clear()
-        layer.pending = set()
-        if layer.table is None:  # top-k: the router's choice is fetched on demand, during forward
-            m.expert_slots = lambda expert_ids, layer=layer: self._fetch(layer, expert_ids)
+        slots = layer.pool.slots
+        m.w_gate_up = nn.Parameter(torch.zeros(slots, H, two_f, dtype=self.compute_dtype, device=self.device))
+        m.w_down = nn.Parameter(torch.zeros(slots, F, out, dtype=self.compute_dtype, device=self.device))
+        layer.pool.clear()
+        m.expert_pool = layer.pool
 
     # ---- the step protocol ----
 
@@ -206,93 +156,61 @@ class ExpertStore:
 
     def _check_room(self, layer: _Layer, required: Tensor) -> None:
         """Raises if the pool cannot hold `required` with the experts prepared since the last step."""
-        needed = len(layer.pending | set(required.tolist()))
-        if needed > layer.slots:
+        needed = layer.pool.needed(required.tolist())
+        if needed > layer.pool.slots:
             need = needed * 2 * layer.master.shape[1] * self._elt
             raise ValueError(f"layer {layer.name!r}: this step needs {needed} experts = {need} B of device memory "
-                             f"(weights + gradients), more than its share of device_budget_bytes ({layer.slots} "
+                             f"(weights + gradients), more than its share of device_budget_bytes ({layer.pool.slots} "
                              f"experts); raise the budget to at least {need * len(self.layers)} B or split the batch")
 
-    def _fetch(self, layer: _Layer, expert_ids: Tensor) -> Tensor:
+    def _fetch(self, layer: _Layer, expert_ids: Tensor) -> None:
         """A top-k layer's router chose `expert_ids` [T, k] (global, -1 dropped): load the missing
-        ones (a host read of the choice, then the upload, both on the forward's critical path) and
-        return the pool slots of the same shape."""
+        ones (a host read of the choice, then the upload, both on the forward's critical path)."""
         chosen = torch.unique(expert_ids[expert_ids >= 0]).to("cpu")
         self._check_room(layer, chosen)
         self._load(layer, chosen, self.stats)
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        slots = self._slots(layer, absent=-1).to(expert_ids.device)
-        return torch.where(expert_ids >= 0, slots[expert_ids.long().clamp_min(0)], -1)  # -1 stays dropped
-
-    @staticmethod
-    def _slots(layer: _Layer, absent: int) -> Tensor:
-        """[E] int64: each expert's pool slot, `absent` for experts not resident."""
-        remap = torch.full((layer.master.shape[0],), absent, dtype=torch.long)
-        if layer.slot_of:
-            remap[torch.tensor(list(layer.slot_of))] = torch.tensor(list(layer.slot_of.values()))
-        return remap
 
     def _load(self, layer: _Layer, required: Tensor, stats: StepStats) -> None:
         m, ids = layer.module, required.tolist()
-        missing = [e for e in ids if e not in layer.slot_of]
+        missing, slots = layer.pool.assign(ids)
         stats.hits += len(ids) - len(missing)
         stats.misses += len(missing)
-        in_use = set(layer.slot_of.values())
-        free = [s for s in range(layer.slots) if s not in in_use]
-        wanted = set(ids) | layer.pending  # (pending experts hold gradients: never evicted)
-        victims = [e for e in layer.lru if e not in wanted]  # least recently used first
-        for e in missing:
-            if free:
-                slot = free.pop()
-            else:
-                old = victims.pop(0)
-                slot = layer.slot_of.pop(old)
-                del layer.lru[old]
-            layer.slot_of[e] = slot
-        for e in ids:  # most recently used last
-            layer.lru.pop(e, None)
-            layer.lru[e] = True
         if missing:
             src = layer.compute[torch.tensor(missing)]
-            slots = torch.tensor([layer.slot_of[e] for e in missing], device=self.device)
+            slots = torch.tensor(slots, device=self.device)
             n1 = m.w_gate_up[0].numel()
             with torch.no_grad(), (torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()):
                 rows = src.to(self.device, non_blocking=True)
                 m.w_gate_up.index_copy_(0, slots, rows[:, :n1].view(-1, *m.w_gate_up.shape[1:]))
                 m.w_down.index_copy_(0, slots, rows[:, n1:].view(-1, *m.w_down.shape[1:]))
             stats.h2d_bytes += src.numel() * src.element_size()
-        layer.pending |= set(ids)
         stats.resident_bytes = self.resident_bytes
-        if layer.table is not None:  # the route table onto the pool; experts not resident -> `slots`: raises
-            m.table = self._slots(layer, absent=layer.slots)[layer.table].to(m.table.device)
 
     def step(self) -> StepStats:
         """After backward: this step's experts' gradients to the host, the fused AdamW over those
         experts, their new compute-dtype copies written for the next upload; the pool rows they
         occupy are then stale (re-uploaded when next required)."""
         stats = self.stats
-        if not any(layer.pending for layer in self.layers):
+        if not any(layer.pool.pending for layer in self.layers):
             raise RuntimeError("ExpertStore.step() without prepare() / a forward pass for this step")
         for layer in self.layers:
-            if not layer.pending:
+            if not layer.pool.pending:
                 continue
             m = layer.module
             if m.w_gate_up.grad is None or m.w_down.grad is None:
                 raise RuntimeError(f"layer {layer.name!r}: no gradient: call step() after backward()")
-            ids = torch.tensor(sorted(layer.pending))
-            slots = torch.tensor([layer.slot_of[e] for e in ids.tolist()], device=self.device)
+            ids = torch.tensor(sorted(layer.pool.pending))
+            slots = torch.tensor([layer.pool.slot_of[e] for e in ids.tolist()], device=self.device)
             grads = torch.cat([m.w_gate_up.grad.index_select(0, slots).reshape(len(ids), -1),
                                m.w_down.grad.index_select(0, slots).reshape(len(ids), -1)], 1).to("cpu")
             stats.d2h_bytes += grads.numel() * grads.element_size()
             adamw_experts(layer.master, layer.exp_avg, layer.exp_avg_sq, layer.steps, grads, ids, layer.compute,
                           lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
             stats.experts_updated += len(ids)
-            for e in ids.tolist():  # stale on the device now: evicted, re-uploaded when next required
-                layer.lru.pop(e, None)
-                layer.slot_of.pop(e, None)
+            layer.pool.release(ids.tolist())  # stale on the device now: re-uploaded when next required
             m.w_gate_up.grad = m.w_down.grad = None
-            layer.pending = set()
         return stats
 
     # ---- checkpoints and the full model ----
@@ -328,8 +246,8 @@ class ExpertStore:
             self._install_pool(layer)
 
     def restore_model(self) -> None:
-        """Puts every layer's full expert weights (compute dtype) and own route table back into the
-        model, on the store's device: the model then runs, saves and `extract_domain`s without the
+        """Puts every layer's full expert weights (compute dtype) back into the model, on the store's
+        device, and detaches the pools: the model then runs, saves and `extract_domain`s without the
         store (which must not be used afterwards)."""
         for layer in self.layers:
             m, E = layer.module, layer.master.shape[0]
@@ -337,10 +255,8 @@ class ExpertStore:
             full = layer.compute.to(self.device)
             m.w_gate_up = nn.Parameter(full[:, :n1].reshape(E, *m.w_gate_up.shape[1:]).clone())
             m.w_down = nn.Parameter(full[:, n1:].reshape(E, *m.w_down.shape[1:]).clone())
-            if layer.table is not None:
-                m.table = layer.table.to(m.domain_index.device)
-            m.expert_slots = None
+            m.expert_pool = None
         self.layers = []
 
 
-__all__ = ["ExpertStore", "StepStats", "adamw_experts", "adamw_experts_reference"]
+__all__ = ["ExpertStore", "StepStats"]

@@ -12,6 +12,10 @@ is chosen by `use_backend(name)` (a context manager), else by the environment va
 | `ascend`    | Ascend NPU (torch_npu)      | AscendC (`ascend_kernels/`), built with CANN |
 | `ascend_twin` | CPU tensors               | the same AscendC sources on the CPU twin of the AscendC API |
 | `triton_ascend` | CPU tensors             | the Triton kernels compiled by the Ascend Triton compiler (triton-ascend + bishengir), run on the CPU |
+
+One module per adapter (`cpu`, `triton`, `ascend` for both AscendC backends, `triton_ascend/`)
+says where its kernels come from and why they cannot load; `cache` is the one folder the
+backends build into.
 """
 from __future__ import annotations
 
@@ -37,89 +41,29 @@ class BackendUnavailable(RuntimeError):
 class Backend:
     name: str
     devices: tuple[str, ...]  # torch device types it runs on; empty = any
-    load: Callable[[], Any]  # returns the namespace holding the kernels by op name
+    adapter: str  # the module that loads its kernels: `pangu_ops.backends.<adapter>.load_<name>()`
 
     def runs_on(self, device: torch.device) -> bool:
         return not self.devices or device.type in self.devices
 
-
-def _load_reference() -> Any:
-    return importlib.import_module("pangu_ops.reference")
-
-
-def _load_cpu() -> Any:
-    try:
-        importlib.import_module("pangu_ops._C")
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"the C++ extension pangu_ops._C is not built ({e}); "
-            "run `pip install --no-build-isolation -e .` after installing torch"
-        ) from e
-    return torch.ops.pangu_cpu
+    def load(self) -> Any:
+        """The namespace holding this backend's kernels by op name (BackendUnavailable: why not)."""
+        if self.name == "reference":
+            return importlib.import_module("pangu_ops.reference")
+        module = importlib.import_module(f"{__name__}.{self.adapter}")
+        return getattr(module, "load" if self.adapter == self.name else f"load_{self.name}")()
 
 
 # Triton reads TRITON_INTERPRET once, when its kernels are defined (at import): so do we.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-
-def _load_triton() -> Any:
-    try:
-        importlib.import_module("triton")
-    except ImportError as e:
-        raise BackendUnavailable(f"triton is not installed ({e}); `pip install triton`") from e
-    from . import triton_ascend
-
-    if triton_ascend.installed():
-        raise BackendUnavailable("this triton is triton-ascend (Triton 3.2 for Ascend NPUs): the triton backend needs "
-                                 "upstream Triton >= 3.6; the triton_ascend backend runs the kernels through it")
-    if not TRITON_INTERPRET and not torch.cuda.is_available():
-        raise BackendUnavailable("no CUDA device; set TRITON_INTERPRET=1 before importing pangu_ops to run "
-                                 "the Triton kernels on CPU tensors in Triton's interpreter")
-    return importlib.import_module("pangu_ops.triton_kernels")
-
-
-def _load_ascend() -> Any:
-    try:
-        importlib.import_module("torch_npu")
-    except ImportError as e:
-        raise BackendUnavailable(f"torch_npu is not importable ({e}): the ascend backend needs an Ascend NPU, "
-                                 "CANN and torch_npu (README: Ascend NPUs)") from e
-    from . import ascend
-
-    library = ascend.npu_library()
-    if not library.exists():
-        raise BackendUnavailable(f"the AscendC kernels are not built ({library} is missing): "
-                                 "cmake -S ascend_kernels -B ascend_kernels/build && cmake --build ascend_kernels/build")
-    torch.ops.load_library(str(library))
-    return ascend.Kernels(ascend.NpuRunner())
-
-
-def _load_ascend_twin() -> Any:
-    from . import ascend
-
-    try:
-        library = ascend.build_twin()
-    except (OSError, RuntimeError) as e:
-        raise BackendUnavailable(f"cannot build the AscendC CPU twin: {e}") from e
-    return ascend.Kernels(ascend.TwinRunner(library, int(os.environ.get("PANGU_OPS_ASCEND_TWIN_BLOCKS", "3"))))
-
-
-def _load_triton_ascend() -> Any:
-    from . import triton_ascend
-
-    try:
-        return triton_ascend.load_kernels()
-    except triton_ascend.Unavailable as e:
-        raise BackendUnavailable(str(e)) from e
-
-
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", (), _load_reference),
-    "cpu": Backend("cpu", ("cpu",), _load_cpu),
-    "triton": Backend("triton", ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",), _load_triton),
-    "ascend": Backend("ascend", ("npu",), _load_ascend),
-    "ascend_twin": Backend("ascend_twin", ("cpu",), _load_ascend_twin),
-    "triton_ascend": Backend("triton_ascend", ("cpu",), _load_triton_ascend),
+    "reference": Backend("reference", (), ""),
+    "cpu": Backend("cpu", ("cpu",), "cpu"),
+    "triton": Backend("triton", ("cuda", "cpu") if TRITON_INTERPRET else ("cuda",), "triton"),
+    "ascend": Backend("ascend", ("npu",), "ascend"),
+    "ascend_twin": Backend("ascend_twin", ("cpu",), "ascend"),
+    "triton_ascend": Backend("triton_ascend", ("cpu",), "triton_ascend"),
 }
 # "auto": the backend native to each device type.
 AUTO_BY_DEVICE = {"cpu": "cpu", "cuda": "triton", "npu": "ascend"}
@@ -182,8 +126,20 @@ def kernel(op: str, device: torch.device) -> Callable[..., Any]:
     key = (_override.get() or os.environ.get(ENV_VAR, "auto"), device.type, op)
     fn = _kernels.get(key)
     if fn is None:
-        fn = _kernels[key] = getattr(load(resolve(device).name), op)
+        name = resolve(device).name
+        fn = getattr(load(name), op, None)
+        if fn is None:
+            raise BackendUnavailable(f"backend {name!r} has no {op} kernel; use_backend('reference') runs it anywhere")
+        _kernels[key] = fn
     return fn
+
+
+def serves(name: str, op: str) -> bool:
+    """Whether backend `name` loads here and has a kernel for internal op `op`."""
+    try:
+        return hasattr(load(name), op)
+    except BackendUnavailable:
+        return False
 
 
 def status() -> dict[str, str | None]:
@@ -199,10 +155,7 @@ def status() -> dict[str, str | None]:
 
 
 def cpu_output_cache(clear: bool = False) -> dict[str, int]:
-    """The C++ CPU kernels' cache of large output blocks (outputs of 1 MiB and more reuse the memory
-    of freed ones instead of fresh pages, whose first-touch faults cost more than filling them):
-    `cached_bytes` held for reuse now, outputs `reused` from it and `fresh` blocks allocated so far.
-    `clear=True` first returns the cached blocks to the system. Its size is capped by
-    PANGU_OPS_CPU_OUTPUT_CACHE_MB (default 1024; 0 turns it off), read when the extension loads."""
-    cached, reused, fresh = _load_cpu().output_cache(clear)
-    return {"cached_bytes": cached, "reused": reused, "fresh": fresh}
+    """The C++ CPU kernels' cache of large output blocks: see `backends.cpu.output_cache`."""
+    from .cpu import output_cache
+
+    return output_cache(clear)

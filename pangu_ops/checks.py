@@ -1,4 +1,7 @@
-"""Argument checks shared by the ops: clear ValueError/TypeError naming the argument.
+"""The argument contract of pangu_ops, shared by the ops, the references, the backends, routing and
+the layers.
+
+Argument checks shared by the ops: clear ValueError/TypeError naming the argument.
 
 Metadata checks (type, rank, shape, dtype, device) run in the public functions and in every op's
 fake kernel (so also while torch.compile traces) and cost no device sync; the C++ kernels repeat
@@ -14,6 +17,9 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# Gated activations of expert_mlp: act(gate) * up with act = silu (SwiGLU), erf GELU (GeGLU) or
+# tanh-approximated GELU (`reference.gated` defines them).
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:
@@ -43,14 +49,30 @@ def size(name: str, actual: int, expected: int, what: str) -> None:
         raise ValueError(f"{name}: expected {what} = {expected}, got {actual}")
 
 
-def dynamic_rows(at_most: int) -> torch.SymInt:
+def dynamic_rows(at_most: int, like: torch.Tensor) -> int | torch.SymInt:
     """The data-dependent row count of a fake kernel's output, bounded by what the op knows
-    (0 <= rows <= at_most), so that later ops can reason about it under torch.compile."""
+    (0 <= rows <= at_most), so that later ops can reason about it under torch.compile. On meta
+    tensors (shape inference: no values, no tracing context) the bound itself: every slot kept,
+    which is exact for dropless routing."""
+    if type(like) is torch.Tensor and like.device.type == "meta":
+        return at_most
+    ctx = torch.library.get_ctx()
+    env = getattr(ctx, "_shape_env", ctx)  # (private: where torch renames it, symbolic sizes as before)
+    if env is None or not getattr(env, "allow_dynamic_output_shape_ops", True):
+        return at_most  # a FakeTensorMode that cannot make symbolic sizes: the bound, as on meta tensors
     if isinstance(at_most, torch.SymInt):
-        rows = torch.library.get_ctx().new_dynamic_size()
+        rows = ctx.new_dynamic_size()
         torch._check(rows <= at_most)
         return rows
-    return torch.library.get_ctx().new_dynamic_size(max=at_most)
+    return ctx.new_dynamic_size(max=at_most)
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """Whether value checks can read `t` on the host: not while compiling, not on meta or fake
+    tensors (shape inference; the kernels check values when real tensors arrive)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    return not torch._subclasses.fake_tensor.is_fake(t)
 
 
 def same_device(**tensors: torch.Tensor | None) -> None:
@@ -105,6 +127,16 @@ def group_sizes_values(op: str, group_sizes: torch.Tensor, rows: int) -> None:
         raise ValueError(f"{op}: group_sizes sum to {total} but x has {rows} rows")
 
 
+def expert_list_values(op: str, expert_ids: torch.Tensor, num_experts: int) -> None:
+    """A list of distinct experts, each in [0, num_experts)."""
+    bad = (expert_ids < 0) | (expert_ids >= num_experts)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{op}: expert_ids[{i}] = {int(expert_ids[i])} is out of range [0, E={num_experts})")
+    if expert_ids.unique().numel() != expert_ids.numel():
+        raise ValueError(f"{op}: an expert is listed twice in expert_ids")
+
+
 def sorted_index_values(sorted_index: torch.Tensor, slots: int) -> None:
     bad = (sorted_index < 0) | (sorted_index >= slots)
     if bool(bad.any()):
@@ -113,29 +145,3 @@ def sorted_index_values(sorted_index: torch.Tensor, slots: int) -> None:
                          f"[0, num_tokens * topk = {slots})")
     if sorted_index.unique().numel() != sorted_index.numel():
         raise ValueError("unpermute: sorted_index holds a slot twice")
-
-
-def rre_lookup(token_ids: torch.Tensor, domain_ids: torch.Tensor, table: torch.Tensor,
-               num_experts: int | None = None) -> torch.Tensor:
-    """`table[domain_ids[b], token_ids[b, s]]` ([B, S] for a [D, V] table, [B, S, k] for a
-    [D, V, k] one) after checking the domain and token ids, and that every expert found is in
-    [0, num_experts) (only >= 0 when num_experts is None)."""
-    num_domains, vocab = table.shape[:2]
-    bad = (domain_ids < 0) | (domain_ids >= num_domains)
-    if bool(bad.any()):
-        b = int(bad.nonzero()[0])
-        raise ValueError(f"domain_ids[{b}] = {int(domain_ids[b])} is out of range [0, num_domains={num_domains})")
-    bad = (token_ids < 0) | (token_ids >= vocab)
-    if bool(bad.any()):
-        b, s = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"token_ids[{b}, {s}] = {int(token_ids[b, s])} is out of range [0, vocab_size={vocab})")
-    experts = table[domain_ids.long()[:, None], token_ids.long()]
-    bad = experts < 0 if num_experts is None else (experts < 0) | (experts >= num_experts)
-    if bool(bad.any()):
-        where = [int(i) for i in bad.nonzero()[0]]
-        b, s = where[:2]
-        slot = "".join(f", {j}" for j in where[2:])
-        bound = "a non-negative expert id" if num_experts is None else f"an expert id in [0, num_experts={num_experts})"
-        raise ValueError(f"table[{int(domain_ids[b])}, {int(token_ids[b, s])}{slot}] = {int(experts[tuple(where)])} "
-                         f"is not {bound}")
-    return experts

@@ -1,0 +1,35 @@
+"""The `cpu` backend: the C++ kernels of `csrc/`, built as `pangu_ops._C`.
+
+They register as `torch.ops.pangu_cpu.<op>`: the backend's private names, with the schema of the
+public op `torch.ops.pangu.<op>` of the same name (checked by `tests/test_backends.py`); users call
+the public op, which reaches them through the registry.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from . import BackendUnavailable
+
+
+def load() -> Any:
+    try:
+        importlib.import_module("pangu_ops._C")
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the C++ extension pangu_ops._C is not built ({e}); "
+            "run `pip install --no-build-isolation -e .` after installing torch"
+        ) from e
+    return torch.ops.pangu_cpu
+
+
+def output_cache(clear: bool = False) -> dict[str, int]:
+    """The C++ CPU kernels' cache of large output blocks (outputs of 1 MiB and more reuse the memory
+    of freed ones instead of fresh pages, whose first-touch faults cost more than filling them):
+    `cached_bytes` held for reuse now, outputs `reused` from it and `fresh` blocks allocated so far.
+    `clear=True` first returns the cached blocks to the system. Its size is capped by
+    PANGU_OPS_CPU_OUTPUT_CACHE_MB (default 1024; 0 turns it off), read when the extension loads."""
+    cached, reused, fresh = load().output_cache(clear)
+    return {"cached_bytes": cached, "reused": reused, "fresh": fresh}
