@@ -102,26 +102,32 @@ def _rank(rank: int, s: Setup) -> dict:
 
 
 def run(s: Setup) -> dict:
-    world = s.nodes * s.ranks_per_node
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: this process is one of the ranks
         dist.init_process_group("gloo")
         try:
             return _rank(dist.get_rank(), s)
         finally:
             dist.destroy_process_group()
-    if not s.link_mbit:
-        return spawn(world, _rank, s, env={"LOCAL_WORLD_SIZE": str(s.ranks_per_node)}, timeout_s=600)[0]
+    return launch(_rank, s, s.nodes, s.ranks_per_node, s.link_mbit)
+
+
+def launch(fn, s, nodes: int, ranks_per_node: int, link_mbit: float | None) -> dict:
+    """fn(rank, s) on nodes x ranks_per_node local gloo ranks (over an emulated slow inter-node
+    link with link_mbit); rank 0's result."""
+    world = nodes * ranks_per_node
+    if not link_mbit:
+        return spawn(world, fn, s, env={"LOCAL_WORLD_SIZE": str(ranks_per_node)}, timeout_s=900)[0]
     from . import slow_link
 
     why = slow_link.available()
     if why:
         raise RuntimeError(f"link_mbit needs network namespaces: {why}")
-    if s.nodes != 2:
+    if nodes != 2:
         raise ValueError("the emulated slow link joins exactly 2 nodes")
-    with slow_link.two_nodes(s.link_mbit) as (namespaces, addresses, interfaces):
-        node_of = [r // s.ranks_per_node for r in range(world)]
-        env = [{"GLOO_SOCKET_IFNAME": interfaces[n], "LOCAL_WORLD_SIZE": str(s.ranks_per_node)} for n in node_of]
-        return spawn(world, _rank, s, env=env, timeout_s=600, netns=[namespaces[n] for n in node_of],
+    with slow_link.two_nodes(link_mbit) as (namespaces, addresses, interfaces):
+        node_of = [r // ranks_per_node for r in range(world)]
+        env = [{"GLOO_SOCKET_IFNAME": interfaces[n], "LOCAL_WORLD_SIZE": str(ranks_per_node)} for n in node_of]
+        return spawn(world, fn, s, env=env, timeout_s=900, netns=[namespaces[n] for n in node_of],
                      master_addr=addresses[0])[0]
 
 

@@ -105,14 +105,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_distributed(args: argparse.Namespace) -> int:
     from pangu_ops.benchmarks import distributed as bench_dist
+    from pangu_ops.benchmarks import rebalance as bench_rebalance
 
     if args.dtype and len(args.dtype) > 1:
         raise SystemExit("pangu-ops bench --distributed: give one --dtype")
-    given = {f: getattr(args, f) for f in ("tokens", "hidden", "ffn", "experts", "topk", "nodes", "ranks_per_node",
-                                           "chunks", "iters", "link_mbit") if getattr(args, f) is not None}
+    fields = ["tokens", "hidden", "ffn", "experts", "topk", "nodes", "ranks_per_node", "iters", "link_mbit"]
+    fields += ["skew", "physical", "layers", "strategy"] if args.rebalance else ["chunks"]
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     if args.dtype:
         given["dtype"] = args.dtype[0]
-    bench_dist.main(bench_dist.Setup(**given), Path(args.out))
+    if args.rebalance:
+        bench_rebalance.main(bench_rebalance.Setup(**given), Path(args.out))
+    else:
+        if args.skew is not None or args.physical is not None:
+            raise SystemExit("pangu-ops bench --distributed: --skew and --physical go with --rebalance")
+        bench_dist.main(bench_dist.Setup(**given), Path(args.out))
     return 0
 
 
@@ -166,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", type=int, help="timed iterations (default 5)")
     d.add_argument("--link-mbit", type=float,
                    help="emulate a slow inter-node link of this rate (network namespaces + tc; needs root)")
+    d.add_argument("--rebalance", action="store_true",
+                   help="expert load balancing instead: a skewed MoE step before and after planning redundant "
+                        "experts and moving them (defaults: Zipf 1.2, 2 layers, 64 -> 72 physical experts)")
+    d.add_argument("--skew", type=float, help="with --rebalance: Zipf exponent of the experts' popularity")
+    d.add_argument("--physical", type=int, help="with --rebalance: physical experts per layer after rebalancing")
+    d.add_argument("--layers", type=int, help="with --rebalance: MoE layers")
+    d.add_argument("--strategy", choices=["flat", "hierarchical"], help="with --rebalance (default hierarchical)")
 
     c = sub.add_parser("compile-check", help="compile every Triton kernel variant for a GPU target with the real "
                        "compiler, no GPU needed: errors, shared memory, registers, spills, MMA kind")

@@ -22,6 +22,14 @@ def test_verify_passes_and_prints_table(capsys):
     assert "permute" in out and "pass" in out and " 0 failed" in out
 
 
+def test_verify_lists_adamw_experts_with_every_backend_that_serves_it(capsys):
+    """The host optimizer is an op like the others: verified on reference and cpu, and skipped
+    (not failed) on the backends without a kernel for it."""
+    assert cli.main(["verify", "--op", "adamw_experts", "--dtype", "float32"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("adamw_experts")]
+    assert {row[1] for row in rows} == {"reference", "cpu"} and all(row[-1] == "pass" for row in rows)
+
+
 def test_verify_exits_1_on_failure(monkeypatch, capsys):
     from pangu_ops import verify
 
@@ -80,3 +88,18 @@ def test_bench_hf_writes_table_json_png(tmp_path, capsys):
     rows = json.loads((out_dir / "bench_hf.json").read_text())["rows"]
     assert {"pangu_ops", "eager", "grouped_mm", "weight streaming"} <= {r["impl"] for r in rows}
     assert (out_dir / "bench_hf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rebalance_balances_the_skewed_layer(tmp_path, capsys):
+    """4 local gloo ranks as 2 nodes x 2, Zipf-skewed top-4 of 16 experts, 20 physical: the table,
+    the JSON's "rebalance" object and the plot; the planned placement evens the rows per rank."""
+    out_dir = tmp_path / "rb"
+    cli.main(["bench", "--distributed", "--rebalance", "--nodes", "2", "--ranks-per-node", "2", "--tokens", "64",
+              "--hidden", "32", "--ffn", "16", "--experts", "16", "--physical", "20", "--topk", "4", "--skew", "1.4",
+              "--layers", "1", "--iters", "1", "--dtype", "float32", "--out", str(out_dir)])
+    assert "max/mean rows per rank" in capsys.readouterr().out
+    r = json.loads((out_dir / "bench_rebalance.json").read_text())["rebalance"]
+    assert {"max_over_mean_before", "max_over_mean_after", "critical_ms_before", "critical_ms_after", "step_ms_before",
+            "step_ms_after", "bytes_moved", "plan_ms"} <= set(r)
+    assert r["max_over_mean_after"] < r["max_over_mean_before"] and r["bytes_moved"] > 0
+    assert (out_dir / "bench_rebalance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -195,8 +195,10 @@ def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_node
     Args:
         load: `[L, E]` (or `[E]`) tokens per logical expert over a window (`layer_loads`).
         num_replicas: R >= E physical experts per layer, a multiple of num_ranks.
-        num_groups: expert groups (DeepSeek-V3's group-limited routing; 1 for none). When they
-            divide into num_nodes the hierarchical policy is used, else the global one.
+        num_groups: expert groups that must share a node (DeepSeek-V3's group-limited routing);
+            without such routing pass E (every expert its own group: the finest packing onto
+            nodes). When they divide into num_nodes the hierarchical policy is used, else the
+            global one (1 group: one node).
         num_nodes, num_ranks: the expert-parallel group's nodes and ranks (num_nodes | num_ranks).
         current: `[L, R]` phy2log in force now: experts that stay on a rank keep their slots.
         expert_bytes, max_bytes: bytes one expert's move costs (weights + optimizer state), and
