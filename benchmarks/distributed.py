@@ -50,7 +50,7 @@ class Setup:
                 f"{self.tokens} tokens/rank, H={self.hidden} F={self.ffn} {self.dtype}{link}")
 
 
-def _slowest_median(fn, iters: int) -> float:
+def slowest_median(fn, iters: int) -> float:
     """Median over iterations of the slowest rank's time (every rank starts together)."""
     fn()  # warm-up
     times = []
@@ -94,9 +94,9 @@ def _rank(rank: int, s: Setup) -> dict:
             print(f"  {strategy}: measuring ...", file=sys.stderr, flush=True)
         out[strategy] = dict(
             per_rank=totals,
-            comm_s=_slowest_median(lambda: ep.run(x, expert_ids, weights, lambda xs, sizes: xs), s.iters),
-            step_s=_slowest_median(lambda: ep.run(x, expert_ids, weights, experts), s.iters),
-            step_chunked_s=_slowest_median(lambda: ep.run(x, expert_ids, weights, experts, chunks=s.chunks), s.iters),
+            comm_s=slowest_median(lambda: ep.run(x, expert_ids, weights, lambda xs, sizes: xs), s.iters),
+            step_s=slowest_median(lambda: ep.run(x, expert_ids, weights, experts), s.iters),
+            step_chunked_s=slowest_median(lambda: ep.run(x, expert_ids, weights, experts, chunks=s.chunks), s.iters),
         )
     return out
 
@@ -147,14 +147,9 @@ def table(s: Setup, result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(s: Setup, result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw(s: Setup, result: dict, fig, axes) -> None:
     strategies = list(result)
-    fig, (ax_b, ax_t) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_b, ax_t = axes
     for i, (key, label) in enumerate([("inter_bytes", "inter-node"), ("intra_bytes", "intra-node")]):
         ax_b.bar([j + 0.4 * i for j in range(len(strategies))],
                  [result[st]["per_rank"][key] / 1e6 for st in strategies], 0.4, label=label)
@@ -169,22 +164,33 @@ def plot(s: Setup, result: dict, path: Path) -> None:
     ax_t.set_ylabel("ms (slowest rank, median)")
     ax_t.legend(fontsize=8)
     fig.suptitle(str(s), fontsize=9)
+
+
+def save(out_dir: Path, name: str, text: str, payload: dict, draw_into) -> None:
+    """Prints the table and writes <name>.txt, <name>.json and <name>.png (two panels that
+    `draw_into(fig, axes)` fills)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    print(text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.txt").write_text(text + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps({"torch": torch.__version__, **payload}, indent=2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    draw_into(fig, axes)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(out_dir / f"{name}.png", dpi=110)
     plt.close(fig)
+    print(f"wrote {out_dir}/{name}.{{txt,json,png}}", file=sys.stderr)
 
 
 def main(s: Setup, out_dir: Path) -> dict:
     print(f"pangu_ops distributed bench: {s}", file=sys.stderr, flush=True)
     result = run(s)
-    text = table(s, result)
-    print(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_distributed.txt").write_text(text + "\n")
-    (out_dir / "bench_distributed.json").write_text(json.dumps(
-        {"setup": dataclasses.asdict(s), "torch": torch.__version__, "results": result}, indent=2))
-    plot(s, result, out_dir / "bench_distributed.png")
-    print(f"wrote {out_dir}/bench_distributed.{{txt,json,png}}", file=sys.stderr)
+    save(out_dir, "bench_distributed", table(s, result), {"setup": dataclasses.asdict(s), "results": result},
+         lambda fig, axes: draw(s, result, fig, axes))
     return result
 
 

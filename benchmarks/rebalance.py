@@ -14,7 +14,6 @@ contiguous placement, one moved to the planned one):
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pangu_ops.distributed import ExpertParallelDispatcher, Topology
 from pangu_ops.distributed import placement as pl
 from pangu_ops.nn import MoEFeedForward
 
-from .distributed import launch
+from .distributed import launch, save, slowest_median
 
 
 @dataclass(frozen=True)
@@ -66,19 +65,6 @@ def skewed_routing(s: Setup, layer: int, rank: int) -> tuple[torch.Tensor, torch
     ids = torch.multinomial(popularity.expand(s.tokens, -1), s.topk, replacement=False, generator=gen)
     weights = torch.rand(s.tokens, s.topk, generator=gen)
     return ids, weights / weights.sum(1, keepdim=True)
-
-
-def _slowest_median(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        t = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(float(t))
-    return statistics.median(times)
 
 
 class _Timed:
@@ -147,9 +133,9 @@ def _rank(rank: int, s: Setup) -> dict:
     steps = {"before": [], "after": []}
     for _ in range(s.iters):  # interleaved: before, after, before, ...
         for which in ("before", "after"):
-            steps[which].append(_slowest_median(step(which), 1))
+            steps[which].append(slowest_median(step(which), 1))
     out = {"plan_ms": 1e3 * plan_s, "move_ms": 1e3 * move_s}
-    calls = 2 * s.iters  # each _slowest_median: a warm-up call and a timed one
+    calls = 2 * s.iters  # each slowest_median: a warm-up call and a timed one
     for which in ("before", "after"):
         rows = torch.tensor([t.rows / calls for t in timed[which]], dtype=torch.float64)
         everyone = [torch.zeros_like(rows) for _ in range(W)]
@@ -203,14 +189,9 @@ def table(s: Setup, r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(s: Setup, r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw(s: Setup, r: dict, fig, axes) -> None:
     m = summary(r)
-    fig, (ax_l, ax_t) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_l, ax_t = axes
     L = len(m["max_over_mean_before_per_layer"])
     ax_l.bar([l - 0.2 for l in range(L)], m["max_over_mean_before_per_layer"], 0.4, label="before")
     ax_l.bar([l + 0.2 for l in range(L)], m["max_over_mean_after_per_layer"], 0.4, label="after")
@@ -225,21 +206,11 @@ def plot(s: Setup, r: dict, path: Path) -> None:
     ax_t.set_ylabel("ms (slowest rank)")
     ax_t.legend()
     fig.suptitle(str(s), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(s: Setup, out_dir: Path) -> dict:
     print(f"pangu_ops rebalance bench: {s}", file=sys.stderr, flush=True)
     result = run(s)
-    text = table(s, result)
-    print(text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_rebalance.txt").write_text(text + "\n")
-    (out_dir / "bench_rebalance.json").write_text(json.dumps(
-        {"setup": dataclasses.asdict(s), "torch": torch.__version__, "rebalance": summary(result), "raw": result},
-        indent=2))
-    plot(s, result, out_dir / "bench_rebalance.png")
-    print(f"wrote {out_dir}/bench_rebalance.{{txt,json,png}}", file=sys.stderr)
+    save(out_dir, "bench_rebalance", table(s, result),
+         {"setup": dataclasses.asdict(s), "rebalance": summary(result), "raw": result}, lambda fig, axes: draw(s, result, fig, axes))
     return result

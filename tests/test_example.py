@@ -19,3 +19,10 @@ def test_train_rre_lm_example_runs(ecss):
     sub, full = re.search(r"docs eval loss ([\d.]+) \(full model ([\d.]+)\)", res.stdout).groups()
     assert sub == full
     assert ("ECSS: last step" in res.stdout) == ecss
+
+
+def test_train_topk_ep_example_rebalances_and_learns():
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "train_topk_ep.py"), "--steps", "30",
+                          "--rebalance-every", "10"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "max/mean tokens per rank" in res.stdout and "2 rebalances" in res.stdout

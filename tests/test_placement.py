@@ -285,3 +285,68 @@ def test_rebalance_failures(fault):
         assert unchanged, "the old placement must stay valid"
         if fault == "disagree":
             assert "disagree on placement" in message
+
+
+# ---- ECSS with expert parallelism ----
+
+ECSS_HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+def _ecss_rank(rank: int, mode: str):
+    """Three runs of 4 AdamW steps of an EP top-k layer whose router stays fixed: experts on the
+    device with torch's AdamW ("plain"), on the host in an ExpertStore ("ecss"), and the same with
+    the experts moved to other ranks after step 2 ("ecss+move"). Every expert gets rows every step
+    (so lazy and dense AdamW agree). Returns {logical expert: fp32 weights [n]} of this rank."""
+    from pangu_ops.ecss import ExpertStore
+
+    topo = Topology(ranks_per_node=2)
+    _, layer = _layer(topo, "hierarchical")
+    layer.gate.weight.requires_grad_(False)
+    store = opt = None
+    around_move = {}
+    if mode == "plain":
+        opt = torch.optim.AdamW([layer.w_gate_up, layer.w_down], **ECSS_HYPER)
+    else:
+        store = ExpertStore(layer, **ECSS_HYPER)
+    for step in range(4):
+        x = verify.randn((32, H), torch.float32, verify.generator(300 * step + rank))
+        if store is not None:
+            store.prepare()
+        y, _ = layer(x)
+        (y ** 2).mean().backward()
+        if store is not None:
+            store.step()
+        else:
+            opt.step()
+            opt.zero_grad()
+        if mode == "ecss+move" and step == 1:
+            moved = Placement(torch.tensor([5, 2, 7, 0, 1, 6, 3, 4]), 4)  # every expert to another rank
+            host = store.layers[0]
+            around_move["before"] = {e: (host.exp_avg_sq[j].clone(), int(host.steps[j]))
+                                     for j, e in enumerate(layer.local_expert_ids.tolist())}
+            stats = pl.rebalance([layer], [moved], store=store)
+            assert stats.experts_received == 2
+            host = store.layers[0]
+            around_move["after"] = {e: (host.exp_avg_sq[j].clone(), int(host.steps[j]))
+                                    for j, e in enumerate(layer.local_expert_ids.tolist())}
+    ids = layer.local_expert_ids.tolist()
+    if store is None:
+        flat = torch.cat([layer.w_gate_up.detach().reshape(len(ids), -1), layer.w_down.detach().reshape(len(ids), -1)], 1)
+    else:
+        flat = store.layers[0].master
+    return {e: flat[j].clone() for j, e in enumerate(ids)}, around_move
+
+
+def test_ecss_with_expert_parallelism_trains_like_the_device_and_moves_host_state():
+    runs = {mode: run_ranks(4, _ecss_rank, mode) for mode in ("plain", "ecss", "ecss+move")}
+    weights = {mode: {e: w for rank in range(4) for e, w in out[rank][0].items()} for mode, out in runs.items()}
+    assert sorted(weights["ecss+move"]) == list(range(E))
+    for e in range(E):  # (after the move other ranks compute, and sum, in another order: fp32 rounding)
+        torch.testing.assert_close(weights["ecss"][e], weights["plain"][e], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights["ecss+move"][e], weights["ecss"][e], rtol=1e-5, atol=1e-6)
+    assert runs["ecss+move"][0][0].keys() != runs["ecss"][0][0].keys()  # rank 0 holds other experts now
+    before = {e: v for rank in range(4) for e, v in runs["ecss+move"][rank][1]["before"].items()}
+    after = {e: v for rank in range(4) for e, v in runs["ecss+move"][rank][1]["after"].items()}
+    assert sorted(after) == list(range(E))
+    for e, (v, steps) in after.items():  # host moments and step counts moved bit for bit
+        assert torch.equal(v, before[e][0]) and steps == before[e][1] == 2

@@ -416,7 +416,8 @@ class MoveStats:
     seconds: float = 0.0
 
 
-def rebalance(model_or_layers, placements, *, optimizer: torch.optim.Optimizer | None = None) -> MoveStats:
+def rebalance(model_or_layers, placements, *, optimizer: torch.optim.Optimizer | None = None,
+              store=None) -> MoveStats:
     """Moves every expert-parallel MoE layer's experts to `placements[i]` (a `Placement`, or a
     `[R]` phy2log row of `rebalance_experts`' output), with the optimizer's per-expert state
     (AdamW's exp_avg / exp_avg_sq, any state tensor shaped like the weight), over the layers'
@@ -429,7 +430,10 @@ def rebalance(model_or_layers, placements, *, optimizer: torch.optim.Optimizer |
     `ValueError` on every rank before anything moves. The layers' expert weights become new
     Parameters (their shapes may change), put in the optimizer's groups and state in place of the
     old ones (other references to the old ones, e.g. a DDP wrapper's, must be rebuilt); their
-    gradients are dropped (call it between optimizer steps); `expert_load` restarts from zero."""
+    gradients are dropped (call it between optimizer steps); `expert_load` restarts from zero.
+    Layers whose experts an `ecss.ExpertStore` keeps on the host (`store`): their host state moves
+    instead (master weights, moments, step counts, compute copy), and their device pools restart
+    empty."""
     import time
 
     from .agreement import agree, collective_device
@@ -457,9 +461,14 @@ def rebalance(model_or_layers, placements, *, optimizer: torch.optim.Optimizer |
             agree(f"rebalance layer {i} on {t}", {"placement": 0 if error else new.fingerprint()}, t.control_group,
                   t.ranks, collective_device(t.control_group), error)
         transfers = _transfers(_current(layer), new)
-        tensors = {"w_gate_up": layer.w_gate_up, "w_down": layer.w_down}
+        held = store.layer_of(layer) if store is not None else None
+        if held is not None:  # ECSS: the experts live on the host
+            tensors = {"master": held.master, "exp_avg": held.exp_avg, "exp_avg_sq": held.exp_avg_sq,
+                       "steps": held.steps[:, None], "compute": held.compute}
+        else:
+            tensors = {"w_gate_up": layer.w_gate_up, "w_down": layer.w_down}
         state = {}
-        if optimizer is not None:
+        if optimizer is not None and held is None:
             for name, p in tensors.items():
                 for key, v in optimizer.state.get(p, {}).items():
                     if isinstance(v, Tensor) and v.dim() and v.shape[0] == p.shape[0]:
@@ -471,13 +480,17 @@ def rebalance(model_or_layers, placements, *, optimizer: torch.optim.Optimizer |
         sent = sum(1 for (r, _, d_, _) in transfers if r == t.rank and d_ != t.rank)
         stats.experts_received += sum(1 for (r, _, d_, _) in transfers if d_ == t.rank and r != t.rank)
         stats.bytes_sent += sum(v[0].numel() * v.element_size() * sent for v in [*tensors.values(), *state.values()])
-        staged.append((layer, new, tensors, state, moved))
+        staged.append((layer, new, tensors, state, moved, held))
     for layer, *_ in staged[:1]:  # phase 2: everyone has everything, or nobody swaps
         t = layer.dispatcher.topology
         with collective("rebalance (committing)", t):
             agree(f"rebalance commit on {t}", {"received": 1}, t.control_group, t.ranks,
                   collective_device(t.control_group))
-    for layer, new, tensors, state, moved in staged:
+    for layer, new, tensors, state, moved, held in staged:
+        if held is not None:
+            store.replace_experts(layer, moved["master"], moved["exp_avg"], moved["exp_avg_sq"],
+                                  moved["steps"][:, 0].contiguous(), moved["compute"])
+            tensors = {}
         for name, old in tensors.items():
             # a new Parameter (its shape may change: autograd keeps the old one's), in the
             # optimizer's groups and state in place of the old one
@@ -512,6 +525,9 @@ def sync_replica_grads(model_or_layers) -> None:
         replicated = torch.nonzero(count > 1).flatten()
         if not replicated.numel():
             continue
+        if layer.expert_pool is not None:
+            raise ValueError("replicated experts under ECSS (an expert pool) are not supported: plan with "
+                             "num_replicas = the number of experts (moves only) for ECSS layers")
         row_of = torch.full((d.num_experts,), -1, dtype=torch.long)
         row_of[replicated] = torch.arange(replicated.numel())
         local_rows = row_of[d.placement.experts_of(d.topology.rank)]

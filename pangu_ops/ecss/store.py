@@ -25,7 +25,13 @@ batch's `prepare` can then run while the current one computes); on the CPU they 
 Top-k layers: their experts are known only after the router, so each forward reads the router's
 choice on the host (one device sync per layer) and uploads the missing experts then, on the
 critical path (`ExpertPool.slot_map`); eager mode only (the sync breaks a compiled graph).
-Hash-routed and expert-parallel layers are not served.
+Hash-routed layers are not served.
+
+Expert parallelism (PanGu-Σ ran ECSS on top of it): an expert-parallel layer's store holds this
+rank's experts (`MoEFeedForward.local_expert_ids`); the experts that the dispatcher brings rows
+for are fetched into the pool when the rows arrive (one host read of the row counts per layer and
+chunk, as for top-k layers). `placement.rebalance(..., store=store)` moves their host state
+(master, moments, step counts, compute copy) between ranks with the experts.
 """
 from __future__ import annotations
 
@@ -79,19 +85,18 @@ class ExpertStore:
         for name, m in moe:
             if m.router_kind == "hash":
                 raise ValueError(f"layer {name!r}: ExpertStore serves RRE and top-k layers, not hash-routed ones")
-            if m.dispatcher is not None:
-                raise ValueError(f"layer {name!r}: expert-parallel layers keep their experts on their ranks")
         first = moe[0][1].w_gate_up
         self.device = torch.device(device) if device is not None else first.device
         self.compute_dtype = compute_dtype or first.dtype
         pinned = self.device.type == "cuda"
         self._elt = elt = torch.empty(0, dtype=self.compute_dtype).element_size()
         per_slot = sum(2 * (m.w_gate_up[0].numel() + m.w_down[0].numel()) * elt for _, m in moe)  # weights + grads
-        budget = per_slot * max(m.num_experts for _, m in moe) if device_budget_bytes is None else device_budget_bytes
+        budget = per_slot * max(m.w_gate_up.shape[0] for _, m in moe) if device_budget_bytes is None \
+            else device_budget_bytes
         self.budget = budget
         self.layers: list[_Layer] = []
         for name, m in moe:
-            E = m.num_experts
+            E = m.w_gate_up.shape[0]  # the experts stored here: all, or this rank's (expert parallel)
             with torch.no_grad():
                 master = torch.cat([m.w_gate_up.detach().reshape(E, -1), m.w_down.detach().reshape(E, -1)], 1)
             master = master.to("cpu", torch.float32).contiguous()
@@ -100,10 +105,10 @@ class ExpertStore:
             slots = min(E, budget // len(moe) // (2 * n * elt))
             compute = torch.empty(E, n, dtype=self.compute_dtype, pin_memory=pinned)
             compute.copy_(master)
-            table = m.table.detach().to("cpu").clone() if m.router_kind == "rre" else None
+            table = m.table.detach().to("cpu").clone() if m.router_kind == "rre" and m.dispatcher is None else None
             layer = _Layer(name, m, table, master, torch.zeros_like(master), torch.zeros_like(master),
                            torch.zeros(E, dtype=torch.long), compute, ExpertPool(E, slots))
-            if table is None:  # top-k: the router's choice is fetched on demand, during forward
+            if table is None:  # top-k / expert parallel: fetched on demand, during forward
                 layer.pool.fetch = lambda expert_ids, layer=layer: self._fetch(layer, expert_ids)
             self.layers.append(layer)
             self._install_pool(layer)
@@ -129,6 +134,22 @@ class ExpertStore:
         m.w_down = nn.Parameter(torch.zeros(slots, F, out, dtype=self.compute_dtype, device=self.device))
         layer.pool.clear()
         m.expert_pool = layer.pool
+
+    def layer_of(self, module: MoEFeedForward) -> _Layer | None:
+        return next((layer for layer in self.layers if layer.module is module), None)
+
+    def replace_experts(self, module: MoEFeedForward, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                        steps: Tensor, compute: Tensor) -> None:
+        """A layer's host state for another set of experts (the executor of `placement.rebalance`
+        moved them here); its device pool starts empty (every expert is uploaded again)."""
+        layer = self.layer_of(module)
+        if layer.pool.pending:
+            raise RuntimeError(f"layer {layer.name!r}: experts hold gradients: rebalance between step() and prepare()")
+        E = master.shape[0]
+        layer.master, layer.exp_avg, layer.exp_avg_sq, layer.steps = master, exp_avg, exp_avg_sq, steps
+        layer.compute = compute.pin_memory() if self.device.type == "cuda" else compute
+        layer.pool = ExpertPool(E, min(E, layer.pool.slots), layer.pool.fetch)
+        self._install_pool(layer)
 
     # ---- the step protocol ----
 

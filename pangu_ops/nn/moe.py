@@ -249,9 +249,19 @@ class MoEFeedForward(nn.Module):
     def _experts(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
         return expert_mlp(x_sorted, self.w_gate_up, self.w_down, group_sizes)
 
+    def _pooled_experts(self, x_local: Tensor, group_sizes: Tensor) -> Tensor:
+        """Expert parallel with an ECSS pool: the local experts that received rows, fetched into
+        the pool now (a host read of the counts), computed from their slots."""
+        active = torch.nonzero(group_sizes).flatten()
+        slots = self.expert_pool.slot_map(active.cpu()[:, None])[active.cpu()].to(group_sizes.device)
+        return expert_mlp(x_local, self.w_gate_up[slots], self.w_down[slots], group_sizes[active])
+
     def _chunk_experts(self):
         """The experts of `ep_chunks` chunks: with 16-bit weights, their gradients add up in fp32
-        over the chunks and are rounded once (as with one chunk), not once per chunk."""
+        over the chunks and are rounded once (as with one chunk), not once per chunk. (With an
+        ECSS pool: the pool's rows, gradients summed by autograd per chunk.)"""
+        if self.expert_pool is not None:
+            return self._pooled_experts
         if self.ep_chunks == 1 or self.w_gate_up.dtype == torch.float32 or not torch.is_grad_enabled():
             return self._experts
         grads = fp32_weight_grads(self.w_gate_up, self.w_down)

@@ -5,7 +5,6 @@ the other `trans_b`; dW is `pangu::grouped_gemm_wgrad` (a grouped GEMM over the 
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import checks
