@@ -133,6 +133,72 @@ def cmd_compile_check(args: argparse.Namespace) -> int:
     return compile_check.main(targets, Path(args.out) if args.out else None, configs=args.configs)
 
 
+def _profile(spec: str | None, link_mbit: float | None):
+    """The profile named on the command line: a spec name (h200, a100, ascend910b), a JSON file,
+    or this machine's calibration (made now, and cached, when there is none)."""
+    from pangu_ops import sim
+    from pangu_ops.backends.cache import cache_dir
+
+    if spec in sim.SPECS:
+        return sim.SPECS[spec]
+    if spec:
+        return sim.Profile.load(Path(spec))
+    cached = cache_dir("sim") / (f"profile-{link_mbit:g}mbit.json" if link_mbit else "profile.json")
+    if cached.exists():
+        return sim.Profile.load(cached)
+    print(f"plan: no calibration of this machine yet: calibrating (saved to {cached})", file=sys.stderr)
+    profile = sim.calibrate(link_mbit=link_mbit)
+    profile.save(cached)
+    return profile
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pangu_ops import sim
+    from pangu_ops.backends.cache import cache_dir
+    from pangu_ops.benchmarks.ops import PRESETS
+
+    if args.calibrate:
+        profile = sim.calibrate(quick=args.quick, link_mbit=args.link_mbit)
+        out = Path(args.out) if args.out else cache_dir("sim") / (
+            f"profile-{args.link_mbit:g}mbit.json" if args.link_mbit else "profile.json")
+        profile.save(out)
+        print(f"wrote {out}")
+        return 0
+    if args.validate:
+        from pangu_ops.sim import validate
+
+        profiles = {None: _profile(args.profile, None)}
+        if args.link_mbit and not args.quick:
+            profiles[args.link_mbit] = _profile(None, args.link_mbit)
+        result = validate.run(profiles, quick=args.quick, link_mbit=args.link_mbit)
+        print(validate.table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2)) if args.json != "-" else print(json.dumps(result))
+        return 0
+    base = PRESETS[args.preset]
+    given = {f: getattr(args, f) for f in ("tokens", "hidden", "ffn", "experts", "topk")}
+    problem = sim.Layer(**{f: v if v is not None else getattr(base, f) for f, v in given.items()},
+                       dtype=args.dtype, ranks=args.ranks, nodes=args.nodes, imbalance=args.imbalance,
+                       backward=args.backward)
+    profile = _profile(args.profile, args.link_mbit)
+    ranked = sorted(((sim.predict(profile, c), c) for c in sim.candidates(problem, args.max_chunks)),
+                    key=lambda pc: pc[0]["total"])
+    if args.json:
+        print(json.dumps({"profile": profile.name, "source": profile.source, "problem": vars(problem),
+                          "candidates": [{"strategy": c.strategy, "chunks": c.chunks, "predicted_ms": 1e3 * p["total"],
+                                          "terms_ms": {k: 1e3 * v for k, v in p.items() if k != "total"}}
+                                         for p, c in ranked]}, indent=2))
+        return 0
+    print(f"{problem}\nprofile: {profile.name} ({profile.source})")
+    head = f"{'rank':<5} {'strategy':<13} {'chunks':>6} {'predicted':>11}  largest terms"
+    print(head + "\n" + "-" * (len(head) + 30))
+    for i, (p, c) in enumerate(ranked, 1):
+        terms = sorted(((k, v) for k, v in p.items() if k != "total" and v > 0), key=lambda kv: -kv[1])[:3]
+        print(f"{i:<5} {c.strategy:<13} {c.chunks:>6} {1e3 * p['total']:>9.2f}ms  "
+              + ", ".join(f"{k} {1e3 * v:.2f}ms" for k, v in terms))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pangu-ops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--layers", type=int, help="with --rebalance: MoE layers")
     d.add_argument("--strategy", choices=["flat", "hierarchical"], help="with --rebalance (default hierarchical)")
 
+    pl = sub.add_parser("plan", help="the cost model: rank strategy x chunks for a MoE layer by predicted time; "
+                        "--calibrate measures this machine, --validate checks the model against measured runs")
+    pl.add_argument("--preset", choices=list(PRESETS), default="deepseek")
+    for field in ("tokens", "hidden", "ffn", "experts", "topk"):
+        pl.add_argument(f"--{field}", type=int, help="override the preset's value (tokens: per rank)")
+    pl.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16")
+    pl.add_argument("--ranks", type=int, default=8, help="expert-parallel ranks")
+    pl.add_argument("--nodes", type=int, default=2)
+    pl.add_argument("--imbalance", type=float, default=1.0, help="max / mean rows per rank (1: balanced)")
+    pl.add_argument("--backward", action="store_true", help="forward + backward")
+    pl.add_argument("--max-chunks", type=int, default=8)
+    pl.add_argument("--link-mbit", type=float, help="an emulated slow inter-node link (calibration, validation)")
+    pl.add_argument("--profile", help="h200, a100, ascend910b (from specs) or a profile JSON; default: this "
+                    "machine's calibration (made on first use)")
+    pl.add_argument("--json", nargs="?", const="-", help="JSON (plan: to stdout; --validate: to this file)")
+    pl.add_argument("--calibrate", action="store_true", help="measure this machine's profile")
+    pl.add_argument("--validate", action="store_true", help="predicted vs measured over a grid of configurations")
+    pl.add_argument("--quick", action="store_true", help="with --calibrate / --validate: fewer points (CI)")
+    pl.add_argument("--out", help="with --calibrate: where to write the profile")
+
     c = sub.add_parser("compile-check", help="compile every Triton kernel variant for a GPU target with the real "
                        "compiler, no GPU needed: errors, shared memory, registers, spills, MMA kind")
     c.add_argument("--target", choices=["sm90", "sm80", "gfx942", "all"], default="all")
@@ -192,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench,
+    return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench, "plan": cmd_plan,
             "compile-check": cmd_compile_check}[args.command](args)
 
 

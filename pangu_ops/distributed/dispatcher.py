@@ -216,10 +216,15 @@ class ExpertParallelDispatcher:
         return _complete(self._combine(y_local, handle))
 
     def run(self, x: Tensor, expert_ids: Tensor, weights: Tensor | None,
-            experts: Callable[[Tensor, Tensor], Tensor], *, chunks: int = 1) -> Tensor:
+            experts: Callable[[Tensor, Tensor], Tensor], *, chunks: int | str = 1, ffn: int | None = None) -> Tensor:
         """combine(experts(x_local, group_sizes), handle) of dispatch(x, expert_ids, weights), with
         the tokens in `chunks` chunks whose communication overlaps the experts' compute of the
-        previous chunk (chunks=1: no overlap). Every rank must pass the same `chunks`."""
+        previous chunk (chunks=1: no overlap). Every rank must pass the same `chunks`.
+        chunks="auto": the count the cost model (`pangu_ops.sim`) predicts fastest for the largest
+        rank's tokens (one small all-reduce) and the experts' width `ffn` (default: x's width), on
+        this device's profile (`sim.default_profile`)."""
+        if chunks == "auto":
+            chunks = self.auto_chunks(x, expert_ids.shape[1], ffn or x.shape[1])
         checks.positive_int("chunks", chunks)
         T = x.shape[0]
         bounds = [T * c // chunks for c in range(chunks + 1)]
@@ -241,6 +246,20 @@ class ExpertParallelDispatcher:
             except StopIteration as done:
                 results[c] = done.value
         return torch.cat(results) if chunks > 1 else results[0]
+
+    def auto_chunks(self, x: Tensor, topk: int, ffn: int) -> int:
+        """The chunk count the cost model picks for this exchange (the same on every rank)."""
+        from .. import sim
+
+        t = self.topology
+        tokens = torch.tensor([x.shape[0]], dtype=torch.int64, device=collective_device(t.control_group))
+        with collective("chunks='auto' (the largest rank's tokens)", t):
+            dist.all_reduce(tokens, op=dist.ReduceOp.MAX, group=t.control_group)
+        dtype = str(x.dtype).replace("torch.", "")
+        problem = sim.Layer(max(1, int(tokens)), x.shape[1], ffn, self.num_physical, topk,
+                            dtype if dtype in sim.model.ELEMENT_BYTES else "float32", t.world_size, t.num_nodes,
+                            self.strategy)
+        return sim.best_chunks(sim.default_profile(x.device), problem)
 
     # ---- the steps (generators: each yields the list of exchanges it started, to be waited) ----
 

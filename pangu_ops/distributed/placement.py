@@ -535,7 +535,7 @@ def sync_replica_grads(model_or_layers) -> None:
         for p in (layer.w_gate_up, layer.w_down):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             total = torch.zeros(replicated.numel(), p[0].numel(), dtype=torch.float32, device=p.device)
-            total.index_add_(0, local_rows[mine].to(p.device), grad[mine.to(p.device)].reshape(mine.numel(), -1).float())
+            total.index_add_(0, local_rows[mine].to(p.device), grad[mine.to(p.device)].flatten(1).float())
             with collective("summing the replicas' gradients", d.topology):
                 dist.all_reduce(total, group=d.topology.group)
             grad[mine.to(p.device)] = total[local_rows[mine].to(p.device)].view(-1, *p.shape[1:]).to(grad.dtype)

@@ -65,7 +65,8 @@ class MoEFeedForward(nn.Module):
 
     Expert parallelism: with `dispatcher` (a `pangu_ops.distributed.ExpertParallelDispatcher`)
     the layer stores only this rank's experts (global ids `expert_range`) and sends its tokens to
-    the other ranks' experts and back, in `ep_chunks` overlapped chunks. The router (top-k) is
+    the other ranks' experts and back, in `ep_chunks` overlapped chunks ("auto": as many as the
+    cost model, `pangu_ops.sim`, predicts fastest for each batch). The router (top-k) is
     replicated: keep it in sync as any data-parallel weight. RRE: the dispatcher serves one
     domain's experts on that domain's group of ranks (`Topology.split`, `first_expert`), and a
     rank's batch must hold only that domain's samples: its tokens never leave the group.
@@ -77,7 +78,7 @@ class MoEFeedForward(nn.Module):
                  num_shared_experts: int = 0, shared_ffn: int | None = None, shared_gate: bool = False,
                  capacity_factor: float | None = None, aux_loss_alpha: float = 1e-2,
                  ep_group=None, num_domains: int = 1, vocab_size: int | None = None, seed: int = 0, layer: int = 0,
-                 dispatcher=None, ep_chunks: int = 1, expert_pool=None, device=None, dtype=None):
+                 dispatcher=None, ep_chunks: int | str = 1, expert_pool=None, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         table_device = torch.get_default_device() if device is None else device  # (tables are drawn on the CPU)
@@ -208,7 +209,7 @@ class MoEFeedForward(nn.Module):
         if self.dispatcher is not None:
             self._count(route.expert_ids)
             return self.dispatcher.run(flat, route.expert_ids, route.weights, self._chunk_experts(),
-                                       chunks=self.ep_chunks)
+                                       chunks=self.ep_chunks, ffn=self.ffn)
         slots = None if self.expert_pool is None else self.expert_pool.slot_map(route.expert_ids)
         if route.lookup is not None:
             token_ids, rows, table = route.lookup

@@ -1,0 +1,40 @@
+"""The cost model of MoE layers and their expert-parallel exchange: machine profiles (measured by
+`calibrate`, or from public specs), the model (`predict`, `best_chunks`), the ranking of
+configurations (`pangu-ops plan`) and its validation against measured runs (`sim.validate`)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .model import Layer, best_chunks, candidates, predict
+from .profile import SPECS, Profile
+
+__all__ = ["Layer", "Profile", "SPECS", "best_chunks", "calibrate", "candidates", "default_profile", "predict"]
+
+
+def default_profile(device: torch.device) -> Profile:
+    """The profile `chunks="auto"` uses on `device`: this machine's cached calibration
+    (`pangu-ops plan --calibrate`) on the CPU, else the spec profile of the accelerator (H200-class
+    for NVIDIA H100/H200, A100, Ascend 910B for NPUs), else a cautious CPU profile."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
+    return _default_profile(device.type, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_profile(kind: str, name: str) -> Profile:
+    from ..backends.cache import cache_dir
+
+    if kind == "npu":
+        return SPECS["ascend910b"]
+    if kind == "cuda":
+        return SPECS["a100"] if "A100" in name else SPECS["h200"]
+    cached = cache_dir("sim") / "profile.json"
+    return Profile.load(cached) if cached.exists() else SPECS["cpu"]
+
+
+def calibrate(**kwargs) -> Profile:
+    """Measures this machine: see `sim.calibrate.calibrate`."""
+    from .calibrate import calibrate as run
+
+    return run(**kwargs)

@@ -1,0 +1,209 @@
+"""Calibration: short microbenchmarks on the machine at hand, fitted to the profile's terms.
+
+- experts: `expert_mlp` forward (and forward + backward) at several rows per expert and widths,
+  in each dtype; least squares of `t = E c + flops / peak + flops h / (m peak)` (linear in
+  c, 1/peak, h/peak) gives per_expert_s, peak_flops and half_rows; the backward's flop factor
+  from the forward + backward times.
+- local moves: permute + unpermute at two sizes (a line through the points).
+- links: `all_to_all_single` on the real process groups of 2 x 1 and 2 x 2 local gloo ranks (an
+  emulated slow inter-node link with `link_mbit`), within a node and across nodes, at two sizes;
+  a tiny all-gather for the control collectives; and one chunked expert-parallel step, of a shape
+  the validation grid does not use, for the overlap factor.
+None of the validation configurations (`sim.validate`) is measured here.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .profile import Experts, Link, Profile, this_machine
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _fit_experts(dtype: torch.dtype, quick: bool) -> Experts:
+    import pangu_ops
+
+    rows_per_expert = (2, 8, 32, 128) if quick else (1, 4, 16, 64, 256)
+    shapes = ((256, 128, 8), (512, 256, 8)) if quick else ((256, 128, 8), (512, 256, 8), (384, 192, 16))
+    A, y, bwd = [], [], []
+    for H, F, E in shapes:
+        w1 = (torch.randn(E, H, 2 * F) * H ** -0.5).to(dtype)
+        w2 = (torch.randn(E, F, H) * F ** -0.5).to(dtype)
+        for m in rows_per_expert:
+            rows = m * E
+            x = torch.randn(rows, H).to(dtype)
+            sizes = torch.full((E,), m, dtype=torch.int64)
+            flops = 6.0 * rows * H * F
+            with torch.no_grad():
+                t = _best(lambda: pangu_ops.expert_mlp(x, w1, w2, sizes))
+            A.append([E, flops, flops / m])
+            y.append(t)
+            if m >= 16:
+                xg, w1g, w2g = x.clone().requires_grad_(), w1.clone().requires_grad_(), w2.clone().requires_grad_()
+                tb = _best(lambda: pangu_ops.expert_mlp(xg, w1g, w2g, sizes).sum().backward(), 3)
+                bwd.append((tb, t, flops))
+    per_expert, inv_peak, half_over_peak = _nonnegative_fit(np.array(A), np.array(y))
+    peak = 1.0 / max(inv_peak, 1e-15)
+    e = Experts(peak, half_over_peak * peak, per_expert)
+    # forward + backward: (tb - t) spent on flops * bwd_factor (plus the backward's own call costs)
+    ratios = [(tb - t) / max(t, 1e-9) for tb, t, _ in bwd]
+    return replace(e, bwd_factor=float(statistics.median(ratios)))
+
+
+def _nonnegative_fit(A: np.ndarray, y: np.ndarray) -> list[float]:
+    """Least squares with every coefficient >= 0: columns whose coefficient comes out negative
+    are dropped (set to 0) and the rest refitted. Relative errors weigh every point alike."""
+    w = 1.0 / y
+    keep = list(range(A.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(A[:, keep] * w[:, None], y * w, rcond=None)
+        if (coef >= 0).all() or len(keep) == 1:
+            out = [0.0] * A.shape[1]
+            for i, c in zip(keep, coef):
+                out[i] = float(max(c, 0.0))
+            return out
+        keep.pop(int(np.argmin(coef)))
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept >= 0, rate > 0) of t = intercept + bytes / rate through (bytes, t) points."""
+    b, t = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    intercept, inv_rate = _nonnegative_fit(np.stack([np.ones_like(b), b], 1), t)
+    if inv_rate <= 0:  # flat in bytes (noise): the largest point's average rate
+        inv_rate = float(t[-1] / b[-1])
+    return intercept, 1.0 / inv_rate
+
+
+def _fit_moves(quick: bool) -> tuple[float, float]:
+    import pangu_ops
+
+    points = []
+    for T in ((512, 4096) if quick else (256, 2048, 8192)):
+        x = torch.randn(T, 512)
+        ids = torch.randint(0, 16, (T, 2))
+        def once():
+            xs, _, idx = pangu_ops.permute(x, ids, 16)
+            pangu_ops.unpermute(xs, idx, None, T, topk=2)
+        points.append((2 * 2 * T * 2 * 512 * 4, _best(once)))  # two passes over 2T rows, read + write
+    intercept, rate = _line(points)
+    return intercept / 2, rate
+
+
+def _links_rank(rank: int, setup: tuple) -> dict:
+    import torch.distributed as dist
+
+    from ..distributed import Topology
+
+    quick, nodes, per_node = setup
+    torch.set_num_threads(1)
+    topo = Topology(ranks_per_node=per_node)
+    out = {}
+    sizes = (16 << 10, 1 << 20, 4 << 20) if quick else (16 << 10, 256 << 10, 1 << 20, 4 << 20)
+    for level, group, members in (("intra", topo.intra_group, per_node), ("inter", topo.inter_group, nodes)):
+        if members < 2:
+            continue
+        points = []
+        for size in sizes:
+            x = torch.empty(size // 4 * members, dtype=torch.float32)
+            y = torch.empty_like(x)
+            dist.barrier()
+            t = _best(lambda: dist.all_to_all_single(y, x, group=group), 3)
+            t = torch.tensor([t], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            points.append((size * (members - 1), float(t)))  # bytes this rank sends to the others
+        out[level] = _line(points)
+    tiny = torch.zeros(8 * topo.world_size, dtype=torch.int64)
+    t = torch.tensor([_best(lambda: dist.all_gather_into_tensor(tiny, torch.zeros(8, dtype=torch.int64),
+                                                                group=topo.control_group))], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    out["collective"] = float(t)
+    return out
+
+
+def _overlap_rank(rank: int, dtype: str) -> dict:
+    """One expert-parallel step shape (not in the validation grid) at 1 and 4 chunks."""
+    import torch.distributed as dist
+
+    import pangu_ops
+    from ..distributed import ExpertParallelDispatcher, Topology
+
+    torch.set_num_threads(1)
+    topo = Topology(ranks_per_node=2)
+    T, H, F, E, k = 96, 192, 96, 8, 2
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(T, H, generator=gen).to(dt)
+    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k]
+    w = torch.rand(T, k, generator=gen)
+    w1 = (torch.randn(E // 4, H, 2 * F, generator=gen) * H ** -0.5).to(dt)
+    w2 = (torch.randn(E // 4, F, H, generator=gen) * F ** -0.5).to(dt)
+    ep = ExpertParallelDispatcher(topo, E, "flat")
+    out = {}
+    with torch.no_grad():
+        for chunks in (1, 4):
+            def step():
+                dist.barrier()
+                ep.run(x, ids, w, lambda xs, s: pangu_ops.expert_mlp(xs, w1, w2, s), chunks=chunks)
+            t = torch.tensor([_best(step)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out[chunks] = float(t)
+    return out
+
+
+def calibrate(*, quick: bool = False, link_mbit: float | None = None, dtypes=("float32", "bfloat16"),
+              progress=None) -> Profile:
+    """Measures this machine (about 20-50 s) and returns its profile."""
+    from ..benchmarks.distributed import launch
+    from .model import Layer, predict
+
+    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    experts = {}
+    for name in dtypes:
+        say(f"[calibrate] expert_mlp rate, {name}")
+        experts[name] = _fit_experts(getattr(torch, name), quick)
+    experts.setdefault("float16", experts.get("bfloat16", next(iter(experts.values()))))
+    say("[calibrate] permute / unpermute bandwidth")
+    move_call, move_bw = _fit_moves(quick)
+    links_by_ranks = {}
+    collective = 0.0
+    for nodes, per_node in ((2, 1), (2, 2)):
+        say(f"[calibrate] all-to-all on {nodes} x {per_node} gloo ranks" + (f", {link_mbit:g} Mbit/s" if link_mbit else ""))
+        r = launch(_links_rank, (quick, nodes, per_node), nodes, per_node, link_mbit)
+        intra = r.get("intra", r["inter"])
+        links_by_ranks[str(nodes * per_node)] = {"intra": Link(*intra), "inter": Link(*r["inter"])}
+        collective = max(collective, r["collective"])
+    cores = os.cpu_count() or 1
+    profile = Profile("this machine", "measured", {**this_machine(), "cores": cores, "link_mbit": link_mbit},
+                      experts, move_call, move_bw, dict(links_by_ranks["4"]), collective, cores=cores,
+                      ranks_share_cores=True, overlap=0.0, links_by_ranks=links_by_ranks)
+    say("[calibrate] overlap of a chunked step")
+    measured = launch(_overlap_rank, "bfloat16" if "bfloat16" in experts else dtypes[0], 2, 2, link_mbit)
+    # the overlap factor that makes the model's 4-chunk / 1-chunk ratio the measured one
+    base = Layer(96, 192, 96, 8, 2, dtype="bfloat16" if "bfloat16" in experts else dtypes[0], ranks=4, nodes=2)
+    one, four = predict(profile, base)["total"], None
+    best, best_err = 0.0, float("inf")
+    for ov in np.linspace(0.0, 1.0, 21):
+        four = predict(replace(profile, overlap=float(ov)), replace(base, chunks=4))["total"]
+        err = abs(four / one - measured[4] / measured[1])
+        if err < best_err:
+            best, best_err = float(ov), err
+    profile.overlap = best
+    profile.machine["calibration_s"] = round(time.perf_counter() - start, 1)
+    say(f"[calibrate] done in {profile.machine['calibration_s']} s")
+    return profile

@@ -1,0 +1,85 @@
+"""The cost model: its terms behave as documented (hierarchical dispatch sends fewer inter-node
+bytes, chunking pays latencies and gains overlap, the backward costs more, the slowest rank sets
+the time), profiles round-trip, `pangu-ops plan` ranks candidates, and chunks="auto" runs."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pangu_ops import cli, sim
+from pangu_ops.sim.profile import Link
+
+from gloo import run_ranks
+
+BIG = sim.Layer(4096, 7168, 2048, 256, 8, ranks=64, nodes=8)
+
+
+def test_hierarchical_sends_fewer_inter_node_bytes():
+    p = sim.SPECS["h200"]
+    flat, hier = sim.predict(p, BIG), sim.predict(p, replace(BIG, strategy="hierarchical"))
+    assert hier["inter bytes"] < 0.7 * flat["inter bytes"]
+    assert all(v >= 0 for v in flat.values()) and flat["total"] == pytest.approx(
+        sum(v for k, v in flat.items() if k != "total"))
+
+
+def test_chunking_overlaps_where_the_machine_can():
+    p = sim.SPECS["h200"]
+    one, four = sim.predict(p, BIG)["total"], sim.predict(p, replace(BIG, chunks=4))["total"]
+    assert four < one  # dedicated copy engines: the exchange hides behind the experts
+    shared = replace(p, overlap=0.0)
+    assert sim.predict(shared, replace(BIG, chunks=4))["total"] > sim.predict(shared, BIG)["total"]
+    assert sim.best_chunks(shared, BIG) == 1 and sim.best_chunks(p, BIG) > 1
+
+
+def test_backward_imbalance_and_shared_cores():
+    p = sim.SPECS["a100"]
+    assert sim.predict(p, replace(BIG, backward=True))["total"] > 2 * sim.predict(p, BIG)["total"]
+    assert sim.predict(p, replace(BIG, imbalance=2.0))["experts"] == pytest.approx(
+        2 * sim.predict(p, BIG)["experts"], rel=0.05)
+    cpu = sim.SPECS["cpu"]
+    small = sim.Layer(256, 256, 128, 16, 2, ranks=8, nodes=2)
+    assert sim.predict(cpu, small)["experts"] == pytest.approx(4 * sim.predict(replace(cpu, ranks_share_cores=False),
+                                                                                small)["experts"])
+
+
+def test_layer_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="divide the experts"):
+        sim.Layer(16, 8, 8, 10, 2, ranks=4, nodes=2)
+    with pytest.raises(ValueError, match="dtype"):
+        sim.Layer(16, 8, 8, 8, 2, dtype="int8")
+
+
+def test_profile_round_trips(tmp_path):
+    p = replace(sim.SPECS["h200"], links_by_ranks={"4": {"intra": Link(1e-5, 1e9), "inter": Link(2e-5, 1e8)}})
+    p.save(tmp_path / "p.json")
+    q = sim.Profile.load(tmp_path / "p.json")
+    assert q == p and q.link("inter", 4).bytes_per_s == 1e8
+
+
+def test_plan_ranks_candidates_best_first(capsys):
+    assert cli.main(["plan", "--profile", "h200", "--ranks", "64", "--nodes", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    times = [c["predicted_ms"] for c in out["candidates"]]
+    assert times == sorted(times) and {c["strategy"] for c in out["candidates"]} == {"flat", "hierarchical"}
+    assert out["source"] == "from specs, not measured"
+    assert cli.main(["plan", "--profile", "ascend910b", "--ranks", "16", "--nodes", "2"]) == 0
+    assert "largest terms" in capsys.readouterr().out
+
+
+def _auto_rank(rank: int):
+    from pangu_ops.distributed import ExpertParallelDispatcher, Topology
+
+    topo = Topology(ranks_per_node=2)
+    ep = ExpertParallelDispatcher(topo, 8, "hierarchical")
+    x = torch.randn(10 + rank, 16)
+    ids = torch.randint(0, 8, (10 + rank, 2))
+    chunks = ep.auto_chunks(x, 2, 16)
+    y = ep.run(x, ids, torch.rand(10 + rank, 2), lambda xs, s: xs, chunks="auto")
+    return chunks, y.shape
+
+
+def test_auto_chunks_agrees_across_ranks_and_runs():
+    results = run_ranks(4, _auto_rank)
+    assert len({results[r][0] for r in range(4)}) == 1 and results[0][0] >= 1
+    assert all(results[r][1] == (10 + r, 16) for r in range(4))
