@@ -25,7 +25,7 @@ import torch
 from .profile import Experts, Link, Profile, this_machine
 
 
-def _best(fn, repeats: int = 5) -> float:
+def best_time(fn, repeats: int = 5) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -35,34 +35,57 @@ def _best(fn, repeats: int = 5) -> float:
     return min(times)
 
 
+def synchronized_median(fn, iters: int) -> float:
+    """The slowest rank's median time of fn over iterations that all ranks start together (the
+    barrier outside the timed region), after one warm-up call."""
+    import torch.distributed as dist
+
+    fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def _fit_experts(dtype: torch.dtype, quick: bool) -> Experts:
     import pangu_ops
 
     rows_per_expert = (2, 8, 32, 128) if quick else (1, 4, 16, 64, 256)
-    shapes = ((256, 128, 8), (512, 256, 8)) if quick else ((256, 128, 8), (512, 256, 8), (384, 192, 16))
+    shapes = ((128, 64, 8), (512, 256, 8), (1024, 768, 4)) if quick else \
+        ((128, 64, 8), (384, 192, 16), (512, 256, 8), (1024, 768, 4))
     A, y, bwd = [], [], []
     for H, F, E in shapes:
         w1 = (torch.randn(E, H, 2 * F) * H ** -0.5).to(dtype)
         w2 = (torch.randn(E, F, H) * F ** -0.5).to(dtype)
         for m in rows_per_expert:
+            if H >= 1024 and m > 64:  # (long enough already)
+                continue
             rows = m * E
             x = torch.randn(rows, H).to(dtype)
             sizes = torch.full((E,), m, dtype=torch.int64)
             flops = 6.0 * rows * H * F
             with torch.no_grad():
-                t = _best(lambda: pangu_ops.expert_mlp(x, w1, w2, sizes))
-            A.append([E, flops, flops / m])
+                t = best_time(lambda: pangu_ops.expert_mlp(x, w1, w2, sizes))
+            A.append([E, flops, flops / m, flops / min(H, F)])
             y.append(t)
             if m >= 16:
                 xg, w1g, w2g = x.clone().requires_grad_(), w1.clone().requires_grad_(), w2.clone().requires_grad_()
-                tb = _best(lambda: pangu_ops.expert_mlp(xg, w1g, w2g, sizes).sum().backward(), 3)
-                bwd.append((tb, t, flops))
-    per_expert, inv_peak, half_over_peak = _nonnegative_fit(np.array(A), np.array(y))
+                tb = best_time(lambda: pangu_ops.expert_mlp(xg, w1g, w2g, sizes).sum().backward(), 3)
+                bwd.append((tb, t, flops, E, m))
+    per_expert, inv_peak, rows_over_peak, width_over_peak = _nonnegative_fit(np.array(A), np.array(y))
     peak = 1.0 / max(inv_peak, 1e-15)
-    e = Experts(peak, half_over_peak * peak, per_expert)
-    # forward + backward: (tb - t) spent on flops * bwd_factor (plus the backward's own call costs)
-    ratios = [(tb - t) / max(t, 1e-9) for tb, t, _ in bwd]
-    return replace(e, bwd_factor=float(statistics.median(ratios)))
+    e = Experts(peak, rows_over_peak * peak, per_expert, half_width=width_over_peak * peak)
+    # forward + backward: the backward's extra time (tb - t), minus its own per-expert calls, is
+    # bwd_factor times the forward's flop term (least squares over the points)
+    extra = np.array([tb - t - E_ * e.per_expert_s for tb, t, _, E_, _ in bwd])
+    flop_term = np.array([t - E_ * e.per_expert_s for _, t, _, E_, _ in bwd])
+    factor = float(np.dot(extra, flop_term) / max(np.dot(flop_term, flop_term), 1e-30))
+    return replace(e, bwd_factor=max(factor, 0.0))
 
 
 def _nonnegative_fit(A: np.ndarray, y: np.ndarray) -> list[float]:
@@ -99,7 +122,7 @@ def _fit_moves(quick: bool) -> tuple[float, float]:
         def once():
             xs, _, idx = pangu_ops.permute(x, ids, 16)
             pangu_ops.unpermute(xs, idx, None, T, topk=2)
-        points.append((2 * 2 * T * 2 * 512 * 4, _best(once)))  # two passes over 2T rows, read + write
+        points.append((2 * 2 * T * 2 * 512 * 4, best_time(once)))  # two passes over 2T rows, read + write
     intercept, rate = _line(points)
     return intercept / 2, rate
 
@@ -122,16 +145,21 @@ def _links_rank(rank: int, setup: tuple) -> dict:
             x = torch.empty(size // 4 * members, dtype=torch.float32)
             y = torch.empty_like(x)
             dist.barrier()
-            t = _best(lambda: dist.all_to_all_single(y, x, group=group), 3)
+            t = best_time(lambda: dist.all_to_all_single(y, x, group=group), 3)
             t = torch.tensor([t], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             points.append((size * (members - 1), float(t)))  # bytes this rank sends to the others
         out[level] = _line(points)
-    tiny = torch.zeros(8 * topo.world_size, dtype=torch.int64)
-    t = torch.tensor([_best(lambda: dist.all_gather_into_tensor(tiny, torch.zeros(8, dtype=torch.int64),
-                                                                group=topo.control_group))], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    out["collective"] = float(t)
+    # the fixed cost of a dispatch + combine among these ranks (all its collectives): tiny steps
+    # of both strategies; and of one collective (flat: 5 of them, hierarchical: 8 or 10)
+    from ..distributed import ExpertParallelDispatcher
+
+    x, ids = torch.randn(4, 16), torch.randint(0, 2 * topo.world_size, (4, 2))
+    counts = {"flat": 5, "hierarchical": 8 if per_node == 1 else 10}
+    for strategy in counts:
+        ep = ExpertParallelDispatcher(topo, 2 * topo.world_size, strategy)
+        out[strategy] = synchronized_median(lambda: ep.run(x, ids, None, lambda xs, sizes: xs), 15)
+    out["collective"] = sum(out[s] for s in counts) / sum(counts.values())
     return out
 
 
@@ -156,12 +184,8 @@ def _overlap_rank(rank: int, dtype: str) -> dict:
     out = {}
     with torch.no_grad():
         for chunks in (1, 4):
-            def step():
-                dist.barrier()
-                ep.run(x, ids, w, lambda xs, s: pangu_ops.expert_mlp(xs, w1, w2, s), chunks=chunks)
-            t = torch.tensor([_best(step)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            out[chunks] = float(t)
+            out[chunks] = synchronized_median(
+                lambda: ep.run(x, ids, w, lambda xs, s: pangu_ops.expert_mlp(xs, w1, w2, s), chunks=chunks), 7)
     return out
 
 
@@ -180,18 +204,21 @@ def calibrate(*, quick: bool = False, link_mbit: float | None = None, dtypes=("f
     experts.setdefault("float16", experts.get("bfloat16", next(iter(experts.values()))))
     say("[calibrate] permute / unpermute bandwidth")
     move_call, move_bw = _fit_moves(quick)
-    links_by_ranks = {}
-    collective = 0.0
+    links_by_ranks, collective_by_ranks, step_fixed = {}, {}, {}
     for nodes, per_node in ((2, 1), (2, 2)):
         say(f"[calibrate] all-to-all on {nodes} x {per_node} gloo ranks" + (f", {link_mbit:g} Mbit/s" if link_mbit else ""))
         r = launch(_links_rank, (quick, nodes, per_node), nodes, per_node, link_mbit)
         intra = r.get("intra", r["inter"])
-        links_by_ranks[str(nodes * per_node)] = {"intra": Link(*intra), "inter": Link(*r["inter"])}
-        collective = max(collective, r["collective"])
+        # an all-to-all's fixed cost is that of any collective among these ranks
+        links_by_ranks[str(nodes * per_node)] = {"intra": Link(r["collective"], intra[1]),
+                                                 "inter": Link(r["collective"], r["inter"][1])}
+        collective_by_ranks[str(nodes * per_node)] = r["collective"]
+        step_fixed[str(nodes * per_node)] = {"flat": r["flat"], "hierarchical": r["hierarchical"]}
     cores = os.cpu_count() or 1
     profile = Profile("this machine", "measured", {**this_machine(), "cores": cores, "link_mbit": link_mbit},
-                      experts, move_call, move_bw, dict(links_by_ranks["4"]), collective, cores=cores,
-                      ranks_share_cores=True, overlap=0.0, links_by_ranks=links_by_ranks)
+                      experts, move_call, move_bw, dict(links_by_ranks["4"]), collective_by_ranks["4"], cores=cores,
+                      ranks_share_cores=True, overlap=0.0, links_by_ranks=links_by_ranks,
+                      collective_by_ranks=collective_by_ranks, step_fixed_by_ranks=step_fixed)
     say("[calibrate] overlap of a chunked step")
     measured = launch(_overlap_rank, "bfloat16" if "bfloat16" in experts else dtypes[0], 2, 2, link_mbit)
     # the overlap factor that makes the model's 4-chunk / 1-chunk ratio the measured one

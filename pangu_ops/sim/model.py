@@ -59,7 +59,8 @@ def expert_time(p: Profile, dtype: str, experts: int, rows: float, hidden: int, 
     active = min(experts, rows)
     m = rows / active
     flops = 6.0 * rows * hidden * ffn * ((1.0 + e.bwd_factor) if backward else 1.0)
-    return active * e.per_expert_s * (2.0 if backward else 1.0) + flops / (e.peak_flops * m / (m + e.half_rows))
+    slowdown = 1.0 + e.half_rows / m + e.half_width / min(hidden, ffn)
+    return active * e.per_expert_s * (2.0 if backward else 1.0) + flops * slowdown / e.peak_flops
 
 
 def move_time(p: Profile, rows: float, width: int, element_bytes: int, passes: int = 1) -> float:
@@ -72,7 +73,10 @@ def nodes_hit(nodes: int, topk: int) -> float:
 
 
 def exchange_terms(p: Profile, c: Layer) -> dict[str, float]:
-    """One direction (dispatch or combine) of the whole batch: seconds per term."""
+    """Dispatch and combine of the whole batch (one chunk): seconds per term. Collectives per
+    step: flat, 2 data all-to-alls (one each way) and 3 control ones (each direction's agreement,
+    the split sizes); hierarchical, 4 inter-node data all-to-alls (rows, ids and weights there, rows
+    back), 2 intra-node ones (fan-out there and back) and 4 control ones."""
     W, N = c.ranks, c.nodes
     R = W // N
     S = c.tokens * c.topk
@@ -80,15 +84,20 @@ def exchange_terms(p: Profile, c: Layer) -> dict[str, float]:
     inter, intra = p.link("inter", W), p.link("intra", W)
     if c.strategy == "flat":
         inter_rows, intra_rows = S * (W - R) / W, S * (R - 1) / W
-        calls = {"inter": 1 if N > 1 else 0, "intra": 1 if N == 1 else 0}
-        collectives = 2  # split sizes, agreement
+        calls = {"inter": 2 if N > 1 else 0, "intra": 2 if N == 1 else 0}
+        control = 3
     else:
         inter_rows, intra_rows = c.tokens * nodes_hit(N, c.topk) * (N - 1) / N, S * (R - 1) / R
-        calls = {"inter": 3 if N > 1 else 0, "intra": 1 if R > 1 else 0}  # x, ids, weights; fan-out
-        collectives = 3
-    return {"inter latency": calls["inter"] * inter.latency_s, "inter bytes": inter_rows * row / inter.bytes_per_s,
-            "intra latency": calls["intra"] * intra.latency_s, "intra bytes": intra_rows * row / intra.bytes_per_s,
-            "control collectives": collectives * p.collective_s}
+        calls = {"inter": 4 if N > 1 else 0, "intra": 2 if R > 1 else 0}
+        control = 4
+    out = {"inter bytes": 2 * inter_rows * row / inter.bytes_per_s, "intra bytes": 2 * intra_rows * row / intra.bytes_per_s}
+    fixed = p.step_fixed(c.strategy, W)
+    if fixed is not None:
+        out["collectives (measured fixed cost)"] = fixed
+    else:
+        out.update({"inter latency": calls["inter"] * inter.latency_s, "intra latency": calls["intra"] * intra.latency_s,
+                    "control collectives": control * p.collective(W)})
+    return out
 
 
 def local_terms(p: Profile, c: Layer) -> float:
@@ -116,16 +125,15 @@ def predict(p: Profile, c: Layer) -> dict[str, float]:
             out["local moves"] = 2 * local
         out["total"] = sum(out.values())
         return out
-    one_way = exchange_terms(p, c)
-    comm = 2 * sum(one_way.values())  # dispatch + combine
-    for k, v in one_way.items():
-        out[k] = 2 * v
+    both_ways = exchange_terms(p, c)
+    comm = sum(both_ways.values())  # dispatch + combine
+    out.update(both_ways)
     C = c.chunks
     if C == 1:
         forward = comm + experts + local
     else:
         piece = replace(c, tokens=max(1, c.tokens // C), chunks=1)
-        comm_c = 2 * sum(exchange_terms(p, piece).values())
+        comm_c = sum(exchange_terms(p, piece).values())
         exp_c = expert_time(p, c.dtype, E_local, rows / C, c.hidden, c.ffn, False) * scale
         local_c = local / C + 2 * p.move_per_call_s * scale
         sequential = C * (comm_c + exp_c + local_c)
@@ -134,8 +142,8 @@ def predict(p: Profile, c: Layer) -> dict[str, float]:
         out["chunking"] = forward - (comm + experts + local)
     if c.backward:  # experts' backward, the exchanges again (synchronous), local passes again
         bwd_experts = expert_time(p, c.dtype, E_local, rows, c.hidden, c.ffn, True) * scale - experts
-        out["backward"] = bwd_experts + comm + local + (C - 1) * 2 * sum(
-            v for k, v in one_way.items() if "latency" in k or "collective" in k)
+        out["backward"] = bwd_experts + comm + local + (C - 1) * sum(
+            v for k, v in both_ways.items() if "bytes" not in k)
         forward += out["backward"]
     out["total"] = forward
     return out

@@ -3,12 +3,16 @@ public specs (marked "from specs, not measured").
 
 Terms (every time in seconds, every rate per second):
 - experts: `expert_mlp` over E experts of m rows each, forward:
-  `E * per_expert_s + flops / (peak_flops * m / (m + half_rows))`, flops = 6 * rows * H * F
-  (gate/up and down GEMMs); forward + backward multiplies the flop term by `1 + bwd_factor`.
+  `E * per_expert_s + flops * (1 + half_rows / m + half_width / min(H, F)) / peak_flops`,
+  flops = 6 * rows * H * F (gate/up and down GEMMs): the rate falls with few rows per expert and
+  with narrow matrices; forward + backward multiplies the flop term by `1 + bwd_factor`.
 - local data movement (permute / unpermute passes): `per_call_s + bytes / bytes_per_s`.
 - links: one all-to-all on a level ("intra" node, "inter" node): `latency_s + bytes / bytes_per_s`
   (bytes this rank sends on that level); `collective_s`: a small control collective (the split
-  sizes, the ranks' agreement).
+  sizes, the ranks' agreement). Measured profiles hold the rates per number of local ranks
+  (`links_by_ranks`) and, in place of the latencies, the measured fixed cost of a whole dispatch +
+  combine without payload (`step_fixed_by_ranks`): ranks sharing cores pay more per collective,
+  and more than a count of collectives says.
 - `ranks_share_cores`: the ranks of a run share `cores` cores (local gloo ranks on this machine):
   their compute is stretched by ranks / cores, and exchanges overlap compute only by `overlap`
   (0: not at all, 1: fully, as on accelerators with their own copy engines).
@@ -29,6 +33,7 @@ class Experts:
     half_rows: float
     per_expert_s: float
     bwd_factor: float = 2.0
+    half_width: float = 0.0
 
 
 @dataclass
@@ -51,6 +56,23 @@ class Profile:
     ranks_share_cores: bool = False
     overlap: float = 1.0
     links_by_ranks: dict[str, dict[str, Link]] = field(default_factory=dict)  # measured at this many ranks
+    collective_by_ranks: dict[str, float] = field(default_factory=dict)
+    # measured: the fixed cost of one dispatch + combine (all its collectives, no payload) by ranks
+    # and strategy; where present it replaces the latency terms
+    step_fixed_by_ranks: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def step_fixed(self, strategy: str, ranks: int) -> float | None:
+        if not self.step_fixed_by_ranks:
+            return None
+        nearest = min(self.step_fixed_by_ranks, key=lambda r: abs(int(r) - ranks))
+        scale = max(1.0, ranks / int(nearest)) if self.ranks_share_cores else 1.0
+        return self.step_fixed_by_ranks[nearest][strategy] * scale
+
+    def collective(self, ranks: int) -> float:
+        if self.collective_by_ranks:
+            nearest = min(self.collective_by_ranks, key=lambda r: abs(int(r) - ranks))
+            return self.collective_by_ranks[nearest] * max(1.0, ranks / int(nearest) if self.ranks_share_cores else 1.0)
+        return self.collective_s
 
     def link(self, level: str, ranks: int) -> Link:
         """The link of `level` as measured with the nearest number of ranks (local ranks share the

@@ -10,15 +10,13 @@ the predicted best (strategy, chunks) is within 5% of the measured best.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
-from .model import Layer, candidates, predict
+from .model import Layer, best_chunks, candidates, predict
 from .profile import Profile
 
 SINGLE_SHAPES = ((512, 256, 128, 8, 2), (1024, 512, 256, 16, 4), (256, 1024, 512, 32, 8), (2048, 128, 64, 64, 2))
@@ -37,19 +35,14 @@ class Point:
         return abs(self.predicted_ms - self.measured_ms) / self.measured_ms
 
 
-def _median_time(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure_single(c: Layer, iters: int = 5) -> float:
-    """Seconds of permute -> expert_mlp -> unpermute (and its backward) on this process."""
+    """Seconds of permute -> expert_mlp -> unpermute (and its backward) on this process: the best
+    of `iters` (as calibration measures: on a shared machine the minimum is the stable figure)."""
     import pangu_ops
+
+    from .calibrate import best_time
 
     dt = getattr(torch, c.dtype)
     gen = torch.Generator().manual_seed(c.tokens + c.experts)
@@ -65,14 +58,13 @@ def measure_single(c: Layer, iters: int = 5) -> float:
             y = pangu_ops.unpermute(pangu_ops.expert_mlp(xs, w1, w2, sizes), idx, w)
             if c.backward:
                 y.float().sum().backward()
-    return _median_time(step, iters)
+    return best_time(step, iters)
 
 
 def _ep_rank(rank: int, setup: tuple) -> dict:
-    import torch.distributed as dist
-
     import pangu_ops
     from ..distributed import ExpertParallelDispatcher, Topology
+    from .calibrate import synchronized_median
 
     configs, iters = setup
     torch.set_num_threads(1)
@@ -90,13 +82,8 @@ def _ep_rank(rank: int, setup: tuple) -> dict:
     out = []
     with torch.no_grad():
         for c in configs:
-            def step():
-                dist.barrier()
-                dispatchers[c.strategy].run(x, ids, w, lambda xs, s: pangu_ops.expert_mlp(xs, w1, w2, s),
-                                            chunks=c.chunks)
-            t = torch.tensor([_median_time(step, iters)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            out.append(float(t))
+            out.append(synchronized_median(lambda: dispatchers[c.strategy].run(
+                x, ids, w, lambda xs, s: pangu_ops.expert_mlp(xs, w1, w2, s), chunks=c.chunks), iters))
     return out
 
 
@@ -119,7 +106,7 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 else 1.0
 
 
-def run(profiles: dict, *, quick: bool = False, link_mbit: float | None = None, iters: int = 5,
+def run(profiles: dict, *, quick: bool = False, link_mbit: float | None = None, iters: int = 9,
         progress=None) -> dict:
     """Measures the grid and compares with the model. `profiles`: {link_mbit or None: Profile}
     (a link's own calibration where one was made)."""
@@ -127,7 +114,7 @@ def run(profiles: dict, *, quick: bool = False, link_mbit: float | None = None, 
 
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     points: list[Point] = []
-    decisions = []
+    decisions, autos = [], []
     for name, configs in grid(quick, link_mbit):
         link = link_mbit if "Mbit/s" in name else None
         profile: Profile = profiles.get(link) or profiles[None]
@@ -144,11 +131,21 @@ def run(profiles: dict, *, quick: bool = False, link_mbit: float | None = None, 
             decisions.append({"problem": name, "picked": f"{configs[pick].strategy} x{configs[pick].chunks}",
                               "measured_best_ms": 1e3 * min(measured), "picked_ms": 1e3 * measured[pick],
                               "within_5pct": measured[pick] <= 1.05 * min(measured)})
+            for strategy in ("flat", "hierarchical"):  # chunks="auto" against every fixed chunk count
+                mine = [(c, m) for c, m in zip(configs, measured) if c.strategy == strategy]
+                auto = best_chunks(profile, mine[0][0], max(c.chunks for c, _ in mine))
+                got = next(m for c, m in mine if c.chunks == auto)
+                best = min(m for _, m in mine)
+                one = next(m for c, m in mine if c.chunks == 1)
+                autos.append({"problem": name, "strategy": strategy, "auto_chunks": auto, "auto_ms": 1e3 * got,
+                              "best_fixed_ms": 1e3 * best, "chunks1_ms": 1e3 * one,
+                              "within_5pct": got <= 1.05 * best})
     errors = [pt.error for pt in points]
     return {"mape": float(np.mean(errors)), "spearman": spearman([p.predicted_ms for p in points],
                                                                  [p.measured_ms for p in points]),
             "pick_within_5pct": float(np.mean([d["within_5pct"] for d in decisions])) if decisions else 1.0,
-            "configs": [dict(asdict(pt), error=pt.error) for pt in points], "decisions": decisions}
+            "auto_within_5pct": float(np.mean([a["within_5pct"] for a in autos])) if autos else 1.0,
+            "configs": [dict(asdict(pt), error=pt.error) for pt in points], "decisions": decisions, "auto": autos}
 
 
 def table(result: dict) -> str:
@@ -161,7 +158,11 @@ def table(result: dict) -> str:
     for d in result["decisions"]:
         lines.append(f"decision {d['problem']}: picked {d['picked']} ({d['picked_ms']:.2f} ms, measured best "
                      f"{d['measured_best_ms']:.2f} ms): {'within 5%' if d['within_5pct'] else 'MISSED'}")
+    for a in result["auto"]:
+        lines.append(f"chunks='auto' {a['problem']}, {a['strategy']}: {a['auto_chunks']} chunk(s), {a['auto_ms']:.2f} ms "
+                     f"(best fixed {a['best_fixed_ms']:.2f} ms, 1 chunk {a['chunks1_ms']:.2f} ms)")
     lines.append(f"MAPE {100 * result['mape']:.1f}% over {len(result['configs'])} configurations, Spearman "
                  f"{result['spearman']:.3f}, predicted best within 5% of the measured best in "
-                 f"{100 * result['pick_within_5pct']:.0f}% of {len(result['decisions'])} decisions")
+                 f"{100 * result['pick_within_5pct']:.0f}% of {len(result['decisions'])} decisions; chunks='auto' within "
+                 f"5% of the best fixed count in {100 * result['auto_within_5pct']:.0f}% of {len(result['auto'])}")
     return "\n".join(lines)
