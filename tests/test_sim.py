@@ -43,6 +43,13 @@ def test_backward_imbalance_and_shared_cores():
                                                                                 small)["experts"])
 
 
+def test_rebalance_pays_when_the_imbalance_outweighs_the_move():
+    p = sim.SPECS["h200"]
+    expert_bytes = 3 * 7168 * 2048 * 2 * 3  # weights + two fp32-sized moments, roughly
+    assert sim.rebalance_gain(p, BIG, 2.0, 1.05, 64 * expert_bytes, steps=100) > 0
+    assert sim.rebalance_gain(p, BIG, 1.06, 1.05, 64 * expert_bytes, steps=1) < 0
+
+
 def test_layer_rejects_bad_shapes():
     with pytest.raises(ValueError, match="divide the experts"):
         sim.Layer(16, 8, 8, 10, 2, ranks=4, nodes=2)

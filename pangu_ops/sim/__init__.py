@@ -7,10 +7,10 @@ import functools
 
 import torch
 
-from .model import Layer, best_chunks, candidates, predict
+from .model import Layer, best_chunks, candidates, predict, rebalance_gain
 from .profile import SPECS, Profile
 
-__all__ = ["Layer", "Profile", "SPECS", "best_chunks", "calibrate", "candidates", "default_profile", "predict"]
+__all__ = ["Layer", "Profile", "SPECS", "best_chunks", "calibrate", "candidates", "default_profile", "predict", "rebalance_gain"]
 
 
 def default_profile(device: torch.device) -> Profile:

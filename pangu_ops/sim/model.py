@@ -167,3 +167,15 @@ def best_chunks(p: Profile, c: Layer, max_chunks: int = 8) -> int:
     """The chunk count the model predicts fastest for c's strategy (the adaptive overlap)."""
     same = [x for x in candidates(c, max_chunks) if x.strategy == c.strategy]
     return min(same, key=lambda x: predict(p, x)["total"]).chunks
+
+
+def rebalance_gain(p: Profile, c: Layer, before: float, after: float, bytes_moved: float, steps: int) -> float:
+    """Seconds a rebalance saves over the next `steps` steps of layer problem `c` (negative: it
+    does not pay): its slowest rank's time at max / mean load `before` minus at `after`, per step,
+    against moving `bytes_moved` bytes (all ranks') over the inter-node links once. What the
+    placement planner's moves cost in time, for `rebalance_experts(..., max_bytes=)` or to decide
+    whether to rebalance at all."""
+    saved = predict(p, replace(c, imbalance=before))["total"] - predict(p, replace(c, imbalance=after))["total"]
+    link = p.link("inter" if c.nodes > 1 else "intra", c.ranks)
+    move = link.latency_s + bytes_moved / c.ranks / link.bytes_per_s  # the ranks move their shares at once
+    return steps * saved - move
