@@ -23,11 +23,17 @@ order of load taken off their heaviest rank per byte moved, the others keep thei
 """
 from __future__ import annotations
 
+import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from .agreement import agree, collective_device
+from .all_to_all import collective
 
 
 # ---- the planner (numpy: a few ms for 58 layers x 256 experts) ----
@@ -52,19 +58,18 @@ def _pack(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     return pack, slot
 
 
-def _replicate(weight: np.ndarray, num_physical: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _replicate(weight: np.ndarray, num_physical: int) -> tuple[np.ndarray, np.ndarray]:
     """Logical experts [X, n] onto num_physical >= n physical ones: each extra replica goes to the
-    expert with the most load per replica. Returns (phy2log [X, P], replica index [X, P], count [X, n])."""
+    expert with the most load per replica. Returns (phy2log [X, P], count [X, n])."""
     rows, n = weight.shape
     phy2log = np.tile(np.arange(num_physical), (rows, 1))
-    replica = np.zeros((rows, num_physical), dtype=np.int64)
     count = np.ones((rows, n), dtype=np.int64)
     r = np.arange(rows)
     for p in range(n, num_physical):
         e = np.argmax(weight / count, axis=1)
-        phy2log[:, p], replica[:, p] = e, count[r, e]
+        phy2log[:, p] = e
         count[r, e] += 1
-    return phy2log, replica, count
+    return phy2log, count
 
 
 def _refine(weight: np.ndarray, pack: np.ndarray, num_packs: int, rounds: int = 8) -> None:
@@ -101,9 +106,8 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
 
 
 def _plan(weight: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_ranks: int,
-          refine: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The hierarchical policy over [L, E] loads (global: num_groups = num_nodes = 1).
-    Returns (phy2log [L, R], replica index [L, R])."""
+          refine: bool) -> np.ndarray:
+    """The hierarchical policy over [L, E] loads (global: num_groups = num_nodes = 1): phy2log [L, R]."""
     L, E = weight.shape
     group_size, groups_per_node = E // num_groups, num_groups // num_nodes
     per_node, per_rank, ranks_per_node = E // num_nodes, num_physical // num_ranks, num_ranks // num_nodes
@@ -114,7 +118,7 @@ def _plan(weight: np.ndarray, num_physical: int, num_groups: int, num_nodes: int
     nl2log = _inverse(log2nl)
     node_weight = np.take_along_axis(weight, nl2log, axis=1).reshape(L * num_nodes, per_node)
     # 2. replicas inside each node
-    phy2nl, replica, count = _replicate(node_weight, num_physical // num_nodes)
+    phy2nl, count = _replicate(node_weight, num_physical // num_nodes)
     phy_weight = np.take_along_axis(node_weight / count, phy2nl, axis=1)
     # 3. the node's physical experts onto its ranks, then refined
     pack, slot = _pack(phy_weight, ranks_per_node)
@@ -127,13 +131,12 @@ def _plan(weight: np.ndarray, num_physical: int, num_groups: int, num_nodes: int
     at = _inverse(where)
     phy2nl = np.take_along_axis(phy2nl, at, axis=1).reshape(L, num_nodes, -1)
     phy2nl = (phy2nl + (np.arange(num_nodes) * per_node)[None, :, None]).reshape(L, num_physical)
-    replica = np.take_along_axis(replica, at, axis=1).reshape(L, num_physical)
-    return np.take_along_axis(nl2log, phy2nl, axis=1), replica
+    return np.take_along_axis(nl2log, phy2nl, axis=1)
 
 
 def _keep_slots(phy2log: np.ndarray, current: np.ndarray, per_rank: int) -> np.ndarray:
     """phy2log with each rank's experts reordered so that an expert the rank already holds keeps
-    its current slot (a replica's index among its copies is renumbered later)."""
+    its current slot."""
     out = phy2log.copy()
     L, R = phy2log.shape
     for l in range(L):
@@ -172,8 +175,8 @@ def _np2(t: Tensor | np.ndarray, dtype) -> np.ndarray:
     return (a[None] if a.ndim == 1 else a).astype(dtype)
 
 
-def _tables(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(replica index [L, R], log2phy [L, E, X] -1 padded, logcnt [L, E]) of phy2log."""
+def _tables(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log2phy [L, E, X] -1 padded, logcnt [L, E]) of phy2log."""
     L, R = phy2log.shape
     logcnt = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
     replica = np.zeros((L, R), dtype=np.int64)
@@ -184,7 +187,7 @@ def _tables(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarr
         replica[:, p] = seen[np.arange(L), e]
         log2phy[np.arange(L), e, replica[:, p]] = p
         seen[np.arange(L), e] += 1
-    return replica, log2phy, logcnt
+    return log2phy, logcnt
 
 
 def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int, *,
@@ -224,9 +227,9 @@ def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_node
     hierarchical = num_groups % num_nodes == 0 and (num_replicas // num_nodes) % (num_ranks // num_nodes) == 0 \
         and E % num_nodes == 0
     if hierarchical:
-        phy2log, _ = _plan(weight, num_replicas, num_groups, num_nodes, num_ranks, refine)
+        phy2log = _plan(weight, num_replicas, num_groups, num_nodes, num_ranks, refine)
     else:
-        phy2log, _ = _plan(weight, num_replicas, 1, 1, num_ranks, refine)
+        phy2log = _plan(weight, num_replicas, 1, 1, num_ranks, refine)
     if current is not None:
         cur = _np2(current, np.int64)
         if cur.shape != (L, num_replicas):
@@ -242,7 +245,7 @@ def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_node
                 if gain[l] > 0 and spent + moved[l] <= max_bytes:
                     keep[l], spent = False, spent + moved[l]
             phy2log[keep] = cur[keep]
-    _, log2phy, logcnt = _tables(phy2log, E)
+    log2phy, logcnt = _tables(phy2log, E)
     return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)
 
 
@@ -328,8 +331,6 @@ class Placement:
 
     def fingerprint(self) -> int:
         """A small non-negative int that differs between placements (for the ranks' agreement)."""
-        import zlib
-
         return zlib.crc32(self.phy2log.numpy().tobytes()) ^ (self.num_ranks << 20)
 
 
@@ -338,8 +339,6 @@ def layer_loads(layers, group=None, reset: bool = False) -> Tensor:
     all-reduced over `group` (the expert-parallel group; None: this rank's counts only)."""
     load = torch.stack([layer.expert_load.to(torch.float64).cpu() for layer in layers])
     if group is not None:
-        import torch.distributed as dist
-
         dist.all_reduce(load, group=group)
     if reset:
         for layer in layers:
@@ -387,8 +386,6 @@ def _transfers(old: Placement, new: Placement) -> list[tuple[int, int, int, int]
 def _move_rows(old_rows: Tensor, transfers, me: int, world: int, group) -> Tensor:
     """The new [slots, ...] tensor of rank `me`: rows kept locally, the others received in one
     all-to-all (rows sent in destination order, received in source order)."""
-    import torch.distributed as dist
-
     flat = old_rows.reshape(old_rows.shape[0], -1)
     sends = sorted((d, j, s) for (r, s, d, j) in transfers if r == me and d != me)
     recvs = sorted((r, j) for (r, s, d, j) in transfers if d == me and r != me)
@@ -434,11 +431,6 @@ def rebalance(model_or_layers, placements, *, optimizer: torch.optim.Optimizer |
     Layers whose experts an `ecss.ExpertStore` keeps on the host (`store`): their host state moves
     instead (master weights, moments, step counts, compute copy), and their device pools restart
     empty."""
-    import time
-
-    from .agreement import agree, collective_device
-    from .all_to_all import collective
-
     start = time.perf_counter()
     layers = _moe_layers(model_or_layers)
     if len(placements) != len(layers):
@@ -513,10 +505,6 @@ def sync_replica_grads(model_or_layers) -> None:
     """Sums the expert weights' gradients over the replicas of each replicated logical expert
     (all-reduce over the layer's expert-parallel group), so that replicas, identical before the
     step, stay identical after it: call after backward, before the optimizer step."""
-    import torch.distributed as dist
-
-    from .all_to_all import collective
-
     for layer in _moe_layers(model_or_layers):
         d = layer.dispatcher
         if d.placement is None:
