@@ -127,21 +127,22 @@ def group_sizes_values(op: str, group_sizes: torch.Tensor, rows: int) -> None:
         raise ValueError(f"{op}: group_sizes sum to {total} but x has {rows} rows")
 
 
-def expert_list_values(op: str, expert_ids: torch.Tensor, num_experts: int) -> None:
-    """A list of distinct experts, each in [0, num_experts)."""
-    bad = (expert_ids < 0) | (expert_ids >= num_experts)
+def _distinct_in_range(op: str, name: str, values: torch.Tensor, bound: int, bound_text: str, twice: str) -> None:
+    """Every entry of the 1-D `values` in [0, bound) and none repeated; messages name the first bad one."""
+    bad = (values < 0) | (values >= bound)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"{op}: expert_ids[{i}] = {int(expert_ids[i])} is out of range [0, E={num_experts})")
-    if expert_ids.unique().numel() != expert_ids.numel():
-        raise ValueError(f"{op}: an expert is listed twice in expert_ids")
+        raise ValueError(f"{op}: {name}[{i}] = {int(values[i])} is out of range [0, {bound_text})")
+    if values.unique().numel() != values.numel():
+        raise ValueError(f"{op}: {twice}")
+
+
+def expert_list_values(op: str, expert_ids: torch.Tensor, num_experts: int) -> None:
+    """A list of distinct experts, each in [0, num_experts)."""
+    _distinct_in_range(op, "expert_ids", expert_ids, num_experts, f"E={num_experts}",
+                       "an expert is listed twice in expert_ids")
 
 
 def sorted_index_values(sorted_index: torch.Tensor, slots: int) -> None:
-    bad = (sorted_index < 0) | (sorted_index >= slots)
-    if bool(bad.any()):
-        r = int(bad.nonzero()[0])
-        raise ValueError(f"unpermute: sorted_index[{r}] = {int(sorted_index[r])} is out of range "
-                         f"[0, num_tokens * topk = {slots})")
-    if sorted_index.unique().numel() != sorted_index.numel():
-        raise ValueError("unpermute: sorted_index holds a slot twice")
+    _distinct_in_range("unpermute", "sorted_index", sorted_index, slots, f"num_tokens * topk = {slots}",
+                       "sorted_index holds a slot twice")

@@ -137,13 +137,12 @@ def _profile(spec: str | None, link_mbit: float | None):
     """The profile named on the command line: a spec name (h200, a100, ascend910b), a JSON file,
     or this machine's calibration (made now, and cached, when there is none)."""
     from pangu_ops import sim
-    from pangu_ops.backends.cache import cache_dir
 
     if spec in sim.SPECS:
         return sim.SPECS[spec]
     if spec:
         return sim.Profile.load(Path(spec))
-    cached = cache_dir("sim") / (f"profile-{link_mbit:g}mbit.json" if link_mbit else "profile.json")
+    cached = sim.cached_profile(link_mbit)
     if cached.exists():
         return sim.Profile.load(cached)
     print(f"plan: no calibration of this machine yet: calibrating (saved to {cached})", file=sys.stderr)
@@ -154,13 +153,11 @@ def _profile(spec: str | None, link_mbit: float | None):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from pangu_ops import sim
-    from pangu_ops.backends.cache import cache_dir
     from pangu_ops.benchmarks.ops import PRESETS
 
     if args.calibrate:
         profile = sim.calibrate(quick=args.quick, link_mbit=args.link_mbit)
-        out = Path(args.out) if args.out else cache_dir("sim") / (
-            f"profile-{args.link_mbit:g}mbit.json" if args.link_mbit else "profile.json")
+        out = Path(args.out) if args.out else sim.cached_profile(args.link_mbit)
         profile.save(out)
         print(f"wrote {out}")
         return 0

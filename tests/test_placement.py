@@ -337,6 +337,8 @@ def _ecss_rank(rank: int, mode: str):
             host = store.layers[0]
             around_move["before"] = {e: (host.exp_avg_sq[j].clone(), int(host.steps[j]))
                                      for j, e in enumerate(layer.local_expert_ids.tolist())}
+            with pytest.raises(ValueError, match="replicated experts under ECSS"):  # refused before anything moves
+                pl.rebalance([layer], [_skewed_placement(4)], store=store)
             stats = pl.rebalance([layer], [moved], store=store)
             assert stats.experts_received == 2
             host = store.layers[0]

@@ -348,6 +348,9 @@ def layer_loads(layers, group=None, reset: bool = False) -> Tensor:
 
 # ---- the executor: experts and their optimizer state to a new placement ----
 
+ECSS_REPLICAS = ("replicated experts under ECSS (an expert pool) are not supported: plan with num_replicas = the "
+                 "number of experts (moves only) for ECSS layers")
+
 def _moe_layers(model_or_layers) -> list:
     from ..nn.moe import MoEFeedForward
 
@@ -442,18 +445,22 @@ def rebalance(model_or_layers, placements, *, optimizer: torch.optim.Optimizer |
     for i, (layer, new) in enumerate(zip(layers, news)):
         d = layer.dispatcher
         t = d.topology
+        held = store.layer_of(layer) if store is not None else None
         error = None
-        try:
+        try:  # everything that can refuse is checked here, agreed on, before any rank moves anything
             if new.num_ranks != t.world_size:
                 raise ValueError(f"layer {i}: placement for {new.num_ranks} ranks, its group has {t.world_size}")
             new.check(d.num_experts)
+            if held is not None:
+                store.check_movable(layer)
+                if bool((torch.bincount(new.phy2log) > 1).any()):
+                    raise ValueError(ECSS_REPLICAS)
         except ValueError as e:
             error = e
         with collective(f"rebalance layer {i} (agreeing on the placement)", t):
             agree(f"rebalance layer {i} on {t}", {"placement": 0 if error else new.fingerprint()}, t.control_group,
                   t.ranks, collective_device(t.control_group), error)
         transfers = _transfers(_current(layer), new)
-        held = store.layer_of(layer) if store is not None else None
         if held is not None:  # ECSS: the experts live on the host
             tensors = {"master": held.master, "exp_avg": held.exp_avg, "exp_avg_sq": held.exp_avg_sq,
                        "steps": held.steps[:, None], "compute": held.compute}
@@ -514,8 +521,7 @@ def sync_replica_grads(model_or_layers) -> None:
         if not replicated.numel():
             continue
         if layer.expert_pool is not None:
-            raise ValueError("replicated experts under ECSS (an expert pool) are not supported: plan with "
-                             "num_replicas = the number of experts (moves only) for ECSS layers")
+            raise ValueError(ECSS_REPLICAS)
         row_of = torch.full((d.num_experts,), -1, dtype=torch.long)
         row_of[replicated] = torch.arange(replicated.numel())
         local_rows = row_of[d.placement.experts_of(d.topology.rank)]

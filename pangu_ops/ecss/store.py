@@ -138,13 +138,19 @@ class ExpertStore:
     def layer_of(self, module: MoEFeedForward) -> _Layer | None:
         return next((layer for layer in self.layers if layer.module is module), None)
 
+    def check_movable(self, module: MoEFeedForward) -> _Layer:
+        """The layer's host record; raises ValueError while its experts hold gradients (a move
+        then would lose them: rebalance between `step()` and the next `prepare()`)."""
+        layer = self.layer_of(module)
+        if layer.pool.pending:
+            raise ValueError(f"layer {layer.name!r}: experts hold gradients: rebalance between step() and prepare()")
+        return layer
+
     def replace_experts(self, module: MoEFeedForward, master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                         steps: Tensor, compute: Tensor) -> None:
         """A layer's host state for another set of experts (the executor of `placement.rebalance`
         moved them here); its device pool starts empty (every expert is uploaded again)."""
-        layer = self.layer_of(module)
-        if layer.pool.pending:
-            raise RuntimeError(f"layer {layer.name!r}: experts hold gradients: rebalance between step() and prepare()")
+        layer = self.check_movable(module)
         E = master.shape[0]
         layer.master, layer.exp_avg, layer.exp_avg_sq, layer.steps = master, exp_avg, exp_avg_sq, steps
         layer.compute = compute.pin_memory() if self.device.type == "cuda" else compute

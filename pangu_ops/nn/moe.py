@@ -244,8 +244,7 @@ class MoEFeedForward(nn.Module):
         self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
 
     def _count(self, expert_ids: Tensor) -> None:
-        ids = expert_ids.reshape(-1).long()
-        self.expert_load.scatter_add_(0, ids.clamp_min(0), (ids >= 0).long())
+        self.expert_load.add_(routing._slot_counts(expert_ids.reshape(-1).long(), self.expert_load.shape[0]).long())
 
     def _experts(self, x_sorted: Tensor, group_sizes: Tensor) -> Tensor:
         return expert_mlp(x_sorted, self.w_gate_up, self.w_down, group_sizes)
@@ -254,7 +253,8 @@ class MoEFeedForward(nn.Module):
         """Expert parallel with an ECSS pool: the local experts that received rows, fetched into
         the pool now (a host read of the counts), computed from their slots."""
         active = torch.nonzero(group_sizes).flatten()
-        slots = self.expert_pool.slot_map(active.cpu()[:, None])[active.cpu()].to(group_sizes.device)
+        on_host = active.cpu()
+        slots = self.expert_pool.slot_map(on_host[:, None])[on_host].to(group_sizes.device)
         return expert_mlp(x_local, self.w_gate_up[slots], self.w_down[slots], group_sizes[active])
 
     def _chunk_experts(self):

@@ -4,13 +4,22 @@ configurations (`pangu-ops plan`) and its validation against measured runs (`sim
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
 from .model import Layer, best_chunks, candidates, predict, rebalance_gain
 from .profile import SPECS, Profile
 
-__all__ = ["Layer", "Profile", "SPECS", "best_chunks", "calibrate", "candidates", "default_profile", "predict", "rebalance_gain"]
+__all__ = ["Layer", "Profile", "SPECS", "best_chunks", "cached_profile", "calibrate", "candidates", "default_profile",
+           "predict", "rebalance_gain"]
+
+
+def cached_profile(link_mbit: float | None = None) -> Path:
+    """Where this machine's calibration is kept (`pangu-ops plan --calibrate`; one per emulated link)."""
+    from ..backends.cache import cache_dir
+
+    return cache_dir("sim") / (f"profile-{link_mbit:g}mbit.json" if link_mbit else "profile.json")
 
 
 def default_profile(device: torch.device) -> Profile:
@@ -23,13 +32,11 @@ def default_profile(device: torch.device) -> Profile:
 
 @functools.lru_cache(maxsize=None)
 def _default_profile(kind: str, name: str) -> Profile:
-    from ..backends.cache import cache_dir
-
     if kind == "npu":
         return SPECS["ascend910b"]
     if kind == "cuda":
         return SPECS["a100"] if "A100" in name else SPECS["h200"]
-    cached = cache_dir("sim") / "profile.json"
+    cached = cached_profile()
     return Profile.load(cached) if cached.exists() else SPECS["cpu"]
 
 

@@ -14,7 +14,6 @@ None of the validation configurations (`sim.validate`) is measured here.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -22,34 +21,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .measure import best_time, ep_step, synchronized_median
 from .profile import Experts, Link, Profile, this_machine
-
-
-def best_time(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def synchronized_median(fn, iters: int) -> float:
-    """The slowest rank's median time of fn over iterations that all ranks start together (the
-    barrier outside the timed region), after one warm-up call."""
-    import torch.distributed as dist
-
-    fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
 
 
 def _fit_experts(dtype: torch.dtype, quick: bool) -> Experts:
@@ -163,32 +136,6 @@ def _links_rank(rank: int, setup: tuple) -> dict:
     return out
 
 
-def _overlap_rank(rank: int, dtype: str) -> dict:
-    """One expert-parallel step shape (not in the validation grid) at 1 and 4 chunks."""
-    import torch.distributed as dist
-
-    import pangu_ops
-    from ..distributed import ExpertParallelDispatcher, Topology
-
-    torch.set_num_threads(1)
-    topo = Topology(ranks_per_node=2)
-    T, H, F, E, k = 96, 192, 96, 8, 2
-    dt = getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(T, H, generator=gen).to(dt)
-    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k]
-    w = torch.rand(T, k, generator=gen)
-    w1 = (torch.randn(E // 4, H, 2 * F, generator=gen) * H ** -0.5).to(dt)
-    w2 = (torch.randn(E // 4, F, H, generator=gen) * F ** -0.5).to(dt)
-    ep = ExpertParallelDispatcher(topo, E, "flat")
-    out = {}
-    with torch.no_grad():
-        for chunks in (1, 4):
-            out[chunks] = synchronized_median(
-                lambda: ep.run(x, ids, w, lambda xs, s: pangu_ops.expert_mlp(xs, w1, w2, s), chunks=chunks), 7)
-    return out
-
-
 def calibrate(*, quick: bool = False, link_mbit: float | None = None, dtypes=("float32", "bfloat16"),
               progress=None) -> Profile:
     """Measures this machine (about 20-50 s) and returns its profile."""
@@ -204,7 +151,7 @@ def calibrate(*, quick: bool = False, link_mbit: float | None = None, dtypes=("f
     experts.setdefault("float16", experts.get("bfloat16", next(iter(experts.values()))))
     say("[calibrate] permute / unpermute bandwidth")
     move_call, move_bw = _fit_moves(quick)
-    links_by_ranks, collective_by_ranks, step_fixed = {}, {}, {}
+    links_by_ranks, step_fixed = {}, {}
     for nodes, per_node in ((2, 1), (2, 2)):
         say(f"[calibrate] all-to-all on {nodes} x {per_node} gloo ranks" + (f", {link_mbit:g} Mbit/s" if link_mbit else ""))
         r = launch(_links_rank, (quick, nodes, per_node), nodes, per_node, link_mbit)
@@ -212,17 +159,17 @@ def calibrate(*, quick: bool = False, link_mbit: float | None = None, dtypes=("f
         # an all-to-all's fixed cost is that of any collective among these ranks
         links_by_ranks[str(nodes * per_node)] = {"intra": Link(r["collective"], intra[1]),
                                                  "inter": Link(r["collective"], r["inter"][1])}
-        collective_by_ranks[str(nodes * per_node)] = r["collective"]
         step_fixed[str(nodes * per_node)] = {"flat": r["flat"], "hierarchical": r["hierarchical"]}
     cores = os.cpu_count() or 1
     profile = Profile("this machine", "measured", {**this_machine(), "cores": cores, "link_mbit": link_mbit},
-                      experts, move_call, move_bw, dict(links_by_ranks["4"]), collective_by_ranks["4"], cores=cores,
+                      experts, move_call, move_bw, dict(links_by_ranks["4"]), links_by_ranks["4"]["intra"].latency_s, cores=cores,
                       ranks_share_cores=True, overlap=0.0, links_by_ranks=links_by_ranks,
-                      collective_by_ranks=collective_by_ranks, step_fixed_by_ranks=step_fixed)
+                      step_fixed_by_ranks=step_fixed)
     say("[calibrate] overlap of a chunked step")
-    measured = launch(_overlap_rank, "bfloat16" if "bfloat16" in experts else dtypes[0], 2, 2, link_mbit)
-    # the overlap factor that makes the model's 4-chunk / 1-chunk ratio the measured one
+    # one expert-parallel step shape, not in the validation grid, at 1 and 4 chunks: the overlap
+    # factor that makes the model's 4-chunk / 1-chunk ratio the measured one
     base = Layer(96, 192, 96, 8, 2, dtype="bfloat16" if "bfloat16" in experts else dtypes[0], ranks=4, nodes=2)
+    measured = dict(zip((1, 4), launch(ep_step, ([base, replace(base, chunks=4)], 7), 2, 2, link_mbit)))
     one, four = predict(profile, base)["total"], None
     best, best_err = 0.0, float("inf")
     for ov in np.linspace(0.0, 1.0, 21):

@@ -96,7 +96,7 @@ def exchange_terms(p: Profile, c: Layer) -> dict[str, float]:
         out["collectives (measured fixed cost)"] = fixed
     else:
         out.update({"inter latency": calls["inter"] * inter.latency_s, "intra latency": calls["intra"] * intra.latency_s,
-                    "control collectives": control * p.collective(W)})
+                    "control collectives": control * p.collective_s})
     return out
 
 

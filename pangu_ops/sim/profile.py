@@ -9,7 +9,7 @@ Terms (every time in seconds, every rate per second):
 - local data movement (permute / unpermute passes): `per_call_s + bytes / bytes_per_s`.
 - links: one all-to-all on a level ("intra" node, "inter" node): `latency_s + bytes / bytes_per_s`
   (bytes this rank sends on that level); `collective_s`: a small control collective (the split
-  sizes, the ranks' agreement). Measured profiles hold the rates per number of local ranks
+  sizes, the ranks' agreement; spec profiles). Measured profiles hold the rates per number of local ranks
   (`links_by_ranks`) and, in place of the latencies, the measured fixed cost of a whole dispatch +
   combine without payload (`step_fixed_by_ranks`): ranks sharing cores pay more per collective,
   and more than a count of collectives says.
@@ -56,34 +56,30 @@ class Profile:
     ranks_share_cores: bool = False
     overlap: float = 1.0
     links_by_ranks: dict[str, dict[str, Link]] = field(default_factory=dict)  # measured at this many ranks
-    collective_by_ranks: dict[str, float] = field(default_factory=dict)
     # measured: the fixed cost of one dispatch + combine (all its collectives, no payload) by ranks
     # and strategy; where present it replaces the latency terms
     step_fixed_by_ranks: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    def _nearest(self, table: dict, ranks: int):
+        """The entry of `table` (keyed by a measured rank count) nearest to `ranks`, and how much
+        slower more ranks than measured make it where ranks share the machine's cores."""
+        nearest = min(table, key=lambda r: abs(int(r) - ranks))
+        stretch = max(1.0, ranks / int(nearest)) if self.ranks_share_cores else 1.0
+        return table[nearest], stretch
+
     def step_fixed(self, strategy: str, ranks: int) -> float | None:
         if not self.step_fixed_by_ranks:
             return None
-        nearest = min(self.step_fixed_by_ranks, key=lambda r: abs(int(r) - ranks))
-        scale = max(1.0, ranks / int(nearest)) if self.ranks_share_cores else 1.0
-        return self.step_fixed_by_ranks[nearest][strategy] * scale
-
-    def collective(self, ranks: int) -> float:
-        if self.collective_by_ranks:
-            nearest = min(self.collective_by_ranks, key=lambda r: abs(int(r) - ranks))
-            return self.collective_by_ranks[nearest] * max(1.0, ranks / int(nearest) if self.ranks_share_cores else 1.0)
-        return self.collective_s
+        fixed, stretch = self._nearest(self.step_fixed_by_ranks, ranks)
+        return fixed[strategy] * stretch
 
     def link(self, level: str, ranks: int) -> Link:
         """The link of `level` as measured with the nearest number of ranks (local ranks share the
         machine: more of them, slower loopback)."""
-        if self.links_by_ranks:
-            nearest = min(self.links_by_ranks, key=lambda r: abs(int(r) - ranks))
-            base = self.links_by_ranks[nearest][level]
-            if self.ranks_share_cores and ranks > int(nearest):
-                return Link(base.latency_s * ranks / int(nearest), base.bytes_per_s * int(nearest) / ranks)
-            return base
-        return self.links[level]
+        if not self.links_by_ranks:
+            return self.links[level]
+        levels, stretch = self._nearest(self.links_by_ranks, ranks)
+        return Link(levels[level].latency_s * stretch, levels[level].bytes_per_s / stretch)
 
     def compute_scale(self, ranks: int) -> float:
         return max(1.0, ranks / self.cores) if self.ranks_share_cores else 1.0

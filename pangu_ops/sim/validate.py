@@ -14,8 +14,8 @@ import sys
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import torch
 
+from .measure import ep_step, measure_single
 from .model import Layer, best_chunks, candidates, predict
 from .profile import Profile
 
@@ -35,56 +35,6 @@ class Point:
         return abs(self.predicted_ms - self.measured_ms) / self.measured_ms
 
 
-
-
-def measure_single(c: Layer, iters: int = 5) -> float:
-    """Seconds of permute -> expert_mlp -> unpermute (and its backward) on this process: the best
-    of `iters` (as calibration measures: on a shared machine the minimum is the stable figure)."""
-    import pangu_ops
-
-    from .calibrate import best_time
-
-    dt = getattr(torch, c.dtype)
-    gen = torch.Generator().manual_seed(c.tokens + c.experts)
-    x = torch.randn(c.tokens, c.hidden, generator=gen).to(dt).requires_grad_(c.backward)
-    ids = torch.rand(c.tokens, c.experts, generator=gen).argsort(1)[:, :c.topk]
-    w = torch.rand(c.tokens, c.topk, generator=gen)
-    w1 = (torch.randn(c.experts, c.hidden, 2 * c.ffn, generator=gen) * c.hidden ** -0.5).to(dt).requires_grad_(c.backward)
-    w2 = (torch.randn(c.experts, c.ffn, c.hidden, generator=gen) * c.ffn ** -0.5).to(dt).requires_grad_(c.backward)
-
-    def step():
-        with torch.set_grad_enabled(c.backward):
-            xs, sizes, idx = pangu_ops.permute(x, ids, c.experts)
-            y = pangu_ops.unpermute(pangu_ops.expert_mlp(xs, w1, w2, sizes), idx, w)
-            if c.backward:
-                y.float().sum().backward()
-    return best_time(step, iters)
-
-
-def _ep_rank(rank: int, setup: tuple) -> dict:
-    import pangu_ops
-    from ..distributed import ExpertParallelDispatcher, Topology
-    from .calibrate import synchronized_median
-
-    configs, iters = setup
-    torch.set_num_threads(1)
-    c0 = configs[0]
-    topo = Topology(ranks_per_node=c0.ranks // c0.nodes)
-    dt = getattr(torch, c0.dtype)
-    gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(c0.tokens, c0.hidden, generator=gen).to(dt)
-    ids = torch.rand(c0.tokens, c0.experts, generator=gen).argsort(1)[:, :c0.topk]
-    w = torch.rand(c0.tokens, c0.topk, generator=gen)
-    local = c0.experts // c0.ranks
-    w1 = (torch.randn(local, c0.hidden, 2 * c0.ffn, generator=gen) * c0.hidden ** -0.5).to(dt)
-    w2 = (torch.randn(local, c0.ffn, c0.hidden, generator=gen) * c0.ffn ** -0.5).to(dt)
-    dispatchers = {s: ExpertParallelDispatcher(topo, c0.experts, s) for s in ("flat", "hierarchical")}
-    out = []
-    with torch.no_grad():
-        for c in configs:
-            out.append(synchronized_median(lambda: dispatchers[c.strategy].run(
-                x, ids, w, lambda xs, s: pangu_ops.expert_mlp(xs, w1, w2, s), chunks=c.chunks), iters))
-    return out
 
 
 def grid(quick: bool, link_mbit: float | None) -> list[tuple[str, list[Layer]]]:
@@ -122,7 +72,7 @@ def run(profiles: dict, *, quick: bool = False, link_mbit: float | None = None, 
         if configs[0].ranks == 1:
             measured = [measure_single(c, iters) for c in configs]
         else:
-            measured = launch(_ep_rank, (configs, iters), 2, configs[0].ranks // 2, link)
+            measured = launch(ep_step, (configs, iters), 2, configs[0].ranks // 2, link)
         predicted = [predict(profile, c)["total"] for c in configs]
         for c, m, p in zip(configs, measured, predicted):
             points.append(Point({**asdict(c), "link_mbit": link}, name, 1e3 * p, 1e3 * m))
