@@ -133,9 +133,9 @@ def cmd_compile_check(args: argparse.Namespace) -> int:
     return compile_check.main(targets, Path(args.out) if args.out else None, configs=args.configs)
 
 
-def _profile(spec: str | None, link_mbit: float | None):
+def _profile(spec: str | None, link_mbit: float | None, *, fresh: bool = False, quick: bool = False):
     """The profile named on the command line: a spec name (h200, a100, ascend910b), a JSON file,
-    or this machine's calibration (made now, and cached, when there is none)."""
+    or this machine's calibration (made now, and cached, when there is none, or when `fresh`)."""
     from pangu_ops import sim
 
     if spec in sim.SPECS:
@@ -143,10 +143,14 @@ def _profile(spec: str | None, link_mbit: float | None):
     if spec:
         return sim.Profile.load(Path(spec))
     cached = sim.cached_profile(link_mbit)
-    if cached.exists():
-        return sim.Profile.load(cached)
-    print(f"plan: no calibration of this machine yet: calibrating (saved to {cached})", file=sys.stderr)
-    profile = sim.calibrate(link_mbit=link_mbit)
+    if cached.exists() and not fresh:
+        profile = sim.Profile.load(cached)
+        if profile.dense:
+            return profile
+        print("plan: the cached calibration predates decoder blocks: calibrating again", file=sys.stderr)
+    elif not fresh:
+        print(f"plan: no calibration of this machine yet: calibrating (saved to {cached})", file=sys.stderr)
+    profile = sim.calibrate(quick=quick, link_mbit=link_mbit)
     profile.save(cached)
     return profile
 
@@ -164,9 +168,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.validate:
         from pangu_ops.sim import validate
 
-        profiles = {None: _profile(args.profile, None)}
+        # this machine: calibrated now (it drifts; a validation checks the model, not an old profile)
+        profiles = {None: _profile(args.profile, None, fresh=True, quick=args.quick)}
         if args.link_mbit and not args.quick:
-            profiles[args.link_mbit] = _profile(None, args.link_mbit)
+            profiles[args.link_mbit] = _profile(None, args.link_mbit, fresh=True)
         result = validate.run(profiles, quick=args.quick, link_mbit=args.link_mbit)
         print(validate.table(result))
         if args.json:
@@ -176,7 +181,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     given = {f: getattr(args, f) for f in ("tokens", "hidden", "ffn", "experts", "topk")}
     problem = sim.Layer(**{f: v if v is not None else getattr(base, f) for f, v in given.items()},
                        dtype=args.dtype, ranks=args.ranks, nodes=args.nodes, imbalance=args.imbalance,
-                       backward=args.backward)
+                       backward=args.backward, block=args.block, seq=args.seq if args.block else 0)
     profile = _profile(args.profile, args.link_mbit)
     ranked = sorted(((sim.predict(profile, c), c) for c in sim.candidates(problem, args.max_chunks)),
                     key=lambda pc: pc[0]["total"])
@@ -248,12 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "--calibrate measures this machine, --validate checks the model against measured runs")
     pl.add_argument("--preset", choices=list(PRESETS), default="deepseek")
     for field in ("tokens", "hidden", "ffn", "experts", "topk"):
-        pl.add_argument(f"--{field}", type=int, help="override the preset's value (tokens: per rank)")
+        pl.add_argument(f"--{field}", type=int,
+                        help="override the preset's value" + (" (per rank)" if field == "tokens" else ""))
     pl.add_argument("--dtype", choices=list(DTYPE_NAMES), default="bfloat16")
     pl.add_argument("--ranks", type=int, default=8, help="expert-parallel ranks")
     pl.add_argument("--nodes", type=int, default=2)
     pl.add_argument("--imbalance", type=float, default=1.0, help="max / mean rows per rank (1: balanced)")
     pl.add_argument("--backward", action="store_true", help="forward + backward")
+    pl.add_argument("--block", action="store_true", help="a whole decoder block (attention, norms, router) around "
+                    "the MoE layer")
+    pl.add_argument("--seq", type=int, default=4096, help="with --block: the sequence length")
     pl.add_argument("--max-chunks", type=int, default=8)
     pl.add_argument("--link-mbit", type=float, help="an emulated slow inter-node link (calibration, validation)")
     pl.add_argument("--profile", help="h200, a100, ascend910b (from specs) or a profile JSON; default: this "

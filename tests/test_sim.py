@@ -50,6 +50,40 @@ def test_rebalance_pays_when_the_imbalance_outweighs_the_move():
     assert sim.rebalance_gain(p, BIG, 1.06, 1.05, 64 * expert_bytes, steps=1) < 0
 
 
+def test_planner_prices_moves_with_the_model():
+    """rebalance_experts(pays=sim.rebalance_gain...) moves a skewed layer when the steps ahead repay
+    the bytes, and nothing when they do not (one step over a slow link)."""
+    import functools
+
+    from pangu_ops.distributed.placement import rebalance_experts
+
+    gen = torch.Generator().manual_seed(0)
+    load = torch.stack([1.0 / torch.arange(1, 17).float() ** 1.2, torch.ones(16)]) * 1e4  # skewed, flat
+    load = load[:, torch.randperm(16, generator=gen)]
+    cur = torch.arange(16).repeat(2, 1)
+    layer = sim.Layer(4096, 2048, 1024, 16, 2, ranks=4, nodes=2)
+    slow = replace(sim.SPECS["a100"], links={"intra": Link(1e-5, 1e9), "inter": Link(1e-5, 1e6)})
+    bytes_per_expert = 3 * 2048 * 1024 * 2 * 3
+    plan = functools.partial(rebalance_experts, load, 16, 16, 2, 4, current=cur, expert_bytes=bytes_per_expert)
+    paid, _, _ = plan(pays=functools.partial(sim.rebalance_gain, sim.SPECS["a100"], layer, steps=1000))
+    assert not torch.equal(paid[0], cur[0]) and torch.equal(paid[1], cur[1])  # the flat layer gains nothing
+    unpaid, _, _ = plan(pays=functools.partial(sim.rebalance_gain, slow, layer, steps=1))
+    assert torch.equal(unpaid, cur)
+
+
+def test_decoder_block_adds_attention_around_the_layer():
+    p = sim.SPECS["h200"]
+    layer = replace(BIG, tokens=8192)
+    block = sim.predict(p, replace(layer, block=True, seq=4096))
+    assert block["total"] == pytest.approx(sim.predict(p, layer)["total"] + sum(
+        block[k] for k in ("attention GEMMs", "attention", "router", "norms and residuals")))
+    longer = sim.predict(p, replace(layer, block=True, seq=8192))
+    assert longer["attention"] == pytest.approx(2 * block["attention"], rel=0.01)
+    assert sim.predict(p, replace(layer, block=True, backward=True))["attention GEMMs"] > 2 * block["attention GEMMs"]
+    with pytest.raises(ValueError, match="recalibrate"):
+        sim.predict(replace(p, dense={}), replace(layer, block=True))
+
+
 def test_layer_rejects_bad_shapes():
     with pytest.raises(ValueError, match="divide the experts"):
         sim.Layer(16, 8, 8, 10, 2, ranks=4, nodes=2)
@@ -104,6 +138,7 @@ def test_calibrate_and_validate_quick(tmp_path, capsys):
     assert p.machine["calibration_s"] <= 60
     assert cli.main(["plan", "--validate", "--quick", "--profile", str(profile), "--json", str(tmp_path / "v.json")]) == 0
     result = json.loads((tmp_path / "v.json").read_text())
-    assert len(result["configs"]) == 10 and {"mape", "spearman", "pick_within_5pct", "configs"} <= set(result)
+    assert len(result["configs"]) == 12 and {"mape", "mape_drift_corrected", "spearman", "pick_within_5pct",
+                                             "configs"} <= set(result)
     assert result["spearman"] >= 0.8 and result["mape"] <= 0.6
     assert "MAPE" in capsys.readouterr().out

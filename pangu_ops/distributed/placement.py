@@ -20,6 +20,9 @@ The planner (`rebalance_experts`), for L layers at once:
 Beyond EPLB: `current=` keeps every expert that stays on a rank in the slot it already has (only
 new (rank, expert) pairs move), and `max_bytes` bounds the bytes moved: layers are rebalanced in
 order of load taken off their heaviest rank per byte moved, the others keep their placement.
+`pays=` prices the moves in time instead: a layer is rebalanced only where the seconds it saves
+over the coming steps exceed the seconds its bytes take to move (e.g. the cost model's
+`functools.partial(sim.rebalance_gain, profile, layer, steps=100)`), best seconds per byte first.
 """
 from __future__ import annotations
 
@@ -192,7 +195,7 @@ def _tables(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarr
 
 def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_ranks: int, *,
                       current: Tensor | None = None, expert_bytes: int = 1, max_bytes: int | None = None,
-                      refine: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                      pays=None, refine: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Plan the physical experts of L MoE layers (module doc).
 
     Args:
@@ -206,6 +209,10 @@ def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_node
         current: `[L, R]` phy2log in force now: experts that stay on a rank keep their slots.
         expert_bytes, max_bytes: bytes one expert's move costs (weights + optimizer state), and
             the most to move (None: no bound; 0: nothing moves). Needs `current`.
+        pays: `pays(before, after, bytes_moved) -> seconds` saved net of the move, for one layer
+            whose max / mean tokens per rank goes from `before` to `after` by moving `bytes_moved`
+            bytes (`sim.rebalance_gain` with its profile, layer and steps bound): layers where it is
+            not positive keep their placement. Needs `current`.
         refine: the swap refinement after packing (False: EPLB's greedy packing alone).
 
     Returns `(phy2log [L, R], log2phy [L, E, X], logcnt [L, E])`, int64 (X: most replicas of one
@@ -222,8 +229,8 @@ def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_node
         raise ValueError(f"num_groups ({num_groups}) must divide the experts ({E})")
     if (weight < 0).any() or not np.isfinite(weight).all():
         raise ValueError("load must be finite and non-negative")
-    if max_bytes is not None and current is None:
-        raise ValueError("max_bytes bounds the moves from a current placement: pass current=")
+    if (max_bytes is not None or pays is not None) and current is None:
+        raise ValueError("max_bytes and pays= weigh the moves from a current placement: pass current=")
     hierarchical = num_groups % num_nodes == 0 and (num_replicas // num_nodes) % (num_ranks // num_nodes) == 0 \
         and E % num_nodes == 0
     if hierarchical:
@@ -236,13 +243,19 @@ def rebalance_experts(load: Tensor, num_replicas: int, num_groups: int, num_node
             raise ValueError(f"current must be [L, R] = [{L}, {num_replicas}], got {list(cur.shape)}")
         per_rank = num_replicas // num_ranks
         phy2log = _keep_slots(phy2log, cur, per_rank)
-        if max_bytes is not None:
+        if max_bytes is not None or pays is not None:
             moved = np.array([moves(cur[l], phy2log[l], num_ranks) for l in range(L)]) * expert_bytes
-            gain = rank_loads(weight, cur, num_ranks).max(1) - rank_loads(weight, phy2log, num_ranks).max(1)
+            before, after = rank_loads(weight, cur, num_ranks), rank_loads(weight, phy2log, num_ranks)
+            if pays is None:  # load taken off the heaviest rank
+                gain = before.max(1) - after.max(1)
+            else:
+                imbalance = lambda r: float(r.max() / max(r.mean(), 1e-12))  # noqa: E731
+                gain = np.array([pays(imbalance(before[l]), imbalance(after[l]), int(moved[l])) for l in range(L)])
+            budget = np.inf if max_bytes is None else max_bytes
             keep = np.ones(L, dtype=bool)
             spent = 0
             for l in sorted(range(L), key=lambda l: -gain[l] / max(moved[l], 1)):
-                if gain[l] > 0 and spent + moved[l] <= max_bytes:
+                if gain[l] > 0 and spent + moved[l] <= budget:
                     keep[l], spent = False, spent + moved[l]
             phy2log[keep] = cur[keep]
     log2phy, logcnt = _tables(phy2log, E)

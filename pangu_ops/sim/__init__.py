@@ -41,7 +41,7 @@ def _default_profile(kind: str, name: str) -> Profile:
 
 
 def calibrate(**kwargs) -> Profile:
-    """Measures this machine: see `sim.calibrate.calibrate`."""
-    from .calibrate import calibrate as run
+    """Measures this machine: see `sim.calibration.calibrate`."""
+    from .calibration import calibrate as run
 
     return run(**kwargs)

@@ -38,13 +38,34 @@ def synchronized_median(fn, iters: int) -> float:
     return float(t)
 
 
+def speed_probe() -> float:
+    """Seconds of a fixed small workload (an fp32 expert_mlp and a permute / unpermute pass, a few
+    ms): calibration records it, validation repeats it beside each problem, and the ratio says how
+    much slower or faster this shared machine runs now than when it was calibrated."""
+    import pangu_ops
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 256, generator=gen)
+    ids = torch.randint(0, 8, (1024, 2), generator=gen)
+    w1, w2 = torch.randn(8, 256, 256, generator=gen) / 16, torch.randn(8, 128, 256, generator=gen) / 16
+
+    def once():
+        with torch.no_grad():
+            xs, sizes, idx = pangu_ops.permute(x, ids, 8)
+            pangu_ops.unpermute(pangu_ops.expert_mlp(xs, w1, w2, sizes), idx, None, 1024, topk=2)
+    return best_time(once, 7)
+
+
 def measure_single(c: Layer, iters: int = 5) -> float:
-    """Seconds of permute -> expert_mlp -> unpermute (and its backward) on this process: the best
-    of `iters` (as calibration measures: on a shared machine the minimum is the stable figure)."""
+    """Seconds of permute -> expert_mlp -> unpermute (a decoder block with `c.block`: `nn.DecoderBlock`
+    around a `MoEFeedForward`), and its backward, on this process: the best of `iters` (as
+    calibration measures: on a shared machine the minimum is the stable figure)."""
     import pangu_ops
 
     dt = getattr(torch, c.dtype)
     gen = torch.Generator().manual_seed(c.tokens + c.experts)
+    if c.block:
+        return best_time(_block_step(c, dt, gen), iters)
     x = torch.randn(c.tokens, c.hidden, generator=gen).to(dt).requires_grad_(c.backward)
     ids = torch.rand(c.tokens, c.experts, generator=gen).argsort(1)[:, :c.topk]
     w = torch.rand(c.tokens, c.topk, generator=gen)
@@ -58,6 +79,25 @@ def measure_single(c: Layer, iters: int = 5) -> float:
             if c.backward:
                 y.float().sum().backward()
     return best_time(step, iters)
+
+
+def _block_step(c: Layer, dt: torch.dtype, gen: torch.Generator):
+    from ..nn import DecoderBlock, MoEFeedForward
+
+    seq = min(c.seq or c.tokens, c.tokens)
+    if c.tokens % seq:
+        raise ValueError(f"tokens ({c.tokens}) must be whole sequences of {seq}")
+    torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
+    block = DecoderBlock(c.hidden, max(1, c.hidden // 64), MoEFeedForward(c.hidden, c.ffn, c.experts, topk=c.topk)).to(dt)
+    block.requires_grad_(c.backward)
+    x = torch.randn(c.tokens // seq, seq, c.hidden, generator=gen).to(dt).requires_grad_(c.backward)
+
+    def step():
+        with torch.set_grad_enabled(c.backward):
+            y, aux = block(x)
+            if c.backward:
+                (y.float().sum() + aux).backward()
+    return step
 
 
 def ep_step(rank: int, setup: tuple) -> list[float]:

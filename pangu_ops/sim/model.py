@@ -16,6 +16,13 @@ per rank, routing uniform over the experts except for `imbalance` (max / mean ro
   times the slowest stage; the profile's `overlap` says how much of that saving a machine gets
   (ranks sharing cores cannot overlap much). The backward exchanges synchronously (no overlap).
 On ranks sharing cores, compute is stretched by ranks / cores.
+
+A decoder block (`block=True`, pre-norm as `nn.DecoderBlock`) adds, per rank, replicated (data
+parallel) work around the layer: the attention's projections (8 T H^2 flops: q, k, v and out) and
+the router (2 T H E, fp32) at the profile's dense GEMM rate, causal attention over sequences of
+`seq` tokens (2 T seq H flops: scores and values, half of the full square) at its attention rate,
+and the two norms and residual adds (about 10 passes over T x H values). Their backward multiplies
+each flop term by its measured factor; none of it overlaps the exchange.
 """
 from __future__ import annotations
 
@@ -42,6 +49,8 @@ class Layer:
     chunks: int = 1
     imbalance: float = 1.0  # max / mean rows per rank (1: uniform; from a placement or a skew)
     backward: bool = False  # forward + backward
+    block: bool = False  # a whole decoder block: attention, norms and router around the MoE layer
+    seq: int = 0  # the block's sequence length (0: one sequence of `tokens`)
 
     def __post_init__(self):
         if self.ranks % self.nodes or self.experts % self.ranks:
@@ -111,8 +120,31 @@ def local_terms(p: Profile, c: Layer) -> float:
     return move_time(p, rows / passes, c.hidden, ELEMENT_BYTES[c.dtype], passes)
 
 
+def block_terms(p: Profile, c: Layer) -> dict[str, float]:
+    """A decoder block's work besides the MoE layer, per rank (seconds per term, unscaled)."""
+    if not (p.dense and p.attention):
+        raise ValueError(f"profile {p.name!r} has no dense GEMM / attention rates: recalibrate (pangu-ops plan "
+                         "--calibrate) to predict decoder blocks")
+    T, H = c.tokens, c.hidden
+    seq = min(c.seq or T, T)
+    dense, router, attn = p.dense[c.dtype], p.dense["float32"], p.attention[c.dtype]
+    return {"attention GEMMs": dense.time(8.0 * T * H * H, 2, c.backward),
+            "attention": attn.time(2.0 * T * seq * H, 1, c.backward),
+            "router": router.time(2.0 * T * H * c.experts, 1, c.backward),
+            "norms and residuals": move_time(p, 5.0 * T, H, ELEMENT_BYTES[c.dtype], 4) * (2 if c.backward else 1)}
+
+
 def predict(p: Profile, c: Layer) -> dict[str, float]:
-    """Seconds per term and `total` for layer problem `c` on profile `p`."""
+    """Seconds per term and `total` for layer (or block) problem `c` on profile `p`."""
+    out = _predict_layer(p, c)
+    if c.block:
+        terms = {k: v * p.compute_scale(c.ranks) for k, v in block_terms(p, c).items()}
+        out.update(terms)
+        out["total"] += sum(terms.values())
+    return out
+
+
+def _predict_layer(p: Profile, c: Layer) -> dict[str, float]:
     scale = p.compute_scale(c.ranks)
     E_local = c.experts // c.ranks
     rows = c.tokens * c.topk * c.imbalance

@@ -5,6 +5,8 @@
   c, 1/peak, h/peak) gives per_expert_s, peak_flops and half_rows; the backward's flop factor
   from the forward + backward times.
 - local moves: permute + unpermute at two sizes (a line through the points).
+- a decoder block's dense GEMMs and causal attention (torch's SDPA), forward and forward +
+  backward, at two or three sizes each: per-call cost, rate and backward factor (`_fit_rate`).
 - links: `all_to_all_single` on the real process groups of 2 x 1 and 2 x 2 local gloo ranks (an
   emulated slow inter-node link with `link_mbit`), within a node and across nodes, at two sizes;
   a tiny all-gather for the control collectives; and one chunked expert-parallel step, of a shape
@@ -13,6 +15,7 @@ None of the validation configurations (`sim.validate`) is measured here.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -21,8 +24,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .measure import best_time, ep_step, synchronized_median
-from .profile import Experts, Link, Profile, this_machine
+from .measure import best_time, ep_step, speed_probe, synchronized_median
+from .profile import Experts, Link, Profile, Rate, this_machine
 
 
 def _fit_experts(dtype: torch.dtype, quick: bool) -> Experts:
@@ -43,12 +46,12 @@ def _fit_experts(dtype: torch.dtype, quick: bool) -> Experts:
             sizes = torch.full((E,), m, dtype=torch.int64)
             flops = 6.0 * rows * H * F
             with torch.no_grad():
-                t = best_time(lambda: pangu_ops.expert_mlp(x, w1, w2, sizes))
+                t = best_time(lambda: pangu_ops.expert_mlp(x, w1, w2, sizes), 7)
             A.append([E, flops, flops / m, flops / min(H, F)])
             y.append(t)
             if m >= 16:
                 xg, w1g, w2g = x.clone().requires_grad_(), w1.clone().requires_grad_(), w2.clone().requires_grad_()
-                tb = best_time(lambda: pangu_ops.expert_mlp(xg, w1g, w2g, sizes).sum().backward(), 3)
+                tb = best_time(lambda: pangu_ops.expert_mlp(xg, w1g, w2g, sizes).sum().backward(), 5)
                 bwd.append((tb, t, flops, E, m))
     per_expert, inv_peak, rows_over_peak, width_over_peak = _nonnegative_fit(np.array(A), np.array(y))
     peak = 1.0 / max(inv_peak, 1e-15)
@@ -59,6 +62,50 @@ def _fit_experts(dtype: torch.dtype, quick: bool) -> Experts:
     flop_term = np.array([t - E_ * e.per_expert_s for _, t, _, E_, _ in bwd])
     factor = float(np.dot(extra, flop_term) / max(np.dot(flop_term, flop_term), 1e-30))
     return replace(e, bwd_factor=max(factor, 0.0))
+
+
+def _fit_rate(problems) -> Rate:
+    """A `Rate` from problems `(flops, make)`: `make()` returns (forward fn, forward + backward fn),
+    each timed; forward `t = per_call + flops / peak`, the backward's extra time over the forward's
+    flop term gives bwd_factor."""
+    points = []
+    for flops, make in problems:
+        fwd, both = make()
+        points.append((flops, best_time(fwd, 3), best_time(both, 3)))
+    per_call, inv_peak = _nonnegative_fit(np.array([[1.0, f] for f, _, _ in points]), np.array([t for _, t, _ in points]))
+    flop_term = np.array([f * inv_peak for f, _, _ in points])
+    extra = np.array([tb - t - per_call for _, t, tb in points])
+    factor = float(np.dot(extra, flop_term) / max(np.dot(flop_term, flop_term), 1e-30))
+    return Rate(1.0 / max(inv_peak, 1e-15), per_call, max(factor, 0.0))
+
+
+def _dense_problems(dtype: torch.dtype):
+    """Three GEMM shapes with as many rows as make a forward call ~3 ms here (a CPU's half-precision
+    matmul may be an emulation 100x slower than fp32: fixed shapes would be noise or minutes)."""
+    import torch.nn.functional as F
+
+    def operands(rows, K, N):  # as nn.Linear holds its weight: [N, K]
+        return torch.randn(rows, K).to(dtype), (torch.randn(N, K) * K ** -0.5).to(dtype)
+
+    def make(rows, K, N):
+        x, w = operands(rows, K, N)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        return (lambda: F.linear(x, w)), (lambda: F.linear(xg, wg).sum().backward())
+    x, w = operands(64, 512, 512)
+    rows = int(min(2048, max(16, 64 * 3e-3 / best_time(lambda: F.linear(x, w), 2))))
+    return [(2.0 * r * k * n, functools.partial(make, r, k, n))
+            for r, k, n in ((max(1, rows // 8), 512, 512), (rows, 384, 1152), (4 * rows, 256, 768))]
+
+
+def _attention_problems(dtype: torch.dtype):
+    import torch.nn.functional as F
+
+    def make(batch, heads, seq):
+        q, k, v = (torch.randn(batch, heads, seq, 64).to(dtype) for _ in range(3))
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward())
+    return [(2.0 * b * s * s * h * 64, functools.partial(make, b, h, s)) for b, h, s in ((4, 4, 256), (2, 6, 384))]
 
 
 def _nonnegative_fit(A: np.ndarray, y: np.ndarray) -> list[float]:
@@ -118,7 +165,7 @@ def _links_rank(rank: int, setup: tuple) -> dict:
             x = torch.empty(size // 4 * members, dtype=torch.float32)
             y = torch.empty_like(x)
             dist.barrier()
-            t = best_time(lambda: dist.all_to_all_single(y, x, group=group), 3)
+            t = best_time(lambda: dist.all_to_all_single(y, x, group=group), 5)
             t = torch.tensor([t], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             points.append((size * (members - 1), float(t)))  # bytes this rank sends to the others
@@ -131,7 +178,7 @@ def _links_rank(rank: int, setup: tuple) -> dict:
     counts = {"flat": 5, "hierarchical": 8 if per_node == 1 else 10}
     for strategy in counts:
         ep = ExpertParallelDispatcher(topo, 2 * topo.world_size, strategy)
-        out[strategy] = synchronized_median(lambda: ep.run(x, ids, None, lambda xs, sizes: xs), 15)
+        out[strategy] = synchronized_median(lambda: ep.run(x, ids, None, lambda xs, sizes: xs), 31)
     out["collective"] = sum(out[s] for s in counts) / sum(counts.values())
     return out
 
@@ -148,7 +195,15 @@ def calibrate(*, quick: bool = False, link_mbit: float | None = None, dtypes=("f
     for name in dtypes:
         say(f"[calibrate] expert_mlp rate, {name}")
         experts[name] = _fit_experts(getattr(torch, name), quick)
+    probe = speed_probe()  # beside the compute rates (and again at the end: the faster of the two)
     experts.setdefault("float16", experts.get("bfloat16", next(iter(experts.values()))))
+    dense, attention = {}, {}
+    for name in dict.fromkeys(("float32", *dtypes)):  # the router is fp32 whatever the experts' dtype
+        say(f"[calibrate] dense GEMM and attention rate, {name}")
+        dense[name] = _fit_rate(_dense_problems(getattr(torch, name)))
+        attention[name] = _fit_rate(_attention_problems(getattr(torch, name)))
+    for kinds in (dense, attention):
+        kinds.setdefault("float16", kinds.get("bfloat16", kinds["float32"]))
     say("[calibrate] permute / unpermute bandwidth")
     move_call, move_bw = _fit_moves(quick)
     links_by_ranks, step_fixed = {}, {}
@@ -164,7 +219,7 @@ def calibrate(*, quick: bool = False, link_mbit: float | None = None, dtypes=("f
     profile = Profile("this machine", "measured", {**this_machine(), "cores": cores, "link_mbit": link_mbit},
                       experts, move_call, move_bw, dict(links_by_ranks["4"]), links_by_ranks["4"]["intra"].latency_s, cores=cores,
                       ranks_share_cores=True, overlap=0.0, links_by_ranks=links_by_ranks,
-                      step_fixed_by_ranks=step_fixed)
+                      step_fixed_by_ranks=step_fixed, dense=dense, attention=attention, probe_s=min(probe, speed_probe()))
     say("[calibrate] overlap of a chunked step")
     # one expert-parallel step shape, not in the validation grid, at 1 and 4 chunks: the overlap
     # factor that makes the model's 4-chunk / 1-chunk ratio the measured one
