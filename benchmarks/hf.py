@@ -3,9 +3,17 @@ against every built-in transformers experts backend that runs here, in the same 
 
 Blocks: a Mixtral-shaped one (few wide experts, top-2) and a Qwen3-MoE-shaped one (many narrow
 experts, top-8), at scaled-down widths that a 2-core CPU finishes in minutes; forward and
-forward+backward, float32 and bfloat16; prefill/training sizes and decode sizes. Limits measured
-in the same run: for decode, streaming the touched experts' weights once at memcpy bandwidth; for
-prefill, the dense matmul rate of the same FLOPs in the dtype. Timing: `timing.interleaved`.
+forward+backward, float32 and bfloat16; prefill/training sizes and decode sizes. Prefill sizes run
+twice: with one fixed routing (every call sees the same rows per expert: warm) and with a fresh
+routing every call (new rows per expert, as every training step and prefill batch brings; drawing
+it, ~1 ms, is timed in every implementation alike). Peers: transformers' own backends and, in
+bfloat16 forward where it is installed, kt-kernel's CPU MoE (`kt_kernel.py`).
+
+Limits measured in the same run: for decode, one read-only pass (a sum) over the touched experts'
+weights in place (forward + backward: two such passes and one write of the weights' full gradients);
+for prefill, the dense matmul rate of the same FLOPs in the dtype (fp32 where this CPU's
+half-precision matmul is slower; x3 for forward + backward). A row above its limit means the limit
+or the benchmark is wrong, and the table says so. Timing: `timing.interleaved`.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import kt_kernel
 from .ops import _half_on_cpu
 from .timing import interleaved
 
@@ -50,12 +59,14 @@ class Row:
     dtype: str
     tokens: int
     mode: str  # "fwd" or "fwd+bwd"
+    routing: str  # "fixed" (warm: the same rows per expert every call) or "fresh" (new every call)
     impl: str
     median_ms: float
     min_ms: float
     spread: float
     vs_fastest_builtin: float | None = None  # fastest built-in's min time / this one's
     of_limit: float | None = None  # limit time / this one's (1 = at the limit)
+    note: str = ""
 
 
 def _experts(block: Block, dtype: torch.dtype):
@@ -74,16 +85,26 @@ def _experts(block: Block, dtype: torch.dtype):
     return experts.to(dtype)
 
 
-def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, impl: str):
+def _router(block: Block, tokens: int, dtype: torch.dtype, fresh: bool):
+    """`route() -> (ids, weights)`: the same routing every call, or a fresh draw every call."""
     gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, block.hidden, generator=gen).to(dtype)
-    logits = torch.randn(tokens, block.experts, generator=gen)
-    weights, ids = torch.softmax(logits, -1).topk(block.topk, -1)
-    weights = weights.to(dtype)
+
+    def draw():
+        weights, ids = torch.softmax(torch.randn(tokens, block.experts, generator=gen), -1).topk(block.topk, -1)
+        return ids, weights.to(dtype)
+    fixed = draw()
+    return draw if fresh else (lambda: fixed)
+
+
+def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, impl: str, route):
+    x = torch.randn(tokens, block.hidden, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    if impl == kt_kernel.NAME:
+        kt = kt_kernel.moe(experts, tokens)
+        return lambda: kt(x, *route())
 
     def call(inp):
         experts.config._experts_implementation = impl
-        return experts(inp, ids, weights)
+        return experts(inp, *route())
 
     if mode == "fwd":
         def run():
@@ -95,18 +116,18 @@ def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, imp
         def run():
             experts.zero_grad(set_to_none=True)
             call(xg).float().square().mean().backward()
-    return run, ids
+    return run
 
 
 def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: str, tokens: int) -> tuple:
-    """(name, fn) of the same-run limit: decode, copying the touched experts' weights once (the
-    bytes a kernel must stream); prefill, dense torch.mm of the same FLOPs in the dtype (fp32 where
-    this CPU's half-precision matmul is slower; x3 for fwd+bwd)."""
+    """(name, fn) of the same-run limit (module doc)."""
     if tokens <= max(DECODE):  # decode sizes: weight-bound
-        touched = ids.unique()
-        src = [experts.gate_up_proj[touched], experts.down_proj[touched]]
-        dst = [torch.empty_like(t) for t in src]
-        return "weight streaming", lambda: [d.copy_(s) for d, s in zip(dst, src)]
+        touched = ids.unique().tolist()
+        views = [experts.gate_up_proj.detach()[e] for e in touched] + [experts.down_proj.detach()[e] for e in touched]
+        if mode == "fwd":
+            return "weight reading", lambda: [v.sum() for v in views]
+        grads = [torch.empty_like(experts.gate_up_proj), torch.empty_like(experts.down_proj)]
+        return "weight reading", lambda: ([v.sum() for v in views], [v.sum() for v in views], [g.zero_() for g in grads])
     mm_dtype = torch.float32 if _half_on_cpu(dtype, torch.device("cpu")) else dtype
     rows = tokens * block.topk
     a = torch.randn(rows, block.hidden, dtype=mm_dtype)
@@ -118,45 +139,53 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
 
 
 def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + DECODE, modes=("fwd", "fwd+bwd"),
-        min_time: float = 0.5, rounds: int = 3) -> list[Row]:
+        routings=("fixed", "fresh"), min_time: float = 0.5, rounds: int = 3) -> list[Row]:
     import pangu_ops.integrations.transformers as hf
 
     rows: list[Row] = []
-    todo = [(b, d, t, m) for b in blocks for d in dtypes for t in sizes for m in modes]
-    for i, (block, dtype, tokens, mode) in enumerate(todo, 1):
+    todo = [(b, d, t, m, r) for b in blocks for d in dtypes for t in sizes for m in modes for r in routings
+            if r == "fixed" or t > max(DECODE)]
+    if kt_kernel.unavailable() and torch.bfloat16 in dtypes:
+        print(f"bench --hf: no kt-kernel baseline: {kt_kernel.unavailable()}", file=sys.stderr)
+    for i, (block, dtype, tokens, mode, routing) in enumerate(todo, 1):
         experts = _experts(block, dtype)
         # batched_mm gathers every slot's expert weights ([T*k, 2F, H] ...): only where that fits
         gathered = tokens * block.topk * 3 * block.ffn * block.hidden * torch.finfo(dtype).bits // 8
         impls = (hf.NAME,) + tuple(b for b in BUILT_IN if b != "batched_mm" or gathered <= BATCHED_MM_BYTES)
-        fns, ids = [], None
-        for impl in impls:
-            fn, ids = _case(block, experts, tokens, dtype, mode, impl)
-            fns.append(fn)
-        limit_name, limit_fn = _limits(block, experts, dtype, ids, mode, tokens)
-        print(f"[{i}/{len(todo)}] {block.name} {str(dtype)[6:]} T={tokens} {mode}", file=sys.stderr, flush=True)
+        if dtype == torch.bfloat16 and mode == "fwd" and not kt_kernel.unavailable():
+            impls += (kt_kernel.NAME,)
+        route = _router(block, tokens, dtype, routing == "fresh")
+        fns = [_case(block, experts, tokens, dtype, mode, impl, route) for impl in impls]
+        limit_name, limit_fn = _limits(block, experts, dtype, route()[0], mode, tokens)
+        print(f"[{i}/{len(todo)}] {block.name} {str(dtype)[6:]} T={tokens} {mode} {routing} routing", file=sys.stderr,
+              flush=True)
         timings = interleaved(fns + [limit_fn], torch.device("cpu"), rounds=rounds, min_time=min_time)
         limit = timings[-1].min
-        group = [Row(block.name, str(dtype)[6:], tokens, mode, impl, t.median * 1e3, t.min * 1e3, t.spread)
+        group = [Row(block.name, str(dtype)[6:], tokens, mode, routing, impl, t.median * 1e3, t.min * 1e3, t.spread)
                  for impl, t in zip(impls + (limit_name,), timings)]
         fastest = min(r.min_ms for r in group if r.impl in BUILT_IN)
         for r in group:
             r.vs_fastest_builtin = fastest / r.min_ms
             r.of_limit = limit * 1e3 / r.min_ms
+            if r.impl != limit_name and r.of_limit > 1.0:
+                r.note = "ABOVE THE LIMIT: the limit or the benchmark is wrong"
         rows += group
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'block':<17} {'dtype':<9} {'tokens':>6} {'mode':<8} {'impl':<18} {'median ms':>10} {'min ms':>10}"
-            f" {'spread':>6} {'vs fastest built-in':>20} {'of limit':>9}")
+    head = (f"{'block':<17} {'dtype':<9} {'tokens':>6} {'mode':<8} {'routing':<8} {'impl':<18} {'median ms':>10}"
+            f" {'min ms':>10} {'spread':>6} {'vs fastest built-in':>20} {'of limit':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.block:<17} {r.dtype:<9} {r.tokens:>6} {r.mode:<8} {r.impl:<18} {r.median_ms:>10.3f}"
-                     f" {r.min_ms:>10.3f} {r.spread:>6.2f} {r.vs_fastest_builtin:>19.2f}x {100 * r.of_limit:>8.0f}%")
+        lines.append(f"{r.block:<17} {r.dtype:<9} {r.tokens:>6} {r.mode:<8} {r.routing:<8} {r.impl:<18}"
+                     f" {r.median_ms:>10.3f} {r.min_ms:>10.3f} {r.spread:>6.2f} {r.vs_fastest_builtin:>19.2f}x"
+                     f" {100 * r.of_limit:>8.0f}%  {r.note}")
     lines.append("vs fastest built-in: the fastest of transformers' eager / batched_mm (where its per-slot weight "
                  f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over "
-                 "this row's; of limit: the same-run limit's time over this row's (decode: streaming the touched "
-                 "experts' weights once; prefill: dense mm of the same FLOPs).")
+                 "this row's; of limit: the same-run limit's time over this row's (decode: one read-only pass over the "
+                 "touched experts' weights, two and a write of the gradients with the backward; prefill: dense mm of "
+                 "the same FLOPs); routing fresh: a new routing (new rows per expert) every call.")
     return "\n".join(lines)
 
 
@@ -166,16 +195,16 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r.block, r.dtype, r.mode) for r in rows))
+    panels = list(dict.fromkeys((r.block, r.dtype, r.mode, r.routing) for r in rows))
     cols = 4
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.4 * cols, 3.4 * -(-len(panels) // cols)),
                              squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (block, dtype, mode) in zip(axes.flat, panels):
-        mine = [r for r in rows if (r.block, r.dtype, r.mode) == (block, dtype, mode)]
+    for ax, (block, dtype, mode, routing) in zip(axes.flat, panels):
+        mine = [r for r in rows if (r.block, r.dtype, r.mode, r.routing) == (block, dtype, mode, routing)]
         sizes = list(dict.fromkeys(r.tokens for r in mine))
-        impls = [i for i in dict.fromkeys(r.impl for r in mine) if i in BUILT_IN or i == "pangu_ops"]
+        impls = [i for i in dict.fromkeys(r.impl for r in mine) if i in BUILT_IN + ("pangu_ops", kt_kernel.NAME)]
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
             vals = [next((r.vs_fastest_builtin for r in mine if r.tokens == t and r.impl == impl), 0.0)  # 0: not run
@@ -183,7 +212,7 @@ def plot(rows: list[Row], path: Path) -> None:
             ax.bar([i + j * width for i in range(len(sizes))], vals, width, label=impl)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(sizes))], [str(t) for t in sizes])
-        ax.set_title(f"{block} {dtype} {mode}", fontsize=9)
+        ax.set_title(f"{block} {dtype} {mode}" + (" (fresh routing)" if routing == "fresh" else ""), fontsize=9)
         ax.set_xlabel("tokens")
         ax.set_ylabel("speed vs fastest built-in")
         ax.legend(fontsize=6)
@@ -192,9 +221,24 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def machine() -> str:
+    """This CPU, its vector capability and the versions, for the results' first line."""
+    import datetime
+    import platform
+
+    import transformers
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return (f"pangu-ops bench --hf on {model} ({torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads), torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"kt-kernel: {kt_kernel.unavailable() or 'installed'}, {datetime.date.today()}")
+
+
 def main(out_dir: Path, **kwargs) -> list[Row]:
     rows = run(**kwargs)
-    text = table(rows)
+    text = machine() + "\n\n" + table(rows)
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_hf.txt").write_text(text + "\n")

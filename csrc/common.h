@@ -106,9 +106,13 @@ inline std::vector<int64_t> group_offsets(const at::Tensor& group_sizes, int64_t
   return offsets;
 }
 
-// An fp32 view of t: t itself when it is fp32, else a converted copy.
+// An fp32 view of t: t itself when it is fp32, else a converted copy, converted in t's memory order
+// (a transposed view's conversion otherwise walks memory across its rows: 9.5 ms against 1.4 ms for
+// a 7168 x 1024 expert weight on 2 threads here).
 inline at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  if (t.scalar_type() == at::kFloat) return t;
+  if (t.dim() == 2 && t.stride(0) == 1 && t.stride(1) != 1) return t.t().to(at::kFloat).t();
+  return t.to(at::kFloat);
 }
 
 // Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by cost,
@@ -160,55 +164,148 @@ void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
 // fast; ~0.5 s once where not).
 bool native_half_matmul(at::ScalarType dtype);
 
-// out[1, N] = a[1, K] @ b[K, N] (one row: decode), fp32 accumulation, b read once in its own 16-bit
-// dtype. b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
-// contiguous rows) or row-major itself (stride(1) == 1: rows of b scaled and summed). Beats
-// oneDNN's GEMV here by its per-call cost (small experts: 30-70 us against 40-80 us); with 2+ rows
-// oneDNN wins (it stays at the weight-streaming time up to 4 rows, where a loop of dot products
-// like this one grows with the rows: measured), so it keeps those.
+// out[M, N] = a[M, K] @ b[K, N] for the few rows of a decode step's expert (M <= kFewRows), fp32
+// accumulation, b read once from memory in its own 16-bit dtype (a's rows converted to fp32 once).
+// b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
+// contiguous rows, four of a's rows against each row of b while it sits in L1) or row-major itself
+// (stride(1) == 1: rows of b scaled into M blocks of fp32 accumulators). A decode step is a pass over
+// the touched experts' weights: converting them to fp32 first (the path of a CPU without native
+// half-precision matmul) moves 5x the bytes, and oneDNN's one-row GEMV costs more per call (small
+// experts: 30-70 us against 40-80 us). With native half-precision matmul (AMX-BF16, AVX512-BF16),
+// oneDNN keeps 2+ rows: it stays at the weight-streaming time up to 4 rows (measured).
+constexpr int64_t kFewRows = 16;
+
+// acc[0:MB, 0:len] += a[0:MB, 0:kl] (fp32, row stride lda) @ b[0:kl, n0:n0+len] (row k at b + k * sb0):
+// MB x 16 fp32 accumulators that the compiler keeps in vector registers while b's rows stream by.
+template <int MB, typename T>
+inline void few_rows_tile(float* __restrict acc, int64_t ldacc, const float* __restrict a, int64_t lda,
+                          const T* __restrict b, int64_t sb0, int64_t kl, int64_t n0, int64_t len) {
+  float c[MB][16] = {};
+  if (len == 16) {
+    for (int64_t k = 0; k < kl; ++k) {
+      const T* row = b + k * sb0 + n0;
+      float bv[16];  // (a local copy: GCC keeps c in registers and vectorises over j only so)
+      for (int j = 0; j < 16; ++j) bv[j] = load_float(row, j);
+      for (int i = 0; i < MB; ++i) {
+        const float aik = a[i * lda + k];
+        for (int j = 0; j < 16; ++j) c[i][j] += aik * bv[j];
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < kl; ++k) {
+      const T* row = b + k * sb0 + n0;
+      for (int i = 0; i < MB; ++i) {
+        for (int64_t j = 0; j < len; ++j) c[i][j] += a[i * lda + k] * load_float(row, j);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int64_t j = 0; j < len; ++j) acc[i * ldacc + j] += c[i][j];
+  }
+}
+
+// sum_k a_i[k] * b[k] for 4 and 2 of a's rows (fp32) at once against one contiguous row b: b is
+// loaded and converted once for all of them, each row's sum a vector accumulator of its own.
 template <typename T>
-inline float dot_rows(const T* __restrict x, const T* __restrict y, int64_t K) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < K; ++k) sum += load_float(x, k) * load_float(y, k);
-  return sum;
+inline void dots4(float* s, const float* __restrict a, int64_t K, const T* __restrict b) {
+  const float *a0 = a, *a1 = a + K, *a2 = a + 2 * K, *a3 = a + 3 * K;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t k = 0; k < K; ++k) {
+    const float bk = load_float(b, k);
+    s0 += a0[k] * bk;
+    s1 += a1[k] * bk;
+    s2 += a2[k] * bk;
+    s3 += a3[k] * bk;
+  }
+  s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
 }
 
 template <typename T>
-void gemv(T* __restrict out, const T* __restrict a, const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K,
-          int64_t N) {
-  if (sb0 == 1) {
+inline void dots2(float* s, const float* __restrict a, int64_t K, const T* __restrict b) {
+  const float *a0 = a, *a1 = a + K;
+  float s0 = 0.f, s1 = 0.f;
+#pragma omp simd reduction(+ : s0, s1)
+  for (int64_t k = 0; k < K; ++k) {
+    const float bk = load_float(b, k);
+    s0 += a0[k] * bk;
+    s1 += a1[k] * bk;
+  }
+  s[0] = s0, s[1] = s1;
+}
+
+template <typename T>
+void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t lda, int64_t M,
+                   const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
+  std::vector<float> af(M * K);
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t k = 0; k < K; ++k) af[i * K + k] = load_float(a + i * lda, k);
+  }
+  if (sb0 == 1) {  // rows of b contiguous: each against 4 (2, 1) of a's rows at once
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) store_float(out, n, dot_rows(a, b + n * sb1, K));
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* bn = b + n * sb1;
+        float sums[4];
+        int64_t i = 0;
+        for (; i + 4 <= M; i += 4) {
+          dots4(sums, &af[i * K], K, bn);
+          for (int r = 0; r < 4; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
+        }
+        for (; i + 2 <= M; i += 2) {
+          dots2(sums, &af[i * K], K, bn);
+          for (int r = 0; r < 2; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
+        }
+        if (i < M) store_float(out + i * ldo, n, dot_float(&af[i * K], bn, K));
+      }
     });
     return;
   }
-  constexpr int64_t kCols = 512;  // out[cols] += a[k] * b[k, cols], in a cache-resident fp32 block
-  at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n0 = c * kCols, len = std::min(kCols, N - n0);
-      float acc[kCols] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const T* row = b + k * sb0 + n0;
-        const float ak = load_float(a, k);
-        for (int64_t j = 0; j < len; ++j) acc[j] += ak * load_float(row, j);
+  // b row-major: panels of up to 2048 columns (their M x width accumulators within 64 KiB), K in
+  // blocks of 64 rows; (4 rows x 16 columns) tiles with their accumulators in registers over a
+  // block, the block's piece of b (64 rows x 4 KiB at most) read from L2 after the first tile
+  constexpr int64_t kBlock = 64;
+  const int64_t panel_width = std::clamp<int64_t>(16384 / M / 16 * 16, 256, 2048);
+  at::parallel_for(0, (N + panel_width - 1) / panel_width, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc(M * panel_width);
+    for (int64_t panel = p0; panel < p1; ++panel) {
+      const int64_t first = panel * panel_width, width = std::min(panel_width, N - first);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+        const int64_t kl = std::min(kBlock, K - k0);
+        const T* bk = b + k0 * sb0;
+        for (int64_t c = 0; c < width; c += 16) {
+          const int64_t len = std::min<int64_t>(16, width - c);
+          for (int64_t i = 0; i < M; i += 4) {
+            float* tile = &acc[i * panel_width + c];
+            const float* ai = &af[i * K + k0];
+            switch (std::min<int64_t>(4, M - i)) {
+              case 4: few_rows_tile<4>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
+              case 3: few_rows_tile<3>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
+              case 2: few_rows_tile<2>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
+              default: few_rows_tile<1>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len);
+            }
+          }
+        }
       }
-      for (int64_t j = 0; j < len; ++j) store_float(out, n0 + j, acc[j]);
+      for (int64_t i = 0; i < M; ++i) {
+        for (int64_t j = 0; j < width; ++j) store_float(out + i * ldo, first + j, acc[i * panel_width + j]);
+      }
     }
   });
 }
 
-// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: one row of
-// 16-bit operands by `gemv`; else in the operands' own dtype where this CPU's matmul is native in
-// it, else through fp32 copies.
+// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: few rows of
+// 16-bit operands by `gemm_few_rows` (one row always; up to kFewRows where this CPU's matmul is not
+// native in the dtype); else in the operands' own dtype where it is native, else through fp32 copies.
 inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
   const bool half = t == at::kBFloat16 || t == at::kHalf;
-  if (half && a.scalar_type() == t && b.scalar_type() == t && a.size(0) == 1 && a.stride(1) == 1 &&
-      out.stride(1) == 1 && (b.stride(0) == 1 || b.stride(1) == 1)) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(t, "gemv", [&] {
-      gemv(out.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), b.stride(0), b.stride(1),
-           a.size(1), b.size(1));
+  const int64_t M = a.size(0);
+  if (half && a.scalar_type() == t && b.scalar_type() == t && M >= 1 && a.stride(1) == 1 && out.stride(1) == 1 &&
+      (b.stride(0) == 1 || b.stride(1) == 1) && (M == 1 || (M <= kFewRows && !native_half_matmul(t)))) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(t, "gemm_few_rows", [&] {
+      gemm_few_rows(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), M,
+                    b.data_ptr<scalar_t>(), b.stride(0), b.stride(1), a.size(1), b.size(1));
     });
   } else if (t == at::kFloat) {
     at::mm_out(out, as_float(a), as_float(b));

@@ -43,3 +43,19 @@ def test_empty_expert_weight_gets_zero_gradient(backend):
         pangu_ops.grouped_gemm(x, w, sizes).square().sum().backward()
     assert torch.equal(w.grad[1], torch.zeros(5, 4))
     assert (w.grad[0] != 0).any() and (w.grad[2] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_few_rows_per_expert_in_half_precision(dtype, trans_b):
+    """Decode-sized groups (1-17 rows: the few-row kernels' 4 / 2 / 1-row passes and 16-column
+    tiles, and the switch back to the matmul above 16) with widths that leave tails (N = 37, K = 70),
+    against fp32 products of the same half-precision values, rounded once."""
+    sizes = torch.tensor([1, 2, 3, 4, 5, 0, 7, 16, 17])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(int(sizes.sum()), 70, generator=gen).to(dtype)
+    w = torch.randn(len(sizes), *((37, 70) if trans_b else (70, 37)), generator=gen).to(dtype)
+    y = pangu_ops.grouped_gemm(x, w, sizes, trans_b)
+    rows = x.float().split(sizes.tolist())
+    expected = torch.cat([r @ (w[e].float().t() if trans_b else w[e].float()) for e, r in enumerate(rows)]).to(dtype)
+    torch.testing.assert_close(y, expected, **verify.TOLERANCES[dtype])
