@@ -174,6 +174,7 @@ bool native_half_matmul(at::ScalarType dtype);
 // experts: 30-70 us against 40-80 us). With native half-precision matmul (AMX-BF16, AVX512-BF16),
 // oneDNN keeps 2+ rows: it stays at the weight-streaming time up to 4 rows (measured).
 constexpr int64_t kFewRows = 16;
+constexpr int64_t kFewRowsFloat = 4;  // fp32: BLAS's GEMV / small GEMM reads ~55% as fast below this (measured)
 
 // acc[0:MB, 0:len] += a[0:MB, 0:kl] (fp32, row stride lda) @ b[0:kl, n0:n0+len] (row k at b + k * sb0):
 // MB x 16 fp32 accumulators that the compiler keeps in vector registers while b's rows stream by.
@@ -294,16 +295,18 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
   });
 }
 
-// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: few rows of
-// 16-bit operands by `gemm_few_rows` (one row always; up to kFewRows where this CPU's matmul is not
-// native in the dtype); else in the operands' own dtype where it is native, else through fp32 copies.
+// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: few rows by
+// `gemm_few_rows` (16-bit operands: one row always, up to kFewRows where this CPU's matmul is not
+// native in the dtype; fp32: up to kFewRowsFloat); else in the operands' own dtype where it is
+// native, else through fp32 copies.
 inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
   const bool half = t == at::kBFloat16 || t == at::kHalf;
   const int64_t M = a.size(0);
-  if (half && a.scalar_type() == t && b.scalar_type() == t && M >= 1 && a.stride(1) == 1 && out.stride(1) == 1 &&
-      (b.stride(0) == 1 || b.stride(1) == 1) && (M == 1 || (M <= kFewRows && !native_half_matmul(t)))) {
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(t, "gemm_few_rows", [&] {
+  const bool few = M >= 1 && a.scalar_type() == t && b.scalar_type() == t && a.stride(1) == 1 && out.stride(1) == 1 &&
+                   (b.stride(0) == 1 || b.stride(1) == 1);
+  if (few && (half ? M == 1 || (M <= kFewRows && !native_half_matmul(t)) : t == at::kFloat && M <= kFewRowsFloat)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "gemm_few_rows", [&] {
       gemm_few_rows(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), M,
                     b.data_ptr<scalar_t>(), b.stride(0), b.stride(1), a.size(1), b.size(1));
     });
