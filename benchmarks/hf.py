@@ -9,11 +9,12 @@ routing every call (new rows per expert, as every training step and prefill batc
 it, ~1 ms, is timed in every implementation alike). Peers: transformers' own backends and, in
 bfloat16 forward where it is installed, kt-kernel's CPU MoE (`kt_kernel.py`).
 
-Limits measured in the same run: for decode, the slower of one read-only pass (a sum, 16-bit
-weights read as fp32 pairs) over the touched experts' weights in place (forward + backward: two such
-passes and one write of the weights' full gradients) and the same FLOPs as one 512-row dense GEMM;
-for prefill, the dense matmul rate of the same FLOPs in the dtype (fp32 where this CPU's
-half-precision matmul is slower; x3 for forward + backward). A row above its limit means the limit
+Limits measured in the same run: compute, the faster of the same FLOPs as fp32 FMAs on registers
+over all threads (`FMA peak`, the CPU backend's `fma_work`) and, for prefill, the dense matmul of
+the same FLOPs in the dtype (fp32 where this CPU's half-precision matmul is slower; x3 for forward +
+backward); for decode also memory, one read-only pass (a sum, 16-bit weights read as fp32 pairs)
+over the touched experts' weights in place (forward + backward: two such passes and one write of
+the weights' full gradients); a row's limit is whichever of the two takes longer. A row above its limit means the limit
 or the benchmark is wrong, and the table says so. Timing: `timing.interleaved`.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import kt_kernel
-from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu
+from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, compute_peak
 from .timing import interleaved
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
@@ -121,33 +122,32 @@ def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, imp
 
 
 def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: str, tokens: int) -> dict:
-    """{name: fn} of the same-run limits (module doc); a row's limit is the slowest of them."""
+    """{name: (kind, fn)} of the same-run limits (module doc): a row's limit is the slowest "memory"
+    limit or the fastest "compute" one, whichever takes longer."""
     passes = 1 if mode == "fwd" else 3
     mm_dtype = torch.float32 if _half_on_cpu(dtype, torch.device("cpu")) else dtype
     flops = passes * 2 * tokens * block.topk * block.hidden * 3 * block.ffn
+    limits = {"FMA peak": ("compute", compute_peak(flops))}
     if tokens > max(DECODE):
         rows = tokens * block.topk
         a = torch.randn(rows, block.hidden, dtype=mm_dtype)
         w1 = torch.randn(block.hidden, 2 * block.ffn, dtype=mm_dtype)
         w2 = torch.randn(block.ffn, block.hidden, dtype=mm_dtype)
         h = torch.randn(rows, block.ffn, dtype=mm_dtype)
-        return {f"dense mm {str(mm_dtype)[6:]}": lambda: [(a @ w1, h @ w2) for _ in range(passes)]}
-    # decode: reading the touched experts' weights, or their FLOPs at the dense rate (one 512-row
-    # GEMM of the same FLOPs: the rate a few rows cannot beat), whichever takes longer
+        limits[f"dense mm {str(mm_dtype)[6:]}"] = ("compute", lambda: [(a @ w1, h @ w2) for _ in range(passes)])
+        return limits
+    # decode: reading the touched experts' weights, or their FLOPs at the vector peak
     touched = ids.unique().tolist()
     views = [experts.gate_up_proj.detach()[e] for e in touched] + [experts.down_proj.detach()[e] for e in touched]
     # the fastest read-only pass torch has: 16-bit weights read as fp32 pairs (the same bytes;
     # torch's bf16 sum converts as it goes and reads ~1.5x slower)
     views = [v.view(-1).view(torch.float32) if v.element_size() == 2 and v.numel() % 2 == 0 else v for v in views]
-    a = torch.randn(512, block.hidden, dtype=mm_dtype)
-    w = torch.randn(block.hidden, max(1, round(flops / (2 * 512 * block.hidden))), dtype=mm_dtype)
-    limits = {f"dense mm {str(mm_dtype)[6:]} same FLOPs": lambda: a @ w}
     if mode == "fwd":
-        limits["weight reading"] = lambda: [v.sum() for v in views]
+        limits["weight reading"] = ("memory", lambda: [v.sum() for v in views])
     else:
         grads = [torch.empty_like(experts.gate_up_proj), torch.empty_like(experts.down_proj)]
-        limits["weight reading"] = lambda: ([v.sum() for v in views], [v.sum() for v in views],
-                                            [g.zero_() for g in grads])
+        limits["weight reading"] = ("memory", lambda: ([v.sum() for v in views], [v.sum() for v in views],
+                                                       [g.zero_() for g in grads]))
     return limits
 
 
@@ -178,8 +178,11 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
         limits = _limits(block, experts, dtype, route()[0], mode, tokens)
         print(f"[{i}/{len(todo)}] {block.name} {str(dtype)[6:]} T={tokens} {mode} {routing} routing", file=sys.stderr,
               flush=True)
-        timings = interleaved(fns + list(limits.values()), torch.device("cpu"), rounds=rounds, min_time=min_time)
-        limit = max(t.min for t in timings[len(fns):])
+        timings = interleaved(fns + [fn for _, fn in limits.values()], torch.device("cpu"), rounds=rounds,
+                              min_time=min_time)
+        limit_times = dict(zip(limits, (t.min for t in timings[len(fns):])))
+        limit = max([min(t for n, t in limit_times.items() if limits[n][0] == "compute")] +
+                    [t for n, t in limit_times.items() if limits[n][0] == "memory"])
         group = []
         for impl, t in zip(impls + tuple(limits), timings):
             scale = tokens / part if impl in BUILT_IN else 1.0
@@ -206,9 +209,10 @@ def table(rows: list[Row]) -> str:
                      f" {100 * r.of_limit:>8.0f}%  {r.note}")
     lines.append("vs fastest built-in: the fastest of transformers' eager / batched_mm (where its per-slot weight "
                  f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over "
-                 "this row's; of limit: the same-run limit's time over this row's (decode: one read-only pass over the "
-                 "touched experts' weights, two and a write of the gradients with the backward; prefill: dense mm of "
-                 "the same FLOPs); routing fresh: a new routing (new rows per expert) every call.")
+                 "this row's; of limit: the same-run limit's time over this row's (the faster of the FMA peak and the "
+                 "dense mm for the same FLOPs; for decode the slower of that and one read-only pass over the "
+                 "touched experts' weights, two and a write of the gradients with the backward); routing fresh: a new "
+                 "routing (new rows per expert) every call.")
     return "\n".join(lines)
 
 
