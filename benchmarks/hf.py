@@ -138,7 +138,12 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
         return limits
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
     touched = ids.unique().tolist()
-    views = [experts.gate_up_proj.detach()[e] for e in touched] + [experts.down_proj.detach()[e] for e in touched]
+    runs, start = [], 0  # consecutive experts: one contiguous range each, read by one call
+    for i in range(1, len(touched) + 1):
+        if i == len(touched) or touched[i] != touched[i - 1] + 1:
+            runs.append((touched[start], touched[i - 1] + 1))
+            start = i
+    views = [w.detach()[a:b] for w in (experts.gate_up_proj, experts.down_proj) for a, b in runs]
     # the fastest read-only pass torch has: 16-bit weights read as fp32 pairs (the same bytes;
     # torch's bf16 sum converts as it goes and reads ~1.5x slower)
     views = [v.view(-1).view(torch.float32) if v.element_size() == 2 and v.numel() % 2 == 0 else v for v in views]
