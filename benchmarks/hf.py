@@ -14,8 +14,8 @@ over all threads (`FMA peak`, the CPU backend's `fma_work`) and, for prefill, th
 the same FLOPs in the dtype (fp32 where this CPU's half-precision matmul is slower; x3 for forward +
 backward); for decode also memory, one read-only pass (a sum, 16-bit weights read as fp32 pairs)
 over the touched experts' weights in place (forward + backward: two such passes and one write of
-the weights' full gradients); a row's limit is whichever of the two takes longer. A row above its limit means the limit
-or the benchmark is wrong, and the table says so. Timing: `timing.interleaved`.
+the weights' full gradients); a row's limit is whichever of the two takes longer. A row above its
+limit means the limit or the benchmark is wrong, and the table says so. Timing: `timing.interleaved`.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import kt_kernel
-from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, compute_peak
+from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, compute_peak
 from .timing import interleaved
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
@@ -147,12 +147,13 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
     # the fastest read-only pass torch has: 16-bit weights read as fp32 pairs (the same bytes;
     # torch's bf16 sum converts as it goes and reads ~1.5x slower)
     views = [v.view(-1).view(torch.float32) if v.element_size() == 2 and v.numel() % 2 == 0 else v for v in views]
+    def read():
+        return [v.sum() for v in views]
     if mode == "fwd":
-        limits["weight reading"] = ("memory", lambda: [v.sum() for v in views])
+        limits["weight reading"] = ("memory", read)
     else:
         grads = [torch.empty_like(experts.gate_up_proj), torch.empty_like(experts.down_proj)]
-        limits["weight reading"] = ("memory", lambda: ([v.sum() for v in views], [v.sum() for v in views],
-                                                       [g.zero_() for g in grads]))
+        limits["weight reading"] = ("memory", lambda: (read(), read(), [g.zero_() for g in grads]))
     return limits
 
 
@@ -199,7 +200,7 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
             r.vs_fastest_builtin = fastest / r.min_ms
             r.of_limit = limit * 1e3 / r.min_ms
             if r.impl not in limits and r.of_limit > 1.0:
-                r.note = (r.note + "; " if r.note else "") + "ABOVE THE LIMIT: the limit or the benchmark is wrong"
+                add_note(r, "ABOVE THE LIMIT: the limit or the benchmark is wrong")
         rows += group
     return rows
 

@@ -107,6 +107,11 @@ def _half_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
     return not torch.ops.pangu_cpu.native_half_matmul(dtype)
 
 
+def add_note(row, text: str) -> None:
+    """Appends `text` to a result row's note."""
+    row.note = f"{row.note}; {text}" if row.note else text
+
+
 def compute_peak(flops: float):
     """A fn doing `flops` fp32 FMAs on register-resident vectors over torch's threads (the CPU
     backend's `fma_work`): the compute time no kernel beats, measured like any row."""
@@ -157,31 +162,29 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
         """New group sizes of the same rows (a new routing's)."""
         return torch.randint(0, p.experts, (rows,), generator=sizes_gen).bincount(minlength=p.experts).to(device)
 
+    def gemm_ops(sizes: Callable[[], torch.Tensor], suffix: str) -> dict:
+        """grouped_gemm, its backward and expert_mlp on the group sizes `sizes()` gives each call."""
+        return {
+            f"grouped_gemm{suffix}": (lambda: pangu_ops.grouped_gemm(x_sorted, w, sizes()),
+                                      lambda: reference.grouped_gemm(x_sorted, w, sizes(), False),
+                                      2 * rows * p.hidden * p.ffn, "GFLOP/s"),
+            f"grouped_gemm fwd+bwd{suffix}": (fwd_bwd(lambda a, b: pangu_ops.grouped_gemm(a, b, sizes())),
+                                              fwd_bwd(lambda a, b: reference.grouped_gemm(a, b, sizes(), False)),
+                                              6 * rows * p.hidden * p.ffn, "GFLOP/s"),
+            f"expert_mlp{suffix}": (lambda: pangu_ops.expert_mlp(x_sorted, w_gate_up, w_down, sizes()),
+                                    lambda: reference.expert_mlp(x_sorted, w_gate_up, w_down, sizes(), "swiglu", False,
+                                                                 math.inf),
+                                    6 * rows * p.hidden * p.ffn, "GFLOP/s"),
+        }
+
     ops = {
         "permute": (lambda: pangu_ops.permute(x, ids, p.experts),
                     lambda: reference.permute(x, ids, p.experts), 2 * rows * p.hidden * elt, "GB/s"),
         "unpermute": (lambda: pangu_ops.unpermute(y_sorted, sorted_index, weights),
                       lambda: reference.unpermute(y_sorted, sorted_index, weights, p.tokens, p.topk),
                       (rows + p.tokens) * p.ffn * elt, "GB/s"),
-        "grouped_gemm": (lambda: pangu_ops.grouped_gemm(x_sorted, w, group_sizes),
-                         lambda: reference.grouped_gemm(x_sorted, w, group_sizes, False),
-                         2 * rows * p.hidden * p.ffn, "GFLOP/s"),
-        "grouped_gemm fwd+bwd": (fwd_bwd(lambda a, b: pangu_ops.grouped_gemm(a, b, group_sizes)),
-                                 fwd_bwd(lambda a, b: reference.grouped_gemm(a, b, group_sizes, False)),
-                                 6 * rows * p.hidden * p.ffn, "GFLOP/s"),
-        "expert_mlp": (lambda: pangu_ops.expert_mlp(x_sorted, w_gate_up, w_down, group_sizes),
-                       lambda: reference.expert_mlp(x_sorted, w_gate_up, w_down, group_sizes, "swiglu", False, math.inf),
-                       6 * rows * p.hidden * p.ffn, "GFLOP/s"),
-        f"grouped_gemm {FRESH}": (lambda: pangu_ops.grouped_gemm(x_sorted, w, fresh_sizes()),
-                                  lambda: reference.grouped_gemm(x_sorted, w, fresh_sizes(), False),
-                                  2 * rows * p.hidden * p.ffn, "GFLOP/s"),
-        f"grouped_gemm fwd+bwd {FRESH}": (fwd_bwd(lambda a, b: pangu_ops.grouped_gemm(a, b, fresh_sizes())),
-                                          fwd_bwd(lambda a, b: reference.grouped_gemm(a, b, fresh_sizes(), False)),
-                                          6 * rows * p.hidden * p.ffn, "GFLOP/s"),
-        f"expert_mlp {FRESH}": (lambda: pangu_ops.expert_mlp(x_sorted, w_gate_up, w_down, fresh_sizes()),
-                                lambda: reference.expert_mlp(x_sorted, w_gate_up, w_down, fresh_sizes(), "swiglu",
-                                                             False, math.inf),
-                                6 * rows * p.hidden * p.ffn, "GFLOP/s"),
+        **gemm_ops(lambda: group_sizes, ""),
+        **gemm_ops(fresh_sizes, f" {FRESH}"),
     }
     out: list[Entry] = []
     for op, (kernel_fn, ref_fn, work, unit) in ops.items():
@@ -330,12 +333,12 @@ def run(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kerne
             r.fraction_of_limit = r.rate / limit.rate
         r.busy = r.spread > BUSY_SPREAD
         if r.kind != "limit" and (r.fraction_of_limit or 0) > 1.0:
-            r.note = (r.note + "; " if r.note else "") + "ABOVE ITS LIMIT: the limit or the benchmark is wrong"
+            add_note(r, "ABOVE ITS LIMIT: the limit or the benchmark is wrong")
         if r.op.endswith(FRESH):
             warm = next((q for q in rows if q.op == r.op[:-len(FRESH) - 1] and (q.dtype, q.impl) == (r.dtype, r.impl)),
                         None)
             if warm is not None:
-                r.note = (r.note + "; " if r.note else "") + f"{warm.rate / r.rate:.2f}x the warm call's time"
+                add_note(r, f"{warm.rate / r.rate:.2f}x the warm call's time")
     return rows
 
 

@@ -58,10 +58,14 @@ def _fit_experts(dtype: torch.dtype, quick: bool) -> Experts:
     e = Experts(peak, rows_over_peak * peak, per_expert, half_width=width_over_peak * peak)
     # forward + backward: the backward's extra time (tb - t), minus its own per-expert calls, is
     # bwd_factor times the forward's flop term (least squares over the points)
-    extra = np.array([tb - t - E_ * e.per_expert_s for tb, t, _, E_, _ in bwd])
-    flop_term = np.array([t - E_ * e.per_expert_s for _, t, _, E_, _ in bwd])
-    factor = float(np.dot(extra, flop_term) / max(np.dot(flop_term, flop_term), 1e-30))
-    return replace(e, bwd_factor=max(factor, 0.0))
+    return replace(e, bwd_factor=_bwd_factor([tb - t - E_ * e.per_expert_s for tb, t, _, E_, _ in bwd],
+                                             [t - E_ * e.per_expert_s for _, t, _, E_, _ in bwd]))
+
+
+def _bwd_factor(extra: list[float], flop_term: list[float]) -> float:
+    """The backward's extra time over the forward's flop term, least squares over the points, >= 0."""
+    extra, flop_term = np.array(extra), np.array(flop_term)
+    return max(float(np.dot(extra, flop_term) / max(np.dot(flop_term, flop_term), 1e-30)), 0.0)
 
 
 def _fit_rate(problems) -> Rate:
@@ -73,10 +77,8 @@ def _fit_rate(problems) -> Rate:
         fwd, both = make()
         points.append((flops, best_time(fwd, 3), best_time(both, 3)))
     per_call, inv_peak = _nonnegative_fit(np.array([[1.0, f] for f, _, _ in points]), np.array([t for _, t, _ in points]))
-    flop_term = np.array([f * inv_peak for f, _, _ in points])
-    extra = np.array([tb - t - per_call for _, t, tb in points])
-    factor = float(np.dot(extra, flop_term) / max(np.dot(flop_term, flop_term), 1e-30))
-    return Rate(1.0 / max(inv_peak, 1e-15), per_call, max(factor, 0.0))
+    factor = _bwd_factor([tb - t - per_call for _, t, tb in points], [f * inv_peak for f, _, _ in points])
+    return Rate(1.0 / max(inv_peak, 1e-15), per_call, factor)
 
 
 def _dense_problems(dtype: torch.dtype):

@@ -87,8 +87,10 @@ def _block_step(c: Layer, dt: torch.dtype, gen: torch.Generator):
     seq = min(c.seq or c.tokens, c.tokens)
     if c.tokens % seq:
         raise ValueError(f"tokens ({c.tokens}) must be whole sequences of {seq}")
-    torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
-    block = DecoderBlock(c.hidden, max(1, c.hidden // 64), MoEFeedForward(c.hidden, c.ffn, c.experts, topk=c.topk)).to(dt)
+    with torch.random.fork_rng():  # the block's initial weights from `gen`, the caller's RNG untouched
+        torch.manual_seed(int(torch.randint(1 << 30, (1,), generator=gen)))
+        block = DecoderBlock(c.hidden, max(1, c.hidden // 64),
+                             MoEFeedForward(c.hidden, c.ffn, c.experts, topk=c.topk)).to(dt)
     block.requires_grad_(c.backward)
     x = torch.randn(c.tokens // seq, seq, c.hidden, generator=gen).to(dt).requires_grad_(c.backward)
 
