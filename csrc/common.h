@@ -296,7 +296,8 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 }
 
 // Eight fp32 lanes as a GCC/Clang vector (one AVX register where -march has it), and stores of one
-// into 8 elements of each dtype (fp16 and fp64 element by element): bf16 rounded to nearest even as 8-lane integer arithmetic.
+// into 8 elements of each dtype (fp16 and fp64 element by element; bf16: from_float's rounding to
+// nearest even as 8-lane integer arithmetic).
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
@@ -323,8 +324,8 @@ inline void store8(T* p, f32x8 v) {
 // converted to fp32 once into panels of 16 columns (m x 16 contiguous: rows of b 14 KiB apart
 // would share L1 sets); out is written once, in its dtype, from (4 rows x 16 columns) register
 // tiles. BLAS instead writes an fp32 product (converted after where out is 16-bit) at a few
-// GFLOP/s at such inner sizes: 8 bf16 1024 x 7168 expert gradients in 9 / 10-13 / 26-31 ms over
-// 1 / 4 / 16 rows against 30 / 40 / 37 ms (measured).
+// GFLOP/s at such inner sizes: 8 bf16 1024 x 7168 expert gradients in 11 / 17 / 33 ms over
+// 1 / 4 / 16 rows each against 34 / 38 / 35 ms (measured, 2 threads).
 template <typename T>
 void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
                     const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
@@ -373,12 +374,10 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
 inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
   const bool half = t == at::kBFloat16 || t == at::kHalf;
-  const int64_t M = a.size(0);
-  const bool few = M >= 1 && a.scalar_type() == t && b.scalar_type() == t && a.stride(1) == 1 && out.stride(1) == 1 &&
-                   (b.stride(0) == 1 || b.stride(1) == 1);
-  const int64_t m = a.size(1);
-  if (m >= 1 && m <= kFewRows && M > kFewRows && a.scalar_type() == t && b.scalar_type() == t && b.stride(1) == 1 &&
-      out.stride(1) == 1 && !(half && native_half_matmul(t))) {
+  const int64_t M = a.size(0), m = a.size(1);
+  const bool own = a.scalar_type() == t && b.scalar_type() == t && out.stride(1) == 1;  // for our kernels
+  const bool few = own && M >= 1 && a.stride(1) == 1 && (b.stride(0) == 1 || b.stride(1) == 1);
+  if (own && m >= 1 && m <= kFewRows && M > kFewRows && b.stride(1) == 1 && !(half && native_half_matmul(t))) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "gemm_few_inner", [&] {
       gemm_few_inner(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
                      b.data_ptr<scalar_t>(), b.stride(0), M, m, b.size(1));
