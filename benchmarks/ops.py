@@ -160,7 +160,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
 
     def fresh_sizes() -> torch.Tensor:
         """New group sizes of the same rows (a new routing's)."""
-        return torch.randint(0, p.experts, (rows,), generator=sizes_gen).bincount(minlength=p.experts).to(device)
+        return torch.randint(0, p.experts, (rows,), generator=sizes_gen, device="cpu").bincount(minlength=p.experts).to(device)
 
     def gemm_ops(sizes: Callable[[], torch.Tensor], suffix: str) -> dict:
         """grouped_gemm, its backward and expert_mlp on the group sizes `sizes()` gives each call."""

@@ -15,8 +15,15 @@ from pangu_ops import backends, verify
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def _default_device(backend_names: list[str] | None = None) -> torch.device:
+    """cuda if available, else cpu; but the cpu when the named backends all run there and not on
+    cuda (`verify --backend cpu` on a GPU machine checks the CPU kernels, on CPU tensors)."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    named = [backends.BACKENDS[n] for n in backend_names or []]
+    cpu = torch.device("cpu")
+    if named and not all(b.runs_on(dev) for b in named) and all(b.runs_on(cpu) for b in named):
+        return cpu
+    return dev
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -40,7 +47,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    device = torch.device(args.device) if args.device else _default_device()
+    device = torch.device(args.device) if args.device else _default_device(args.backend)
     names = args.backend or verify.available_backends(device)
     dtypes = [DTYPE_NAMES[d] for d in args.dtype] if args.dtype else list(verify.DTYPES)
     ops = args.op or list(verify.CHECKS)
@@ -212,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend to check (repeatable; default: all that load here)")
     v.add_argument("--dtype", action="append", choices=list(DTYPE_NAMES), help="default: all")
     v.add_argument("--op", action="append", choices=list(verify.CHECKS), help="default: all")
-    v.add_argument("--device", help="default: cuda if available, else cpu")
+    v.add_argument("--device", help="default: cuda if available (and the named backends run there), else cpu")
     v.add_argument("--json", help="also write every check as JSON to this file")
 
     from pangu_ops.benchmarks.ops import PRESETS

@@ -39,6 +39,15 @@ def _seed_and_device():
         yield
 
 
+@pytest.fixture
+def on_the_cpu():
+    """For tests of host code (the C++ kernels' pool, the host optimizer, the cost model, the
+    placement planner): their tensors on the CPU whatever the device under test. Use as
+    `pytestmark = pytest.mark.usefixtures("on_the_cpu")`."""
+    with torch.device("cpu"):
+        yield
+
+
 def failures(results: list[verify.Result]) -> str:
     return "\n".join(f"{r.case}: {r.check}: max err {r.max_err:.3g} {r.detail}" for r in results if not r.ok)
 

@@ -10,7 +10,9 @@ import torch
 import pangu_ops
 from pangu_ops import backends
 
-from conftest import reference_test, serving
+from pangu_ops import verify
+
+from conftest import reference_test
 
 TOL = dict(rtol=2e-6, atol=1e-7)
 HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
@@ -18,14 +20,12 @@ HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
 test_matches_reference = reference_test("adamw_experts")
 
 
-@pytest.fixture(autouse=True)
-def _host_state_on_the_cpu():
-    with torch.device("cpu"):  # host optimizer state: on the CPU whatever the device under test
-        yield
+pytestmark = pytest.mark.usefixtures("on_the_cpu")  # host optimizer state
 
 
 def test_served_by_the_reference_and_the_cpu_kernel():
-    assert {"reference", "cpu"} <= set(serving("adamw_experts"))
+    # a host op: its backends are the CPU's, whatever the device under test
+    assert {"reference", "cpu"} <= {b for b in verify.available_backends("cpu") if backends.serves(b, "adamw_experts")}
     with pangu_ops.use_backend("ascend_twin"), pytest.raises(backends.BackendUnavailable, match="no adamw_experts"):
         pangu_ops.adamw_experts(*_state(), torch.zeros(1, 20011), torch.tensor([0]), lr=1e-3)
 

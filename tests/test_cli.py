@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from pangu_ops import cli
+from pangu_ops import backends, cli
+
+from conftest import DEVICE
 
 
 def test_info_lists_backends_and_reasons(capsys):
@@ -25,7 +28,7 @@ def test_verify_passes_and_prints_table(capsys):
 def test_verify_lists_adamw_experts_with_every_backend_that_serves_it(capsys):
     """The host optimizer is an op like the others: verified on reference and cpu, and skipped
     (not failed) on the backends without a kernel for it."""
-    assert cli.main(["verify", "--op", "adamw_experts", "--dtype", "float32"]) == 0
+    assert cli.main(["verify", "--op", "adamw_experts", "--dtype", "float32", "--device", "cpu"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("adamw_experts")]
     assert {row[1] for row in rows} == {"reference", "cpu"} and all(row[-1] == "pass" for row in rows)
 
@@ -44,15 +47,16 @@ def test_verify_exits_1_on_failure(monkeypatch, capsys):
 def test_bench_writes_table_json_png(tmp_path, capsys):
     out_dir = tmp_path / "bench"
     cli.main(["bench", "--tokens", "64", "--hidden", "32", "--ffn", "16", "--experts", "4", "--topk", "2",
-              "--dtype", "float32", "bfloat16", "--out", str(out_dir), "--min-time", "0.01"])
+              "--dtype", "float32", "bfloat16", "--out", str(out_dir), "--min-time", "0.01", "--device", DEVICE])
     captured = capsys.readouterr()
     assert "grouped_gemm" in captured.out and "memcpy" in captured.out
     assert "[float32 1/" in captured.err and "round 1 of" in captured.err  # progress lines
     data = json.loads((out_dir / "bench.json").read_text())
     kinds = {r["kind"] for r in data["rows"]}
     assert {"kernel", "reference", "limit"} <= kinds
-    cpu_gemm = [r for r in data["rows"] if r["op"] == "grouped_gemm" and r["impl"] == "cpu"]
-    assert cpu_gemm and all(r["rate"] > 0 and r["fraction_of_limit"] > 0 for r in cpu_gemm)
+    auto = backends.AUTO_BY_DEVICE[torch.device(DEVICE).type]  # the backend the device's tensors get
+    gemm = [r for r in data["rows"] if r["op"] == "grouped_gemm" and r["impl"] == auto]
+    assert gemm and all(r["rate"] > 0 and r["fraction_of_limit"] > 0 for r in gemm)
     assert (out_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "grouped_gemm" in (out_dir / "bench.txt").read_text()
 

@@ -92,8 +92,8 @@ def test_chained_permutes_compile_with_data_dependent_sizes():
     gen = verify.generator(3)
     for tokens in (12, 17):  # the second size reuses the dynamic graph
         x = verify.randn((tokens, 16), torch.float32, gen)
-        ids = torch.randint(0, 8, (tokens, 2), generator=gen)
-        weights = torch.rand(tokens, 2, generator=gen)
+        ids = torch.randint(0, 8, (tokens, 2), generator=gen, device="cpu").to(x.device)
+        weights = torch.rand(tokens, 2, generator=gen, device="cpu").to(x.device)
         keys, key_sizes = torch.arange(4), torch.tensor([tokens // 2, tokens, 0, 2 * tokens - tokens // 2 - tokens])
         args = (x, ids, keys, key_sizes, weights)
         eager = _chain(*args)
@@ -119,8 +119,8 @@ def test_hierarchical_dispatch_local_steps_compile():
     torch._dynamo.reset()
     gen = verify.generator(4)
     x = verify.randn((10, 16), torch.float32, gen)
-    ids = torch.randint(-1, 8, (10, 2), generator=gen)
-    weights = torch.rand(10, 2, generator=gen)
+    ids = torch.randint(-1, 8, (10, 2), generator=gen, device="cpu").to(x.device)
+    weights = torch.rand(10, 2, generator=gen, device="cpu").to(x.device)
 
     def run(fn):
         xg, wg = x.clone().requires_grad_(), weights.clone().requires_grad_()

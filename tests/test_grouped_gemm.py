@@ -52,9 +52,9 @@ def test_few_rows_per_expert_in_half_precision(dtype, trans_b):
     tiles, and the switch back to the matmul above 16) with widths that leave tails (N = 37, K = 70),
     against fp32 products of the same half-precision values, rounded once."""
     sizes = torch.tensor([1, 2, 3, 4, 5, 0, 7, 16, 17])
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(int(sizes.sum()), 70, generator=gen).to(dtype)
-    w = torch.randn(len(sizes), *((37, 70) if trans_b else (70, 37)), generator=gen).to(dtype)
+    gen = verify.generator(0)
+    x = verify.randn((int(sizes.sum()), 70), dtype, gen)
+    w = verify.randn((len(sizes), *((37, 70) if trans_b else (70, 37))), dtype, gen)
     y = pangu_ops.grouped_gemm(x, w, sizes, trans_b)
     rows = x.float().split(sizes.tolist())
     expected = torch.cat([r @ (w[e].float().t() if trans_b else w[e].float()) for e, r in enumerate(rows)]).to(dtype)
@@ -68,10 +68,10 @@ def test_weight_gradient_over_few_rows_per_expert(dtype, trans_b):
     16-column panels with their tails, up to 16 rows, the matmul above), both layouts, against the
     reference (fp32 products of the same values, rounded once); an expert without rows gets zeros."""
     sizes = torch.tensor([1, 2, 3, 4, 5, 0, 7, 16, 17])
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(int(sizes.sum()), 70, generator=gen).to(dtype)
-    w = torch.randn(len(sizes), *((37, 70) if trans_b else (70, 37)), generator=gen).to(dtype).requires_grad_()
-    dy = torch.randn(x.shape[0], 37, generator=gen).to(dtype)
+    gen = verify.generator(1)
+    x = verify.randn((int(sizes.sum()), 70), dtype, gen)
+    w = verify.randn((len(sizes), *((37, 70) if trans_b else (70, 37))), dtype, gen).requires_grad_()
+    dy = verify.randn((x.shape[0], 37), dtype, gen)
     pangu_ops.grouped_gemm(x, w, sizes, trans_b).backward(dy)
     expected = reference.grouped_gemm_wgrad(dy, x, sizes) if trans_b else reference.grouped_gemm_wgrad(x, dy, sizes)
     torch.testing.assert_close(w.grad, expected, **verify.TOLERANCES[dtype])

@@ -11,7 +11,9 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 
 import pangu_ops  # noqa: E402
 from pangu_ops.nn import MoEFeedForward  # noqa: E402
-from pangu_ops import routing  # noqa: E402
+from pangu_ops import backends, routing  # noqa: E402
+
+from conftest import DEVICE  # noqa: E402
 
 H, T = 32, 57  # odd token count
 
@@ -166,7 +168,7 @@ def test_correction_bias_moves_towards_balance():
         layer.update_correction_bias()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", backends.AUTO_BY_DEVICE[torch.device(DEVICE).type]])
 def test_hash_layer_dispatches_through_the_fused_lookup(backend):
     """router='hash': the layer equals the two-step route (hash_route, permute, expert MLP,
     weighted unpermute), its gradients reach the router, and missing token ids are an error."""

@@ -19,6 +19,8 @@ from pangu_ops.nn import MoEFeedForward
 
 from gloo import run_ranks
 
+pytestmark = pytest.mark.usefixtures("on_the_cpu")  # the planner is host code; the ranks run on the CPU
+
 
 def zipf(layers: int, experts: int, s: float, seed: int = 0) -> torch.Tensor:
     g = np.random.default_rng(seed)

@@ -12,6 +12,8 @@ from pangu_ops.sim.profile import Link
 
 from gloo import run_ranks
 
+pytestmark = pytest.mark.usefixtures("on_the_cpu")  # the cost model and the placement planner are host code
+
 BIG = sim.Layer(4096, 7168, 2048, 256, 8, ranks=64, nodes=8)
 
 

@@ -64,7 +64,8 @@ def _logits(model, ids, implementation):
 
 
 def _ids(batch=2, seq=9):
-    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(5))
+    return torch.randint(0, COMMON["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(5),
+                         device="cpu").to(torch.get_default_device())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -143,16 +144,16 @@ def test_dense_routing_weights_and_expert_parallel_sentinels():
     model = _model("mixtral")
     experts = _experts_modules(model)[0]
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, COMMON["hidden_size"], generator=gen)
-    ids = torch.randint(0, 6, (5, 2), generator=gen)
-    dense = torch.rand(5, 6, generator=gen)
+    x = torch.randn(5, COMMON["hidden_size"], generator=gen, device="cpu").to(torch.get_default_device())
+    ids = torch.randint(0, 6, (5, 2), generator=gen, device="cpu").to(x.device)
+    dense = torch.rand(5, 6, generator=gen, device="cpu").to(x.device)
     expected = hf._moe.grouped_mm_experts_forward(experts, x, ids, dense.gather(1, ids))
     torch.testing.assert_close(hf.experts_forward(experts, x, ids, dense), expected, rtol=1e-5, atol=1e-6)
     experts._is_expert_parallel = True
     try:
         ids_ep = ids.clone()
         ids_ep[1, 0] = 6  # a sentinel: not this rank's expert
-        w = torch.rand(5, 2, generator=gen)
+        w = torch.rand(5, 2, generator=gen, device="cpu").to(x.device)
         masked = w.clone()
         masked[1, 0] = 0.0
         expected = hf._moe.grouped_mm_experts_forward(experts, x, ids.masked_fill(ids_ep >= 6, 0), masked)

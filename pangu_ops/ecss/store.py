@@ -103,7 +103,7 @@ class ExpertStore:
             n = master.shape[1]
             # every layer gets the same share of the budget, in expert slots
             slots = min(E, budget // len(moe) // (2 * n * elt))
-            compute = torch.empty(E, n, dtype=self.compute_dtype, pin_memory=pinned)
+            compute = torch.empty(E, n, dtype=self.compute_dtype, device="cpu", pin_memory=pinned)
             compute.copy_(master)
             table = m.table.detach().to("cpu").clone() if m.router_kind == "rre" and m.dispatcher is None else None
             layer = _Layer(name, m, table, master, torch.zeros_like(master), torch.zeros_like(master),
