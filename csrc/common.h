@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace pangu_cpu {
@@ -115,48 +116,6 @@ inline at::Tensor as_float(const at::Tensor& t) {
   return t.to(at::kFloat);
 }
 
-// Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by cost,
-// each expert's products then running single-threaded on one thread, when the split is even (no
-// thread above 5/4 of an equal share, 2+ experts per thread); else fn(0, E) here, each product
-// using every thread. Side by side, experts of a few hundred rows run 10-20% faster than one after
-// another with each product's threads splitting so few rows, and each thread streams its own
-// experts' weights. An expert's cost: its rows plus kRowsPerWeightPass for reading its weights once,
-// which is what a decode step's 1-2-row experts cost.
-constexpr int64_t kRowsPerWeightPass = 32;
-
-template <typename Fn>
-void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
-  const int64_t E = static_cast<int64_t>(off.size()) - 1;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads < 2 || off.back() == 0) return fn(0, E);
-  std::vector<int64_t> cost(E + 1, 0);  // prefix sums
-  int64_t active = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = off[e + 1] - off[e];
-    cost[e + 1] = cost[e] + (m > 0 ? m + kRowsPerWeightPass : 0);
-    active += m > 0;
-  }
-  // decided by the experts with rows only: an expert's result (oneDNN rounds differently on one
-  // thread and on several) must not depend on how many empty experts sit beside it (a domain's
-  // sub-model gives the full model's outputs bit for bit)
-  if (active < 2 * threads) return fn(0, E);
-  const int64_t total = cost[E];
-  std::vector<int64_t> first(threads + 1, E);
-  first[0] = 0;
-  for (int64_t t = 1, e = 0; t < threads; ++t) {
-    while (e < E && cost[e] * threads < total * t) ++e;
-    first[t] = e;
-  }
-  for (int64_t t = 0; t < threads; ++t) {
-    if ((cost[first[t + 1]] - cost[first[t]]) * threads * 4 > total * 5) return fn(0, E);
-  }
-  const at::ThreadLocalState state;  // the caller's dispatch state (below autograd) for ATen calls
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    at::ThreadLocalStateGuard guard(state);
-    for (int64_t t = t0; t < t1; ++t) fn(first[t], first[t + 1]);
-  });
-}
-
 // Whether torch's CPU matmul in `dtype` (bf16/fp16) is about as fast as in fp32 or faster on this
 // machine: from ~200x slower (AVX2 only) to several times faster (AMX-BF16), which CPU flags and
 // oneDNN's "supported" answers do not tell apart. Probed once per dtype on first use: a
@@ -175,6 +134,77 @@ bool native_half_matmul(at::ScalarType dtype);
 // oneDNN keeps 2+ rows: it stays at the weight-streaming time up to 4 rows (measured).
 constexpr int64_t kFewRows = 16;
 constexpr int64_t kFewRowsFloat = 4;  // fp32: BLAS's GEMV / small GEMM reads ~55% as fast below this (measured)
+
+// Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by cost,
+// each expert's products then running single-threaded on one thread, when the split is even (no
+// thread above 5/4 of an equal share, 2+ experts per thread); else fn(0, E) here, each product
+// using every thread. Side by side, experts of a few hundred rows run 10-20% faster than one after
+// another with each product's threads splitting so few rows, and each thread streams its own
+// experts' weights. An expert's cost: its rows plus kRowsPerWeightPass for reading its weights once,
+// which is what a decode step's 1-2-row experts cost. A decode step's experts (all of kFewRows rows
+// or fewer) gain nothing side by side (a product's threads split its weight's columns, each
+// streaming its share), so there the split must be within 1/20 of even: 5 equal experts over 2
+// threads (3 against 2) kept one thread idle for a third of a Mixtral-shaped 4-token step.
+constexpr int64_t kRowsPerWeightPass = 32;
+
+template <typename Fn>
+void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads < 2 || off.back() == 0) return fn(0, E);
+  std::vector<int64_t> cost(E + 1, 0);  // prefix sums
+  int64_t active = 0, most = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = off[e + 1] - off[e];
+    cost[e + 1] = cost[e] + (m > 0 ? m + kRowsPerWeightPass : 0);
+    active += m > 0;
+    most = std::max(most, m);
+  }
+  // decided by the experts with rows only: an expert's result (oneDNN rounds differently on one
+  // thread and on several) must not depend on how many empty experts sit beside it (a domain's
+  // sub-model gives the full model's outputs bit for bit)
+  if (active < 2 * threads) return fn(0, E);
+  const int64_t total = cost[E];
+  std::vector<int64_t> first(threads + 1, E);
+  first[0] = 0;
+  for (int64_t t = 1, e = 0; t < threads; ++t) {
+    while (e < E && cost[e] * threads < total * t) ++e;
+    first[t] = e;
+  }
+  for (int64_t t = 0; t < threads; ++t) {
+    const int64_t share = (cost[first[t + 1]] - cost[first[t]]) * threads;
+    if (most <= kFewRows ? share * 20 > total * 21 : share * 4 > total * 5) return fn(0, E);
+  }
+  const at::ThreadLocalState state;  // the caller's dispatch state (below autograd) for ATen calls
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t t = t0; t < t1; ++t) fn(first[t], first[t + 1]);
+  });
+}
+
+// Eight fp32 lanes as a GCC/Clang vector (one AVX register where -march has it), and stores of one
+// into 8 elements of each dtype (fp16 and fp64 element by element; bf16: from_float's rounding to
+// nearest even as 8-lane integer arithmetic).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+inline void store8(c10::BFloat16* p, f32x8 v) {
+  u32x8 u;
+  std::memcpy(&u, &v, sizeof u);
+  const u32x8 nan = (u32x8)(v != v), rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const u16x8 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+template <typename T>
+inline void store8(T* p, f32x8 v) {
+  for (int j = 0; j < 8; ++j) store_float(p, j, v[j]);
+}
 
 // acc[0:MB, 0:len] += a[0:MB, 0:kl] (fp32, row stride lda) @ b[0:kl, n0:n0+len] (row k at b + k * sb0):
 // MB x 16 fp32 accumulators that the compiler keeps in vector registers while b's rows stream by.
@@ -235,12 +265,97 @@ inline void dots2(float* s, const float* __restrict a, int64_t K, const T* __res
   s[0] = s0, s[1] = s1;
 }
 
+// The 16 bf16 at p as two vectors of fp32: the 32-bit lane j holds elements 2j (its low half)
+// and 2j + 1 (its high half), so a shift and a mask give both without widening across lanes
+// (GCC's element-order widening, vextracti128 + vpmovzxwd, kept the one-row dot at ~25 GB/s).
+inline void load_bf16_even_odd(const c10::BFloat16* p, f32x8& even, f32x8& odd) {
+  u32x8 u;
+  std::memcpy(&u, p, sizeof u);
+  const u32x8 e = u << 16, o = u & 0xFFFF0000u;
+  std::memcpy(&even, &e, sizeof e);
+  std::memcpy(&odd, &o, sizeof o);
+}
+
+// a's rows (fp32, R x K) with each whole 16-element block reordered as its 8 even then its 8 odd
+// elements: the order in which load_bf16_even_odd hands over b's values.
+inline void split_even_odd(float* __restrict out, const float* __restrict a, int64_t K) {
+  for (int64_t k = 0; k + 16 <= K; k += 16) {
+    for (int j = 0; j < 8; ++j) out[k + j] = a[k + 2 * j], out[k + 8 + j] = a[k + 2 * j + 1];
+  }
+}
+
+// sum_k a_r[k] * b[k] for R of a's rows against one contiguous bf16 row b: `as` holds the rows
+// split by split_even_odd (the whole blocks), `a` in order (the tail of K % 16). One row runs two
+// blocks per step (four accumulators: the FMA latency, not the loads, bounded one block).
+template <int R>
+inline void dots_bf16(float* s, const float* __restrict as, const float* __restrict a, int64_t K,
+                      const c10::BFloat16* __restrict b) {
+  constexpr int U = R == 1 ? 2 : 1;
+  const int64_t whole = K / 16 * 16;
+  f32x8 acc[R][2 * U];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < 2 * U; ++u) acc[r][u] = f32x8{};
+  }
+  int64_t k = 0;
+  for (; k + 16 * U <= whole; k += 16 * U) {
+    __builtin_prefetch(b + k + 1024);  // 2 KiB ahead (1.2-1.4x; from the L3 and from memory alike, measured)
+    for (int u = 0; u < U; ++u) {
+      f32x8 even, odd;
+      load_bf16_even_odd(b + k + 16 * u, even, odd);
+      for (int r = 0; r < R; ++r) {
+        acc[r][2 * u] += load8(as + r * K + k + 16 * u) * even;
+        acc[r][2 * u + 1] += load8(as + r * K + k + 16 * u + 8) * odd;
+      }
+    }
+  }
+  for (; k < whole; k += 16) {
+    f32x8 even, odd;
+    load_bf16_even_odd(b + k, even, odd);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] += load8(as + r * K + k) * even;
+      acc[r][1] += load8(as + r * K + k + 8) * odd;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    f32x8 t = acc[r][0] + acc[r][1];
+    if constexpr (U == 2) t += acc[r][2] + acc[r][3];
+    float sum = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    for (int64_t j = whole; j < K; ++j) sum += a[r * K + j] * load_float(b, j);
+    s[r] = sum;
+  }
+}
+
 template <typename T>
 void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t lda, int64_t M,
                    const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
   std::vector<float> af(M * K);
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t k = 0; k < K; ++k) af[i * K + k] = load_float(a + i * lda, k);
+  }
+  if (sb0 == 1 && std::is_same_v<T, c10::BFloat16>) {  // the same in bf16, b's blocks split even / odd
+    std::vector<float> as(M * K);
+    for (int64_t i = 0; i < M; ++i) split_even_odd(&as[i * K], &af[i * K], K);
+    const auto* bb = reinterpret_cast<const c10::BFloat16*>(b);
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const c10::BFloat16* bn = bb + n * sb1;
+        float sums[4];
+        int64_t i = 0;
+        for (; i + 4 <= M; i += 4) {
+          dots_bf16<4>(sums, &as[i * K], &af[i * K], K, bn);
+          for (int r = 0; r < 4; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
+        }
+        for (; i + 2 <= M; i += 2) {
+          dots_bf16<2>(sums, &as[i * K], &af[i * K], K, bn);
+          for (int r = 0; r < 2; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
+        }
+        if (i < M) {
+          dots_bf16<1>(sums, &as[i * K], &af[i * K], K, bn);
+          store_float(out + i * ldo, n, sums[0]);
+        }
+      }
+    });
+    return;
   }
   if (sb0 == 1) {  // rows of b contiguous: each against 4 (2, 1) of a's rows at once
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -295,30 +410,6 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
   });
 }
 
-// Eight fp32 lanes as a GCC/Clang vector (one AVX register where -march has it), and stores of one
-// into 8 elements of each dtype (fp16 and fp64 element by element; bf16: from_float's rounding to
-// nearest even as 8-lane integer arithmetic).
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-inline f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-inline void store8(c10::BFloat16* p, f32x8 v) {
-  u32x8 u;
-  std::memcpy(&u, &v, sizeof u);
-  const u32x8 nan = (u32x8)(v != v), rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const u16x8 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16x8);
-  std::memcpy(p, &h, sizeof h);
-}
-template <typename T>
-inline void store8(T* p, f32x8 v) {
-  for (int j = 0; j < 8; ++j) store_float(p, j, v[j]);
-}
-
 // out[M, N] = a[M, m] @ b[m, N] for a short inner dimension m <= kFewRows: a weight gradient over
 // a decode step's rows (a = x_e^T, b = dy_e), each output row a sum of m scaled rows of b. b is
 // converted to fp32 once into panels of 16 columns (m x 16 contiguous: rows of b 14 KiB apart
@@ -371,18 +462,24 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
 // `gemm_few_rows` (16-bit operands: one row always, up to kFewRows where this CPU's matmul is not
 // native in the dtype; fp32: up to kFewRowsFloat); else in the operands' own dtype where it is
 // native, else through fp32 copies.
+// Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it).
+inline bool few_rows_kernel(at::ScalarType t, int64_t M) {
+  const bool half = t == at::kBFloat16 || t == at::kHalf;
+  return M >= 1 && (half ? M == 1 || (M <= kFewRows && !native_half_matmul(t)) : t == at::kFloat && M <= kFewRowsFloat);
+}
+
 inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
   const bool half = t == at::kBFloat16 || t == at::kHalf;
   const int64_t M = a.size(0), m = a.size(1);
   const bool own = a.scalar_type() == t && b.scalar_type() == t && out.stride(1) == 1;  // for our kernels
-  const bool few = own && M >= 1 && a.stride(1) == 1 && (b.stride(0) == 1 || b.stride(1) == 1);
+  const bool few = own && a.stride(1) == 1 && (b.stride(0) == 1 || b.stride(1) == 1);
   if (own && m >= 1 && m <= kFewRows && M > kFewRows && b.stride(1) == 1 && !(half && native_half_matmul(t))) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "gemm_few_inner", [&] {
       gemm_few_inner(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
                      b.data_ptr<scalar_t>(), b.stride(0), M, m, b.size(1));
     });
-  } else if (few && (half ? M == 1 || (M <= kFewRows && !native_half_matmul(t)) : t == at::kFloat && M <= kFewRowsFloat)) {
+  } else if (few && few_rows_kernel(t, M)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "gemm_few_rows", [&] {
       gemm_few_rows(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), M,
                     b.data_ptr<scalar_t>(), b.stride(0), b.stride(1), a.size(1), b.size(1));

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import pangu_ops
+from pangu_ops import reference, verify
 
 from conftest import BACKENDS, DEVICE, reference_test
 
@@ -26,6 +27,25 @@ def test_equals_per_expert_loop(backend):
         gate, up = (x_e @ w_gate_up[e]).chunk(2, dim=1)
         parts.append((F.silu(gate) * up) @ w_down[e])
     torch.testing.assert_close(y, torch.cat(parts), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh"])
+def test_decode_sized_groups(dtype, trans_b, activation):
+    """A decode step's groups (every expert 0-16 rows; fp32: 0-4, where the few-row kernels take
+    fp32), both layouts, widths with tails (K = 70: 4 whole 16-element blocks and 6 more; 2F = 74,
+    N = 45), clamped, against the reference on the same values."""
+    sizes = torch.tensor([1, 0, 3, 4, 2] if dtype == torch.float32 else [1, 2, 3, 4, 5, 0, 7, 16])
+    gen = verify.generator(2)
+    E, K, F, N = len(sizes), 70, 37, 45
+    x = verify.randn((int(sizes.sum()), K), dtype, gen)
+    w_gate_up = verify.randn((E, 2 * F, K) if trans_b else (E, K, 2 * F), dtype, gen, scale=K ** -0.5)
+    w_down = verify.randn((E, N, F) if trans_b else (E, F, N), dtype, gen, scale=F ** -0.5)
+    y = pangu_ops.expert_mlp(x, w_gate_up, w_down, sizes, activation, trans_b=trans_b, limit=1.5)
+    want, _ = reference.expert_mlp(x, w_gate_up, w_down, sizes, activation, trans_b, 1.5)
+    torch.testing.assert_close(y, want, **verify.TOLERANCES[dtype])
+    assert (y[:1] != 0).all()
 
 
 GATES = {  # activation -> the textbook function of the gate
