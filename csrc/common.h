@@ -206,11 +206,43 @@ inline void store8(T* p, f32x8 v) {
   for (int j = 0; j < 8; ++j) store_float(p, j, v[j]);
 }
 
+// The 16 bf16 at p as two vectors of fp32: the 32-bit lane j holds elements 2j (its low half)
+// and 2j + 1 (its high half), so a shift and a mask give both without widening across lanes
+// (GCC's element-order widening, vextracti128 + vpmovzxwd, kept the one-row dot at ~25 GB/s).
+inline void load_bf16_even_odd(const c10::BFloat16* p, f32x8& even, f32x8& odd) {
+  u32x8 u;
+  std::memcpy(&u, p, sizeof u);
+  const u32x8 e = u << 16, o = u & 0xFFFF0000u;
+  std::memcpy(&even, &e, sizeof e);
+  std::memcpy(&odd, &o, sizeof o);
+}
+
 // acc[0:MB, 0:len] += a[0:MB, 0:kl] (fp32, row stride lda) @ b[0:kl, n0:n0+len] (row k at b + k * sb0):
 // MB x 16 fp32 accumulators that the compiler keeps in vector registers while b's rows stream by.
 template <int MB, typename T>
 inline void few_rows_tile(float* __restrict acc, int64_t ldacc, const float* __restrict a, int64_t lda,
                           const T* __restrict b, int64_t sb0, int64_t kl, int64_t n0, int64_t len) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (len == 16) {  // b's 16 columns as even / odd lanes (load_bf16_even_odd), interleaved once at the end
+      f32x8 ce[MB], co[MB];
+      for (int i = 0; i < MB; ++i) ce[i] = co[i] = f32x8{};
+      for (int64_t k = 0; k < kl; ++k) {
+        const T* row = b + k * sb0 + n0;
+        __builtin_prefetch(row + 64);  // this row's columns two cache lines on (the tiles to come)
+        f32x8 even, odd;
+        load_bf16_even_odd(row, even, odd);
+        for (int i = 0; i < MB; ++i) {
+          const float aik = a[i * lda + k];
+          ce[i] += aik * even;
+          co[i] += aik * odd;
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        for (int j = 0; j < 8; ++j) acc[i * ldacc + 2 * j] += ce[i][j], acc[i * ldacc + 2 * j + 1] += co[i][j];
+      }
+      return;
+    }
+  }
   float c[MB][16] = {};
   if (len == 16) {
     for (int64_t k = 0; k < kl; ++k) {
@@ -263,17 +295,6 @@ inline void dots2(float* s, const float* __restrict a, int64_t K, const T* __res
     s1 += a1[k] * bk;
   }
   s[0] = s0, s[1] = s1;
-}
-
-// The 16 bf16 at p as two vectors of fp32: the 32-bit lane j holds elements 2j (its low half)
-// and 2j + 1 (its high half), so a shift and a mask give both without widening across lanes
-// (GCC's element-order widening, vextracti128 + vpmovzxwd, kept the one-row dot at ~25 GB/s).
-inline void load_bf16_even_odd(const c10::BFloat16* p, f32x8& even, f32x8& odd) {
-  u32x8 u;
-  std::memcpy(&u, p, sizeof u);
-  const u32x8 e = u << 16, o = u & 0xFFFF0000u;
-  std::memcpy(&even, &e, sizeof e);
-  std::memcpy(&odd, &o, sizeof o);
 }
 
 // a's rows (fp32, R x K) with each whole 16-element block reordered as its 8 even then its 8 odd
@@ -377,8 +398,9 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
     return;
   }
   // b row-major: panels of up to 2048 columns (their M x width accumulators within 64 KiB), K in
-  // blocks of 64 rows; (4 rows x 16 columns) tiles with their accumulators in registers over a
-  // block, the block's piece of b (64 rows x 4 KiB at most) read from L2 after the first tile
+  // blocks of 64 rows; (6 rows x 16 columns) tiles with their accumulators in registers over a
+  // block, the block's piece of b (64 rows x 4 KiB at most) read from L2 after the first tile (6
+  // rows against 4: 9-18% faster at 6-16 rows, bf16, measured)
   constexpr int64_t kBlock = 64;
   const int64_t panel_width = std::clamp<int64_t>(16384 / M / 16 * 16, 256, 2048);
   at::parallel_for(0, (N + panel_width - 1) / panel_width, 1, [&](int64_t p0, int64_t p1) {
@@ -391,10 +413,12 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
         const T* bk = b + k0 * sb0;
         for (int64_t c = 0; c < width; c += 16) {
           const int64_t len = std::min<int64_t>(16, width - c);
-          for (int64_t i = 0; i < M; i += 4) {
+          for (int64_t i = 0; i < M; i += 6) {
             float* tile = &acc[i * panel_width + c];
             const float* ai = &af[i * K + k0];
-            switch (std::min<int64_t>(4, M - i)) {
+            switch (std::min<int64_t>(6, M - i)) {
+              case 6: few_rows_tile<6>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
+              case 5: few_rows_tile<5>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
               case 4: few_rows_tile<4>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
               case 3: few_rows_tile<3>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
               case 2: few_rows_tile<2>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
