@@ -437,14 +437,16 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 // out[M, N] = a[M, m] @ b[m, N] for a short inner dimension m <= kFewRows: a weight gradient over
 // a decode step's rows (a = x_e^T, b = dy_e), each output row a sum of m scaled rows of b. b is
 // converted to fp32 once into panels of 16 columns (m x 16 contiguous: rows of b 14 KiB apart
-// would share L1 sets); out is written once, in its dtype, from (4 rows x 16 columns) register
-// tiles. BLAS instead writes an fp32 product (converted after where out is 16-bit) at a few
-// GFLOP/s at such inner sizes: 8 bf16 1024 x 7168 expert gradients in 11 / 17 / 33 ms over
-// 1 / 4 / 16 rows each against 34 / 38 / 35 ms (measured, 2 threads).
-template <typename T>
-void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
-                    const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
-  constexpr int64_t kRows = 4, kCols = 16;
+// would share L1 sets); out is written once, in its dtype, from (kRows x 16 columns) register
+// tiles: 6 rows (12 accumulators) where the FMAs bound it, 4 for a one-row inner dimension, where
+// the writes do (6 there: 5-10% slower; 6 against 4 at 16 rows: 1.2-1.45x). BLAS instead writes an
+// fp32 product (converted after where out is 16-bit) at a few GFLOP/s at such inner sizes: 8 bf16
+// 1024 x 7168 expert gradients in 10 / 12.5 / 20 ms over 1 / 4 / 16 rows each against 34 / 38 /
+// 35 ms (measured, 2 threads).
+template <int64_t kRows, typename T>
+void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
+                          const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
+  constexpr int64_t kCols = 16;
   const int64_t panels = (N + kCols - 1) / kCols;
   std::vector<float> at_(((M + kRows - 1) / kRows * kRows) * m, 0.f), bp(panels * m * kCols, 0.f);
   for (int64_t i = 0; i < m; ++i) {
@@ -480,6 +482,13 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
       }
     }
   });
+}
+
+template <typename T>
+void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
+                    const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
+  if (m == 1) return gemm_few_inner_tiles<4>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  gemm_few_inner_tiles<6>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
 }
 
 // out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: few rows by
