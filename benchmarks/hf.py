@@ -184,8 +184,9 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
         limits = _limits(block, experts, dtype, route()[0], mode, tokens)
         print(f"[{i}/{len(todo)}] {block.name} {str(dtype)[6:]} T={tokens} {mode} {routing} routing", file=sys.stderr,
               flush=True)
+        settle = [kt_kernel.SETTLE_S if impl == kt_kernel.NAME else 0.0 for impl in impls] + [0.0] * len(limits)
         timings = interleaved(fns + [fn for _, fn in limits.values()], torch.device("cpu"), rounds=rounds,
-                              min_time=min_time)
+                              min_time=min_time, settle=settle)
         limit_times = dict(zip(limits, (t.min for t in timings[len(fns):])))
         limit = max([min(t for n, t in limit_times.items() if limits[n][0] == "compute")] +
                     [t for n, t in limit_times.items() if limits[n][0] == "memory"])

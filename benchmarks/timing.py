@@ -50,14 +50,25 @@ class Timing:
 
 
 def interleaved(fns: list[Callable[[], object]], device: torch.device, *, rounds: int = 5,
-                min_time: float = 0.25, progress: Callable[[int, int], None] | None = None) -> list[Timing]:
+                min_time: float = 0.25, progress: Callable[[int, int], None] | None = None,
+                settle: list[float] | None = None) -> list[Timing]:
     """Times every fn in `rounds` round-robin rounds (each round visits every fn, starting one
     further along each time); in each round a fn runs back to back for about min_time / rounds
     seconds (at least once). One warm-up call each first, which also sizes the repeats.
+    `settle[i]`: seconds to wait, untimed, after each run of fn i, for a fn whose worker threads
+    keep spinning after it returns (they would slow the fn timed next).
     `progress(done, total)` after each fn's warm-up and each round."""
+    settle = settle or [0.0] * len(fns)
+
+    def timed(i: int, repeats: int) -> float:
+        t = _time(fns[i], device, repeats)
+        if settle[i]:
+            time.sleep(settle[i])
+        return t
+
     repeats = []
-    for i, fn in enumerate(fns):
-        first = _time(fn, device, 1)
+    for i in range(len(fns)):
+        first = timed(i, 1)
         repeats.append(max(1, int(min_time / rounds / max(first, 1e-7))))
         if progress:
             progress(i + 1, len(fns) + rounds)
@@ -65,7 +76,7 @@ def interleaved(fns: list[Callable[[], object]], device: torch.device, *, rounds
     for r in range(rounds):
         for j in range(len(fns)):
             i = (r + j) % len(fns)
-            samples[i].append(_time(fns[i], device, repeats[i]))
+            samples[i].append(timed(i, repeats[i]))
         if progress:
             progress(len(fns) + r + 1, len(fns) + rounds)
     return [Timing(s) for s in samples]
