@@ -346,6 +346,21 @@ inline void dots_bf16(float* s, const float* __restrict as, const float* __restr
   }
 }
 
+// R of a's rows (fp32, in order in `a`; split by split_even_odd in `as`, bf16 only) against one
+// contiguous row b: dots_bf16 for bf16, else dots4 / dots2 / dot_float.
+template <int R, typename T>
+inline void dots(float* s, const float* __restrict as, const float* __restrict a, int64_t K, const T* __restrict b) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    dots_bf16<R>(s, as, a, K, b);
+  } else if constexpr (R == 4) {
+    dots4(s, a, K, b);
+  } else if constexpr (R == 2) {
+    dots2(s, a, K, b);
+  } else {
+    s[0] = dot_float(a, b, K);
+  }
+}
+
 template <typename T>
 void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t lda, int64_t M,
                    const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
@@ -353,46 +368,29 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t k = 0; k < K; ++k) af[i * K + k] = load_float(a + i * lda, k);
   }
-  if (sb0 == 1 && std::is_same_v<T, c10::BFloat16>) {  // the same in bf16, b's blocks split even / odd
-    std::vector<float> as(M * K);
-    for (int64_t i = 0; i < M; ++i) split_even_odd(&as[i * K], &af[i * K], K);
-    const auto* bb = reinterpret_cast<const c10::BFloat16*>(b);
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const c10::BFloat16* bn = bb + n * sb1;
-        float sums[4];
-        int64_t i = 0;
-        for (; i + 4 <= M; i += 4) {
-          dots_bf16<4>(sums, &as[i * K], &af[i * K], K, bn);
-          for (int r = 0; r < 4; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
-        }
-        for (; i + 2 <= M; i += 2) {
-          dots_bf16<2>(sums, &as[i * K], &af[i * K], K, bn);
-          for (int r = 0; r < 2; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
-        }
-        if (i < M) {
-          dots_bf16<1>(sums, &as[i * K], &af[i * K], K, bn);
-          store_float(out + i * ldo, n, sums[0]);
-        }
-      }
-    });
-    return;
-  }
   if (sb0 == 1) {  // rows of b contiguous: each against 4 (2, 1) of a's rows at once
+    std::vector<float> as;  // bf16: a's rows split even / odd (dots_bf16)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      as.resize(M * K);
+      for (int64_t i = 0; i < M; ++i) split_even_odd(&as[i * K], &af[i * K], K);
+    }
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
         const T* bn = b + n * sb1;
         float sums[4];
         int64_t i = 0;
         for (; i + 4 <= M; i += 4) {
-          dots4(sums, &af[i * K], K, bn);
+          dots<4>(sums, as.data() + i * K, &af[i * K], K, bn);
           for (int r = 0; r < 4; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
         }
         for (; i + 2 <= M; i += 2) {
-          dots2(sums, &af[i * K], K, bn);
+          dots<2>(sums, as.data() + i * K, &af[i * K], K, bn);
           for (int r = 0; r < 2; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
         }
-        if (i < M) store_float(out + i * ldo, n, dot_float(&af[i * K], bn, K));
+        if (i < M) {
+          dots<1>(sums, as.data() + i * K, &af[i * K], K, bn);
+          store_float(out + i * ldo, n, sums[0]);
+        }
       }
     });
     return;
@@ -491,16 +489,17 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
   gemm_few_inner_tiles<6>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
 }
 
-// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: few rows by
-// `gemm_few_rows` (16-bit operands: one row always, up to kFewRows where this CPU's matmul is not
-// native in the dtype; fp32: up to kFewRowsFloat); else in the operands' own dtype where it is
-// native, else through fp32 copies.
 // Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it).
 inline bool few_rows_kernel(at::ScalarType t, int64_t M) {
   const bool half = t == at::kBFloat16 || t == at::kHalf;
   return M >= 1 && (half ? M == 1 || (M <= kFewRows && !native_half_matmul(t)) : t == at::kFloat && M <= kFewRowsFloat);
 }
 
+// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: a short inner
+// dimension (weight gradients of decode-sized groups) by `gemm_few_inner`; few rows by
+// `gemm_few_rows` (16-bit operands: one row always, up to kFewRows where this CPU's matmul is not
+// native in the dtype; fp32: up to kFewRowsFloat); else in the operands' own dtype where it is
+// native, else through fp32 copies.
 inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
   const bool half = t == at::kBFloat16 || t == at::kHalf;

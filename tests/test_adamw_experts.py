@@ -8,9 +8,7 @@ import pytest
 import torch
 
 import pangu_ops
-from pangu_ops import backends
-
-from pangu_ops import verify
+from pangu_ops import backends, verify
 
 from conftest import reference_test
 
