@@ -7,6 +7,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -194,12 +198,31 @@ inline f32x8 load8(const float* p) {
   return v;
 }
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-inline void store8(c10::BFloat16* p, f32x8 v) {
+// bf16(v) (from_float's rounding) in the high half of each 32-bit lane; the low halves are garbage.
+inline u32x8 bf16_high_halves(f32x8 v) {
   u32x8 u;
   std::memcpy(&u, &v, sizeof u);
-  const u32x8 nan = (u32x8)(v != v), rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const u16x8 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16x8);
+  const u32x8 nan = (u32x8)(v != v), rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+  return (rounded & ~nan) | (0x7FC00000u & nan);
+}
+inline void store8(c10::BFloat16* p, f32x8 v) {
+  const u16x8 h = __builtin_convertvector(bf16_high_halves(v) >> 16, u16x8);
   std::memcpy(p, &h, sizeof h);
+}
+// 16 values held as even / odd lanes (element 2j in even[j], 2j + 1 in odd[j]) stored in order as
+// bf16: the odd ones' bits are their lanes' high halves already, the even ones' shifted down, so
+// a mask and an or interleave them (no cross-lane packing). `stream`: a non-temporal store (p
+// 32-byte aligned), for outputs written once in whole 64-byte lines and not read back soon.
+inline void store16_even_odd(c10::BFloat16* p, f32x8 even, f32x8 odd, bool stream = false) {
+  const u32x8 w = (bf16_high_halves(odd) & 0xFFFF0000u) | (bf16_high_halves(even) >> 16);
+#ifdef __AVX__
+  if (stream) {
+    __m256i x;
+    std::memcpy(&x, &w, sizeof w);
+    return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), x);
+  }
+#endif
+  std::memcpy(p, &w, sizeof w);
 }
 template <typename T>
 inline void store8(T* p, f32x8 v) {
@@ -434,59 +457,83 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 
 // out[M, N] = a[M, m] @ b[m, N] for a short inner dimension m <= kFewRows: a weight gradient over
 // a decode step's rows (a = x_e^T, b = dy_e), each output row a sum of m scaled rows of b. b is
-// converted to fp32 once into panels of 16 columns (m x 16 contiguous: rows of b 14 KiB apart
-// would share L1 sets); out is written once, in its dtype, from (kRows x 16 columns) register
-// tiles: 6 rows (12 accumulators) where the FMAs bound it, 4 for a one-row inner dimension, where
-// the writes do (6 there: 5-10% slower; 6 against 4 at 16 rows: 1.2-1.45x). BLAS instead writes an
-// fp32 product (converted after where out is 16-bit) at a few GFLOP/s at such inner sizes: 8 bf16
-// 1024 x 7168 expert gradients in 10 / 12.5 / 20 ms over 1 / 4 / 16 rows each against 34 / 38 /
-// 35 ms (measured, 2 threads).
-template <int64_t kRows, typename T>
+// converted to fp32 once into panels of kCols columns (m x kCols contiguous: rows of b 14 KiB apart
+// would share L1 sets; bf16: each 16 columns even then odd, for store16_even_odd); out is written
+// once, in its dtype, from (kRows x kCols) register tiles (gemm_few_inner picks them). BLAS instead
+// writes an fp32 product (converted after where out is 16-bit) at a few GFLOP/s at such inner
+// sizes: 8 bf16 1024 x 7168 expert gradients in 5.4 / 8.7 / 16.5 ms over 1 / 4 / 16 rows each
+// against 34 / 38 / 35 ms (measured, 2 threads; writing them once with memset: ~4.8 ms).
+template <int64_t kRows, int64_t kCols, typename T>
 void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
                           const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
-  constexpr int64_t kCols = 16;
+  constexpr int kVecs = kCols / 8;
+  constexpr bool kEvenOdd = std::is_same_v<T, c10::BFloat16>;  // each 16 columns even then odd: store16_even_odd
+  const auto lane = [](int64_t j) { return kEvenOdd ? j / 16 * 16 + j % 2 * 8 + j % 16 / 2 : j; };
   const int64_t panels = (N + kCols - 1) / kCols;
   std::vector<float> at_(((M + kRows - 1) / kRows * kRows) * m, 0.f), bp(panels * m * kCols, 0.f);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t r = 0; r < M; ++r) at_[r * m + i] = load_float(a + i * sa1, r * sa0);
-    for (int64_t n = 0; n < N; ++n) bp[(n / kCols * m + i) * kCols + n % kCols] = load_float(b + i * sb0, n);
+    for (int64_t n = 0; n < N; ++n) bp[(n / kCols * m + i) * kCols + lane(n % kCols)] = load_float(b + i * sb0, n);
   }
+  // bf16 tiles 32 columns wide write whole 64-byte lines: streamed past the caches where aligned
+  const bool stream = kEvenOdd && kCols == 32 && reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo % 32 == 0;
   at::parallel_for(0, (M + kRows - 1) / kRows, 16, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * kRows, rows = std::min(kRows, M - r0);
       const float* ag = &at_[r0 * m];
+      T* og = out + r0 * ldo;
       for (int64_t p = 0; p < panels; ++p) {
-        f32x8 lo[kRows], hi[kRows];
-        for (int r = 0; r < kRows; ++r) lo[r] = hi[r] = f32x8{};  // (an `= {}` compiles to rep stos: 40% of the time)
+        f32x8 acc[kRows][kVecs];
+        for (int r = 0; r < kRows; ++r) {
+          for (int v = 0; v < kVecs; ++v) acc[r][v] = f32x8{};  // (an `= {}` compiles to rep stos: 40% of the time)
+        }
         const float* bpp = &bp[p * m * kCols];
         for (int64_t i = 0; i < m; ++i) {
-          const f32x8 b0 = load8(bpp + i * kCols), b1 = load8(bpp + i * kCols + 8);
+          f32x8 bv[kVecs];
+          for (int v = 0; v < kVecs; ++v) bv[v] = load8(bpp + i * kCols + 8 * v);
           for (int r = 0; r < kRows; ++r) {
-            lo[r] += ag[r * m + i] * b0;
-            hi[r] += ag[r * m + i] * b1;
+            const float ar = ag[r * m + i];
+            for (int v = 0; v < kVecs; ++v) acc[r][v] += ar * bv[v];
           }
         }
         const int64_t c = p * kCols, len = std::min(kCols, N - c);
-        for (int r = 0; r < kRows; ++r) {
-          if (r >= rows) break;
-          T* o = out + (r0 + r) * ldo + c;
-          if (len == kCols) {
-            store8(o, lo[r]);
-            store8(o + 8, hi[r]);
-          } else {
-            for (int64_t j = 0; j < len; ++j) store_float(o, j, j < 8 ? lo[r][j] : hi[r][j - 8]);
+        if (len == kCols && rows == kRows) {  // whole tile: a constant loop, the accumulators stay in registers
+          for (int r = 0; r < kRows; ++r) {
+            for (int v = 0; v < kVecs; v += 2) {
+              if constexpr (kEvenOdd) {
+                store16_even_odd(og + r * ldo + c + 8 * v, acc[r][v], acc[r][v + 1], stream);
+              } else {
+                store8(og + r * ldo + c + 8 * v, acc[r][v]);
+                store8(og + r * ldo + c + 8 * v + 8, acc[r][v + 1]);
+              }
+            }
           }
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t j = 0; j < len; ++j) store_float(og + r * ldo, c + j, acc[r][lane(j) / 8][lane(j) % 8]);
         }
       }
     }
+#ifdef __AVX__
+    if (stream) _mm_sfence();
+#endif
   });
 }
 
 template <typename T>
 void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
                     const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
-  if (m == 1) return gemm_few_inner_tiles<4>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
-  gemm_few_inner_tiles<6>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  // Measured (8 bf16 1024 x 7168 gradients, 2 threads): bf16 at 1-4 rows is bound by its writes:
+  // 2 x 32 / 3 x 32 tiles streamed in whole lines, 1.1-1.4x over the cached 16-column ones (6.0 /
+  // 8.7 ms against 7.6 / 9.3 at 1 / 4 rows), which win from 6 rows on, where the FMAs bound it
+  // (16 rows: 16.5 against 19 ms); fp32's streamed lines were slower than cached ones here.
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (m == 1) return gemm_few_inner_tiles<2, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+    if (m <= 4) return gemm_few_inner_tiles<3, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  }
+  if (m == 1) return gemm_few_inner_tiles<4, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  gemm_few_inner_tiles<6, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
 }
 
 // Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it).

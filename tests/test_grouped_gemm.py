@@ -63,15 +63,17 @@ def test_few_rows_per_expert_in_half_precision(dtype, trans_b):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_weight_gradient_over_few_rows_per_expert(dtype, trans_b):
-    """dW over decode-sized groups (0-17 rows: the short-inner-dimension kernel's 4-row tiles and
-    16-column panels with their tails, up to 16 rows, the matmul above), both layouts, against the
-    reference (fp32 products of the same values, rounded once); an expert without rows gets zeros."""
+@pytest.mark.parametrize("k, n", [(70, 37), (67, 64)])
+def test_weight_gradient_over_few_rows_per_expert(dtype, trans_b, k, n):
+    """dW over decode-sized groups (0-17 rows: the short-inner-dimension kernel's 2-, 3-, 4- and
+    6-row tiles and 16- / 32-column panels with their tails, up to 16 rows, the matmul above; 64
+    columns: bf16's streamed whole-line stores), both layouts, against the reference (fp32 products
+    of the same values, rounded once); an expert without rows gets zeros."""
     sizes = torch.tensor([1, 2, 3, 4, 5, 0, 7, 16, 17])
     gen = verify.generator(1)
-    x = verify.randn((int(sizes.sum()), 70), dtype, gen)
-    w = verify.randn((len(sizes), *((37, 70) if trans_b else (70, 37))), dtype, gen).requires_grad_()
-    dy = verify.randn((x.shape[0], 37), dtype, gen)
+    x = verify.randn((int(sizes.sum()), k), dtype, gen)
+    w = verify.randn((len(sizes), *((n, k) if trans_b else (k, n))), dtype, gen).requires_grad_()
+    dy = verify.randn((x.shape[0], n), dtype, gen)
     pangu_ops.grouped_gemm(x, w, sizes, trans_b).backward(dy)
     expected = reference.grouped_gemm_wgrad(dy, x, sizes) if trans_b else reference.grouped_gemm_wgrad(x, dy, sizes)
     torch.testing.assert_close(w.grad, expected, **verify.TOLERANCES[dtype])
