@@ -131,13 +131,17 @@ bool native_half_matmul(at::ScalarType dtype);
 // accumulation, b read once from memory in its own 16-bit dtype (a's rows converted to fp32 once).
 // b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
 // contiguous rows, four of a's rows against each row of b while it sits in L1) or row-major itself
-// (stride(1) == 1: rows of b scaled into M blocks of fp32 accumulators). A decode step is a pass over
+// (stride(1) == 1: up to kStreamRows rows, b read in order by few_rows_stream, K split over the
+// threads; more, register tiles over panels of b). A decode step is a pass over
 // the touched experts' weights: converting them to fp32 first (the path of a CPU without native
 // half-precision matmul) moves 5x the bytes, and oneDNN's one-row GEMV costs more per call (small
 // experts: 30-70 us against 40-80 us). With native half-precision matmul (AMX-BF16, AVX512-BF16),
 // oneDNN keeps 2+ rows: it stays at the weight-streaming time up to 4 rows (measured).
 constexpr int64_t kFewRows = 16;
-constexpr int64_t kFewRowsFloat = 4;  // fp32: BLAS's GEMV / small GEMM reads ~55% as fast below this (measured)
+constexpr int64_t kStreamRows = 8;  // row-major b up to this many rows: few_rows_stream (measured)
+// fp32: BLAS's GEMV / small GEMM at 4 / 6 / 8 rows took 2.7-4.5x / 2.5-3.4x / 1.3-2.7x the time
+// of the few-row kernels (8 experts' 1024 x 7168 weights, both layouts, measured)
+constexpr int64_t kFewRowsFloat = 8;
 
 // Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by cost,
 // each expert's products then running single-threaded on one thread, when the split is even (no
@@ -384,6 +388,71 @@ inline void dots(float* s, const float* __restrict as, const float* __restrict a
   }
 }
 
+// 16 elements as two fp32 vectors: bf16 as even / odd lanes (load_bf16_even_odd), others in order.
+template <typename T>
+inline void load16(const T* p, f32x8& v0, f32x8& v1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    load_bf16_even_odd(p, v0, v1);
+  } else if constexpr (std::is_same_v<T, float>) {
+    v0 = load8(p), v1 = load8(p + 8);
+  } else {
+    for (int j = 0; j < 8; ++j) v0[j] = load_float(p, j), v1[j] = load_float(p, j + 8);
+  }
+}
+// Where load16 puts element j (< 16) of its block: lane j of (v0, v1) in order, or even / odd.
+template <typename T>
+constexpr int load16_lane(int j) {
+  return std::is_same_v<T, c10::BFloat16> ? j % 2 * 8 + j / 2 : j;
+}
+
+// acc[0:MB, 0:N] += a[0:MB, k0:k1] (fp32, row stride lda) @ b[k0:k1, 0:N] (row k at b + k * sb0):
+// b's rows read once, in order, four at a time, into fp32 accumulators that stay in L1 (each whole
+// 16-column block in load16's lane order, the tail in order). Few of a's rows (a decode step's
+// expert) use each of b's values a few times only: reading b as one stream is what bounds it.
+template <int MB, typename T>
+void few_rows_stream(float* __restrict acc, const float* __restrict a, int64_t lda, const T* __restrict b,
+                     int64_t sb0, int64_t k0, int64_t k1, int64_t N) {
+  const int64_t whole = N / 16 * 16;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const T* bk = b + k * sb0;
+    for (int64_t n = 0; n < whole; n += 16) {
+      f32x8 v[4][2];
+      if (n % (64 / sizeof(T)) == 0) {  // the same line of the rows 8 on: 1.1-1.3x (streams this short
+        for (int q = 8; q < 12; ++q) __builtin_prefetch(bk + q * sb0 + n);  // leave the prefetcher behind)
+      }
+      for (int q = 0; q < 4; ++q) load16(bk + q * sb0 + n, v[q][0], v[q][1]);
+      for (int r = 0; r < MB; ++r) {
+        const float* ar = a + r * lda + k;
+        float* cr = acc + r * N + n;
+        f32x8 lo = load8(cr), hi = load8(cr + 8);
+        for (int q = 0; q < 4; ++q) lo += ar[q] * v[q][0], hi += ar[q] * v[q][1];
+        store8(cr, lo);
+        store8(cr + 8, hi);
+      }
+    }
+  }
+  for (; k < k1; ++k) {
+    const T* bk = b + k * sb0;
+    for (int64_t n = 0; n < whole; n += 16) {
+      f32x8 v0, v1;
+      load16(bk + n, v0, v1);
+      for (int r = 0; r < MB; ++r) {
+        float* cr = acc + r * N + n;
+        store8(cr, load8(cr) + a[r * lda + k] * v0);
+        store8(cr + 8, load8(cr + 8) + a[r * lda + k] * v1);
+      }
+    }
+  }
+  for (int64_t n = whole; n < N; ++n) {
+    for (int r = 0; r < MB; ++r) {
+      float sum = 0.f;
+      for (k = k0; k < k1; ++k) sum += a[r * lda + k] * load_float(b + k * sb0, n);
+      acc[r * N + n] += sum;
+    }
+  }
+}
+
 template <typename T>
 void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t lda, int64_t M,
                    const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
@@ -416,6 +485,37 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
         }
       }
     });
+    return;
+  }
+  if (M <= kStreamRows) {  // b row-major, few rows: few_rows_stream, K split over the threads
+    const int64_t parts = std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), (K + 63) / 64);
+    std::vector<float> acc(parts * M * N, 0.f);
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t k0 = K * p / parts, k1 = K * (p + 1) / parts;
+        float* ap = &acc[p * M * N];
+        switch (M) {
+          case 8: few_rows_stream<8>(ap, af.data(), K, b, sb0, k0, k1, N); break;
+          case 7: few_rows_stream<7>(ap, af.data(), K, b, sb0, k0, k1, N); break;
+          case 6: few_rows_stream<6>(ap, af.data(), K, b, sb0, k0, k1, N); break;
+          case 5: few_rows_stream<5>(ap, af.data(), K, b, sb0, k0, k1, N); break;
+          case 4: few_rows_stream<4>(ap, af.data(), K, b, sb0, k0, k1, N); break;
+          case 3: few_rows_stream<3>(ap, af.data(), K, b, sb0, k0, k1, N); break;
+          case 2: few_rows_stream<2>(ap, af.data(), K, b, sb0, k0, k1, N); break;
+          default: few_rows_stream<1>(ap, af.data(), K, b, sb0, k0, k1, N);
+        }
+      }
+    });
+    for (int64_t p = 1; p < parts; ++p) {
+      for (int64_t i = 0; i < M * N; ++i) acc[i] += acc[p * M * N + i];
+    }
+    const int64_t whole = N / 16 * 16;
+    for (int64_t r = 0; r < M; ++r) {
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t lane = n < whole ? n / 16 * 16 + load16_lane<T>(n % 16) : n;
+        store_float(out + r * ldo, n, acc[r * N + lane]);
+      }
+    }
     return;
   }
   // b row-major: panels of up to 2048 columns (their M x width accumulators within 64 KiB), K in

@@ -45,13 +45,14 @@ def test_empty_expert_weight_gets_zero_gradient(backend):
     assert (w.grad[0] != 0).any() and (w.grad[2] != 0).any()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_few_rows_per_expert_in_half_precision(dtype, trans_b):
-    """Decode-sized groups (1-17 rows: the few-row kernels' 4 / 2 / 1-row passes and 16-column
-    tiles, and the switch back to the matmul above 16) with widths that leave tails (N = 37, K = 70),
-    against fp32 products of the same half-precision values, rounded once."""
-    sizes = torch.tensor([1, 2, 3, 4, 5, 0, 7, 16, 17])
+def test_few_rows_per_expert(dtype, trans_b):
+    """Decode-sized groups (1-17 rows: the few-row kernels' 4 / 2 / 1-row dot passes, the streamed
+    row-major passes of 1-8 rows and the 16-column tiles above, and the switch back to the matmul
+    above 16 rows, 8 in fp32) with widths that leave tails (N = 37, K = 70: K split in two with a
+    remainder of b's rows), against fp32 products of the same values, rounded once."""
+    sizes = torch.tensor([1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 16, 17])
     gen = verify.generator(0)
     x = verify.randn((int(sizes.sum()), 70), dtype, gen)
     w = verify.randn((len(sizes), *((37, 70) if trans_b else (70, 37))), dtype, gen)

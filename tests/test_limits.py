@@ -1,0 +1,60 @@
+"""The benchmarks' limit kernels (csrc/peak.cpp): `read_work` reads every byte of its tensor once
+(its result is the xor of the tensor's little-endian 32-bit words, a trailing 1-3 bytes zero-padded,
+so a byte skipped or read twice changes it); `fma_work` does the FLOPs asked of it."""
+import numpy as np
+import pytest
+import torch
+
+from pangu_ops import backends
+
+pytest.importorskip("pangu_ops._C")
+pytestmark = pytest.mark.usefixtures("on_the_cpu")
+
+
+def _xor_of_words(t: torch.Tensor) -> int:
+    raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    raw += b"\0" * (-len(raw) % 4)
+    return int(np.bitwise_xor.reduce(np.frombuffer(raw, dtype="<u4"), initial=np.uint32(0)))
+
+
+# one word; a 1-3-byte tail; below and above the 4096-word size that splits over threads; 4 streams
+# per thread with a remainder; bf16 of odd length (a 2-byte tail)
+@pytest.mark.parametrize("numel, dtype", [(1, torch.float32), (3, torch.bfloat16), (5, torch.uint8),
+                                          (4095, torch.float32), (100_003, torch.float32),
+                                          (262_147, torch.bfloat16)])
+def test_read_work_reads_every_byte_once(numel, dtype):
+    backends.load("cpu")
+    gen = torch.Generator().manual_seed(numel)
+    t = torch.randint(0, 256, (numel * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else numel,),
+                      dtype=torch.uint8, generator=gen)
+    t = t.view(dtype) if dtype.is_floating_point else t
+    assert t.numel() == numel
+    expected = _xor_of_words(t)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.ops.pangu_cpu.read_work(t) & 0xFFFFFFFF == expected
+    finally:
+        torch.set_num_threads(before)
+    t[numel // 2 : numel // 2 + 1].view(torch.uint8)[0] ^= 0x10  # one bit anywhere moves it
+    assert torch.ops.pangu_cpu.read_work(t) & 0xFFFFFFFF == expected ^ _xor_diff(numel, dtype)
+
+
+def _xor_diff(numel: int, dtype: torch.dtype) -> int:
+    """The flipped bit (0x10 in byte `numel // 2 * element size`) as its word's value."""
+    byte = numel // 2 * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1)
+    return 0x10 << (8 * (byte % 4))
+
+
+def test_read_work_takes_contiguous_cpu_tensors_only():
+    backends.load("cpu")
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.pangu_cpu.read_work(torch.zeros(8, 8).t())
+
+
+def test_fma_work_takes_no_negative_flops():
+    backends.load("cpu")
+    assert torch.ops.pangu_cpu.fma_work(10_000) > 0
+    with pytest.raises(ValueError, match=">= 0"):
+        torch.ops.pangu_cpu.fma_work(-1)
