@@ -294,97 +294,11 @@ inline void few_rows_tile(float* __restrict acc, int64_t ldacc, const float* __r
   }
 }
 
-// sum_k a_i[k] * b[k] for 4 and 2 of a's rows (fp32) at once against one contiguous row b: b is
-// loaded and converted once for all of them, each row's sum a vector accumulator of its own.
-template <typename T>
-inline void dots4(float* s, const float* __restrict a, int64_t K, const T* __restrict b) {
-  const float *a0 = a, *a1 = a + K, *a2 = a + 2 * K, *a3 = a + 3 * K;
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t k = 0; k < K; ++k) {
-    const float bk = load_float(b, k);
-    s0 += a0[k] * bk;
-    s1 += a1[k] * bk;
-    s2 += a2[k] * bk;
-    s3 += a3[k] * bk;
-  }
-  s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
-}
-
-template <typename T>
-inline void dots2(float* s, const float* __restrict a, int64_t K, const T* __restrict b) {
-  const float *a0 = a, *a1 = a + K;
-  float s0 = 0.f, s1 = 0.f;
-#pragma omp simd reduction(+ : s0, s1)
-  for (int64_t k = 0; k < K; ++k) {
-    const float bk = load_float(b, k);
-    s0 += a0[k] * bk;
-    s1 += a1[k] * bk;
-  }
-  s[0] = s0, s[1] = s1;
-}
-
 // a's rows (fp32, R x K) with each whole 16-element block reordered as its 8 even then its 8 odd
 // elements: the order in which load_bf16_even_odd hands over b's values.
 inline void split_even_odd(float* __restrict out, const float* __restrict a, int64_t K) {
   for (int64_t k = 0; k + 16 <= K; k += 16) {
     for (int j = 0; j < 8; ++j) out[k + j] = a[k + 2 * j], out[k + 8 + j] = a[k + 2 * j + 1];
-  }
-}
-
-// sum_k a_r[k] * b[k] for R of a's rows against one contiguous bf16 row b: `as` holds the rows
-// split by split_even_odd (the whole blocks), `a` in order (the tail of K % 16). One row runs two
-// blocks per step (four accumulators: the FMA latency, not the loads, bounded one block).
-template <int R>
-inline void dots_bf16(float* s, const float* __restrict as, const float* __restrict a, int64_t K,
-                      const c10::BFloat16* __restrict b) {
-  constexpr int U = R == 1 ? 2 : 1;
-  const int64_t whole = K / 16 * 16;
-  f32x8 acc[R][2 * U];
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < 2 * U; ++u) acc[r][u] = f32x8{};
-  }
-  int64_t k = 0;
-  for (; k + 16 * U <= whole; k += 16 * U) {
-    __builtin_prefetch(b + k + 1024);  // 2 KiB ahead (1.2-1.4x; from the L3 and from memory alike, measured)
-    for (int u = 0; u < U; ++u) {
-      f32x8 even, odd;
-      load_bf16_even_odd(b + k + 16 * u, even, odd);
-      for (int r = 0; r < R; ++r) {
-        acc[r][2 * u] += load8(as + r * K + k + 16 * u) * even;
-        acc[r][2 * u + 1] += load8(as + r * K + k + 16 * u + 8) * odd;
-      }
-    }
-  }
-  for (; k < whole; k += 16) {
-    f32x8 even, odd;
-    load_bf16_even_odd(b + k, even, odd);
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] += load8(as + r * K + k) * even;
-      acc[r][1] += load8(as + r * K + k + 8) * odd;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    f32x8 t = acc[r][0] + acc[r][1];
-    if constexpr (U == 2) t += acc[r][2] + acc[r][3];
-    float sum = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
-    for (int64_t j = whole; j < K; ++j) sum += a[r * K + j] * load_float(b, j);
-    s[r] = sum;
-  }
-}
-
-// R of a's rows (fp32, in order in `a`; split by split_even_odd in `as`, bf16 only) against one
-// contiguous row b: dots_bf16 for bf16, else dots4 / dots2 / dot_float.
-template <int R, typename T>
-inline void dots(float* s, const float* __restrict as, const float* __restrict a, int64_t K, const T* __restrict b) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    dots_bf16<R>(s, as, a, K, b);
-  } else if constexpr (R == 4) {
-    dots4(s, a, K, b);
-  } else if constexpr (R == 2) {
-    dots2(s, a, K, b);
-  } else {
-    s[0] = dot_float(a, b, K);
   }
 }
 
@@ -405,33 +319,92 @@ constexpr int load16_lane(int j) {
   return std::is_same_v<T, c10::BFloat16> ? j % 2 * 8 + j / 2 : j;
 }
 
+// sums[r * S + q] = sum_k a_r[k] * b_q[k] for R of a's rows against S contiguous rows b_q of b,
+// read in lockstep: rows far apart, so S streams from memory at once (one stream per thread left
+// the memory bus idle: 1-row bf16 products 1.2-1.35x slower, measured). b's 16-element blocks come
+// from load16, so `as` holds a's rows in load16's lane order (bf16: split by split_even_odd, else
+// `a` itself); `a` in order gives the tail of K % 16. Both lanes of a block share an accumulator.
+template <int R, int S, typename T>
+inline void dots_streams(float* sums, const float* __restrict as, const float* __restrict a, int64_t K,
+                         const T* const* b) {
+  constexpr int64_t kLine = 64 / sizeof(T), kAhead = 2048 / sizeof(T);  // prefetch each row 2 KiB ahead
+  const int64_t whole = K / 16 * 16;
+  f32x8 acc[R][S];
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < S; ++q) acc[r][q] = f32x8{};
+  }
+  for (int64_t k = 0; k < whole; k += 16) {
+    if (k % kLine == 0) {
+      for (int q = 0; q < S; ++q) __builtin_prefetch(b[q] + k + kAhead);
+    }
+    for (int q = 0; q < S; ++q) {
+      f32x8 v0, v1;
+      load16(b[q] + k, v0, v1);
+      for (int r = 0; r < R; ++r) {
+        acc[r][q] += load8(as + r * K + k) * v0;  // (one expression would add a product: 3 ops, not 2 FMAs)
+        acc[r][q] += load8(as + r * K + k + 8) * v1;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < S; ++q) {
+      const f32x8 t = acc[r][q];
+      float sum = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+      for (int64_t j = whole; j < K; ++j) sum += a[r * K + j] * load_float(b[q], j);
+      sums[r * S + q] = sum;
+    }
+  }
+}
+
+// out[0:M, n] for the rows n = rows[0:S] of b (contiguous, row n at b + n * sb1): a's rows 4 (2, 1)
+// at a time against the S rows of b together (dots_streams).
+template <int S, typename T>
+inline void dots_rows(T* __restrict out, int64_t ldo, const float* as, const float* af, int64_t M, int64_t K,
+                      const T* b, int64_t sb1, const int64_t* rows) {
+  const T* bq[S];
+  for (int q = 0; q < S; ++q) bq[q] = b + rows[q] * sb1;
+  float sums[4 * S];
+  const auto put = [&](int64_t i, int R) {
+    for (int r = 0; r < R; ++r) {
+      for (int q = 0; q < S; ++q) store_float(out + (i + r) * ldo, rows[q], sums[r * S + q]);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 4 <= M; i += 4) dots_streams<4, S>(sums, as + i * K, af + i * K, K, bq), put(i, 4);
+  for (; i + 2 <= M; i += 2) dots_streams<2, S>(sums, as + i * K, af + i * K, K, bq), put(i, 2);
+  if (i < M) dots_streams<1, S>(sums, as + i * K, af + i * K, K, bq), put(i, 1);
+}
+
 // acc[0:MB, 0:N] += a[0:MB, k0:k1] (fp32, row stride lda) @ b[k0:k1, 0:N] (row k at b + k * sb0):
-// b's rows read once, in order, four at a time, into fp32 accumulators that stay in L1 (each whole
-// 16-column block in load16's lane order, the tail in order). Few of a's rows (a decode step's
-// expert) use each of b's values a few times only: reading b as one stream is what bounds it.
+// b's rows read once, four at a time, into fp32 accumulators that stay in L1 (each whole 16-column
+// block in load16's lane order, the tail in order). Few of a's rows (a decode step's expert) use
+// each of b's values a few times only: reading b is what bounds it, so the four rows come from the
+// four quarters of [k0, k1), four streams from memory at once (against four adjacent rows: bf16 1
+// / 4 rows 1.35x / 1.2-1.45x faster, measured), each prefetched two rows on.
 template <int MB, typename T>
 void few_rows_stream(float* __restrict acc, const float* __restrict a, int64_t lda, const T* __restrict b,
                      int64_t sb0, int64_t k0, int64_t k1, int64_t N) {
   const int64_t whole = N / 16 * 16;
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
+  const int64_t L = (k1 - k0) / 4;  // rows k, k + L, k + 2L, k + 3L together
+  for (int64_t k = k0; k < k0 + L; ++k) {
     const T* bk = b + k * sb0;
     for (int64_t n = 0; n < whole; n += 16) {
       f32x8 v[4][2];
-      if (n % (64 / sizeof(T)) == 0) {  // the same line of the rows 8 on: 1.1-1.3x (streams this short
-        for (int q = 8; q < 12; ++q) __builtin_prefetch(bk + q * sb0 + n);  // leave the prefetcher behind)
+      if (n % (64 / sizeof(T)) == 0) {  // once per line
+        for (int q = 0; q < 4; ++q) __builtin_prefetch(bk + (q * L + 2) * sb0 + n);
       }
-      for (int q = 0; q < 4; ++q) load16(bk + q * sb0 + n, v[q][0], v[q][1]);
+      for (int q = 0; q < 4; ++q) load16(bk + q * L * sb0 + n, v[q][0], v[q][1]);
       for (int r = 0; r < MB; ++r) {
         const float* ar = a + r * lda + k;
         float* cr = acc + r * N + n;
         f32x8 lo = load8(cr), hi = load8(cr + 8);
-        for (int q = 0; q < 4; ++q) lo += ar[q] * v[q][0], hi += ar[q] * v[q][1];
+        for (int q = 0; q < 4; ++q) lo += ar[q * L] * v[q][0], hi += ar[q * L] * v[q][1];
         store8(cr, lo);
         store8(cr + 8, hi);
       }
     }
   }
+  int64_t k = k0 + 4 * L;
   for (; k < k1; ++k) {
     const T* bk = b + k * sb0;
     for (int64_t n = 0; n < whole; n += 16) {
@@ -460,30 +433,27 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t k = 0; k < K; ++k) af[i * K + k] = load_float(a + i * lda, k);
   }
-  if (sb0 == 1) {  // rows of b contiguous: each against 4 (2, 1) of a's rows at once
-    std::vector<float> as;  // bf16: a's rows split even / odd (dots_bf16)
+  if (sb0 == 1) {  // rows of b contiguous: dot products, each thread's rows of b as 4 (2) streams
+    std::vector<float> as;  // bf16: a's rows split even / odd (load16's order)
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       as.resize(M * K);
       for (int64_t i = 0; i < M; ++i) split_even_odd(&as[i * K], &af[i * K], K);
     }
+    const float* asp = std::is_same_v<T, c10::BFloat16> ? as.data() : af.data();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const T* bn = b + n * sb1;
-        float sums[4];
-        int64_t i = 0;
-        for (; i + 4 <= M; i += 4) {
-          dots<4>(sums, as.data() + i * K, &af[i * K], K, bn);
-          for (int r = 0; r < 4; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
-        }
-        for (; i + 2 <= M; i += 2) {
-          dots<2>(sums, as.data() + i * K, &af[i * K], K, bn);
-          for (int r = 0; r < 2; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
-        }
-        if (i < M) {
-          dots<1>(sums, as.data() + i * K, &af[i * K], K, bn);
-          store_float(out + i * ldo, n, sums[0]);
+      // 4 streams with 1-3 rows of a, 2 with more (8 accumulators; 4 x 4 would spill): measured
+      const int S = M < 4 ? 4 : 2;
+      const int64_t len = (n1 - n0) / S;
+      for (int64_t j = 0; j < len; ++j) {
+        int64_t rows[4];
+        for (int q = 0; q < S; ++q) rows[q] = n0 + q * len + j;
+        if (S == 4) {
+          dots_rows<4>(out, ldo, asp, af.data(), M, K, b, sb1, rows);
+        } else {
+          dots_rows<2>(out, ldo, asp, af.data(), M, K, b, sb1, rows);
         }
       }
+      for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows<1>(out, ldo, asp, af.data(), M, K, b, sb1, &n);
     });
     return;
   }
