@@ -130,9 +130,9 @@ bool native_half_matmul(at::ScalarType dtype);
 // out[M, N] = a[M, K] @ b[K, N] for the few rows of a decode step's expert (M <= kFewRows), fp32
 // accumulation, b read once from memory in its own 16-bit dtype (a's rows converted to fp32 once).
 // b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
-// contiguous rows, four of a's rows against each row of b while it sits in L1) or row-major itself
-// (stride(1) == 1: up to kStreamRows rows, b read in order by few_rows_stream, K split over the
-// threads; more, register tiles over panels of b). A decode step is a pass over
+// contiguous rows, several rows of b far apart at once, dots_streams) or row-major itself
+// (stride(1) == 1: up to kStreamRows rows, four quarters of b's rows at once by few_rows_stream, K
+// split over the threads; more, register tiles over panels of b). A decode step is a pass over
 // the touched experts' weights: converting them to fp32 first (the path of a CPU without native
 // half-precision matmul) moves 5x the bytes, and oneDNN's one-row GEMV costs more per call (small
 // experts: 30-70 us against 40-80 us). With native half-precision matmul (AMX-BF16, AVX512-BF16),
