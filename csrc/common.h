@@ -206,8 +206,8 @@ inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 inline u32x8 bf16_high_halves(f32x8 v) {
   u32x8 u;
   std::memcpy(&u, &v, sizeof u);
-  const u32x8 nan = (u32x8)(v != v), rounded = u + 0x7FFFu + ((u >> 16) & 1u);
-  return (rounded & ~nan) | (0x7FC00000u & nan);
+  const u32x8 rounded = u + 0x7FFFu + ((u >> 16) & 1u), canonical = u32x8{} + 0x7FC00000u;
+  return (v != v) ? canonical : rounded;  // (a blend: 8.8 against 9.9 ms for and / andnot / or, 4-row dW)
 }
 inline void store8(c10::BFloat16* p, f32x8 v) {
   const u16x8 h = __builtin_convertvector(bf16_high_halves(v) >> 16, u16x8);
