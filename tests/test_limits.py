@@ -25,9 +25,8 @@ def _xor_of_words(t: torch.Tensor) -> int:
 def test_read_work_reads_every_byte_once(numel, dtype):
     backends.load("cpu")
     gen = torch.Generator().manual_seed(numel)
-    t = torch.randint(0, 256, (numel * torch.finfo(dtype).bits // 8 if dtype.is_floating_point else numel,),
-                      dtype=torch.uint8, generator=gen)
-    t = t.view(dtype) if dtype.is_floating_point else t
+    size = torch.empty(0, dtype=dtype).element_size()
+    t = torch.randint(0, 256, (numel * size,), dtype=torch.uint8, generator=gen).view(dtype)
     assert t.numel() == numel
     expected = _xor_of_words(t)
     before = torch.get_num_threads()
@@ -37,14 +36,9 @@ def test_read_work_reads_every_byte_once(numel, dtype):
             assert torch.ops.pangu_cpu.read_work(t) & 0xFFFFFFFF == expected
     finally:
         torch.set_num_threads(before)
-    t[numel // 2 : numel // 2 + 1].view(torch.uint8)[0] ^= 0x10  # one bit anywhere moves it
-    assert torch.ops.pangu_cpu.read_work(t) & 0xFFFFFFFF == expected ^ _xor_diff(numel, dtype)
-
-
-def _xor_diff(numel: int, dtype: torch.dtype) -> int:
-    """The flipped bit (0x10 in byte `numel // 2 * element size`) as its word's value."""
-    byte = numel // 2 * (torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 1)
-    return 0x10 << (8 * (byte % 4))
+    byte = numel // 2 * size  # one bit anywhere moves it, by that bit's value in its word
+    t.view(torch.uint8)[byte] ^= 0x10
+    assert torch.ops.pangu_cpu.read_work(t) & 0xFFFFFFFF == expected ^ (0x10 << (8 * (byte % 4)))
 
 
 def test_read_work_takes_contiguous_cpu_tensors_only():
