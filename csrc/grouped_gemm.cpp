@@ -5,7 +5,7 @@
 // threads where they split evenly: for_experts): in the operands' own dtype where
 // this CPU's matmul is native in it (AMX-BF16, AVX512-BF16; probed once per process below), else
 // through fp32 copies of x_e and w[e] (O(m*K + K*N) conversions against O(m*K*N) flops). Experts
-// with no rows cost nothing (and get dw[e] = 0).
+// with no rows cost no FLOPs; their dw[e] = 0 are written run by run, streamed (zero_streaming).
 #include <torch/library.h>
 
 #include <chrono>
@@ -85,13 +85,15 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
   const int64_t E = group_sizes.numel(), K = x.size(1), N = dy.size(1);
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm_wgrad");
   at::Tensor dw = empty_output({E, K, N}, x.options());
+  for (int64_t e = 0, f = 0; e < E; e = f + 1) {  // each run of experts without rows [e, f): zeros, at once
+    for (f = e; f < E && off[f + 1] == off[f]; ++f) {
+    }
+    if (f > e) zero_streaming(dw.select(0, e).data_ptr(), (f - e) * K * N * static_cast<int64_t>(dw.element_size()));
+  }
   for_experts(off, [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t m = off[e + 1] - off[e];
-      if (m == 0) {
-        dw.select(0, e).zero_();
-        continue;
-      }
+      if (m == 0) continue;
       mm_fp32_into(dw.select(0, e), x.narrow(0, off[e], m).t(), dy.narrow(0, off[e], m));
     }
   });

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import pangu_ops
-from pangu_ops import reference, verify
+from pangu_ops import backends, reference, verify
+from pangu_ops.backends.cpu import output_cache
 
 from conftest import BACKENDS, reference_test
 
@@ -43,6 +44,25 @@ def test_empty_expert_weight_gets_zero_gradient(backend):
         pangu_ops.grouped_gemm(x, w, sizes).square().sum().backward()
     assert torch.equal(w.grad[1], torch.zeros(5, 4))
     assert (w.grad[0] != 0).any() and (w.grad[2] != 0).any()
+
+
+@pytest.mark.usefixtures("on_the_cpu")
+def test_empty_experts_get_zeros_in_reused_memory():
+    """The CPU backend's weight gradient takes its output from the output pool, whose blocks hold
+    an earlier output's values: runs of experts without rows (one, and two side by side, each over
+    1 MiB: streamed zeros) must be zeroed there, the others written."""
+    backends.load("cpu")
+    gen = verify.generator(2)
+    x, dy = verify.randn((8, 256), torch.float32, gen), verify.randn((8, 1536), torch.float32, gen)
+    everywhere = torch.ops.pangu_cpu.grouped_gemm_wgrad(x, dy, torch.tensor([1, 1, 2, 1, 3]))
+    assert (everywhere != 0).all()
+    del everywhere  # its block goes back to the pool, for the next output of its size
+    reused = output_cache()["reused"]
+    sizes = torch.tensor([3, 0, 5, 0, 0])
+    dw = torch.ops.pangu_cpu.grouped_gemm_wgrad(x, dy, sizes)
+    assert output_cache()["reused"] == reused + 1
+    torch.testing.assert_close(dw, reference.grouped_gemm_wgrad(x, dy, sizes), rtol=1e-5, atol=1e-4)
+    assert not dw[[1, 3, 4]].any() and dw[[0, 2]].all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

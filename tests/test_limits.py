@@ -1,6 +1,7 @@
 """The benchmarks' limit kernels (csrc/peak.cpp): `read_work` reads every byte of its tensor once
 (its result is the xor of the tensor's little-endian 32-bit words, a trailing 1-3 bytes zero-padded,
-so a byte skipped or read twice changes it); `fma_work` does the FLOPs asked of it."""
+so a byte skipped or read twice changes it); `zero_work` zeroes exactly its tensor's bytes (the
+kernels' `zero_streaming`); `fma_work` does the FLOPs asked of it."""
 import numpy as np
 import pytest
 import torch
@@ -45,6 +46,22 @@ def test_read_work_takes_contiguous_cpu_tensors_only():
     backends.load("cpu")
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.pangu_cpu.read_work(torch.zeros(8, 8).t())
+
+
+# below the 1 MiB from which it streams whole lines; above, with the view starting and ending
+# mid-line (1-63-byte ends by memset) or on line boundaries
+@pytest.mark.parametrize("start, numel", [(3, 1000), (5, 300_001), (16, 1 << 20), (1, (1 << 20) + 13)])
+def test_zero_work_zeroes_its_bytes_only(start, numel):
+    backends.load("cpu")
+    buf = torch.rand(start + numel + 40) + 1  # no zeros
+    before = buf.clone()
+    view = buf[start:start + numel]
+    assert view.data_ptr() % 64 != 0 or start == 16
+    torch.ops.pangu_cpu.zero_work(view)
+    assert torch.equal(view, torch.zeros(numel))
+    assert torch.equal(buf[:start], before[:start]) and torch.equal(buf[start + numel:], before[start + numel:])
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.pangu_cpu.zero_work(torch.ones(600, 600).t())
 
 
 def test_fma_work_takes_no_negative_flops():
