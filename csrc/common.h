@@ -12,8 +12,10 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -209,10 +211,13 @@ inline f32x8 load8(const float* p) {
 }
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
 // bf16(v) (from_float's rounding) in the high half of each 32-bit lane; the low halves are garbage.
+// kFinite: v holds no NaN (the select is skipped).
+template <bool kFinite = false>
 inline u32x8 bf16_high_halves(f32x8 v) {
   u32x8 u;
   std::memcpy(&u, &v, sizeof u);
   const u32x8 rounded = u + 0x7FFFu + ((u >> 16) & 1u), canonical = u32x8{} + 0x7FC00000u;
+  if constexpr (kFinite) return rounded;
   return (v != v) ? canonical : rounded;  // (a blend: 8.8 against 9.9 ms for and / andnot / or, 4-row dW)
 }
 inline void store8(c10::BFloat16* p, f32x8 v) {
@@ -223,8 +228,9 @@ inline void store8(c10::BFloat16* p, f32x8 v) {
 // bf16: the odd ones' bits are their lanes' high halves already, the even ones' shifted down, so
 // a mask and an or interleave them (no cross-lane packing). `stream`: a non-temporal store (p
 // 32-byte aligned), for outputs written once in whole 64-byte lines and not read back soon.
+template <bool kFinite = false>
 inline void store16_even_odd(c10::BFloat16* p, f32x8 even, f32x8 odd, bool stream = false) {
-  const u32x8 w = (bf16_high_halves(odd) & 0xFFFF0000u) | (bf16_high_halves(even) >> 16);
+  const u32x8 w = (bf16_high_halves<kFinite>(odd) & 0xFFFF0000u) | (bf16_high_halves<kFinite>(even) >> 16);
 #ifdef __AVX__
   if (stream) {
     __m256i x;
@@ -534,36 +540,30 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 // out[M, N] = a[M, m] @ b[m, N] for a short inner dimension m <= kFewRows: a weight gradient over
 // a decode step's rows (a = x_e^T, b = dy_e), each output row a sum of m scaled rows of b. b is
 // converted to fp32 once into panels of kCols columns (m x kCols contiguous: rows of b 14 KiB apart
-// would share L1 sets; bf16: each 16 columns even then odd, for store16_even_odd); out is written
-// once, in its dtype, from (kRows x kCols) register tiles (gemm_few_inner picks them). BLAS instead
-// writes an fp32 product (converted after where out is 16-bit) at a few GFLOP/s at such inner
-// sizes: 8 bf16 1024 x 7168 expert gradients in 5.4 / 8.7 / 16.5 ms over 1 / 4 / 16 rows each
-// against 34 / 38 / 35 ms (measured, 2 threads; writing them once with memset: ~4.8 ms).
-template <int64_t kRows, int64_t kCols, typename T>
-void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
-                          const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
+// would share L1 sets; bf16: each 16 columns even then odd, for store16_even_odd), a's columns
+// into rows (`ap`, padded by kRows rows); out is written once, in its dtype, from (kRows x kCols)
+// register tiles (gemm_few_inner picks them). BLAS instead writes an fp32 product (converted after
+// where out is 16-bit) at a few GFLOP/s at such inner sizes: 8 bf16 1024 x 7168 expert gradients
+// in 5.4 / 8.7 / 16.5 ms over 1 / 4 / 16 rows each against 34 / 38 / 35 ms (measured, 2 threads).
+// kStream: whole 64-byte lines (bf16, kCols 32) stored non-temporally; kFinite: no sum can be NaN,
+// so the bf16 rounding skips its NaN select.
+template <int64_t kRows, int64_t kCols, bool kStream, bool kFinite, typename T>
+void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const float* __restrict ap, const float* __restrict bp,
+                          int64_t M, int64_t m, int64_t N) {
   constexpr int kVecs = kCols / 8;
   constexpr bool kEvenOdd = std::is_same_v<T, c10::BFloat16>;  // each 16 columns even then odd: store16_even_odd
-  const auto lane = [](int64_t j) { return kEvenOdd ? j / 16 * 16 + j % 2 * 8 + j % 16 / 2 : j; };
   const int64_t panels = (N + kCols - 1) / kCols;
-  std::vector<float> at_(((M + kRows - 1) / kRows * kRows) * m, 0.f), bp(panels * m * kCols, 0.f);
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t r = 0; r < M; ++r) at_[r * m + i] = load_float(a + i * sa1, r * sa0);
-    for (int64_t n = 0; n < N; ++n) bp[(n / kCols * m + i) * kCols + lane(n % kCols)] = load_float(b + i * sb0, n);
-  }
-  // bf16 tiles 32 columns wide write whole 64-byte lines: streamed past the caches where aligned
-  const bool stream = kEvenOdd && kCols == 32 && reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo % 32 == 0;
-  at::parallel_for(0, (M + kRows - 1) / kRows, 16, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, (M + kRows - 1) / kRows, 16, [=](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * kRows, rows = std::min(kRows, M - r0);
-      const float* ag = &at_[r0 * m];
+      const float* ag = ap + r0 * m;
       T* og = out + r0 * ldo;
       for (int64_t p = 0; p < panels; ++p) {
         f32x8 acc[kRows][kVecs];
         for (int r = 0; r < kRows; ++r) {
           for (int v = 0; v < kVecs; ++v) acc[r][v] = f32x8{};  // (an `= {}` compiles to rep stos: 40% of the time)
         }
-        const float* bpp = &bp[p * m * kCols];
+        const float* bpp = bp + p * m * kCols;
         for (int64_t i = 0; i < m; ++i) {
           f32x8 bv[kVecs];
           for (int v = 0; v < kVecs; ++v) bv[v] = load8(bpp + i * kCols + 8 * v);
@@ -577,7 +577,7 @@ void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const T* __restrict a,
           for (int r = 0; r < kRows; ++r) {
             for (int v = 0; v < kVecs; v += 2) {
               if constexpr (kEvenOdd) {
-                store16_even_odd(og + r * ldo + c + 8 * v, acc[r][v], acc[r][v + 1], stream);
+                store16_even_odd<kFinite>(og + r * ldo + c + 8 * v, acc[r][v], acc[r][v + 1], kStream);
               } else {
                 store8(og + r * ldo + c + 8 * v, acc[r][v]);
                 store8(og + r * ldo + c + 8 * v + 8, acc[r][v + 1]);
@@ -586,15 +586,36 @@ void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const T* __restrict a,
           }
           continue;
         }
+        float edge[kRows][kCols];  // an edge tile through memory (indexing acc would keep it out of registers)
+        for (int r = 0; r < kRows; ++r) {
+          for (int v = 0; v < kVecs; ++v) store8(&edge[r][8 * v], acc[r][v]);
+        }
         for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t j = 0; j < len; ++j) store_float(og + r * ldo, c + j, acc[r][lane(j) / 8][lane(j) % 8]);
+          for (int64_t j = 0; j < len; ++j) store_float(og + r * ldo, c + j, edge[r][j / 16 * 16 + load16_lane<T>(j % 16)]);
         }
       }
     }
 #ifdef __AVX__
-    if (stream) _mm_sfence();
+    if (kStream) _mm_sfence();
 #endif
   });
+}
+
+// gemm_few_inner_tiles with its flags: kStream where out's rows are whole aligned lines (a bf16
+// 32-column tile), kFinite where the operands say so.
+template <int64_t kRows, int64_t kCols, typename T>
+void gemm_few_inner_flags(bool stream, bool finite, T* out, int64_t ldo, const float* ap, const float* bp, int64_t M,
+                          int64_t m, int64_t N) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if constexpr (kCols == 32) {
+      if (stream) {
+        return finite ? gemm_few_inner_tiles<kRows, kCols, true, true>(out, ldo, ap, bp, M, m, N)
+                      : gemm_few_inner_tiles<kRows, kCols, true, false>(out, ldo, ap, bp, M, m, N);
+      }
+    }
+    if (finite) return gemm_few_inner_tiles<kRows, kCols, false, true>(out, ldo, ap, bp, M, m, N);
+  }
+  gemm_few_inner_tiles<kRows, kCols, false, false>(out, ldo, ap, bp, M, m, N);
 }
 
 template <typename T>
@@ -603,13 +624,37 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
   // Measured (8 bf16 1024 x 7168 gradients, 2 threads): bf16 at 1-4 rows is bound by its writes:
   // 2 x 32 / 3 x 32 tiles streamed in whole lines, 1.1-1.4x over the cached 16-column ones (6.0 /
   // 8.7 ms against 7.6 / 9.3 at 1 / 4 rows), which win from 6 rows on, where the FMAs bound it
-  // (16 rows: 16.5 against 19 ms); fp32's streamed lines were slower than cached ones here.
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (m == 1) return gemm_few_inner_tiles<2, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
-    if (m <= 4) return gemm_few_inner_tiles<3, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  // (16 rows: 16.5 against 19 ms); fp32's streamed lines were slower than cached ones here (1.2-1.8x).
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const int64_t rows = kBf16 && m == 1 ? 2 : kBf16 && m <= 4 ? 3 : m == 1 ? 4 : 6;
+  const int64_t cols = kBf16 && m <= 4 ? 32 : 16;
+  std::vector<float> ap((M + rows) * m, 0.f), bp((N + cols - 1) / cols * m * cols, 0.f);
+  // No sum can be NaN (and the bf16 rounding can skip its NaN select, 1.15-1.2x at 1 row) where
+  // every operand is finite and no m products can add up to anywhere near fp32's overflow.
+  float amax = 0.f, bmax = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t r = 0; r < M; ++r) {
+      const float v = ap[r * m + i] = load_float(a + i * sa1, r * sa0);
+      finite &= std::abs(v) <= std::numeric_limits<float>::max();
+      amax = std::max(amax, std::abs(v));
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const float v = bp[(n / cols * m + i) * cols + n % cols / 16 * 16 + load16_lane<T>(n % 16)] =
+          load_float(b + i * sb0, n);
+      finite &= std::abs(v) <= std::numeric_limits<float>::max();
+      bmax = std::max(bmax, std::abs(v));
+    }
   }
-  if (m == 1) return gemm_few_inner_tiles<4, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
-  gemm_few_inner_tiles<6, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  finite = finite && static_cast<double>(amax) * bmax * m < 1e37;
+  const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo * static_cast<int64_t>(sizeof(T)) % 64 == 0;
+  if constexpr (kBf16) {
+    if (m == 1) return gemm_few_inner_flags<2, 32>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
+    if (m <= 4) return gemm_few_inner_flags<3, 32>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
+  } else if (m == 1) {
+    return gemm_few_inner_flags<4, 16>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
+  }
+  gemm_few_inner_flags<6, 16>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
 }
 
 // Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it).

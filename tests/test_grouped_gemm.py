@@ -65,6 +65,26 @@ def test_empty_experts_get_zeros_in_reused_memory():
     assert not dw[[1, 3, 4]].any() and dw[[0, 2]].all()
 
 
+@pytest.mark.usefixtures("on_the_cpu")
+def test_few_row_weight_gradient_nans_are_canonical():
+    """bf16 dW over decode-sized groups rounds every NaN to 0x7FC0 as torch does (x86's own NaN
+    from inf * 0 and a negative NaN operand carry the sign bit), where the operands are not all
+    finite (1 row: inf * 0; 2 rows: a negative NaN), and overflows to inf as the reference does."""
+    backends.load("cpu")
+    gen = verify.generator(3)
+    sizes = torch.tensor([1, 2, 0])
+    x, dy = verify.randn((3, 40), torch.bfloat16, gen), verify.randn((3, 64), torch.bfloat16, gen)
+    x[0, 5], dy[0, 7] = float("inf"), 0.0  # dW[0][5, 7] = inf * 0
+    x.view(torch.int16)[2, 9] = -64  # 0xFFC0: a NaN with the sign bit, dW[1][9, :]
+    x[1:3, 12], dy[1:3, 3] = 2.0 ** 100, 2.0 ** 100  # dW[1][12, 3]: products beyond fp32's range
+    dw = torch.ops.pangu_cpu.grouped_gemm_wgrad(x, dy, sizes)
+    expected = reference.grouped_gemm_wgrad(x, dy, sizes)
+    nan = expected.isnan()
+    assert nan[0, 5, 7] and nan[1, 9].all() and expected[1, 12, 3] == float("inf")
+    assert torch.equal(dw.isnan(), nan) and (dw[nan].view(torch.int16) == 0x7FC0).all()
+    torch.testing.assert_close(dw, expected, **verify.TOLERANCES[torch.bfloat16], equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
 def test_few_rows_per_expert(dtype, trans_b):
