@@ -663,34 +663,53 @@ inline bool few_rows_kernel(at::ScalarType t, int64_t M) {
   return M >= 1 && (half ? M == 1 || (M <= kFewRows && !native_half_matmul(t)) : t == at::kFloat && M <= kFewRowsFloat);
 }
 
-// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: a short inner
-// dimension (weight gradients of decode-sized groups) by `gemm_few_inner`; few rows by
-// `gemm_few_rows` (16-bit operands: one row always, up to kFewRows where this CPU's matmul is not
-// native in the dtype; fp32: up to kFewRowsFloat); else in the operands' own dtype where it is
-// native, else through fp32 copies.
-inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+// out (rows ldo apart, each contiguous) = a [M, m] @ b [m, N] on raw pointers by the kernels above
+// where one applies: a short inner dimension (weight gradients of decode-sized groups) by
+// `gemm_few_inner`; few rows by `gemm_few_rows` (16-bit operands: one row always, up to kFewRows
+// where this CPU's matmul is not native in the dtype; fp32: up to kFewRowsFloat). False where
+// neither does (BLAS's turn: mm_blas_into). Per-expert loops call it before making any tensor
+// views: those (~6 ATen calls per expert) cost ~5% of a 2-row Qwen3-MoE-shaped backward.
+template <typename T>
+bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, const T* b, int64_t sb0, int64_t sb1,
+                 int64_t M, int64_t m, int64_t N) {
+  constexpr at::ScalarType t = c10::CppTypeToScalarType<T>::value;
+  constexpr bool half = t == at::kBFloat16 || t == at::kHalf;
+  if (m >= 1 && m <= kFewRows && M > kFewRows && sb1 == 1 && !(half && native_half_matmul(t))) {
+    gemm_few_inner(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+    return true;
+  }
+  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M)) {
+    gemm_few_rows(out, ldo, a, sa0, M, b, sb0, sb1, m, N);
+    return true;
+  }
+  return false;
+}
+
+// out = a @ b by BLAS with fp32 accumulation, rounded once to out's dtype: in the operands' own
+// dtype where this CPU's matmul is native in it, else through fp32 copies.
+inline void mm_blas_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
-  const bool half = t == at::kBFloat16 || t == at::kHalf;
-  const int64_t M = a.size(0), m = a.size(1);
-  const bool own = a.scalar_type() == t && b.scalar_type() == t && out.stride(1) == 1;  // for our kernels
-  const bool few = own && a.stride(1) == 1 && (b.stride(0) == 1 || b.stride(1) == 1);
-  if (own && m >= 1 && m <= kFewRows && M > kFewRows && b.stride(1) == 1 && !(half && native_half_matmul(t))) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "gemm_few_inner", [&] {
-      gemm_few_inner(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
-                     b.data_ptr<scalar_t>(), b.stride(0), M, m, b.size(1));
-    });
-  } else if (few && few_rows_kernel(t, M)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "gemm_few_rows", [&] {
-      gemm_few_rows(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), M,
-                    b.data_ptr<scalar_t>(), b.stride(0), b.stride(1), a.size(1), b.size(1));
-    });
-  } else if (t == at::kFloat) {
+  if (t == at::kFloat) {
     at::mm_out(out, as_float(a), as_float(b));
   } else if (a.scalar_type() == t && b.scalar_type() == t && native_half_matmul(t)) {
     at::mm_out(out, a, b);  // oneDNN / cpublas accumulate half-precision products in fp32
   } else {
     out.copy_(at::mm(as_float(a), as_float(b)));
   }
+}
+
+// out = a @ b into out's storage with fp32 accumulation, rounded once to out's dtype: mm_few_into
+// where one of its kernels applies, else mm_blas_into.
+inline void mm_fp32_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  const auto t = out.scalar_type();
+  bool done = false;
+  if (a.scalar_type() == t && b.scalar_type() == t && out.stride(1) == 1) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "mm_few_into", [&] {
+      done = mm_few_into(out.data_ptr<scalar_t>(), out.stride(0), a.data_ptr<scalar_t>(), a.stride(0), a.stride(1),
+                         b.data_ptr<scalar_t>(), b.stride(0), b.stride(1), a.size(0), a.size(1), b.size(1));
+    });
+  }
+  if (!done) mm_blas_into(out, a, b);
 }
 
 }  // namespace pangu_cpu

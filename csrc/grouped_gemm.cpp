@@ -1,11 +1,12 @@
 // grouped_gemm: y[rows of group e] = x[rows of group e] @ w[e] (w[e]^T with trans_b), and the
 // weight gradient dw[e] = x_e^T @ dy_e, both accumulated in fp32.
 //
-// The work is one BLAS call on each expert's slice (mm_fp32_into; experts side by side on the
-// threads where they split evenly: for_experts): in the operands' own dtype where
-// this CPU's matmul is native in it (AMX-BF16, AVX512-BF16; probed once per process below), else
-// through fp32 copies of x_e and w[e] (O(m*K + K*N) conversions against O(m*K*N) flops). Experts
-// with no rows cost no FLOPs; their dw[e] = 0 are written run by run, streamed (zero_streaming).
+// Each expert's product runs on raw pointers by the few-row kernels where they apply (decode sizes:
+// mm_few_into), else as one BLAS call on the expert's slices (mm_blas_into): in the operands' own
+// dtype where this CPU's matmul is native in it (AMX-BF16, AVX512-BF16; probed once per process
+// below), else through fp32 copies of x_e and w[e] (O(m*K + K*N) conversions against O(m*K*N)
+// flops). Experts side by side on the threads where they split evenly (for_experts). Experts with
+// no rows cost no FLOPs; their dw[e] = 0 are written run by run, streamed (zero_streaming).
 #include <torch/library.h>
 
 #include <chrono>
@@ -66,13 +67,20 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
   TORCH_CHECK_VALUE(group_sizes.numel() == E, "grouped_gemm: group_sizes must have E = ", E, " entries");
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm");
   at::Tensor y = empty_output({x.size(0), N}, x.options());
-  for_experts(off, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t m = off[e + 1] - off[e];
-      if (m == 0) continue;
-      const at::Tensor we = trans_b ? w.select(0, e).t() : w.select(0, e);
-      mm_fp32_into(y.narrow(0, off[e], m), x.narrow(0, off[e], m), we);
-    }
+  PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t s0 = w.stride(trans_b ? 2 : 1), s1 = w.stride(trans_b ? 1 : 2);  // w[e] as [K, N]
+    for_experts(off, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t m = off[e + 1] - off[e];
+        if (m == 0 || mm_few_into(yp + off[e] * N, N, xp + off[e] * x.stride(0), x.stride(0), x.stride(1),
+                                  wp + e * w.stride(0), s0, s1, m, K, N)) {
+          continue;
+        }
+        mm_blas_into(y.narrow(0, off[e], m), x.narrow(0, off[e], m), trans_b ? w.select(0, e).t() : w.select(0, e));
+      }
+    });
   });
   return y;
 }
@@ -90,12 +98,19 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
     }
     if (f > e) zero_streaming(dw.select(0, e).data_ptr(), (f - e) * K * N * static_cast<int64_t>(dw.element_size()));
   }
-  for_experts(off, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t m = off[e + 1] - off[e];
-      if (m == 0) continue;
-      mm_fp32_into(dw.select(0, e), x.narrow(0, off[e], m).t(), dy.narrow(0, off[e], m));
-    }
+  PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm_wgrad", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *dyp = dy.data_ptr<scalar_t>();
+    scalar_t* dwp = dw.data_ptr<scalar_t>();
+    for_experts(off, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {  // dw[e] = x_e^T @ dy_e
+        const int64_t m = off[e + 1] - off[e];
+        if (m == 0 || mm_few_into(dwp + e * K * N, N, xp + off[e] * x.stride(0), x.stride(1), x.stride(0),
+                                  dyp + off[e] * dy.stride(0), dy.stride(0), dy.stride(1), K, m, N)) {
+          continue;
+        }
+        mm_blas_into(dw.select(0, e), x.narrow(0, off[e], m).t(), dy.narrow(0, off[e], m));
+      }
+    });
   });
   return dw;
 }
