@@ -330,6 +330,11 @@ template <typename T>
 constexpr int load16_lane(int j) {
   return std::is_same_v<T, c10::BFloat16> ? j % 2 * 8 + j / 2 : j;
 }
+// Where load16 puts column j of a panel of whole 16-column blocks (load16_lane within each block).
+template <typename T>
+constexpr int64_t panel_lane(int64_t j) {
+  return j / 16 * 16 + load16_lane<T>(static_cast<int>(j % 16));
+}
 
 // sums[r * S + q] = sum_k a_r[k] * b_q[k] for R of a's rows against S contiguous rows b_q of b,
 // read in lockstep: rows far apart, so S streams from memory at once (one stream per thread left
@@ -494,7 +499,7 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
     const int64_t whole = N / 16 * 16;
     for (int64_t r = 0; r < M; ++r) {
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t lane = n < whole ? n / 16 * 16 + load16_lane<T>(n % 16) : n;
+        const int64_t lane = n < whole ? panel_lane<T>(n) : n;
         store_float(out + r * ldo, n, acc[r * N + lane]);
       }
     }
@@ -541,8 +546,8 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 // a decode step's rows (a = x_e^T, b = dy_e), each output row a sum of m scaled rows of b. b is
 // converted to fp32 once into panels of kCols columns (m x kCols contiguous: rows of b 14 KiB apart
 // would share L1 sets; bf16: each 16 columns even then odd, for store16_even_odd), a's columns
-// into rows (`ap`, padded by kRows rows); out is written once, in its dtype, from (kRows x kCols)
-// register tiles (gemm_few_inner picks them). BLAS instead writes an fp32 product (converted after
+// into rows (`ap`, padded by kRows rows: gemm_few_inner_tile packs both); out is written once, in
+// its dtype, from (kRows x kCols) register tiles (gemm_few_inner picks them). BLAS instead writes an fp32 product (converted after
 // where out is 16-bit) at a few GFLOP/s at such inner sizes: 8 bf16 1024 x 7168 expert gradients
 // in 5.4 / 8.7 / 16.5 ms over 1 / 4 / 16 rows each against 34 / 38 / 35 ms (measured, 2 threads).
 // kStream: whole 64-byte lines (bf16, kCols 32) stored non-temporally; kFinite: no sum can be NaN,
@@ -591,7 +596,7 @@ void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const float* __restric
           for (int v = 0; v < kVecs; ++v) store8(&edge[r][8 * v], acc[r][v]);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t j = 0; j < len; ++j) store_float(og + r * ldo, c + j, edge[r][j / 16 * 16 + load16_lane<T>(j % 16)]);
+          for (int64_t j = 0; j < len; ++j) store_float(og + r * ldo, c + j, edge[r][panel_lane<T>(j)]);
         }
       }
     }
@@ -601,36 +606,15 @@ void gemm_few_inner_tiles(T* __restrict out, int64_t ldo, const float* __restric
   });
 }
 
-// gemm_few_inner_tiles with its flags: kStream where out's rows are whole aligned lines (a bf16
-// 32-column tile), kFinite where the operands say so.
+// gemm_few_inner with its tile fixed: packs a and b for gemm_few_inner_tiles (b's panels of kCols
+// columns, each 16 in panel_lane's order; a's columns as rows, padded by kRows rows) and runs it
+// with its flags: kStream where out's rows are whole aligned lines (a bf16 32-column tile);
+// kFinite where no sum can be NaN: every operand finite and no m products adding up to anywhere
+// near fp32's overflow (the bf16 rounding then skips its NaN select, 1.15-1.2x at 1 row).
 template <int64_t kRows, int64_t kCols, typename T>
-void gemm_few_inner_flags(bool stream, bool finite, T* out, int64_t ldo, const float* ap, const float* bp, int64_t M,
-                          int64_t m, int64_t N) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if constexpr (kCols == 32) {
-      if (stream) {
-        return finite ? gemm_few_inner_tiles<kRows, kCols, true, true>(out, ldo, ap, bp, M, m, N)
-                      : gemm_few_inner_tiles<kRows, kCols, true, false>(out, ldo, ap, bp, M, m, N);
-      }
-    }
-    if (finite) return gemm_few_inner_tiles<kRows, kCols, false, true>(out, ldo, ap, bp, M, m, N);
-  }
-  gemm_few_inner_tiles<kRows, kCols, false, false>(out, ldo, ap, bp, M, m, N);
-}
-
-template <typename T>
-void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
-                    const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
-  // Measured (8 bf16 1024 x 7168 gradients, 2 threads): bf16 at 1-4 rows is bound by its writes:
-  // 2 x 32 / 3 x 32 tiles streamed in whole lines, 1.1-1.4x over the cached 16-column ones (6.0 /
-  // 8.7 ms against 7.6 / 9.3 at 1 / 4 rows), which win from 6 rows on, where the FMAs bound it
-  // (16 rows: 16.5 against 19 ms); fp32's streamed lines were slower than cached ones here (1.2-1.8x).
-  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  const int64_t rows = kBf16 && m == 1 ? 2 : kBf16 && m <= 4 ? 3 : m == 1 ? 4 : 6;
-  const int64_t cols = kBf16 && m <= 4 ? 32 : 16;
-  std::vector<float> ap((M + rows) * m, 0.f), bp((N + cols - 1) / cols * m * cols, 0.f);
-  // No sum can be NaN (and the bf16 rounding can skip its NaN select, 1.15-1.2x at 1 row) where
-  // every operand is finite and no m products can add up to anywhere near fp32's overflow.
+void gemm_few_inner_tile(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
+                         const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
+  std::vector<float> ap((M + kRows) * m, 0.f), bp((N + kCols - 1) / kCols * m * kCols, 0.f);
   float amax = 0.f, bmax = 0.f;
   bool finite = true;
   for (int64_t i = 0; i < m; ++i) {
@@ -640,21 +624,38 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
       amax = std::max(amax, std::abs(v));
     }
     for (int64_t n = 0; n < N; ++n) {
-      const float v = bp[(n / cols * m + i) * cols + n % cols / 16 * 16 + load16_lane<T>(n % 16)] =
-          load_float(b + i * sb0, n);
+      const float v = bp[(n / kCols * m + i) * kCols + panel_lane<T>(n % kCols)] = load_float(b + i * sb0, n);
       finite &= std::abs(v) <= std::numeric_limits<float>::max();
       bmax = std::max(bmax, std::abs(v));
     }
   }
   finite = finite && static_cast<double>(amax) * bmax * m < 1e37;
-  const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo * static_cast<int64_t>(sizeof(T)) % 64 == 0;
-  if constexpr (kBf16) {
-    if (m == 1) return gemm_few_inner_flags<2, 32>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
-    if (m <= 4) return gemm_few_inner_flags<3, 32>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
-  } else if (m == 1) {
-    return gemm_few_inner_flags<4, 16>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if constexpr (kCols == 32) {
+      if (reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo % 32 == 0) {
+        return finite ? gemm_few_inner_tiles<kRows, kCols, true, true>(out, ldo, ap.data(), bp.data(), M, m, N)
+                      : gemm_few_inner_tiles<kRows, kCols, true, false>(out, ldo, ap.data(), bp.data(), M, m, N);
+      }
+    }
+    if (finite) return gemm_few_inner_tiles<kRows, kCols, false, true>(out, ldo, ap.data(), bp.data(), M, m, N);
   }
-  gemm_few_inner_flags<6, 16>(stream, finite, out, ldo, ap.data(), bp.data(), M, m, N);
+  gemm_few_inner_tiles<kRows, kCols, false, false>(out, ldo, ap.data(), bp.data(), M, m, N);
+}
+
+template <typename T>
+void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
+                    const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
+  // Measured (8 bf16 1024 x 7168 gradients, 2 threads): bf16 at 1-4 rows is bound by its writes:
+  // 2 x 32 / 3 x 32 tiles streamed in whole lines, 1.1-1.4x over the cached 16-column ones (6.0 /
+  // 8.7 ms against 7.6 / 9.3 at 1 / 4 rows), which win from 6 rows on, where the FMAs bound it
+  // (16 rows: 16.5 against 19 ms); fp32's streamed lines were slower than cached ones here (1.2-1.8x).
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (m == 1) return gemm_few_inner_tile<2, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+    if (m <= 4) return gemm_few_inner_tile<3, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  } else if (m == 1) {
+    return gemm_few_inner_tile<4, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+  }
+  gemm_few_inner_tile<6, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
 }
 
 // Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it).
