@@ -14,8 +14,9 @@ over all threads (`FMA peak`, the CPU backend's `fma_work`) and, for prefill, th
 the same FLOPs in the dtype (fp32 where this CPU's half-precision matmul is slower; x3 for forward +
 backward); for decode also memory, one read-only pass (the CPU backend's `read_work`: every byte
 read once, nothing else) over the touched experts' weights in place (forward + backward: two such
-passes and one write of the weights' full gradients, as zeros streamed by `zero_work`); a row's
-limit is whichever of the two takes longer. A row above its limit means the limit or the benchmark
+passes and one write of the weights' full gradients, streamed by `write_work`: non-zero bytes for
+the touched experts' share, zeros for the rest, since zeros stream ~2x faster here); a row's limit
+is whichever of the two takes longer. A row above its limit means the limit or the benchmark
 is wrong, and the table says so. Timing: `timing.interleaved`.
 """
 from __future__ import annotations
@@ -131,6 +132,20 @@ def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, imp
     return run
 
 
+def expert_runs(ids: torch.Tensor, num_experts: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """([a, b) ranges of consecutive experts that `ids` routes to, those of the others): each
+    range is one contiguous slice of an [E, ...] weight, read (written) by one call."""
+    touched = set(ids.flatten().tolist())
+    runs: tuple[list, list] = ([], [])
+    for e in range(num_experts):
+        side = runs[e not in touched]
+        if side and side[-1][1] == e:
+            side[-1] = (side[-1][0], e + 1)
+        else:
+            side.append((e, e + 1))
+    return runs
+
+
 def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: str, tokens: int) -> dict:
     """{name: (kind, fn)} of the same-run limits (module doc): a row's limit is the slowest "memory"
     limit or the fastest "compute" one, whichever takes longer."""
@@ -147,13 +162,9 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
         limits[f"dense mm {str(mm_dtype)[6:]}"] = ("compute", lambda: [(a @ w1, h @ w2) for _ in range(passes)])
         return limits
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
-    touched = ids.unique().tolist()
-    runs, start = [], 0  # consecutive experts: one contiguous range each, read by one call
-    for i in range(1, len(touched) + 1):
-        if i == len(touched) or touched[i] != touched[i - 1] + 1:
-            runs.append((touched[start], touched[i - 1] + 1))
-            start = i
-    views = [w.detach()[a:b] for w in (experts.gate_up_proj, experts.down_proj) for a, b in runs]
+    runs, untouched = expert_runs(ids, block.experts)
+    weights = (experts.gate_up_proj, experts.down_proj)
+    views = [w.detach()[a:b] for w in weights for a, b in runs]
     # the fastest read-only pass here: the CPU backend's `read_work` (torch's sum reads up to 25%
     # slower, and the few-row kernels beat it)
     read_work = torch.ops.pangu_cpu.read_work
@@ -163,11 +174,13 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
     if mode == "fwd":
         limits["weight reading"] = ("memory", read)
     else:
-        # the write: zeros, streamed (`zero_work`, as the kernels zero an expert without rows; no value
-        # writes faster here, and fill_ takes up to 2x as long)
-        grads = [torch.empty_like(experts.gate_up_proj), torch.empty_like(experts.down_proj)]
-        zero_work = torch.ops.pangu_cpu.zero_work
-        limits["weight reading"] = ("memory", lambda: (read(), read(), [zero_work(g) for g in grads]))
+        # the write, streamed (`write_work`; fill_ takes up to 2x as long): values for the touched
+        # experts' gradients (non-zero lines: the kernels can write them no faster), zeros for the
+        # others' (as the kernels write an expert without rows)
+        grads = [torch.empty_like(w) for w in weights]
+        writes = [(g[a:b], 0x3C) for g in grads for a, b in runs] + [(g[a:b], 0) for g in grads for a, b in untouched]
+        write_work = torch.ops.pangu_cpu.write_work
+        limits["weight reading"] = ("memory", lambda: (read(), read(), [write_work(v, byte) for v, byte in writes]))
     return limits
 
 

@@ -6,7 +6,7 @@
 // dtype where this CPU's matmul is native in it (AMX-BF16, AVX512-BF16; probed once per process
 // below), else through fp32 copies of x_e and w[e] (O(m*K + K*N) conversions against O(m*K*N)
 // flops). Experts side by side on the threads where they split evenly (for_experts). Experts with
-// no rows cost no FLOPs; their dw[e] = 0 are written run by run, streamed (zero_streaming).
+// no rows cost no FLOPs; their dw[e] = 0 are written run by run, streamed (fill_streaming).
 #include <torch/library.h>
 
 #include <chrono>
@@ -96,7 +96,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
   for (int64_t e = 0, f = 0; e < E; e = f + 1) {  // each run of experts without rows [e, f): zeros, at once
     for (f = e; f < E && off[f + 1] == off[f]; ++f) {
     }
-    if (f > e) zero_streaming(dw.select(0, e).data_ptr(), (f - e) * K * N * static_cast<int64_t>(dw.element_size()));
+    if (f > e) fill_streaming(dw.select(0, e).data_ptr(), (f - e) * K * N * static_cast<int64_t>(dw.element_size()), 0);
   }
   PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm_wgrad", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(), *dyp = dy.data_ptr<scalar_t>();

@@ -13,10 +13,12 @@
 // (memory, the L3). torch's sum is no such limit: the few-row kernels beat it by up to 10% (fp32).
 // Returns the xor of the words (a trailing 1-3 bytes zero-padded), so the reads are kept.
 //
-// zero_work(t): the memory-write limit. Zeroes the contiguous tensor t as the kernels zero large
-// outputs (zero_streaming: whole lines, non-temporal, every thread its share): the fastest write
-// measured here (fill_ / memset: 1-2x its time), and zeros are no slower to write than any other
-// value (non-zero lines streamed: 1.3-2x the time here), so no output of t's size is written faster.
+// write_work(t, value): the memory-write limit. Sets every byte of the contiguous tensor t to
+// `value` as the kernels write large outputs at their fastest (fill_streaming: whole lines,
+// non-temporal, every thread its share): the fastest write measured here (fill_ / memset / cached
+// vector stores: 1.3-2.5x its time). On this machine the value matters: lines of zeros stream at
+// ~40 GB/s, any other lines at ~21 (constant or varying alike, measured): zeros bound what a kernel
+// writes as zeros (an expert without rows' gradient), a non-zero byte what it writes as values.
 #include <torch/library.h>
 
 #include <vector>
@@ -90,9 +92,10 @@ int64_t read_work(const at::Tensor& t) {
   return total;
 }
 
-void zero_work(const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "zero_work: a contiguous CPU tensor");
-  zero_streaming(t.data_ptr(), static_cast<int64_t>(t.nbytes()));
+void write_work(const at::Tensor& t, int64_t value) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "write_work: a contiguous CPU tensor");
+  TORCH_CHECK_VALUE(value >= 0 && value <= 255, "write_work: value must be a byte (0-255), got ", value);
+  fill_streaming(t.data_ptr(), static_cast<int64_t>(t.nbytes()), static_cast<uint8_t>(value));
 }
 
 }  // namespace
@@ -100,7 +103,7 @@ void zero_work(const at::Tensor& t) {
 TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("fma_work(int flops) -> float", &fma_work);
   m.def("read_work(Tensor t) -> int", &read_work);
-  m.def("zero_work(Tensor(a!) t) -> ()", &zero_work);
+  m.def("write_work(Tensor(a!) t, int value) -> ()", &write_work);
 }
 
 }  // namespace pangu_cpu

@@ -1,7 +1,8 @@
 """The benchmarks' limit kernels (csrc/peak.cpp): `read_work` reads every byte of its tensor once
 (its result is the xor of the tensor's little-endian 32-bit words, a trailing 1-3 bytes zero-padded,
-so a byte skipped or read twice changes it); `zero_work` zeroes exactly its tensor's bytes (the
-kernels' `zero_streaming`); `fma_work` does the FLOPs asked of it."""
+so a byte skipped or read twice changes it); `write_work` sets exactly its tensor's bytes to its value
+(the kernels' `fill_streaming`); `fma_work` does the FLOPs asked of it; `bench --hf` splits the
+experts into the touched ones' ranges (values written) and the others' (zeros)."""
 import numpy as np
 import pytest
 import torch
@@ -49,19 +50,40 @@ def test_read_work_takes_contiguous_cpu_tensors_only():
 
 
 # below the 1 MiB from which it streams whole lines; above, with the view starting and ending
-# mid-line (1-63-byte ends by memset) or on line boundaries
+# mid-line (1-63-byte ends by memset) or on line boundaries; zeros and a value
+@pytest.mark.parametrize("value", [0, 0x3C])
 @pytest.mark.parametrize("start, numel", [(3, 1000), (5, 300_001), (16, 1 << 20), (1, (1 << 20) + 13)])
-def test_zero_work_zeroes_its_bytes_only(start, numel):
+def test_write_work_sets_its_bytes_only(start, numel, value):
     backends.load("cpu")
-    buf = torch.rand(start + numel + 40) + 1  # no zeros
+    buf = torch.randint(0x40, 0x100, (4 * (start + numel + 40),), dtype=torch.uint8).view(torch.float32)
     before = buf.clone()
     view = buf[start:start + numel]
     assert view.data_ptr() % 64 != 0 or start == 16
-    torch.ops.pangu_cpu.zero_work(view)
-    assert torch.equal(view, torch.zeros(numel))
-    assert torch.equal(buf[:start], before[:start]) and torch.equal(buf[start + numel:], before[start + numel:])
+    torch.ops.pangu_cpu.write_work(view, value)
+    assert torch.equal(view.view(torch.uint8), torch.full((4 * numel,), value, dtype=torch.uint8))
+    bytes_, kept = buf.view(torch.uint8), before.view(torch.uint8)  # (random bits: NaNs among them)
+    assert torch.equal(bytes_[:4 * start], kept[:4 * start])
+    assert torch.equal(bytes_[4 * (start + numel):], kept[4 * (start + numel):])
+
+
+def test_write_work_takes_contiguous_cpu_tensors_and_bytes_only():
+    backends.load("cpu")
     with pytest.raises(ValueError, match="contiguous"):
-        torch.ops.pangu_cpu.zero_work(torch.ones(600, 600).t())
+        torch.ops.pangu_cpu.write_work(torch.ones(600, 600).t(), 0)
+    for value in (-1, 256):
+        with pytest.raises(ValueError, match="byte"):
+            torch.ops.pangu_cpu.write_work(torch.ones(8), value)
+
+
+@pytest.mark.parametrize("ids, expected", [
+    ([[2, 3], [3, 7]], ([(2, 4), (7, 8)], [(0, 2), (4, 7)])),
+    ([[0, 7], [1, 6]], ([(0, 2), (6, 8)], [(2, 6)])),
+    ([list(range(8))], ([(0, 8)], [])),
+    ([[5]], ([(5, 6)], [(0, 5), (6, 8)])),
+])
+def test_bench_hf_expert_runs_split_touched_and_untouched(ids, expected):
+    from pangu_ops.benchmarks.hf import expert_runs
+    assert expert_runs(torch.tensor(ids), 8) == expected
 
 
 def test_fma_work_takes_no_negative_flops():
