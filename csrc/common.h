@@ -152,6 +152,15 @@ constexpr int64_t kStreamRows = 8;  // row-major b up to this many rows: few_row
 // of the few-row kernels (8 experts' 1024 x 7168 weights, both layouts, measured)
 constexpr int64_t kFewRowsFloat = 8;
 
+// A row stride (in 4-byte elements) for n elements: whole 64-byte lines, and not a multiple of
+// 4 KiB. Rows 4 KiB apart (K or N of 1024, 3584 x 2, 7168) fall in one L1 set at each offset, so
+// 8 rows of a, or of accumulators, filled all 8 ways of it: 8-row products 2-3x slower than 6-row
+// ones (bf16, row-major weights, measured); one line more spreads them over 8 sets.
+inline int64_t unaliased_stride(int64_t n) {
+  const int64_t lines = (n + 15) / 16 * 16;
+  return lines % 1024 == 0 ? lines + 16 : lines;
+}
+
 // Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by cost,
 // each expert's products then running single-threaded on one thread, when the split is even (no
 // thread above 5/4 of an equal share, 2+ experts per thread); else fn(0, E) here, each product
@@ -343,7 +352,7 @@ constexpr int64_t panel_lane(int64_t j) {
 // from load16, so `as` holds a's rows in load16's lane order (bf16: split by split_even_odd, else
 // `a` itself); `a` in order gives the tail of K % 16. Both lanes of a block share an accumulator.
 template <int R, int S, typename T>
-inline void dots_streams(float* sums, const float* __restrict as, const float* __restrict a, int64_t K,
+inline void dots_streams(float* sums, const float* __restrict as, const float* __restrict a, int64_t lda, int64_t K,
                          const T* const* b) {
   constexpr int64_t kLine = 64 / sizeof(T), kAhead = 2048 / sizeof(T);  // prefetch each row 2 KiB ahead
   const int64_t whole = K / 16 * 16;
@@ -359,8 +368,8 @@ inline void dots_streams(float* sums, const float* __restrict as, const float* _
       f32x8 v0, v1;
       load16(b[q] + k, v0, v1);
       for (int r = 0; r < R; ++r) {
-        acc[r][q] += load8(as + r * K + k) * v0;  // (one expression would add a product: 3 ops, not 2 FMAs)
-        acc[r][q] += load8(as + r * K + k + 8) * v1;
+        acc[r][q] += load8(as + r * lda + k) * v0;  // (one expression would add a product: 3 ops, not 2 FMAs)
+        acc[r][q] += load8(as + r * lda + k + 8) * v1;
       }
     }
   }
@@ -368,17 +377,17 @@ inline void dots_streams(float* sums, const float* __restrict as, const float* _
     for (int q = 0; q < S; ++q) {
       const f32x8 t = acc[r][q];
       float sum = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
-      for (int64_t j = whole; j < K; ++j) sum += a[r * K + j] * load_float(b[q], j);
+      for (int64_t j = whole; j < K; ++j) sum += a[r * lda + j] * load_float(b[q], j);
       sums[r * S + q] = sum;
     }
   }
 }
 
-// out[0:M, n] for the rows n = rows[0:S] of b (contiguous, row n at b + n * sb1): a's rows 4 (2, 1)
-// at a time against the S rows of b together (dots_streams).
+// out[0:M, n] for the rows n = rows[0:S] of b (contiguous, row n at b + n * sb1): a's rows (row
+// stride lda) 4 (2, 1) at a time against the S rows of b together (dots_streams).
 template <int S, typename T>
-inline void dots_rows(T* __restrict out, int64_t ldo, const float* as, const float* af, int64_t M, int64_t K,
-                      const T* b, int64_t sb1, const int64_t* rows) {
+inline void dots_rows(T* __restrict out, int64_t ldo, const float* as, const float* af, int64_t lda, int64_t M,
+                      int64_t K, const T* b, int64_t sb1, const int64_t* rows) {
   const T* bq[S];
   for (int q = 0; q < S; ++q) bq[q] = b + rows[q] * sb1;
   float sums[4 * S];
@@ -388,20 +397,20 @@ inline void dots_rows(T* __restrict out, int64_t ldo, const float* as, const flo
     }
   };
   int64_t i = 0;
-  for (; i + 4 <= M; i += 4) dots_streams<4, S>(sums, as + i * K, af + i * K, K, bq), put(i, 4);
-  for (; i + 2 <= M; i += 2) dots_streams<2, S>(sums, as + i * K, af + i * K, K, bq), put(i, 2);
-  if (i < M) dots_streams<1, S>(sums, as + i * K, af + i * K, K, bq), put(i, 1);
+  for (; i + 4 <= M; i += 4) dots_streams<4, S>(sums, as + i * lda, af + i * lda, lda, K, bq), put(i, 4);
+  for (; i + 2 <= M; i += 2) dots_streams<2, S>(sums, as + i * lda, af + i * lda, lda, K, bq), put(i, 2);
+  if (i < M) dots_streams<1, S>(sums, as + i * lda, af + i * lda, lda, K, bq), put(i, 1);
 }
 
-// acc[0:MB, 0:N] += a[0:MB, k0:k1] (fp32, row stride lda) @ b[k0:k1, 0:N] (row k at b + k * sb0):
+// acc[0:MB, 0:N] (row stride ldacc) += a[0:MB, k0:k1] (fp32, row stride lda) @ b[k0:k1, 0:N] (row k at b + k * sb0):
 // b's rows read once, four at a time, into fp32 accumulators that stay in L1 (each whole 16-column
 // block in load16's lane order, the tail in order). Few of a's rows (a decode step's expert) use
 // each of b's values a few times only: reading b is what bounds it, so the four rows come from the
 // four quarters of [k0, k1), four streams from memory at once (against four adjacent rows: bf16 1
 // / 4 rows 1.35x / 1.2-1.45x faster, measured), each prefetched two rows on.
 template <int MB, typename T>
-void few_rows_stream(float* __restrict acc, const float* __restrict a, int64_t lda, const T* __restrict b,
-                     int64_t sb0, int64_t k0, int64_t k1, int64_t N) {
+void few_rows_stream(float* __restrict acc, int64_t ldacc, const float* __restrict a, int64_t lda,
+                     const T* __restrict b, int64_t sb0, int64_t k0, int64_t k1, int64_t N) {
   const int64_t whole = N / 16 * 16;
   const int64_t L = (k1 - k0) / 4;  // rows k, k + L, k + 2L, k + 3L together
   for (int64_t k = k0; k < k0 + L; ++k) {
@@ -414,7 +423,7 @@ void few_rows_stream(float* __restrict acc, const float* __restrict a, int64_t l
       for (int q = 0; q < 4; ++q) load16(bk + q * L * sb0 + n, v[q][0], v[q][1]);
       for (int r = 0; r < MB; ++r) {
         const float* ar = a + r * lda + k;
-        float* cr = acc + r * N + n;
+        float* cr = acc + r * ldacc + n;
         f32x8 lo = load8(cr), hi = load8(cr + 8);
         for (int q = 0; q < 4; ++q) lo += ar[q * L] * v[q][0], hi += ar[q * L] * v[q][1];
         store8(cr, lo);
@@ -429,7 +438,7 @@ void few_rows_stream(float* __restrict acc, const float* __restrict a, int64_t l
       f32x8 v0, v1;
       load16(bk + n, v0, v1);
       for (int r = 0; r < MB; ++r) {
-        float* cr = acc + r * N + n;
+        float* cr = acc + r * ldacc + n;
         store8(cr, load8(cr) + a[r * lda + k] * v0);
         store8(cr + 8, load8(cr + 8) + a[r * lda + k] * v1);
       }
@@ -439,7 +448,7 @@ void few_rows_stream(float* __restrict acc, const float* __restrict a, int64_t l
     for (int r = 0; r < MB; ++r) {
       float sum = 0.f;
       for (k = k0; k < k1; ++k) sum += a[r * lda + k] * load_float(b + k * sb0, n);
-      acc[r * N + n] += sum;
+      acc[r * ldacc + n] += sum;
     }
   }
 }
@@ -447,15 +456,16 @@ void few_rows_stream(float* __restrict acc, const float* __restrict a, int64_t l
 template <typename T>
 void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t lda, int64_t M,
                    const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
-  std::vector<float> af(M * K);
+  const int64_t ka = unaliased_stride(K);  // a's rows in fp32
+  std::vector<float> af(M * ka);
   for (int64_t i = 0; i < M; ++i) {
-    for (int64_t k = 0; k < K; ++k) af[i * K + k] = load_float(a + i * lda, k);
+    for (int64_t k = 0; k < K; ++k) af[i * ka + k] = load_float(a + i * lda, k);
   }
   if (sb0 == 1) {  // rows of b contiguous: dot products, each thread's rows of b as 4 (2) streams
     std::vector<float> as;  // bf16: a's rows split even / odd (load16's order)
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      as.resize(M * K);
-      for (int64_t i = 0; i < M; ++i) split_even_odd(&as[i * K], &af[i * K], K);
+      as.resize(M * ka);
+      for (int64_t i = 0; i < M; ++i) split_even_odd(&as[i * ka], &af[i * ka], K);
     }
     const float* asp = std::is_same_v<T, c10::BFloat16> ? as.data() : af.data();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -466,42 +476,43 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
         int64_t rows[4];
         for (int q = 0; q < S; ++q) rows[q] = n0 + q * len + j;
         if (S == 4) {
-          dots_rows<4>(out, ldo, asp, af.data(), M, K, b, sb1, rows);
+          dots_rows<4>(out, ldo, asp, af.data(), ka, M, K, b, sb1, rows);
         } else {
-          dots_rows<2>(out, ldo, asp, af.data(), M, K, b, sb1, rows);
+          dots_rows<2>(out, ldo, asp, af.data(), ka, M, K, b, sb1, rows);
         }
       }
-      for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows<1>(out, ldo, asp, af.data(), M, K, b, sb1, &n);
+      for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows<1>(out, ldo, asp, af.data(), ka, M, K, b, sb1, &n);
     });
     return;
   }
   if (M <= kStreamRows) {  // b row-major, few rows: few_rows_stream, K split over the threads
     const int64_t parts = std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), (K + 63) / 64);
-    std::vector<float> acc(parts * M * N, 0.f);
+    const int64_t ldacc = unaliased_stride(N);
+    std::vector<float> acc(parts * M * ldacc, 0.f);
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t k0 = K * p / parts, k1 = K * (p + 1) / parts;
-        float* ap = &acc[p * M * N];
+        float* ap = &acc[p * M * ldacc];
         switch (M) {
-          case 8: few_rows_stream<8>(ap, af.data(), K, b, sb0, k0, k1, N); break;
-          case 7: few_rows_stream<7>(ap, af.data(), K, b, sb0, k0, k1, N); break;
-          case 6: few_rows_stream<6>(ap, af.data(), K, b, sb0, k0, k1, N); break;
-          case 5: few_rows_stream<5>(ap, af.data(), K, b, sb0, k0, k1, N); break;
-          case 4: few_rows_stream<4>(ap, af.data(), K, b, sb0, k0, k1, N); break;
-          case 3: few_rows_stream<3>(ap, af.data(), K, b, sb0, k0, k1, N); break;
-          case 2: few_rows_stream<2>(ap, af.data(), K, b, sb0, k0, k1, N); break;
-          default: few_rows_stream<1>(ap, af.data(), K, b, sb0, k0, k1, N);
+          case 8: few_rows_stream<8>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 7: few_rows_stream<7>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 6: few_rows_stream<6>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 5: few_rows_stream<5>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 4: few_rows_stream<4>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 3: few_rows_stream<3>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 2: few_rows_stream<2>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          default: few_rows_stream<1>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N);
         }
       }
     });
     for (int64_t p = 1; p < parts; ++p) {
-      for (int64_t i = 0; i < M * N; ++i) acc[i] += acc[p * M * N + i];
+      for (int64_t i = 0; i < M * ldacc; ++i) acc[i] += acc[p * M * ldacc + i];
     }
     const int64_t whole = N / 16 * 16;
     for (int64_t r = 0; r < M; ++r) {
       for (int64_t n = 0; n < N; ++n) {
         const int64_t lane = n < whole ? panel_lane<T>(n) : n;
-        store_float(out + r * ldo, n, acc[r * N + lane]);
+        store_float(out + r * ldo, n, acc[r * ldacc + lane]);
       }
     }
     return;
@@ -513,7 +524,8 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
   constexpr int64_t kBlock = 64;
   const int64_t panel_width = std::clamp<int64_t>(16384 / M / 16 * 16, 256, 2048);
   at::parallel_for(0, (N + panel_width - 1) / panel_width, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(M * panel_width);
+    const int64_t ldacc = unaliased_stride(panel_width);
+    std::vector<float> acc(M * ldacc);
     for (int64_t panel = p0; panel < p1; ++panel) {
       const int64_t first = panel * panel_width, width = std::min(panel_width, N - first);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -523,21 +535,21 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
         for (int64_t c = 0; c < width; c += 16) {
           const int64_t len = std::min<int64_t>(16, width - c);
           for (int64_t i = 0; i < M; i += 6) {
-            float* tile = &acc[i * panel_width + c];
-            const float* ai = &af[i * K + k0];
+            float* tile = &acc[i * ldacc + c];
+            const float* ai = &af[i * ka + k0];
             switch (std::min<int64_t>(6, M - i)) {
-              case 6: few_rows_tile<6>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
-              case 5: few_rows_tile<5>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
-              case 4: few_rows_tile<4>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
-              case 3: few_rows_tile<3>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
-              case 2: few_rows_tile<2>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len); break;
-              default: few_rows_tile<1>(tile, panel_width, ai, K, bk, sb0, kl, first + c, len);
+              case 6: few_rows_tile<6>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
+              case 5: few_rows_tile<5>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
+              case 4: few_rows_tile<4>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
+              case 3: few_rows_tile<3>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
+              case 2: few_rows_tile<2>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
+              default: few_rows_tile<1>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len);
             }
           }
         }
       }
       for (int64_t i = 0; i < M; ++i) {
-        for (int64_t j = 0; j < width; ++j) store_float(out + i * ldo, first + j, acc[i * panel_width + j]);
+        for (int64_t j = 0; j < width; ++j) store_float(out + i * ldo, first + j, acc[i * ldacc + j]);
       }
     }
   });

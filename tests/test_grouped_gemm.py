@@ -102,6 +102,23 @@ def test_few_rows_per_expert(dtype, trans_b):
     torch.testing.assert_close(y, expected, **verify.TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("k, n", [(1024, 40), (48, 1024)])
+def test_few_rows_per_expert_with_rows_4kib_apart(dtype, trans_b, k, n):
+    """K or N of 1024 fp32 elements: the few-row kernels lay a's rows and their accumulators out
+    one line further apart than 4 KiB (`unaliased_stride`); every path (dots, streamed, tiles) on
+    those strides, against fp32 products of the same values, rounded once."""
+    sizes = torch.tensor([1, 3, 8, 0, 12, 16])
+    gen = verify.generator(3)
+    x = verify.randn((int(sizes.sum()), k), dtype, gen, scale=k ** -0.5)
+    w = verify.randn((len(sizes), *((n, k) if trans_b else (k, n))), dtype, gen)
+    y = pangu_ops.grouped_gemm(x, w, sizes, trans_b)
+    rows = x.float().split(sizes.tolist())
+    expected = torch.cat([r @ (w[e].float().t() if trans_b else w[e].float()) for e, r in enumerate(rows)]).to(dtype)
+    torch.testing.assert_close(y, expected, **verify.TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("k, n", [(70, 37), (67, 64)])
