@@ -153,9 +153,9 @@ constexpr int64_t kStreamRows = 8;  // row-major b up to this many rows: few_row
 constexpr int64_t kFewRowsFloat = 8;
 
 // A row stride (in 4-byte elements) for n elements: whole 64-byte lines, and not a multiple of
-// 4 KiB. Rows 4 KiB apart (K or N of 1024, 3584 x 2, 7168) fall in one L1 set at each offset, so
-// 8 rows of a, or of accumulators, filled all 8 ways of it: 8-row products 2-3x slower than 6-row
-// ones (bf16, row-major weights, measured); one line more spreads them over 8 sets.
+// 4 KiB. Rows a multiple of 4 KiB apart (K or N a multiple of 1024: 1024, 7168) fall in one L1 set
+// at each offset, so 8 rows of a, or of accumulators, filled all 8 ways of it: 8-row products 2-3x
+// slower than 6-row ones (bf16, row-major weights, measured); one line more spreads them over 8 sets.
 inline int64_t unaliased_stride(int64_t n) {
   const int64_t lines = (n + 15) / 16 * 16;
   return lines % 1024 == 0 ? lines + 16 : lines;
