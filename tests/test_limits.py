@@ -91,3 +91,24 @@ def test_fma_work_takes_no_negative_flops():
     assert torch.ops.pangu_cpu.fma_work(10_000) > 0
     with pytest.raises(ValueError, match=">= 0"):
         torch.ops.pangu_cpu.fma_work(-1)
+
+
+def test_bench_hf_takes_every_fma_limit_at_the_runs_best_rate():
+    """A group whose FMA rounds ran slow (disturbed) gets its limit from the best rate of the run,
+    so a kernel row that beat that group's own FMA time is flagged above the limit, not hidden."""
+    from pangu_ops.benchmarks.hf import FMA_PEAK, Row, _rate_against_limits
+
+    def group(kernel_ms, builtin_ms):
+        return [Row("b", "float32", 16, "fwd", "fixed", "pangu_ops", kernel_ms, kernel_ms, 0.0),
+                Row("b", "float32", 16, "fwd", "fixed", "eager", builtin_ms, builtin_ms, 0.0)]
+    quiet, disturbed, decode = group(2.0, 4.0), group(1.5, 3.0), group(1.0, 2.0)
+    # 1 GFLOP in 1 ms (quiet); 2 GFLOP in 4 ms (disturbed: 2 ms at the best rate); a memory-bound
+    # decode group: its 3 ms read outlasts its FLOPs at the best rate (0.5 ms)
+    _rate_against_limits([(quiet, 10 ** 9, {FMA_PEAK: ("compute", 1e-3)}),
+                          (disturbed, 2 * 10 ** 9, {FMA_PEAK: ("compute", 4e-3), "dense mm": ("compute", 5e-3)}),
+                          (decode, 5 * 10 ** 8, {FMA_PEAK: ("compute", 2e-3), "weight reading": ("memory", 3e-3)})])
+    assert [r.of_limit for r in quiet] == [0.5, 0.25]
+    assert disturbed[0].of_limit == pytest.approx(2.0 / 1.5) and "ABOVE THE LIMIT" in disturbed[0].note
+    assert disturbed[1].of_limit == pytest.approx(2.0 / 3.0) and "ABOVE" not in disturbed[1].note
+    assert [r.of_limit for r in decode] == [3.0, 1.5] and "ABOVE THE LIMIT" in decode[0].note
+    assert [r.vs_fastest_builtin for r in disturbed] == [2.0, 1.0]
