@@ -335,6 +335,32 @@ inline void load16(const T* p, f32x8& v0, f32x8& v1) {
     for (int j = 0; j < 8; ++j) v0[j] = load_float(p, j), v1[j] = load_float(p, j + 8);
   }
 }
+// One of load16's two vectors (half 0: v0, 1: v1).
+template <typename T>
+inline f32x8 load16_half(const T* p, int half) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    u32x8 u;
+    std::memcpy(&u, p, sizeof u);
+    const u32x8 x = half ? (u & 0xFFFF0000u) : (u << 16);
+    f32x8 v;
+    std::memcpy(&v, &x, sizeof v);
+    return v;
+  } else if constexpr (std::is_same_v<T, float>) {
+    return load8(p + 8 * half);
+  } else {
+    f32x8 v;
+    for (int j = 0; j < 8; ++j) v[j] = load_float(p, 8 * half + j);
+    return v;
+  }
+}
+// v, kept in a vector register where it is used: GCC otherwise folds a loaded value into every
+// instruction that uses it as a memory operand, loading it again each time.
+inline f32x8 in_register(f32x8 v) {
+#if defined(__AVX__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
 // Where load16 puts element j (< 16) of its block: lane j of (v0, v1) in order, or even / odd.
 template <typename T>
 constexpr int load16_lane(int j) {
@@ -361,15 +387,27 @@ inline void dots_streams(float* sums, const float* __restrict as, const float* _
     for (int q = 0; q < S; ++q) acc[r][q] = f32x8{};
   }
   for (int64_t k = 0; k < whole; k += 16) {
-    if (R > 1 && k % kLine == 0) {  // (one row: the hardware prefetchers alone were faster, measured)
-      for (int q = 0; q < S; ++q) __builtin_prefetch(b[q] + k + kAhead);
-    }
-    for (int q = 0; q < S; ++q) {
-      f32x8 v0, v1;
-      load16(b[q] + k, v0, v1);
-      for (int r = 0; r < R; ++r) {
-        acc[r][q] += load8(as + r * lda + k) * v0;  // (one expression would add a product: 3 ops, not 2 FMAs)
-        acc[r][q] += load8(as + r * lda + k + 8) * v1;
+    if constexpr (R == 1) {  // (one row: the hardware prefetchers alone were faster, measured)
+      for (int q = 0; q < S; ++q) {
+        f32x8 v0, v1;
+        load16(b[q] + k, v0, v1);
+        acc[0][q] += load8(as + k) * v0;  // (one expression would add a product: 3 ops, not 2 FMAs)
+        acc[0][q] += load8(as + k + 8) * v1;
+      }
+    } else {
+      if (k % kLine == 0) {
+        for (int q = 0; q < S; ++q) __builtin_prefetch(b[q] + k + kAhead);
+      }
+      // each half of the block with a's R vectors of it held in registers across the S streams:
+      // left to the compiler, every FMA loaded its a operand again (R + 1 loads per R FMAs), and
+      // 2-4-row blocks ran 1.2-1.6x slower (one thread, L1 to L3, measured)
+      for (int half = 0; half < 2; ++half) {
+        f32x8 ar[R];
+        for (int r = 0; r < R; ++r) ar[r] = in_register(load8(as + r * lda + k + 8 * half));
+        for (int q = 0; q < S; ++q) {
+          const f32x8 v = load16_half(b[q] + k, half);
+          for (int r = 0; r < R; ++r) acc[r][q] += ar[r] * v;
+        }
       }
     }
   }
