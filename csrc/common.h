@@ -701,12 +701,13 @@ template <typename T>
 void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t sa0, int64_t sa1,
                     const T* __restrict b, int64_t sb0, int64_t M, int64_t m, int64_t N) {
   // Measured (8 bf16 1024 x 7168 gradients, 2 threads): bf16 at 1-4 rows is bound by its writes:
-  // 2 x 32 / 3 x 32 tiles streamed in whole lines, 1.1-1.4x over the cached 16-column ones (6.0 /
-  // 8.7 ms against 7.6 / 9.3 at 1 / 4 rows), which win from 6 rows on, where the FMAs bound it
-  // (16 rows: 16.5 against 19 ms); fp32's streamed lines were slower than cached ones here (1.2-1.8x).
+  // 2 x 32 tiles streamed in whole lines, 1.1-1.4x over the cached 16-column ones (6.0 ms against
+  // 7.6 at 1 row), which win from 6 rows on, where the FMAs bound it (16 rows: 16.5 against 19 ms);
+  // 3 x 32 tiles (12 accumulators, 4 of b and its broadcast value: one more than the 16 registers)
+  // took 1.3-1.6x as long as 2 x 32 at 2-4 rows; fp32's streamed lines were slower than cached
+  // ones here (1.2-1.8x).
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (m == 1) return gemm_few_inner_tile<2, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
-    if (m <= 4) return gemm_few_inner_tile<3, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
+    if (m <= 4) return gemm_few_inner_tile<2, 32>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
   } else if (m == 1) {
     return gemm_few_inner_tile<4, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
   }
