@@ -112,3 +112,27 @@ def test_bench_hf_takes_every_fma_limit_at_the_runs_best_rate():
     assert disturbed[1].of_limit == pytest.approx(2.0 / 3.0) and "ABOVE" not in disturbed[1].note
     assert [r.of_limit for r in decode] == [3.0, 1.5] and "ABOVE THE LIMIT" in decode[0].note
     assert [r.vs_fastest_builtin for r in disturbed] == [2.0, 1.0]
+
+
+@pytest.mark.parametrize("kernel_ms, calls", [(1.0, 2), (3.0, 1)])
+def test_bench_hf_times_a_group_again_where_a_row_beats_its_limit(monkeypatch, kernel_ms, calls):
+    """A kernel row faster than its group's limit (2 ms here) gets the group timed again, every fn
+    for as many rounds more (the samples joined); a group within its limit is timed once."""
+    pytest.importorskip("transformers")
+    from pangu_ops.benchmarks import hf
+    from pangu_ops.benchmarks.timing import Timing
+
+    seen = []
+
+    def fake_interleaved(fns, device, **kwargs):
+        seen.append(len(fns))
+        limit_s = (0.5 if len(seen) == 2 else 2) * 1e-3  # the last two: FMA peak, weight reading
+        return [Timing([kernel_ms * 1e-3])] + [Timing([4e-3])] * (len(fns) - 3) + [Timing([limit_s])] * 2
+    monkeypatch.setattr(hf, "interleaved", fake_interleaved)
+    block = hf.Block("tiny", "MixtralConfig", hf.BLOCKS[0].module, 32, 16, 4, 2)
+    rows = hf.run(blocks=(block,), dtypes=(torch.float32,), sizes=(1,), modes=("fwd",), routings=("fixed",))
+    assert len(seen) == calls and seen[0] == len(rows)
+    ours = next(r for r in rows if r.impl == "pangu_ops")
+    limit_ms = 0.5 if calls == 2 else 2.0
+    assert ours.min_ms == pytest.approx(kernel_ms) and ours.of_limit == pytest.approx(limit_ms / kernel_ms)
+    assert next(r for r in rows if r.impl == "weight reading").min_ms == pytest.approx(limit_ms)
