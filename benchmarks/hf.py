@@ -232,14 +232,14 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
             # a limit's rounds ran disturbed (or the limit is wrong): every fn gets as many rounds again
             print("  a row beat this group's limit: timing the group again", file=sys.stderr, flush=True)
             timings = [Timing(a.samples + b.samples) for a, b in zip(timings, timed())]
+            times = {n: (limits[n][0], t.min) for n, t in zip(limits, timings[len(fns):])}
         group = []
         for impl, t, scale in zip(impls + tuple(limits), timings, scales):
             group.append(Row(block.name, str(dtype)[6:], tokens, mode, routing, impl, t.median * 1e3 * scale,
                              t.min * 1e3 * scale, t.spread,
                              note=f"timed on 1/{tokens // part} of the tokens, scaled" if scale != 1.0 else ""))
         rows += group
-        groups.append((group, _flops(block, mode, tokens),
-                       {n: (limits[n][0], t.min) for n, t in zip(limits, timings[len(fns):])}))
+        groups.append((group, _flops(block, mode, tokens), times))
     _rate_against_limits(groups)
     return rows
 
