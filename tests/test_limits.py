@@ -136,3 +136,20 @@ def test_bench_hf_times_a_group_again_where_a_row_beats_its_limit(monkeypatch, k
     limit_ms = 0.5 if calls == 2 else 2.0
     assert ours.min_ms == pytest.approx(kernel_ms) and ours.of_limit == pytest.approx(limit_ms / kernel_ms)
     assert next(r for r in rows if r.impl == "weight reading").min_ms == pytest.approx(limit_ms)
+
+
+def test_bench_takes_the_compute_peak_at_the_runs_best_rate():
+    """`pangu-ops bench`: a dtype whose compute-peak rounds ran slow (disturbed) gets the best peak
+    rate any dtype measured, so its kernels' shares are against the machine, not the disturbance."""
+    from pangu_ops.benchmarks.ops import PEAK_OP, Row, _compare
+
+    def row(op, dtype, kind, rate):
+        return Row(op, dtype, f"{op} {kind}", kind, 1.0, rate, "GFLOP/s")
+    rows = [row(PEAK_OP, "float32", "limit", 100.0), row("dense mm", "float32", "limit", 80.0),
+            row("grouped_gemm", "float32", "kernel", 70.0),
+            row(PEAK_OP, "bfloat16", "limit", 50.0), row("dense mm", "bfloat16", "limit", 30.0),
+            row("grouped_gemm", "bfloat16", "kernel", 60.0), row("grouped_gemm", "bfloat16", "baseline", 120.0)]
+    _compare(rows)
+    shares = [r.fraction_of_limit for r in rows]
+    assert shares == pytest.approx([1.0, 0.8, 0.7, 0.5, 0.3, 0.6, 1.2])
+    assert "ABOVE" not in rows[5].note and "ABOVE ITS LIMIT" in rows[6].note
