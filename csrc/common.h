@@ -145,7 +145,7 @@ bool native_half_matmul(at::ScalarType dtype);
 // the touched experts' weights: converting them to fp32 first (the path of a CPU without native
 // half-precision matmul) moves 5x the bytes, and oneDNN's one-row GEMV costs more per call (small
 // experts: 30-70 us against 40-80 us). With native half-precision matmul (AMX-BF16, AVX512-BF16),
-// oneDNN keeps 2+ rows: it stays at the weight-streaming time up to 4 rows (measured).
+// oneDNN keeps 2+ rows, but for the kernels that measured faster there (few_rows_kernel).
 constexpr int64_t kFewRows = 16;
 constexpr int64_t kStreamRows = 8;  // row-major b up to this many rows: few_rows_stream (measured)
 // fp32: BLAS's GEMV / small GEMM at 4 / 6 / 8 rows took 2.7-4.5x / 2.5-3.4x / 1.3-2.7x the time
@@ -491,9 +491,108 @@ void few_rows_stream(float* __restrict acc, int64_t ldacc, const float* __restri
   }
 }
 
+#if defined(__AVX512BW__)
+// With AVX-512: bf16 dot products 32 elements a step in 16-lane vectors. A weight block's 32 bf16
+// values become fp32 as their even and odd elements (a shift, a mask), each multiplied into its
+// rows' accumulators by 16-lane FMAs against a's rows split alike (split_even_odd32). AVX512-BF16's
+// own dot product (vdpbf16ps) issues at half the FMA rate on this machine's Xeon (2 x 16-lane FMAs
+// per cycle against one vdpbf16ps per 2, register-only loops, measured): the FMAs ran its 4-16-row
+// products 1.25-1.4x faster from L2 (one thread, measured).
+constexpr bool kDots512 = true;
+
+// a's row (K bf16 elements) in fp32, each 32-element block as its 16 even then its 16 odd elements,
+// zeros after K up to the next whole block.
+inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restrict a, int64_t K) {
+  for (int64_t k = 0; k < K; k += 32) {
+    for (int j = 0; j < 16; ++j) {
+      out[k + j] = k + 2 * j < K ? load_float(a, k + 2 * j) : 0.f;
+      out[k + 16 + j] = k + 2 * j + 1 < K ? load_float(a, k + 2 * j + 1) : 0.f;
+    }
+  }
+}
+
+// sums[r * S + q] = sum_k a_r[k] * b_q[k] for R rows of a (split_even_odd32, row stride lda)
+// against S rows b_q of b in lockstep (as dots_streams), the tail of K by masked loads (zeros).
+template <int R, int S>
+inline void dots512(float* sums, const float* __restrict as, int64_t lda, int64_t K, const c10::BFloat16* const* b) {
+  __m512 acc[R][S];
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
+  }
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    __m512 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = _mm512_loadu_ps(as + r * lda + k), odd[r] = _mm512_loadu_ps(as + r * lda + k + 16);
+    for (int q = 0; q < S; ++q) {
+      const __m512i u = _mm512_maskz_loadu_epi16(mask, b[q] + k);
+      const __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), vo = _mm512_castsi512_ps(_mm512_and_si512(u, high));
+      for (int r = 0; r < R; ++r) acc[r][q] = _mm512_fmadd_ps(odd[r], vo, _mm512_fmadd_ps(even[r], ve, acc[r][q]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
+  }
+}
+
+// out[0:M, n] for the rows n = rows[0:S] of b (as dots_rows): a's rows 4 at a time with 4 streams
+// (2 with 8), then 2, then 1 (at most 16 accumulators, 8 of a's vectors: 27 of 32 registers).
+template <int S>
+inline void dots_rows512(c10::BFloat16* __restrict out, int64_t ldo, const float* as, int64_t lda, int64_t M,
+                         int64_t K, const c10::BFloat16* b, int64_t sb1, const int64_t* rows) {
+  const c10::BFloat16* bq[S];
+  for (int q = 0; q < S; ++q) bq[q] = b + rows[q] * sb1;
+  float sums[4 * S];
+  int64_t i = 0;
+  const auto block = [&](auto r_) {
+    constexpr int R = decltype(r_)::value;
+    for (; i + R <= M; i += R) {
+      dots512<R, S>(sums, as + i * lda, lda, K, bq);
+      for (int r = 0; r < R; ++r) {
+        for (int q = 0; q < S; ++q) store_float(out + (i + r) * ldo, rows[q], sums[r * S + q]);
+      }
+    }
+  };
+  if constexpr (S <= 4) block(std::integral_constant<int, 4>{});
+  block(std::integral_constant<int, 2>{});
+  block(std::integral_constant<int, 1>{});
+}
+
+// gemm_few_rows for bf16 with b's rows contiguous (sb0 == 1), by dots_rows512: 8 streams with
+// 1-3 rows of a, 4 with more.
+inline void gemm_few_rows512(c10::BFloat16* __restrict out, int64_t ldo, const c10::BFloat16* __restrict a,
+                             int64_t lda, int64_t M, const c10::BFloat16* __restrict b, int64_t sb1, int64_t K,
+                             int64_t N) {
+  const int64_t ka = unaliased_stride((K + 31) / 32 * 32);
+  std::vector<float> as(M * ka);
+  for (int64_t i = 0; i < M; ++i) split_even_odd32(&as[i * ka], a + i * lda, K);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    const int S = M < 4 ? 8 : 4;
+    const int64_t len = (n1 - n0) / S;
+    for (int64_t j = 0; j < len; ++j) {
+      int64_t rows[8];
+      for (int q = 0; q < S; ++q) rows[q] = n0 + q * len + j;
+      if (S == 8) {
+        dots_rows512<8>(out, ldo, as.data(), ka, M, K, b, sb1, rows);
+      } else {
+        dots_rows512<4>(out, ldo, as.data(), ka, M, K, b, sb1, rows);
+      }
+    }
+    for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows512<1>(out, ldo, as.data(), ka, M, K, b, sb1, &n);
+  });
+}
+#else
+constexpr bool kDots512 = false;
+#endif
+
 template <typename T>
 void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_t lda, int64_t M,
                    const T* __restrict b, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
+#if defined(__AVX512BW__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (sb0 == 1) return gemm_few_rows512(out, ldo, a, lda, M, b, sb1, K, N);
+  }
+#endif
   const int64_t ka = unaliased_stride(K);  // a's rows in fp32
   std::vector<float> af(M * ka);
   for (int64_t i = 0; i < M; ++i) {
@@ -714,16 +813,29 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
   gemm_few_inner_tile<6, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
 }
 
-// Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it).
-inline bool few_rows_kernel(at::ScalarType t, int64_t M) {
+// Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it; `dots`: b's rows
+// contiguous, sb0 == 1). Where oneDNN's bf16 matmul is native (AMX-BF16) it takes 2+ rows, except
+// where the few-row kernels measured faster on such a CPU (a 2-core Xeon with AMX, 8 Mixtral-shaped
+// 7168 x 1024 experts, 2 threads): bf16 dot products with AVX-512 (kDots512) up to kFewRows rows
+// (2 / 4 / 8 / 16 rows: 1.97 / 2.35 / 4.42 / 8.91 ms against oneDNN's 5.4-5.5 ms at 2-8 rows
+// and 5.4 at 16), and row-major b up to kStreamRowsNative rows (few_rows_stream: 2.5 / 3.4 / 4.4-4.8
+// ms at 2 / 4 / 6 rows against 5.4-5.6; 5.8 against 5.5 at 7).
+constexpr int64_t kStreamRowsNative = 6;
+inline bool few_rows_kernel(at::ScalarType t, int64_t M, bool dots) {
   const bool half = t == at::kBFloat16 || t == at::kHalf;
-  return M >= 1 && (half ? M == 1 || (M <= kFewRows && !native_half_matmul(t)) : t == at::kFloat && M <= kFewRowsFloat);
+  if (M < 1) return false;
+  if (!half) return t == at::kFloat && M <= kFewRowsFloat;
+  if (M == 1) return true;
+  if (M > kFewRows) return false;
+  if (!native_half_matmul(t)) return true;
+  return t == at::kBFloat16 && kDots512 && (dots || M <= kStreamRowsNative);
 }
 
 // out (rows ldo apart, each contiguous) = a [M, m] @ b [m, N] on raw pointers by the kernels above
 // where one applies: a short inner dimension (weight gradients of decode-sized groups) by
-// `gemm_few_inner`; few rows by `gemm_few_rows` (16-bit operands: one row always, up to kFewRows
-// where this CPU's matmul is not native in the dtype; fp32: up to kFewRowsFloat). False where
+// `gemm_few_inner`; few rows by `gemm_few_rows` (where few_rows_kernel says: 16-bit operands one
+// row always, more where this CPU's matmul is not native in the dtype or where the few-row kernels
+// measured faster than it; fp32 up to kFewRowsFloat). False where
 // neither does (BLAS's turn: mm_blas_into). Per-expert loops call it before making any tensor
 // views: those (~6 ATen calls per expert) cost ~5% of a 2-row Qwen3-MoE-shaped backward.
 template <typename T>
@@ -735,7 +847,7 @@ bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, cons
     gemm_few_inner(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
     return true;
   }
-  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M)) {
+  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M, sb0 == 1)) {
     gemm_few_rows(out, ldo, a, sa0, M, b, sb0, sb1, m, N);
     return true;
   }
