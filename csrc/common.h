@@ -833,17 +833,23 @@ inline bool few_rows_kernel(at::ScalarType t, int64_t M, bool dots) {
 
 // out (rows ldo apart, each contiguous) = a [M, m] @ b [m, N] on raw pointers by the kernels above
 // where one applies: a short inner dimension (weight gradients of decode-sized groups) by
-// `gemm_few_inner`; few rows by `gemm_few_rows` (where few_rows_kernel says: 16-bit operands one
-// row always, more where this CPU's matmul is not native in the dtype or where the few-row kernels
-// measured faster than it; fp32 up to kFewRowsFloat). False where
-// neither does (BLAS's turn: mm_blas_into). Per-expert loops call it before making any tensor
-// views: those (~6 ATen calls per expert) cost ~5% of a 2-row Qwen3-MoE-shaped backward.
+// `gemm_few_inner` (up to kFewRows, in bf16 up to kFewInnerNative where this CPU's bf16 matmul is
+// native); few rows by `gemm_few_rows` (where few_rows_kernel says: 16-bit operands one row always,
+// more where this CPU's matmul is not native in the dtype or where the few-row kernels measured
+// faster than it; fp32 up to kFewRowsFloat). False where neither does (BLAS's turn: mm_blas_into).
+// Per-expert loops call it before making any tensor views: those (~6 ATen calls per expert) cost
+// ~5% of a 2-row Qwen3-MoE-shaped backward.
+// bf16 weight gradients with AMX-BF16 (2-core Xeon, 8 Mixtral-shaped 1024 x 7168 gradients, 2
+// threads, two runs): gemm_few_inner 2.5 / 3.7 / 4.4-4.6 / 4.5-5.6 ms at 1 / 2 / 3 / 4 rows against
+// oneDNN's 5.0-6.0 at any of them; 6.6 against 5.4 at 8.
+constexpr int64_t kFewInnerNative = 4;
 template <typename T>
 bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, const T* b, int64_t sb0, int64_t sb1,
                  int64_t M, int64_t m, int64_t N) {
   constexpr at::ScalarType t = c10::CppTypeToScalarType<T>::value;
   constexpr bool half = t == at::kBFloat16 || t == at::kHalf;
-  if (m >= 1 && m <= kFewRows && M > kFewRows && sb1 == 1 && !(half && native_half_matmul(t))) {
+  const bool inner = !(half && native_half_matmul(t)) || (t == at::kBFloat16 && m <= kFewInnerNative);
+  if (m >= 1 && m <= kFewRows && M > kFewRows && sb1 == 1 && inner) {
     gemm_few_inner(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
     return true;
   }
