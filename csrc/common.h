@@ -372,6 +372,39 @@ constexpr int64_t panel_lane(int64_t j) {
   return j / 16 * 16 + load16_lane<T>(static_cast<int>(j % 16));
 }
 
+// Blocks of W = 16 elements as two f32x8 (load16), or, for bf16 where the CPU has AVX-512, of W = 32
+// as two 16-lane vectors (its even / odd elements): few_rows_stream's width.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+template <int W>
+using f32w = std::conditional_t<W == 16, f32x8, f32x16>;
+template <int W>
+inline f32w<W> loadw(const float* p) {
+  f32w<W> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int W>
+inline void storew(float* p, f32w<W> v) { std::memcpy(p, &v, sizeof v); }
+template <int W, typename T>
+inline void load_block(const T* p, f32w<W>& v0, f32w<W>& v1) {
+  if constexpr (W == 16) {
+    load16(p, v0, v1);
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16>, "32-element blocks: bf16 only");
+    u32x16 u;
+    std::memcpy(&u, p, sizeof u);
+    const u32x16 e = u << 16, o = u & 0xFFFF0000u;
+    std::memcpy(&v0, &e, sizeof e);
+    std::memcpy(&v1, &o, sizeof o);
+  }
+}
+// Where load_block puts column j of a panel of whole W-column blocks (panel_lane for W = 16).
+template <typename T, int W>
+constexpr int64_t block_lane(int64_t j) {
+  return W == 16 ? panel_lane<T>(j) : j / W * W + j % 2 * (W / 2) + j % W / 2;
+}
+
 // sums[r * S + q] = sum_k a_r[k] * b_q[k] for R of a's rows against S contiguous rows b_q of b,
 // read in lockstep: rows far apart, so S streams from memory at once (one stream per thread left
 // the memory bus idle: 1-row bf16 products 1.2-1.35x slower, measured). b's 16-element blocks come
@@ -441,44 +474,46 @@ inline void dots_rows(T* __restrict out, int64_t ldo, const float* as, const flo
 }
 
 // acc[0:MB, 0:N] (row stride ldacc) += a[0:MB, k0:k1] (fp32, row stride lda) @ b[k0:k1, 0:N] (row k at b + k * sb0):
-// b's rows read once, four at a time, into fp32 accumulators that stay in L1 (each whole 16-column
-// block in load16's lane order, the tail in order). Few of a's rows (a decode step's expert) use
+// b's rows read once, four at a time, into fp32 accumulators that stay in L1 (each whole W-column
+// block in load_block's lane order, the tail in order). Few of a's rows (a decode step's expert) use
 // each of b's values a few times only: reading b is what bounds it, so the four rows come from the
 // four quarters of [k0, k1), four streams from memory at once (against four adjacent rows: bf16 1
 // / 4 rows 1.35x / 1.2-1.45x faster, measured), each prefetched two rows on.
-template <int MB, typename T>
+template <int MB, int W, typename T>
 void few_rows_stream(float* __restrict acc, int64_t ldacc, const float* __restrict a, int64_t lda,
                      const T* __restrict b, int64_t sb0, int64_t k0, int64_t k1, int64_t N) {
-  const int64_t whole = N / 16 * 16;
+  using V = f32w<W>;
+  constexpr int H = W / 2;  // lanes of V
+  const int64_t whole = N / W * W;
   const int64_t L = (k1 - k0) / 4;  // rows k, k + L, k + 2L, k + 3L together
   for (int64_t k = k0; k < k0 + L; ++k) {
     const T* bk = b + k * sb0;
-    for (int64_t n = 0; n < whole; n += 16) {
-      f32x8 v[4][2];
+    for (int64_t n = 0; n < whole; n += W) {
+      V v[4][2];
       if (n % (64 / sizeof(T)) == 0) {  // once per line
         for (int q = 0; q < 4; ++q) __builtin_prefetch(bk + (q * L + 2) * sb0 + n);
       }
-      for (int q = 0; q < 4; ++q) load16(bk + q * L * sb0 + n, v[q][0], v[q][1]);
+      for (int q = 0; q < 4; ++q) load_block<W>(bk + q * L * sb0 + n, v[q][0], v[q][1]);
       for (int r = 0; r < MB; ++r) {
         const float* ar = a + r * lda + k;
         float* cr = acc + r * ldacc + n;
-        f32x8 lo = load8(cr), hi = load8(cr + 8);
+        V lo = loadw<W>(cr), hi = loadw<W>(cr + H);
         for (int q = 0; q < 4; ++q) lo += ar[q * L] * v[q][0], hi += ar[q * L] * v[q][1];
-        store8(cr, lo);
-        store8(cr + 8, hi);
+        storew<W>(cr, lo);
+        storew<W>(cr + H, hi);
       }
     }
   }
   int64_t k = k0 + 4 * L;
   for (; k < k1; ++k) {
     const T* bk = b + k * sb0;
-    for (int64_t n = 0; n < whole; n += 16) {
-      f32x8 v0, v1;
-      load16(bk + n, v0, v1);
+    for (int64_t n = 0; n < whole; n += W) {
+      V v0, v1;
+      load_block<W>(bk + n, v0, v1);
       for (int r = 0; r < MB; ++r) {
         float* cr = acc + r * ldacc + n;
-        store8(cr, load8(cr) + a[r * lda + k] * v0);
-        store8(cr + 8, load8(cr + 8) + a[r * lda + k] * v1);
+        storew<W>(cr, loadw<W>(cr) + a[r * lda + k] * v0);
+        storew<W>(cr + H, loadw<W>(cr + H) + a[r * lda + k] * v1);
       }
     }
   }
@@ -627,6 +662,9 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
     return;
   }
   if (M <= kStreamRows) {  // b row-major, few rows: few_rows_stream, K split over the threads
+    // (32-column blocks against 16 at 4 rows: 3.3-3.5 against 3.8 ms; the same at 2 and 6: AMX
+    // Xeon, 8 Mixtral-shaped experts, 2 threads)
+    constexpr int W = std::is_same_v<T, c10::BFloat16> && kDots512 ? 32 : 16;
     const int64_t parts = std::min<int64_t>(at::in_parallel_region() ? 1 : at::get_num_threads(), (K + 63) / 64);
     const int64_t ldacc = unaliased_stride(N);
     std::vector<float> acc(parts * M * ldacc, 0.f);
@@ -635,24 +673,24 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
         const int64_t k0 = K * p / parts, k1 = K * (p + 1) / parts;
         float* ap = &acc[p * M * ldacc];
         switch (M) {
-          case 8: few_rows_stream<8>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 7: few_rows_stream<7>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 6: few_rows_stream<6>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 5: few_rows_stream<5>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 4: few_rows_stream<4>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 3: few_rows_stream<3>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 2: few_rows_stream<2>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          default: few_rows_stream<1>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N);
+          case 8: few_rows_stream<8, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 7: few_rows_stream<7, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 6: few_rows_stream<6, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 5: few_rows_stream<5, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 4: few_rows_stream<4, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 3: few_rows_stream<3, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          case 2: few_rows_stream<2, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
+          default: few_rows_stream<1, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N);
         }
       }
     });
     for (int64_t p = 1; p < parts; ++p) {
       for (int64_t i = 0; i < M * ldacc; ++i) acc[i] += acc[p * M * ldacc + i];
     }
-    const int64_t whole = N / 16 * 16;
+    const int64_t whole = N / W * W;
     for (int64_t r = 0; r < M; ++r) {
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t lane = n < whole ? panel_lane<T>(n) : n;
+        const int64_t lane = n < whole ? block_lane<T, W>(n) : n;
         store_float(out + r * ldo, n, acc[r * ldacc + lane]);
       }
     }
@@ -813,22 +851,21 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
   gemm_few_inner_tile<6, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
 }
 
-// Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it; `dots`: b's rows
-// contiguous, sb0 == 1). Where oneDNN's bf16 matmul is native (AMX-BF16) it takes 2+ rows, except
-// where the few-row kernels measured faster on such a CPU (a 2-core Xeon with AMX, 8 Mixtral-shaped
-// 7168 x 1024 experts, 2 threads): bf16 dot products with AVX-512 (kDots512) up to kFewRows rows
-// (2 / 4 / 8 / 16 rows: 1.97 / 2.35 / 4.42 / 8.91 ms against oneDNN's 5.4-5.5 ms at 2-8 rows
-// and 5.4 at 16), and row-major b up to kStreamRowsNative rows (few_rows_stream: 2.5 / 3.4 / 4.4-4.8
-// ms at 2 / 4 / 6 rows against 5.4-5.6; 5.8 against 5.5 at 7).
-constexpr int64_t kStreamRowsNative = 6;
-inline bool few_rows_kernel(at::ScalarType t, int64_t M, bool dots) {
+// Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it). Where oneDNN's
+// bf16 matmul is native (AMX-BF16) it takes 2+ rows, but for bf16 with AVX-512 (kDots512) up to
+// kFewRowsNative rows, where the few-row kernels measured faster on such a CPU (a 2-core Xeon with
+// AMX, 8 Mixtral-shaped 7168 x 1024 experts, 2 threads, two runs): b's rows contiguous (dots512)
+// 1.8-1.9 / 2.4 / 3.8 / 5.0-5.2 ms at 2 / 4 / 8 / 10 rows against oneDNN's 3.6-3.9 at any of them;
+// row-major b (few_rows_stream, 32-column blocks) 2.4-2.6 / 3.3-3.5 / 4.2 / 4.7-5.2 / 5.0-5.1 ms at
+// 2 / 4 / 6 / 7 / 8 rows against 5.2-5.6.
+constexpr int64_t kFewRowsNative = 7;
+inline bool few_rows_kernel(at::ScalarType t, int64_t M) {
   const bool half = t == at::kBFloat16 || t == at::kHalf;
   if (M < 1) return false;
   if (!half) return t == at::kFloat && M <= kFewRowsFloat;
   if (M == 1) return true;
   if (M > kFewRows) return false;
-  if (!native_half_matmul(t)) return true;
-  return t == at::kBFloat16 && kDots512 && (dots || M <= kStreamRowsNative);
+  return !native_half_matmul(t) || (t == at::kBFloat16 && kDots512 && M <= kFewRowsNative);
 }
 
 // out (rows ldo apart, each contiguous) = a [M, m] @ b [m, N] on raw pointers by the kernels above
@@ -853,7 +890,7 @@ bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, cons
     gemm_few_inner(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
     return true;
   }
-  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M, sb0 == 1)) {
+  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M)) {
     gemm_few_rows(out, ldo, a, sa0, M, b, sb0, sb1, m, N);
     return true;
   }
