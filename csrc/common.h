@@ -897,14 +897,48 @@ bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, cons
   return false;
 }
 
+// Whether out = a @ b is one of the first kOwnKernelAfter - 1 half-precision products of its shape
+// and layouts in this process (mm_half_padded's turn).
+bool first_half_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+// oneDNN generates a kernel for each new shape of a half-precision matmul: a Mixtral-shaped expert's
+// product with a row count it has not seen took 7-10 ms against 2.7 warm (AMX-BF16, measured), and
+// with a fresh routing every step most experts' row counts are new. A shape's first products run
+// instead with the rows and the inner dimension padded by zeros to multiples of kPadRows (a few
+// shapes, their kernels reused), the result copied out; a shape that recurs (a fixed routing, the
+// usual sizes of a long run) gets its own kernel from its kOwnKernelAfter-th call on: the copies
+// cost 5-10% of a warm call, a new kernel ~2 warm calls. Mixtral- / Qwen3-MoE-shaped bf16
+// 2048-token `expert_mlp`, 2 threads, ms, fixed / fresh routing, as before -> padded always (two
+// runs): 45-48 / 86-95 -> 52 / 51-59; 26-29 / 31-33 -> 29.5 / 28-30; first call 150 -> 82,
+// 111-128 -> 49-52.
+constexpr int64_t kPadRows = 32, kOwnKernelAfter = 8;
+inline void mm_half_padded(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  const int64_t M = a.size(0), m = a.size(1);
+  const int64_t Mp = (M + kPadRows - 1) / kPadRows * kPadRows, mp = (m + kPadRows - 1) / kPadRows * kPadRows;
+  at::Tensor ap = a, bp = b;
+  if (Mp != M || mp != m) {
+    ap = at::zeros({Mp, mp}, a.options());
+    ap.narrow(0, 0, M).narrow(1, 0, m).copy_(a);
+  }
+  if (mp != m) {
+    bp = at::zeros({mp, b.size(1)}, b.options());
+    bp.narrow(0, 0, m).copy_(b);
+  }
+  if (Mp == M) return void(at::mm_out(out, ap, bp));
+  out.copy_(at::mm(ap, bp).narrow(0, 0, M));
+}
+
 // out = a @ b by BLAS with fp32 accumulation, rounded once to out's dtype: in the operands' own
-// dtype where this CPU's matmul is native in it, else through fp32 copies.
+// dtype where this CPU's matmul is native in it (a shape's first products padded: mm_half_padded),
+// else through fp32 copies.
 inline void mm_blas_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
   if (t == at::kFloat) {
     at::mm_out(out, as_float(a), as_float(b));
   } else if (a.scalar_type() == t && b.scalar_type() == t && native_half_matmul(t)) {
-    at::mm_out(out, a, b);  // oneDNN / cpublas accumulate half-precision products in fp32
+    // oneDNN / cpublas accumulate half-precision products in fp32
+    if (first_half_product(out, a, b)) return mm_half_padded(out, a, b);
+    at::mm_out(out, a, b);
   } else {
     out.copy_(at::mm(as_float(a), as_float(b)));
   }
