@@ -162,12 +162,15 @@ at::Tensor gated_forward(const at::Tensor& gu, int64_t F, c10::string_view name,
 // A decode step: every expert's rows go to gemm_few_rows (few of them, x's rows and one dimension of
 // each weight contiguous).
 bool decode_step(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                 const std::vector<int64_t>& off) {
+                 const std::vector<int64_t>& off, bool trans_b) {
   auto unit = [](const at::Tensor& w) { return w.stride(1) == 1 || w.stride(2) == 1; };
   if (x.stride(1) != 1 || !unit(w_gate_up) || !unit(w_down)) return false;
+  // AMX tiles for both products (their weights' rows contiguous in the [K, N] orientation)
+  const bool amx = few_rows_amx(trans_b ? w_gate_up.stride(2) : w_gate_up.stride(1), x.size(1)) &&
+                   few_rows_amx(trans_b ? w_down.stride(2) : w_down.stride(1), w_down.size(trans_b ? 2 : 1));
   for (size_t e = 0; e + 1 < off.size(); ++e) {
     const int64_t m = off[e + 1] - off[e];
-    if (m > 0 && !few_rows_kernel(x.scalar_type(), m)) return false;
+    if (m > 0 && !few_rows_kernel(x.scalar_type(), m, amx)) return false;
   }
   return true;
 }
@@ -228,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "expert_mlp");
   at::Tensor y = empty_output({x.size(0), N}, x.options());
   at::Tensor gate_up = empty_output({x.size(0), 2 * F}, x.options());
-  if (decode_step(x, w_gate_up, w_down, off)) {
+  if (decode_step(x, w_gate_up, w_down, off, trans_b)) {
     few_rows_experts(x, w_gate_up, w_down, off, trans_b, activation, limit, gate_up, y);
     return {y, gate_up};
   }
