@@ -708,20 +708,79 @@ inline void gemm_few_rows_amx(c10::BFloat16* __restrict out, int64_t ldo, const 
     for (int64_t n = blocks * 16; n < N; ++n) dots_rows512<1>(out, ldo, as.data(), ka, M, K, b, sb1, &n);
   }
 }
+
+// The same for row-major b ([K, N], rows sb0 apart; K a multiple of 32, N of 64): out [M, N] = a @ b
+// with a's rows (zeros after them) as the A tile and b's pairs of rows interleaved on the fly into
+// two B tiles per 32 columns (the even / odd column groups of unpacklo / unpackhi within each
+// 128-bit lane), 64 columns (four accumulator tiles) at a time; columns split over the threads.
+// Tiles: 0-3 accumulators, 4 a, 5-6 b. 8 Mixtral-shaped 1024 x 7168 experts, 2 threads, two runs:
+// 2.1-2.2 / 2.2-2.4 / 2.3-2.5 / 2.5 / 2.6-2.7 ms at 3 / 4 / 8 / 12 / 16 rows against 1.9-2.0 for
+// `read_work` (few_rows_stream 2.9-3.1 / 3.4 at 3 / 4 rows, oneDNN 4.9-5.6 above).
+inline void gemm_few_rows_amx_rm(c10::BFloat16* __restrict out, int64_t ldo, const c10::BFloat16* __restrict a,
+                                 int64_t lda, int64_t M, const c10::BFloat16* __restrict b, int64_t sb0, int64_t K,
+                                 int64_t N) {
+  std::vector<c10::BFloat16> rows(16 * K, c10::BFloat16(0.f));
+  for (int64_t m = 0; m < M; ++m) std::memcpy(&rows[m * K], a + m * lda, K * sizeof(c10::BFloat16));
+  at::parallel_for(0, N / 64, 1, [&](int64_t c0, int64_t c1) {
+    TileConfig config;
+    for (int t = 0; t < 7; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+    alignas(64) c10::BFloat16 pairs[4][16][32];  // [32-column half][lo / hi] x [pair][16 columns x 2]
+    alignas(64) float c[4][16][16];
+    for (int64_t blk = c0; blk < c1; ++blk) {
+      const int64_t n0 = blk * 64;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k = 0; k < K; k += 32) {
+        for (int p = 0; p < 16; ++p) {
+          const c10::BFloat16* r0 = b + (k + 2 * p) * sb0 + n0;
+          for (int h = 0; h < 2; ++h) {
+            const __m512i x0 = _mm512_loadu_si512(r0 + 32 * h), x1 = _mm512_loadu_si512(r0 + sb0 + 32 * h);
+            _mm512_store_si512(pairs[2 * h][p], _mm512_unpacklo_epi16(x0, x1));
+            _mm512_store_si512(pairs[2 * h + 1][p], _mm512_unpackhi_epi16(x0, x1));
+          }
+        }
+        _tile_loadd(4, &rows[k], K * static_cast<int64_t>(sizeof(c10::BFloat16)));
+        _tile_loadd(5, pairs[0], 64);
+        _tile_loadd(6, pairs[1], 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, pairs[2], 64);
+        _tile_loadd(6, pairs[3], 64);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      // tile t = 2h + lohi, lane d: column 32h + 8 (d / 4) + 4 lohi + d % 4
+      for (int64_t m = 0; m < M; ++m) {
+        for (int t = 0; t < 4; ++t) {
+          for (int d = 0; d < 16; ++d) store_float(out + m * ldo, n0 + 32 * (t / 2) + 8 * (d / 4) + 4 * (t % 2) + d % 4, c[t][m][d]);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
 #endif
 #else
 constexpr bool kDots512 = false;
 #endif
 
-// Whether gemm_few_rows takes AMX tiles (gemm_few_rows_amx) from kAmxRows rows on, for bf16 with
-// b's rows contiguous (sb0 == 1) and K (the inner dimension) a multiple of 32 (2 rows: dots512 2.1
-// against 2.2-3.2 ms, 3: 2.7 against 2.1-2.2, as above).
+// Whether gemm_few_rows takes AMX tiles from kAmxRows rows on, for bf16 with K (the inner
+// dimension) a multiple of 32: b's rows contiguous (sb0 == 1, gemm_few_rows_amx; 2 rows: dots512
+// 2.1 against 2.2-3.2 ms, 3: 2.7 against 2.1-2.2, as above) or b row-major with N a multiple of 64
+// (sb1 == 1, gemm_few_rows_amx_rm).
 constexpr int64_t kAmxRows = 3;
-inline bool few_rows_amx(int64_t sb0, int64_t K) {
+inline bool few_rows_amx(int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  return sb0 == 1 && K % 32 == 0 && amx_ready();
+  return K % 32 == 0 && (sb0 == 1 || (sb1 == 1 && N % 64 == 0)) && amx_ready();
 #else
-  (void)sb0, (void)K;  // no AMX in this build
+  (void)sb0, (void)sb1, (void)K, (void)N;  // no AMX in this build
   return false;
 #endif
 }
@@ -732,7 +791,10 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 #if defined(__AVX512BW__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    if (M >= kAmxRows && N >= 16 && few_rows_amx(sb0, K)) return gemm_few_rows_amx(out, ldo, a, lda, M, b, sb1, K, N);
+    if (M >= kAmxRows && N >= 16 && few_rows_amx(sb0, sb1, K, N)) {
+      if (sb0 == 1) return gemm_few_rows_amx(out, ldo, a, lda, M, b, sb1, K, N);
+      return gemm_few_rows_amx_rm(out, ldo, a, lda, M, b, sb0, K, N);
+    }
 #endif
     if (sb0 == 1) return gemm_few_rows512(out, ldo, a, lda, M, b, sb1, K, N);
   }
@@ -1000,7 +1062,7 @@ bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, cons
     gemm_few_inner(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
     return true;
   }
-  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M, few_rows_amx(sb0, m))) {
+  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M, few_rows_amx(sb0, sb1, m, N))) {
     gemm_few_rows(out, ldo, a, sa0, M, b, sb0, sb1, m, N);
     return true;
   }

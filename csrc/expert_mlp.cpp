@@ -165,9 +165,11 @@ bool decode_step(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Ten
                  const std::vector<int64_t>& off, bool trans_b) {
   auto unit = [](const at::Tensor& w) { return w.stride(1) == 1 || w.stride(2) == 1; };
   if (x.stride(1) != 1 || !unit(w_gate_up) || !unit(w_down)) return false;
-  // AMX tiles for both products (their weights' rows contiguous in the [K, N] orientation)
-  const bool amx = few_rows_amx(trans_b ? w_gate_up.stride(2) : w_gate_up.stride(1), x.size(1)) &&
-                   few_rows_amx(trans_b ? w_down.stride(2) : w_down.stride(1), w_down.size(trans_b ? 2 : 1));
+  // AMX tiles for both products (strides and sizes of the [K, 2F] and [F, N] orientations)
+  const int64_t K = x.size(1), F = w_down.size(trans_b ? 2 : 1), N = w_down.size(trans_b ? 1 : 2);
+  const int64_t u0 = w_gate_up.stride(trans_b ? 2 : 1), u1 = w_gate_up.stride(trans_b ? 1 : 2);
+  const int64_t d0 = w_down.stride(trans_b ? 2 : 1), d1 = w_down.stride(trans_b ? 1 : 2);
+  const bool amx = few_rows_amx(u0, u1, K, 2 * F) && few_rows_amx(d0, d1, F, N);
   for (size_t e = 0; e + 1 < off.size(); ++e) {
     const int64_t m = off[e + 1] - off[e];
     if (m > 0 && !few_rows_kernel(x.scalar_type(), m, amx)) return false;

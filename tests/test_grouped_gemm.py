@@ -119,20 +119,22 @@ def test_few_rows_per_expert_with_rows_4kib_apart(dtype, trans_b, k, n):
     torch.testing.assert_close(y, expected, **verify.TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("n", [69, 48, 16])
-def test_few_rows_per_expert_amx_tiles(n):
-    """bf16, the weight's rows contiguous, K a multiple of 32: where the CPU has AMX-BF16, 3-16 rows
-    go through AMX tiles (three 16-row blocks of the weight at a time, then single blocks, the last
-    N % 16 rows by the 16-lane dot products); every row count 1-16, against fp32 products of the
-    same values, rounded once. Elsewhere the same products run the other few-row kernels."""
+@pytest.mark.parametrize("trans_b, n", [(True, 69), (True, 48), (True, 16), (False, 64), (False, 192)])
+def test_few_rows_per_expert_amx_tiles(trans_b, n):
+    """bf16, K a multiple of 32: where the CPU has AMX-BF16, 3-16 rows go through AMX tiles. The
+    weight's rows contiguous: three 16-row blocks of the weight at a time, then single blocks, the
+    last N % 16 rows by the 16-lane dot products; row-major (N a multiple of 64): 64 columns at a
+    time, pairs of the weight's rows interleaved on the fly. Every row count 1-16, against fp32
+    products of the same values, rounded once. Elsewhere the same products run the other few-row
+    kernels."""
     sizes = torch.arange(1, 17)
     gen = verify.generator(7)
     x = verify.randn((int(sizes.sum()), 96), torch.bfloat16, gen, scale=96 ** -0.5)
-    w = verify.randn((len(sizes), n, 96), torch.bfloat16, gen)
-    y = pangu_ops.grouped_gemm(x, w, sizes, trans_b=True)
+    w = verify.randn((len(sizes), *((n, 96) if trans_b else (96, n))), torch.bfloat16, gen)
+    y = pangu_ops.grouped_gemm(x, w, sizes, trans_b=trans_b)
     rows = x.float().split(sizes.tolist())
-    expected = torch.cat([r @ w[e].float().t() for e, r in enumerate(rows)]).to(torch.bfloat16)
-    torch.testing.assert_close(y, expected, **verify.TOLERANCES[torch.bfloat16])
+    expected = torch.cat([r @ (w[e].float().t() if trans_b else w[e].float()) for e, r in enumerate(rows)])
+    torch.testing.assert_close(y, expected.to(torch.bfloat16), **verify.TOLERANCES[torch.bfloat16])
 
 
 def test_new_shapes_padded_then_their_own_kernel():
