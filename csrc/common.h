@@ -771,11 +771,12 @@ inline void gemm_few_rows_amx_rm(c10::BFloat16* __restrict out, int64_t ldo, con
 constexpr bool kDots512 = false;
 #endif
 
-// Whether gemm_few_rows takes AMX tiles from kAmxRows rows on, for bf16 with K (the inner
-// dimension) a multiple of 32: b's rows contiguous (sb0 == 1, gemm_few_rows_amx; 2 rows: dots512
-// 2.1 against 2.2-3.2 ms, 3: 2.7 against 2.1-2.2, as above) or b row-major with N a multiple of 64
-// (sb1 == 1, gemm_few_rows_amx_rm).
-constexpr int64_t kAmxRows = 3;
+// Whether gemm_few_rows takes AMX tiles, for bf16 with K (the inner dimension) a multiple of 32:
+// b's rows contiguous (sb0 == 1, gemm_few_rows_amx) from kAmxRows rows on (2 rows: dots512 2.1
+// against 2.2-3.2 ms, 3: 2.7 against 2.1-2.2, as above), or b row-major with N a multiple of 64
+// (sb1 == 1, gemm_few_rows_amx_rm) from kAmxRowsRowMajor on (2 rows: 2.24 against
+// few_rows_stream's 2.52 ms, two runs).
+constexpr int64_t kAmxRows = 3, kAmxRowsRowMajor = 2;
 inline bool few_rows_amx(int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
   return K % 32 == 0 && (sb0 == 1 || (sb1 == 1 && N % 64 == 0)) && amx_ready();
@@ -791,7 +792,7 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 #if defined(__AVX512BW__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    if (M >= kAmxRows && N >= 16 && few_rows_amx(sb0, sb1, K, N)) {
+    if (M >= (sb0 == 1 ? kAmxRows : kAmxRowsRowMajor) && N >= 16 && few_rows_amx(sb0, sb1, K, N)) {
       if (sb0 == 1) return gemm_few_rows_amx(out, ldo, a, lda, M, b, sb1, K, N);
       return gemm_few_rows_amx_rm(out, ldo, a, lda, M, b, sb0, K, N);
     }
