@@ -16,6 +16,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -165,6 +166,12 @@ inline int64_t unaliased_stride(int64_t n) {
   return lines % 1024 == 0 ? lines + 16 : lines;
 }
 
+// Strides {s0, s1} of an expert's weight w[e] (w [E, K, N], or [E, N, K] with trans_b) as a [K, N]
+// matrix.
+inline std::array<int64_t, 2> kn_strides(const at::Tensor& w, bool trans_b) {
+  return {w.stride(trans_b ? 2 : 1), w.stride(trans_b ? 1 : 2)};
+}
+
 // Runs fn(e0, e1) over experts [0, E) given their row offsets: split across the threads by cost,
 // each expert's products then running single-threaded on one thread, when the split is even (no
 // thread above 5/4 of an equal share, 2+ experts per thread); else fn(0, E) here, each product
@@ -217,6 +224,8 @@ void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
 // nearest even as 8-lane integer arithmetic).
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 inline f32x8 load8(const float* p) {
   f32x8 v;
@@ -259,13 +268,16 @@ inline void store8(T* p, f32x8 v) {
   for (int j = 0; j < 8; ++j) store_float(p, j, v[j]);
 }
 
-// The 16 bf16 at p as two vectors of fp32: the 32-bit lane j holds elements 2j (its low half)
-// and 2j + 1 (its high half), so a shift and a mask give both without widening across lanes
-// (GCC's element-order widening, vextracti128 + vpmovzxwd, kept the one-row dot at ~25 GB/s).
-inline void load_bf16_even_odd(const c10::BFloat16* p, f32x8& even, f32x8& odd) {
-  u32x8 u;
+// The 16 (F = f32x8) or 32 (f32x16) bf16 at p as two vectors of fp32: the 32-bit lane j holds
+// elements 2j (its low half) and 2j + 1 (its high half), so a shift and a mask give both without
+// widening across lanes (GCC's element-order widening, vextracti128 + vpmovzxwd, kept the one-row
+// dot at ~25 GB/s).
+template <typename F>
+inline void load_bf16_even_odd(const c10::BFloat16* p, F& even, F& odd) {
+  using U = std::conditional_t<std::is_same_v<F, f32x8>, u32x8, u32x16>;
+  U u;
   std::memcpy(&u, p, sizeof u);
-  const u32x8 e = u << 16, o = u & 0xFFFF0000u;
+  const U e = u << 16, o = u & 0xFFFF0000u;
   std::memcpy(&even, &e, sizeof e);
   std::memcpy(&odd, &o, sizeof o);
 }
@@ -378,8 +390,6 @@ constexpr int64_t panel_lane(int64_t j) {
 
 // Blocks of W = 16 elements as two f32x8 (load16), or, for bf16 where the CPU has AVX-512, of W = 32
 // as two 16-lane vectors (its even / odd elements): few_rows_stream's width.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
 template <int W>
 using f32w = std::conditional_t<W == 16, f32x8, f32x16>;
 template <int W>
@@ -396,11 +406,7 @@ inline void load_block(const T* p, f32w<W>& v0, f32w<W>& v1) {
     load16(p, v0, v1);
   } else {
     static_assert(std::is_same_v<T, c10::BFloat16>, "32-element blocks: bf16 only");
-    u32x16 u;
-    std::memcpy(&u, p, sizeof u);
-    const u32x16 e = u << 16, o = u & 0xFFFF0000u;
-    std::memcpy(&v0, &e, sizeof e);
-    std::memcpy(&v1, &o, sizeof o);
+    load_bf16_even_odd(p, v0, v1);
   }
 }
 // Where load_block puts column j of a panel of whole W-column blocks (panel_lane for W = 16).
@@ -636,14 +642,19 @@ inline bool amx_ready() {  // Linux hands out AMX's tile state only on request (
   return ready;
 }
 
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+// Configures this thread's tiles 0-6 as 16 rows of 64 bytes (every tile the kernels below use).
+inline void load_tile_config() {
+  struct {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 7; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  _tile_loadconfig(&config);
+}
 
 // out[0:M, n] for the 16-row blocks n in [n0, n1) of b: tiles 0-2 accumulate three blocks (48 rows)
-// at a time, 3-5 hold their A tiles, 6 the packed a^T; tiles configured by the caller.
+// at a time, 3-5 hold their A tiles, 6 the packed a^T; tiles configured by the caller (load_tile_config).
 inline void amx_blocks(c10::BFloat16* __restrict out, int64_t ldo, const c10::BFloat16* packed, int64_t M,
                        const c10::BFloat16* b, int64_t sb1, int64_t K, int64_t n0, int64_t n1) {
   alignas(64) float c[3][16][16];
@@ -695,9 +706,7 @@ inline void gemm_few_rows_amx(c10::BFloat16* __restrict out, int64_t ldo, const 
   }
   const int64_t blocks = N / 16;
   at::parallel_for(0, blocks, 3, [&](int64_t q0, int64_t q1) {
-    TileConfig config;
-    for (int t = 0; t < 7; ++t) config.rows[t] = 16, config.colsb[t] = 64;
-    _tile_loadconfig(&config);
+    load_tile_config();
     amx_blocks(out, ldo, packed.data(), M, b, sb1, K, q0 * 16, q1 * 16);
     _tile_release();
   });
@@ -722,9 +731,7 @@ inline void gemm_few_rows_amx_rm(c10::BFloat16* __restrict out, int64_t ldo, con
   std::vector<c10::BFloat16> rows(16 * K, c10::BFloat16(0.f));
   for (int64_t m = 0; m < M; ++m) std::memcpy(&rows[m * K], a + m * lda, K * sizeof(c10::BFloat16));
   at::parallel_for(0, N / 64, 1, [&](int64_t c0, int64_t c1) {
-    TileConfig config;
-    for (int t = 0; t < 7; ++t) config.rows[t] = 16, config.colsb[t] = 64;
-    _tile_loadconfig(&config);
+    load_tile_config();
     alignas(64) c10::BFloat16 pairs[4][16][32];  // [32-column half][lo / hi] x [pair][16 columns x 2]
     alignas(64) float c[4][16][16];
     for (int64_t blk = c0; blk < c1; ++blk) {

@@ -162,14 +162,13 @@ at::Tensor gated_forward(const at::Tensor& gu, int64_t F, c10::string_view name,
 // A decode step: every expert's rows go to gemm_few_rows (few of them, x's rows and one dimension of
 // each weight contiguous).
 bool decode_step(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                 const std::vector<int64_t>& off, bool trans_b) {
+                 const std::vector<int64_t>& off, bool trans_b, int64_t F, int64_t N) {
   auto unit = [](const at::Tensor& w) { return w.stride(1) == 1 || w.stride(2) == 1; };
   if (x.stride(1) != 1 || !unit(w_gate_up) || !unit(w_down)) return false;
-  // AMX tiles for both products (strides and sizes of the [K, 2F] and [F, N] orientations)
-  const int64_t K = x.size(1), F = w_down.size(trans_b ? 2 : 1), N = w_down.size(trans_b ? 1 : 2);
-  const int64_t u0 = w_gate_up.stride(trans_b ? 2 : 1), u1 = w_gate_up.stride(trans_b ? 1 : 2);
-  const int64_t d0 = w_down.stride(trans_b ? 2 : 1), d1 = w_down.stride(trans_b ? 1 : 2);
-  const bool amx = few_rows_amx(u0, u1, K, 2 * F) && few_rows_amx(d0, d1, F, N);
+  // AMX tiles for both products ([K, 2F] and [F, N])
+  const auto [u0, u1] = kn_strides(w_gate_up, trans_b);
+  const auto [d0, d1] = kn_strides(w_down, trans_b);
+  const bool amx = few_rows_amx(u0, u1, x.size(1), 2 * F) && few_rows_amx(d0, d1, F, N);
   for (size_t e = 0; e + 1 < off.size(); ++e) {
     const int64_t m = off[e + 1] - off[e];
     if (m > 0 && !few_rows_kernel(x.scalar_type(), m, amx)) return false;
@@ -184,9 +183,8 @@ void few_rows_experts(const at::Tensor& x, const at::Tensor& w_gate_up, const at
                       const std::vector<int64_t>& off, bool trans_b, c10::string_view activation, double limit,
                       at::Tensor& gate_up, at::Tensor& y) {
   const int64_t K = x.size(1), F = gate_up.size(1) / 2, N = y.size(1);
-  // strides of expert e's [K, 2F] / [F, N] orientation
-  const int64_t u0 = trans_b ? w_gate_up.stride(2) : w_gate_up.stride(1), u1 = trans_b ? w_gate_up.stride(1) : w_gate_up.stride(2);
-  const int64_t d0 = trans_b ? w_down.stride(2) : w_down.stride(1), d1 = trans_b ? w_down.stride(1) : w_down.stride(2);
+  // strides of expert e's [K, 2F] / [F, N] orientation (arrays: the lambdas below capture them)
+  const std::array<int64_t, 2> u = kn_strides(w_gate_up, trans_b), d = kn_strides(w_down, trans_b);
   const float lim = clamp_bound(limit);
   PANGU_DISPATCH_FLOATS(x.scalar_type(), "expert_mlp", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(), *wu = w_gate_up.data_ptr<scalar_t>(), *wd = w_down.data_ptr<scalar_t>();
@@ -198,13 +196,13 @@ void few_rows_experts(const at::Tensor& x, const at::Tensor& w_gate_up, const at
           const int64_t m = off[e + 1] - off[e];
           if (m == 0) continue;
           scalar_t* gu = gp + off[e] * 2 * F;
-          gemm_few_rows(gu, 2 * F, xp + off[e] * x.stride(0), x.stride(0), m, wu + e * w_gate_up.stride(0), u0, u1, K,
+          gemm_few_rows(gu, 2 * F, xp + off[e] * x.stride(0), x.stride(0), m, wu + e * w_gate_up.stride(0), u[0], u[1], K,
                         2 * F);
           h.resize(m * F);
           for (int64_t r = 0; r < m; ++r) {
             gated_forward_row<decltype(act)::value>(gu + r * 2 * F, gu + r * 2 * F + F, h.data() + r * F, F, lim);
           }
-          gemm_few_rows(yp + off[e] * N, N, h.data(), F, m, wd + e * w_down.stride(0), d0, d1, F, N);
+          gemm_few_rows(yp + off[e] * N, N, h.data(), F, m, wd + e * w_down.stride(0), d[0], d[1], F, N);
         }
       });
     });
@@ -233,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "expert_mlp");
   at::Tensor y = empty_output({x.size(0), N}, x.options());
   at::Tensor gate_up = empty_output({x.size(0), 2 * F}, x.options());
-  if (decode_step(x, w_gate_up, w_down, off, trans_b)) {
+  if (decode_step(x, w_gate_up, w_down, off, trans_b, F, N)) {
     few_rows_experts(x, w_gate_up, w_down, off, trans_b, activation, limit, gate_up, y);
     return {y, gate_up};
   }

@@ -82,12 +82,12 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
   PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t s0 = w.stride(trans_b ? 2 : 1), s1 = w.stride(trans_b ? 1 : 2);  // w[e] as [K, N]
+    const std::array<int64_t, 2> s = kn_strides(w, trans_b);  // w[e] as [K, N]
     for_experts(off, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t m = off[e + 1] - off[e];
         if (m == 0 || mm_few_into(yp + off[e] * N, N, xp + off[e] * x.stride(0), x.stride(0), x.stride(1),
-                                  wp + e * w.stride(0), s0, s1, m, K, N)) {
+                                  wp + e * w.stride(0), s[0], s[1], m, K, N)) {
           continue;
         }
         mm_blas_into(y.narrow(0, off[e], m), x.narrow(0, off[e], m), trans_b ? w.select(0, e).t() : w.select(0, e));
