@@ -642,14 +642,14 @@ inline bool amx_ready() {  // Linux hands out AMX's tile state only on request (
   return ready;
 }
 
-// Configures this thread's tiles 0-6 as 16 rows of 64 bytes (every tile the kernels below use).
+// Configures this thread's tiles 0-7 as 16 rows of 64 bytes (every tile the kernels use).
 inline void load_tile_config() {
   struct {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t colsb[16] = {};
     uint8_t rows[16] = {};
   } config;
-  for (int t = 0; t < 7; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
   _tile_loadconfig(&config);
 }
 

@@ -8,6 +8,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "amx_grouped.h"
 #include "common.h"
 
 namespace pangu_cpu {
@@ -233,6 +234,17 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   at::Tensor gate_up = empty_output({x.size(0), 2 * F}, x.options());
   if (decode_step(x, w_gate_up, w_down, off, trans_b, F, N)) {
     few_rows_experts(x, w_gate_up, w_down, off, trans_b, activation, limit, gate_up, y);
+    return {y, gate_up};
+  }
+  const std::array<int64_t, 2> u = kn_strides(w_gate_up, trans_b), d = kn_strides(w_down, trans_b);
+  if (prefill_sized(off) && grouped_amx_applies(x.scalar_type(), x.stride(1), u[0], u[1], K, 2 * F) &&
+      grouped_amx_applies(x.scalar_type(), 1, d[0], d[1], F, N)) {
+    using bf16 = c10::BFloat16;
+    grouped_amx(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off, w_gate_up.data_ptr<bf16>(),
+                w_gate_up.stride(0), u[0], u[1], K, 2 * F);
+    const at::Tensor h = gated_forward(gate_up, F, activation, limit);
+    grouped_amx(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down.data_ptr<bf16>(), w_down.stride(0), d[0], d[1],
+                F, N);
     return {y, gate_up};
   }
   for_experts(off, [&](int64_t e0, int64_t e1) {

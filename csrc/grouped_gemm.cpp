@@ -15,6 +15,7 @@
 #include <mutex>
 #include <vector>
 
+#include "amx_grouped.h"
 #include "common.h"
 
 namespace pangu_cpu {
@@ -79,10 +80,15 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
   TORCH_CHECK_VALUE(group_sizes.numel() == E, "grouped_gemm: group_sizes must have E = ", E, " entries");
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm");
   at::Tensor y = empty_output({x.size(0), N}, x.options());
+  const std::array<int64_t, 2> s = kn_strides(w, trans_b);  // w[e] as [K, N]
+  if (prefill_sized(off) && grouped_amx_applies(x.scalar_type(), x.stride(1), s[0], s[1], K, N)) {
+    grouped_amx(y.data_ptr<c10::BFloat16>(), N, x.data_ptr<c10::BFloat16>(), x.stride(0), off,
+                w.data_ptr<c10::BFloat16>(), w.stride(0), s[0], s[1], K, N);
+    return y;
+  }
   PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    const std::array<int64_t, 2> s = kn_strides(w, trans_b);  // w[e] as [K, N]
     for_experts(off, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t m = off[e + 1] - off[e];
