@@ -169,18 +169,49 @@ inline void pack_rows(c10::BFloat16* dst, const c10::BFloat16* a, int64_t lda, i
   }
 }
 
-// Columns [n0, n0 + nc) of a row-major b ([K, N], rows sb0 apart) into B tiles: per 16 columns,
-// [K / 2 pairs][16 columns x 2] (rows 2p and 2p + 1 interleaved), walking b's rows in order.
-inline void pack_columns(c10::BFloat16* dst, const c10::BFloat16* b, int64_t sb0, int64_t n0, int64_t nc, int64_t K) {
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
-                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+// Columns [n0, n0 + nc) of the first K rows of a row-major b (rows sb0 apart; rows from `rows` on
+// read as zeros) into B tiles: per 16 columns, [K / 2 pairs][16 columns x 2] (rows 2p and 2p + 1
+// interleaved), walking b's rows in order.
+inline const __m512i& interleave_words() {  // words 0-15 of x0 and of x1, alternating
+  static const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                             37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  return lo;
+}
+inline void pack_columns(c10::BFloat16* dst, const c10::BFloat16* b, int64_t sb0, int64_t n0, int64_t nc, int64_t K,
+                         int64_t rows) {
+  const __m512i lo = interleave_words(), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
   for (int64_t p = 0; p < K / 2; ++p) {
     const c10::BFloat16 *r0 = b + 2 * p * sb0 + n0, *r1 = r0 + sb0;
+    const bool v0 = 2 * p < rows, v1 = 2 * p + 1 < rows;
     for (int64_t j = 0; j < nc; j += 32) {
-      const __m512i x0 = _mm512_loadu_si512(r0 + j), x1 = _mm512_loadu_si512(r1 + j);
+      const __m512i x0 = v0 ? _mm512_loadu_si512(r0 + j) : _mm512_setzero_si512();
+      const __m512i x1 = v1 ? _mm512_loadu_si512(r1 + j) : _mm512_setzero_si512();
       _mm512_store_si512(dst + (j / 16) * K * 16 + p * 32, _mm512_permutex2var_epi16(x0, lo, x1));
       _mm512_store_si512(dst + (j / 16 + 1) * K * 16 + p * 32, _mm512_permutex2var_epi16(x0, hi, x1));
+    }
+  }
+}
+
+// Columns [c0, c0 + cn) of m rows of a (rows lda apart) as A tiles of a^T: per 16 columns,
+// [M / 32 steps][16 columns][32 rows] (M: m rounded up to 32, rows past m zeros). Two rows' 16
+// columns interleaved into 32-bit pairs, 16 such pairs of rows turned by a word transpose.
+inline void pack_transposed(c10::BFloat16* dst, const c10::BFloat16* a, int64_t lda, int64_t m, int64_t c0,
+                            int64_t cn) {
+  const int64_t steps = (m + 31) / 32;
+  const __m512i lo = interleave_words();
+  for (int64_t cb = 0; cb < cn; cb += 16) {
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512i r[16];
+      for (int q = 0; q < 16; ++q) {
+        const int64_t t = s * 32 + 2 * q;
+        const __m512i x0 = t < m ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * lda + c0 + cb)))
+                                 : _mm512_setzero_si512();
+        const __m512i x1 = t + 1 < m ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + (t + 1) * lda + c0 + cb)))
+                                     : _mm512_setzero_si512();
+        r[q] = _mm512_permutex2var_epi16(x0, lo, x1);
+      }
+      transpose16x16_words(r);
+      for (int f = 0; f < 16; ++f) _mm512_store_si512(dst + ((cb / 16) * steps + s) * 512 + f * 32, r[f]);
     }
   }
 }
@@ -237,7 +268,7 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
       if (trans) {
         pack_rows(ra, a + u.shared * lda, lda, std::min(rows_chunk, off[u.e + 1] - u.shared), K, true);
       } else {
-        pack_columns(cb, be, sb0, u.shared, std::min(cols_chunk, N - u.shared), K);
+        pack_columns(cb, be, sb0, u.shared, std::min(cols_chunk, N - u.shared), K, K);
       }
       for (int64_t q = u.first; q < u.last; ++q) {
         const int64_t r0 = trans ? u.shared : off[u.e] + q * rows_chunk, n0 = trans ? q * cols_chunk : u.shared;
@@ -264,11 +295,93 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
   });
 }
 
+
+// The weight gradients of grouped_amx's products: out[e] [Ka, Nb] (rows Nb apart, groups Ka * Nb
+// apart) = a_e^T @ b_e over group e's rows of a ([S, Ka], rows lda apart) and b ([S, Nb], rows
+// ldb apart), for groups with rows (the caller zeroes the others). The inner dimension is the
+// group's rows: a_e^T's tiles by pack_transposed, b_e's by pack_columns, both L2-resident per task
+// (a range of out's rows sharing its a_e^T tiles, with a run of column ranges); every 32 x 32 block
+// of out then runs all of the group's rows and is written once, rounded, streamed.
+inline bool grouped_amx_wgrad_applies(at::ScalarType t, int64_t sa1, int64_t sb1, int64_t Ka, int64_t Nb) {
+  return t == at::kBFloat16 && Ka % 32 == 0 && Nb % 32 == 0 && Ka > 0 && Nb > 0 && sa1 == 1 && sb1 == 1 && amx_ready();
+}
+
+inline void grouped_amx_wgrad(c10::BFloat16* out, const c10::BFloat16* a, int64_t lda, const std::vector<int64_t>& off,
+                              const c10::BFloat16* b, int64_t ldb, int64_t Ka, int64_t Nb) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1, threads = at::get_num_threads();
+  struct Unit {
+    int64_t e, k0, kr, first, last;  // out[e]'s rows [k0, k0 + kr); column ranges [first, last)
+  };
+  std::vector<Unit> units;
+  int64_t most = 32;  // rows of a group, rounded up to 32: the packed inner dimension
+  auto range = [](int64_t padded, int64_t n) {  // columns per range: <= kChunkBytes of tiles
+    return std::clamp<int64_t>(kChunkBytes / (2 * padded) / 32 * 32, 32, n);
+  };
+  for (int split = 1;; split *= 2) {
+    units.clear();
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t padded = (off[e + 1] - off[e] + 31) / 32 * 32;
+      if (padded == 0) continue;
+      most = std::max(most, padded);
+      const int64_t kr = range(padded, Ka), nr = range(padded, Nb), ranges = (Nb + nr - 1) / nr;
+      for (int64_t k0 = 0; k0 < Ka; k0 += kr) {
+        const int64_t parts = std::min<int64_t>(split, ranges);
+        for (int64_t q = 0; q < parts; ++q) units.push_back({e, k0, std::min(kr, Ka - k0), ranges * q / parts, ranges * (q + 1) / parts});
+      }
+    }
+    const bool whole = std::all_of(units.begin(), units.end(), [](const Unit& u) { return u.last - u.first == 1; });
+    if (static_cast<int64_t>(units.size()) >= 4 * threads || whole) break;
+  }
+  const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0 && Nb % 32 == 0;
+  const int64_t count = static_cast<int64_t>(units.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    load_tile_config();
+    thread_local std::vector<c10::BFloat16> a_buf, b_buf;
+    auto aligned = [](std::vector<c10::BFloat16>& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n + 32) v.resize(n + 32);
+      return reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+    };
+    // a range's tiles: <= kChunkBytes, or 32 columns of the most rows
+    const int64_t tiles = std::max(kChunkBytes / 2, 32 * most);
+    c10::BFloat16 *ta = aligned(a_buf, tiles), *bt = aligned(b_buf, tiles);
+    alignas(64) float c[32 * 32];
+    int64_t have_e = -1, have_n = -1;  // b_e's columns packed in bt
+    for (int64_t i; (i = next.fetch_add(1)) < count;) {
+      const Unit u = units[i];
+      const int64_t m = off[u.e + 1] - off[u.e], padded = (m + 31) / 32 * 32, steps = padded / 32, nr = range(padded, Nb);
+      pack_transposed(ta, a + off[u.e] * lda, lda, m, u.k0, u.kr);
+      for (int64_t q = u.first; q < u.last; ++q) {
+        const int64_t n0 = q * nr, nc = std::min(nr, Nb - n0);
+        if (have_e != u.e || have_n != n0) {
+          pack_columns(bt, b + off[u.e] * ldb, ldb, n0, nc, padded, m);
+          have_e = u.e, have_n = n0;
+        }
+        c10::BFloat16* o = out + u.e * Ka * Nb + u.k0 * Nb + n0;
+        for (int64_t j = 0; j < nc; j += 32) {
+          for (int64_t k = 0; k < u.kr; k += 32) {
+            amx_block(c, ta + (k / 16) * steps * 512, steps * 512, 64, 512, bt + (j / 16) * padded * 16, padded * 16, 512,
+                      steps, 32, 32);
+            store_rows(c, o + k * Nb + j, Nb, 32, stream);
+          }
+        }
+      }
+    }
+    _mm_sfence();
+    _tile_release();
+  });
+}
+
 #else
 inline bool grouped_amx_applies(at::ScalarType, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
 inline void grouped_amx(c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, const std::vector<int64_t>&,
                         const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "grouped_amx: built without AMX");
+}
+inline bool grouped_amx_wgrad_applies(at::ScalarType, int64_t, int64_t, int64_t, int64_t) { return false; }
+inline void grouped_amx_wgrad(c10::BFloat16*, const c10::BFloat16*, int64_t, const std::vector<int64_t>&,
+                              const c10::BFloat16*, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "grouped_amx_wgrad: built without AMX");
 }
 #endif
 

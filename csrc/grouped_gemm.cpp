@@ -116,6 +116,11 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
     }
     if (f > e) fill_streaming(dw.select(0, e).data_ptr(), (f - e) * K * N * static_cast<int64_t>(dw.element_size()), 0);
   }
+  if (prefill_sized(off) && grouped_amx_wgrad_applies(x.scalar_type(), x.stride(1), dy.stride(1), K, N)) {
+    grouped_amx_wgrad(dw.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>(), x.stride(0), off,
+                      dy.data_ptr<c10::BFloat16>(), dy.stride(0), K, N);
+    return dw;
+  }
   PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm_wgrad", [&] {
     const scalar_t *xp = x.data_ptr<scalar_t>(), *dyp = dy.data_ptr<scalar_t>();
     scalar_t* dwp = dw.data_ptr<scalar_t>();
