@@ -48,6 +48,31 @@ def test_decode_sized_groups(dtype, trans_b, activation):
     assert (y[:1] != 0).all()
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_prefill_sized_groups(trans_b):
+    """bf16 groups of more than 16 rows, K, F and N multiples of 32: where the CPU has AMX-BF16,
+    both products run the grouped tile kernels (the gate between them over all rows), and the
+    backward's dX, dh and dW too; groups of 0, 1, 17, 40 and 70 rows, clamped, against the reference
+    on the same values (autograd through it for the gradients)."""
+    sizes = torch.tensor([17, 0, 40, 1, 70])
+    gen = verify.generator(12)
+    E, K, F, N = len(sizes), 96, 64, 160
+    x = verify.randn((int(sizes.sum()), K), torch.bfloat16, gen)
+    w_gate_up = verify.randn((E, 2 * F, K) if trans_b else (E, K, 2 * F), torch.bfloat16, gen, scale=K ** -0.5)
+    w_down = verify.randn((E, N, F) if trans_b else (E, F, N), torch.bfloat16, gen, scale=F ** -0.5)
+    dy = verify.randn((x.shape[0], N), torch.bfloat16, gen)
+    got = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
+    y = pangu_ops.expert_mlp(*got, sizes, "swiglu", trans_b=trans_b, limit=2.0)
+    y.backward(dy)
+    want = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
+    y_ref, _ = reference.expert_mlp(*want, sizes, "swiglu", trans_b, 2.0)
+    y_ref.backward(dy)
+    tol = verify.TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(y, y_ref, **tol)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.grad, r.grad, rtol=2 * tol["rtol"], atol=2 * tol["atol"])
+
+
 GATES = {  # activation -> the textbook function of the gate
     "swiglu": F.silu,
     "geglu": F.gelu,

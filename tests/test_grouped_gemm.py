@@ -138,6 +138,41 @@ def test_few_rows_per_expert_amx_tiles(trans_b, n):
     torch.testing.assert_close(y, expected.to(torch.bfloat16), **verify.TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("k, n, sizes", [
+    (96, 64, [17, 0, 1, 33, 16, 64, 31]),  # 16-row halves, empty and one-row groups
+    (2048, 96, [300, 20]),                 # K = 2048: 256-row chunks, 300 rows in two
+    (1024, 1024, [40, 70]),                # 2 MiB of weight a group: two column chunks
+    (1024, 1024, [600]),                   # one group: its chunks split into units
+    (64, 1024, [600, 500]),                # dW: column ranges sized per group
+])
+def test_prefill_sized_groups(trans_b, k, n, sizes):
+    """bf16 groups of more than 16 rows (prefill), K and N multiples of 32: where the CPU has
+    AMX-BF16, the forward, dX (the other layout) and dW run the grouped tile kernels
+    (amx_grouped.h): rows packed into VNNI pairs or tiles per task, row-major weights' pairs of rows
+    interleaved per task, the transposed product's output turned back on store; chunks of rows and
+    columns, units split across the threads. x is a column slice of a wider tensor (rows further
+    apart than K). Against fp32 products of the same values, rounded once; elsewhere the same
+    products run the other kernels."""
+    sizes = torch.tensor(sizes)
+    gen = verify.generator(11)
+    wide = verify.randn((int(sizes.sum()), k + 32), torch.bfloat16, gen, scale=k ** -0.5)
+    x = wide[:, :k]
+    w = verify.randn((len(sizes), *((n, k) if trans_b else (k, n))), torch.bfloat16, gen)
+    dy = verify.randn((x.shape[0], n), torch.bfloat16, gen, scale=0.1)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = pangu_ops.grouped_gemm(xr, wr, sizes, trans_b)
+    y.backward(dy)
+    rows, grads = x.float().split(sizes.tolist()), dy.float().split(sizes.tolist())
+    w_kn = [w[e].float().t() if trans_b else w[e].float() for e in range(len(sizes))]
+    tol = verify.TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(y, torch.cat([r @ w_kn[e] for e, r in enumerate(rows)]).bfloat16(), **tol)
+    torch.testing.assert_close(xr.grad, torch.cat([g @ w_kn[e].t() for e, g in enumerate(grads)]).bfloat16(), **tol)
+    dw = torch.stack([r.t() @ g for r, g in zip(rows, grads)])
+    torch.testing.assert_close(wr.grad, (dw.transpose(1, 2) if trans_b else dw).bfloat16(), **tol)
+    assert (y != 0).any(1).all()
+
+
 def test_new_shapes_padded_then_their_own_kernel():
     """Where torch's bf16 matmul is native (AMX-BF16), a product shape's first 7 calls run padded by
     zeros to multiples of 32 rows and inner elements (oneDNN's kernels for those reused), the 8th and
