@@ -18,7 +18,9 @@ memory, one read-only pass (the CPU backend's `read_work`: every byte read once,
 the touched experts' weights in place (forward + backward: two such passes and one write of the
 weights' full gradients, streamed by `write_work`: non-zero bytes for the touched experts' share,
 zeros for the rest, since zeros stream ~2x faster here); a row's limit is whichever of the two takes
-longer. A group in which a row beats its limit is timed again (every fn for as many rounds more: a
+longer. In bfloat16 prefill on a CPU with AMX-BF16 tiles, the same FLOPs as tile products held in
+the tile registers (`AMX peak`, `amx_work`) are shown beside them, not taken as a row's limit (the
+dense matmul reaches about half of it). A group in which a row beats its limit is timed again (every fn for as many rounds more: a
 limit's rounds may have run disturbed); a row still above its limit means the limit or the benchmark
 is wrong, and the table says so. Timing: `timing.interleaved`.
 """
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 
 from . import kt_kernel
-from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, compute_peak
+from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, amx_peak, compute_peak
 from .timing import Timing, interleaved
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
@@ -60,6 +62,7 @@ BLOCKS = (
 PREFILL, DECODE = (2048,), (1, 4, 16)
 BATCHED_MM_BYTES = 2 << 30  # batched_mm's per-slot weight copies beyond this are not run
 FMA_PEAK = "FMA peak"
+AMX_PEAK = "AMX peak"
 
 
 @dataclass
@@ -157,7 +160,7 @@ def _flops(block: Block, mode: str, tokens: int) -> int:
 
 def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: str, tokens: int) -> dict:
     """{name: (kind, fn)} of the same-run limits (module doc): a row's limit is the slowest "memory"
-    limit or the fastest "compute" one, whichever takes longer."""
+    limit or the fastest "compute" one, whichever takes longer ("peak": shown, not a limit)."""
     passes = 1 if mode == "fwd" else 3
     mm_dtype = torch.float32 if _half_on_cpu(dtype, torch.device("cpu")) else dtype
     limits = {FMA_PEAK: ("compute", compute_peak(_flops(block, mode, tokens)))}
@@ -168,6 +171,9 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
         w2 = torch.randn(block.ffn, block.hidden, dtype=mm_dtype)
         h = torch.randn(rows, block.ffn, dtype=mm_dtype)
         limits[f"dense mm {str(mm_dtype)[6:]}"] = ("compute", lambda: [(a @ w1, h @ w2) for _ in range(passes)])
+        amx = amx_peak(_flops(block, mode, tokens)) if dtype == torch.bfloat16 else None
+        if amx is not None:  # shown, not a row's limit: the dense mm reaches about half of it
+            limits[AMX_PEAK] = ("peak", amx)
         return limits
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
     runs, untouched = expert_runs(ids, block.experts)

@@ -119,6 +119,16 @@ def compute_peak(flops: float):
     return lambda: torch.ops.pangu_cpu.fma_work(int(flops))
 
 
+def amx_peak(flops: float):
+    """A fn doing `flops` as bf16 tile products (TDPBF16PS) on tiles that stay in the tile registers,
+    over torch's threads (the CPU backend's `amx_work`); None where the CPU (or its kernel) gives no
+    AMX-BF16 tiles: the bf16 compute time no kernel beats there."""
+    backends.load("cpu")
+    if not torch.ops.pangu_cpu.has_amx():
+        return None
+    return lambda: torch.ops.pangu_cpu.amx_work(int(flops))
+
+
 def _grouped_mm_entry(x, w, group_sizes, flops_per_row, device, dtype) -> Entry | None:
     if not hasattr(F, "grouped_mm"):
         return None
@@ -210,6 +220,10 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     if device.type == "cpu":
         out.append(Entry(PEAK_OP, "FMA peak (fp32, registers)", "limit", compute_peak(flops_per_row * rows),
                          flops_per_row * rows, "GFLOP/s", "the same FLOPs as fp32 FMAs on registers, all threads"))
+        amx = amx_peak(flops_per_row * rows) if dtype == torch.bfloat16 else None
+        if amx is not None:
+            out.append(Entry(AMX_PEAK_OP, "AMX peak (bf16 tiles)", "limit", amx, flops_per_row * rows, "GFLOP/s",
+                             "the same FLOPs as TDPBF16PS on tiles held in registers, all threads"))
     if slow_half:
         m = rows // SLOW_BASELINE_FRACTION
         xh, wh = x_sorted[:m].contiguous(), w_lim.to(dtype)
@@ -292,6 +306,9 @@ def first_call(device: torch.device, repeats: int = 3) -> list[tuple[str, str, T
 
 # the limits of each unit; a row's limit is the fastest of them measured for its dtype and backend
 PEAK_OP = "compute peak"  # fma_work's FLOPs: its rate is the machine's, whatever the dtype
+# amx_work's: bf16's ceiling where the CPU has AMX tiles, shown beside the limits (the shares stay
+# against the dense mm, which reaches about half of it)
+AMX_PEAK_OP = "AMX peak"
 LIMIT_OF = {"GB/s": ("memcpy",), "GFLOP/s": ("dense mm", PEAK_OP), "k calls/s": ("call overhead (1 token)",)}
 UNIT_SCALE = {"GB/s": 1e9, "GFLOP/s": 1e9, "k calls/s": 1e3}
 BUSY_SPREAD = 1.0  # rounds whose max - min exceed the median: the machine was busy
@@ -339,7 +356,11 @@ def _compare(rows: list[Row]) -> None:
                      and q.dtype == r.dtype and q.kind == "limit" and _backend_of(q) == _backend_of(r)), default=None)
         if ref is not None and r.kind != "reference":
             r.speedup_vs_reference = r.rate / ref.rate
-        if limit is not None:
+        if r.op == AMX_PEAK_OP:
+            dense = next((q for q in rows if q.op == "dense mm" and q.dtype == r.dtype and q.kind == "limit"), None)
+            if dense is not None:
+                add_note(r, f"the dense mm runs at {100 * dense.rate / r.rate:.0f}% of it")
+        elif limit is not None:
             r.fraction_of_limit = r.rate / limit
         r.busy = r.spread > BUSY_SPREAD
         if r.kind != "limit" and (r.fraction_of_limit or 0) > 1.0:

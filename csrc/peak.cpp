@@ -13,6 +13,12 @@
 // (memory, the L3). torch's sum is no such limit: the few-row kernels beat it by up to 10% (fp32).
 // Returns the xor of the words (a trailing 1-3 bytes zero-padded), so the reads are kept.
 //
+// amx_work(flops): the bf16 compute limit where the CPU has AMX-BF16 (has_amx). Runs `flops` as
+// TDPBF16PS on tiles that stay in the tile registers (four accumulators from two A and two B tiles,
+// as the grouped kernels' inner loop, nothing loaded), split over torch's threads: what the same
+// FLOPs cost at this CPU's tile peak (3.3 TFLOP/s a core on the 2-core Xeon measured here; the
+// dense bf16 matmul reaches ~55% of it). Returns a checksum so the work is kept.
+//
 // write_work(t, value): the memory-write limit. Sets every byte of the contiguous tensor t to
 // `value` as the kernels write large outputs at their fastest (fill_streaming: whole lines,
 // non-temporal, every thread its share): the fastest write measured here (fill_ / memset / cached
@@ -98,10 +104,61 @@ void write_work(const at::Tensor& t, int64_t value) {
   fill_streaming(t.data_ptr(), static_cast<int64_t>(t.nbytes()), static_cast<uint8_t>(value));
 }
 
+bool has_amx() {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
+double amx_work(int64_t flops) {
+  TORCH_CHECK_VALUE(flops >= 0, "amx_work: flops must be >= 0");
+  TORCH_CHECK(has_amx(), "amx_work: this CPU, this build or the kernel gives no AMX-BF16 tiles (has_amx() is false)");
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  constexpr int64_t kStepFlops = 4 * 16 * 16 * 32 * 2;  // four TDPBF16PS
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = flops / threads / kStepFlops + 1;
+  std::vector<double> sums(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      load_tile_config();
+      alignas(64) c10::BFloat16 operand[16 * 32];
+      for (int i = 0; i < 16 * 32; ++i) operand[i] = c10::BFloat16(1e-3f * static_cast<float>(i % 7 + t));
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(4, operand, 64);
+      _tile_loadd(5, operand, 64);
+      _tile_loadd(6, operand, 64);
+      _tile_loadd(7, operand, 64);
+      for (int64_t i = 0; i < per_thread; ++i) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      alignas(64) float c[16 * 16];
+      _tile_stored(0, c, 64);
+      _tile_release();
+      sums[t] = c[0];
+    }
+  });
+  double total = 0.0;
+  for (double s : sums) total += s;
+  return total;
+#else
+  return 0.0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("fma_work(int flops) -> float", &fma_work);
+  m.def("amx_work(int flops) -> float", &amx_work);
+  m.def("has_amx() -> bool", &has_amx);
   m.def("read_work(Tensor t) -> int", &read_work);
   m.def("write_work(Tensor(a!) t, int value) -> ()", &write_work);
 }
