@@ -92,24 +92,34 @@ inline void store_transposed(const float* c, c10::BFloat16* out, int64_t ldo, in
   }
 }
 
-// out[t][0:32] = bf16(c[t][0:32]) for t < rows (c [32][32], rows 32 apart).
-inline void store_rows(const float* c, c10::BFloat16* out, int64_t ldo, int64_t rows, bool stream) {
+// out[t][0:32] = bf16(c[t][0:32]) for t < rows (c's rows ldc apart).
+inline void store_rows(const float* c, int64_t ldc, c10::BFloat16* out, int64_t ldo, int64_t rows, bool stream) {
   for (int64_t t = 0; t < rows; ++t) {
-    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(c + t * 32 + 16), _mm512_loadu_ps(c + t * 32));
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(c + t * ldc + 16), _mm512_loadu_ps(c + t * ldc));
     store_line(out + t * ldo, reinterpret_cast<__m512i>(v), stream);
   }
 }
 
-// Tiles 0-3 accumulate a 32 x 32 block, c [32][32] gets the sums: K / 32 steps of two A tiles (a0,
-// a0 + sa: 16 rows each, rows `lda_bytes` apart, step ka elements) and two B tiles (b0, b0 + sb:
-// 64-byte rows, step kb). `rows_a` / `rows_b`: 16 where only the first A / B tile holds rows (the
-// other one is then not read and its sums are zeros), else 32.
-inline void amx_block(float* c, const c10::BFloat16* a0, int64_t sa, int64_t lda_bytes, int64_t ka,
-                      const c10::BFloat16* b0, int64_t sb, int64_t kb, int64_t steps, int rows_a, int rows_b) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+// Tiles 0-3 accumulate a 32 x 32 block of c (rows ldc apart; from zeros, or from c's values with
+// `add`), and c gets the sums: K / 32 steps of two A tiles (a0, a0 + sa: 16 rows each, rows
+// `lda_bytes` apart, step ka elements) and two B tiles (b0, b0 + sb: 64-byte rows, step kb).
+// `rows_a` / `rows_b`: 16 where only the first A / B tile holds rows (the other one is then not
+// read and its sums are not meaningful), else 32.
+inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, int64_t sa, int64_t lda_bytes,
+                      int64_t ka, const c10::BFloat16* b0, int64_t sb, int64_t kb, int64_t steps, int rows_a,
+                      int rows_b) {
+  const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(float));
+  if (add) {
+    _tile_loadd(0, c, ldc_bytes);
+    _tile_loadd(1, c + 16, ldc_bytes);
+    _tile_loadd(2, c + 16 * ldc, ldc_bytes);
+    _tile_loadd(3, c + 16 * ldc + 16, ldc_bytes);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   if (rows_a == 32 && rows_b == 32) {
     for (int64_t s = 0; s < steps; ++s) {
       _tile_loadd(4, a0 + s * ka, lda_bytes);
@@ -138,10 +148,10 @@ inline void amx_block(float* c, const c10::BFloat16* a0, int64_t sa, int64_t lda
       _tile_dpbf16ps(1, 4, 7);
     }
   }
-  _tile_stored(0, c, 128);
-  _tile_stored(1, c + 16, 128);
-  _tile_stored(2, c + 16 * 32, 128);
-  _tile_stored(3, c + 16 * 32 + 16, 128);
+  _tile_stored(0, c, ldc_bytes);
+  _tile_stored(1, c + 16, ldc_bytes);
+  _tile_stored(2, c + 16 * ldc, ldc_bytes);
+  _tile_stored(3, c + 16 * ldc + 16, ldc_bytes);
 }
 
 // Whether grouped_amx takes out = a_e @ b_e (b_e[k][n] at sb0 / sb1 apart, a's elements sa1
@@ -227,8 +237,13 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
                         int64_t K, int64_t N) {
   const bool trans = sb0 == 1;  // b_e's columns contiguous: the transposed product
   const int64_t E = static_cast<int64_t>(off.size()) - 1, steps = K / 32, threads = at::get_num_threads();
-  const int64_t rows_chunk = std::clamp<int64_t>(kChunkBytes / (2 * K) / 32 * 32, 32, 512);
-  const int64_t col_chunks = std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
+  // A row-major b with K > 2048 runs K in blocks of 1024 (sums kept in fp32 between them): a task's
+  // rows of a in L2 across all of K would be too few (a Mixtral-shaped dX, K 7168: 64 rows, copied
+  // once per column chunk, 8 times in all); its columns are then all of b's, one unit per group.
+  const bool blocked = !trans && K > 2048;
+  const int64_t k_block = blocked ? 1024 : K;
+  const int64_t rows_chunk = std::clamp<int64_t>(kChunkBytes / (2 * k_block) / 32 * 32, 32, 512);
+  const int64_t col_chunks = blocked ? 1 : std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
   const int64_t cols_chunk = ((N + col_chunks - 1) / col_chunks + 31) / 32 * 32;
   struct Unit {
     int64_t e, shared, first, last;  // the shared chunk's first row (column); the other chunks [first, last)
@@ -260,7 +275,10 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
       if (static_cast<int64_t>(v.size()) < n + 32) v.resize(n + 32);
       return reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
     };
-    c10::BFloat16 *ra = aligned(rows_buf, rows_chunk * K), *cb = trans ? nullptr : aligned(cols_buf, cols_chunk * K);
+    thread_local std::vector<float> acc_buf;  // the fp32 sums between K blocks
+    if (blocked && static_cast<int64_t>(acc_buf.size()) < rows_chunk * cols_chunk + 16) acc_buf.resize(rows_chunk * cols_chunk + 16);
+    float* acc = blocked ? reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(acc_buf.data()) + 63) & ~uintptr_t{63}) : nullptr;
+    c10::BFloat16 *ra = aligned(rows_buf, rows_chunk * k_block), *cb = trans ? nullptr : aligned(cols_buf, cols_chunk * K);
     alignas(64) float c[32 * 32];
     for (int64_t i; (i = next.fetch_add(1)) < count;) {
       const Unit u = units[i];
@@ -273,20 +291,27 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
       for (int64_t q = u.first; q < u.last; ++q) {
         const int64_t r0 = trans ? u.shared : off[u.e] + q * rows_chunk, n0 = trans ? q * cols_chunk : u.shared;
         const int64_t m = std::min(rows_chunk, off[u.e + 1] - r0), nc = std::min(cols_chunk, N - n0), blocks = (m + 15) / 16;
-        if (!trans) pack_rows(ra, a + r0 * lda, lda, m, K, false);
         c10::BFloat16* o = out + r0 * ldo + n0;
+        for (int64_t k0 = 0; k0 < K; k0 += k_block) {  // one block (all of K) but for a row-major b with K > 2048
+          const int64_t kn = std::min(k_block, K - k0);
+          if (!trans) pack_rows(ra, a + r0 * lda + k0, lda, m, kn, false);
         for (int64_t j = 0; j < nc; j += 32) {
           for (int64_t blk = 0; blk < blocks; blk += 2) {
             const int tokens = blk + 1 == blocks ? 16 : 32;
             const int64_t valid = std::min<int64_t>(32, m - blk * 16);
-            if (trans) {  // A: b's rows n0 + j (+16) as they lie; B: the packed rows
-              amx_block(c, be + (n0 + j) * sb1, 16 * sb1, sb1 * 2, 32, ra + blk * 16 * K, 16 * K, 512, steps, 32, tokens);
+            if (trans) {  // A: b's rows n0 + j (+16) as they lie; B: the packed rows (k_block is K)
+              amx_block(c, 32, false, be + (n0 + j) * sb1, 16 * sb1, sb1 * 2, 32, ra + blk * 16 * K, 16 * K, 512, steps, 32,
+                        tokens);
               store_transposed(c, o + blk * 16 * ldo + j, ldo, valid, stream);
-            } else {  // A: the copied rows; B: the packed columns
-              amx_block(c, ra + blk * 16 * K, 16 * K, 64, 512, cb + (j / 16) * K * 16, K * 16, 512, steps, tokens, 32);
-              store_rows(c, o + blk * 16 * ldo + j, ldo, valid, stream);
+            } else {  // A: the copied rows of this K block; B: the packed columns
+              float* cc = blocked ? acc + blk * 16 * nc + j : c;
+              const int64_t ldc = blocked ? nc : 32;
+              amx_block(cc, ldc, k0 > 0, ra + blk * 16 * kn, 16 * kn, 64, 512, cb + (j / 16) * K * 16 + k0 * 16, K * 16, 512,
+                        kn / 32, tokens, 32);
+              if (k0 + kn == K) store_rows(cc, ldc, o + blk * 16 * ldo + j, ldo, valid, stream);
             }
           }
+        }
         }
       }
     }
@@ -360,9 +385,9 @@ inline void grouped_amx_wgrad(c10::BFloat16* out, const c10::BFloat16* a, int64_
         c10::BFloat16* o = out + u.e * Ka * Nb + u.k0 * Nb + n0;
         for (int64_t j = 0; j < nc; j += 32) {
           for (int64_t k = 0; k < u.kr; k += 32) {
-            amx_block(c, ta + (k / 16) * steps * 512, steps * 512, 64, 512, bt + (j / 16) * padded * 16, padded * 16, 512,
-                      steps, 32, 32);
-            store_rows(c, o + k * Nb + j, Nb, 32, stream);
+            amx_block(c, 32, false, ta + (k / 16) * steps * 512, steps * 512, 64, 512, bt + (j / 16) * padded * 16,
+                      padded * 16, 512, steps, 32, 32);
+            store_rows(c, 32, o + k * Nb + j, Nb, 32, stream);
           }
         }
       }

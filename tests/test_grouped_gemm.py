@@ -145,13 +145,15 @@ def test_few_rows_per_expert_amx_tiles(trans_b, n):
     (1024, 1024, [40, 70]),                # 2 MiB of weight a group: two column chunks
     (1024, 1024, [600]),                   # one group: its chunks split into units
     (64, 1024, [600, 500]),                # dW: column ranges sized per group
+    (4096, 64, [300, 17]),                 # row-major b, K > 2048: K in blocks of 1024
+    (96, 2080, [40, 0, 530]),              # and dX of the transposed layout, a 32-element last block
 ])
 def test_prefill_sized_groups(trans_b, k, n, sizes):
     """bf16 groups of more than 16 rows (prefill), K and N multiples of 32: where the CPU has
     AMX-BF16, the forward, dX (the other layout) and dW run the grouped tile kernels
     (amx_grouped.h): rows packed into VNNI pairs or tiles per task, row-major weights' pairs of rows
     interleaved per task, the transposed product's output turned back on store; chunks of rows and
-    columns, units split across the threads. x is a column slice of a wider tensor (rows further
+    columns, units split across the threads, K in blocks with fp32 sums between them. x is a column slice of a wider tensor (rows further
     apart than K). Against fp32 products of the same values, rounded once; elsewhere the same
     products run the other kernels."""
     sizes = torch.tensor(sizes)
