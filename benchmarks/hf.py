@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from . import kt_kernel
-from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, amx_peak, compute_peak
+from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, amx_peak, compute_peak, optimizer_step
 from .timing import Timing, interleaved
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
@@ -131,6 +131,7 @@ def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, imp
         xg = x.detach().requires_grad_()
 
         def run():
+            optimizer_step(experts.parameters())  # a training step's weights: a new version every call
             call(xg).float().square().mean().backward()
             # each implementation frees its own gradients, as a training step does (freeing at the
             # start of the next call charged one implementation with the last one's: 350 MB of

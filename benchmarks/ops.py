@@ -107,6 +107,14 @@ def _half_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
     return not torch.ops.pangu_cpu.native_half_matmul(dtype)
 
 
+def optimizer_step(params) -> None:
+    """What a training step's optimizer update does to its weights, for kernels that keep work per
+    weight version (the CPU backend's packed weights): a new version of each, without the update's
+    own cost. Forward + backward rows call it every repetition, so a repack per step is timed."""
+    for t in params:
+        torch.autograd.graph.increment_version(t)
+
+
 def add_note(row, text: str) -> None:
     """Appends `text` to a result row's note."""
     row.note = f"{row.note}; {text}" if row.note else text
@@ -164,7 +172,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
 
     def fwd_bwd(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], object]:
         xg, wg = x_sorted.detach().requires_grad_(), w.detach().requires_grad_()
-        return lambda: torch.autograd.grad(fn(xg, wg), [xg, wg], dy)
+        return lambda: (optimizer_step([wg]), torch.autograd.grad(fn(xg, wg), [xg, wg], dy))
 
     sizes_gen = torch.Generator().manual_seed(1)
 
@@ -244,7 +252,7 @@ def _layer_entries(p: Problem, x, dtype, device, kernel_backends) -> list[Entry]
 
     def fwd_bwd(forward, tokens):
         xg = tokens.detach().requires_grad_()
-        return lambda: forward(xg).float().square().mean().backward()
+        return lambda: (optimizer_step(layer.parameters()), forward(xg).float().square().mean().backward())
 
     # The loop runs torch's own matmuls in the op's dtype: on a CPU in half precision at ~1 GFLOP/s,
     # so it gets a fraction of the tokens.

@@ -232,9 +232,10 @@ inline void pack_transposed(c10::BFloat16* dst, const c10::BFloat16* a, int64_t 
 // group's rows and a run of column chunks (the rows packed once), for a row-major b a column chunk
 // and a run of row chunks (the columns packed once; rows are copied per task); runs are split
 // until there are 4 units a thread.
+// `packed`: a row-major b's tiles for every group already (packed_weight), else packed per task.
 inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda,
                         const std::vector<int64_t>& off, const c10::BFloat16* b, int64_t sbe, int64_t sb0, int64_t sb1,
-                        int64_t K, int64_t N) {
+                        int64_t K, int64_t N, const c10::BFloat16* packed = nullptr) {
   const bool trans = sb0 == 1;  // b_e's columns contiguous: the transposed product
   const int64_t E = static_cast<int64_t>(off.size()) - 1, steps = K / 32, threads = at::get_num_threads();
   // A row-major b with K > 2048 runs K in blocks of 1024 (sums kept in fp32 between them): a task's
@@ -278,16 +279,17 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
     thread_local std::vector<float> acc_buf;  // the fp32 sums between K blocks
     if (blocked && static_cast<int64_t>(acc_buf.size()) < rows_chunk * cols_chunk + 16) acc_buf.resize(rows_chunk * cols_chunk + 16);
     float* acc = blocked ? reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(acc_buf.data()) + 63) & ~uintptr_t{63}) : nullptr;
-    c10::BFloat16 *ra = aligned(rows_buf, rows_chunk * k_block), *cb = trans ? nullptr : aligned(cols_buf, cols_chunk * K);
+    c10::BFloat16 *ra = aligned(rows_buf, rows_chunk * k_block), *own = trans || packed ? nullptr : aligned(cols_buf, cols_chunk * K);
     alignas(64) float c[32 * 32];
     for (int64_t i; (i = next.fetch_add(1)) < count;) {
       const Unit u = units[i];
       const c10::BFloat16* be = b + u.e * sbe;
       if (trans) {
         pack_rows(ra, a + u.shared * lda, lda, std::min(rows_chunk, off[u.e + 1] - u.shared), K, true);
-      } else {
-        pack_columns(cb, be, sb0, u.shared, std::min(cols_chunk, N - u.shared), K, K);
+      } else if (!packed) {
+        pack_columns(own, be, sb0, u.shared, std::min(cols_chunk, N - u.shared), K, K);
       }
+      const c10::BFloat16* cb = packed ? packed + u.e * K * N + u.shared / 16 * K * 16 : own;
       for (int64_t q = u.first; q < u.last; ++q) {
         const int64_t r0 = trans ? u.shared : off[u.e] + q * rows_chunk, n0 = trans ? q * cols_chunk : u.shared;
         const int64_t m = std::min(rows_chunk, off[u.e + 1] - r0), nc = std::min(cols_chunk, N - n0), blocks = (m + 15) / 16;
@@ -320,6 +322,19 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
   });
 }
 
+
+// The B tiles of every group of the row-major weight w (w[e] as [K, N], rows sb0 apart), packed
+// once per weight version (packed_weights.cpp); undefined where its cache is off or w is over the cap.
+at::Tensor packed_weight(const at::Tensor& w, int64_t sbe, int64_t sb0, int64_t K, int64_t N);
+
+// grouped_amx with b = w (3-D), w[e] as [K, N] with strides s: a row-major w's tiles from the cache.
+inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda,
+                        const std::vector<int64_t>& off, const at::Tensor& w, const std::array<int64_t, 2>& s,
+                        int64_t K, int64_t N) {
+  const at::Tensor packed = s[0] != 1 ? packed_weight(w, w.stride(0), s[0], K, N) : at::Tensor();
+  grouped_amx(out, ldo, a, lda, off, w.data_ptr<c10::BFloat16>(), w.stride(0), s[0], s[1], K, N,
+              packed.defined() ? packed.data_ptr<c10::BFloat16>() : nullptr);
+}
 
 // The weight gradients of grouped_amx's products: out[e] [Ka, Nb] (rows Nb apart, groups Ka * Nb
 // apart) = a_e^T @ b_e over group e's rows of a ([S, Ka], rows lda apart) and b ([S, Nb], rows
@@ -400,7 +415,7 @@ inline void grouped_amx_wgrad(c10::BFloat16* out, const c10::BFloat16* a, int64_
 #else
 inline bool grouped_amx_applies(at::ScalarType, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
 inline void grouped_amx(c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, const std::vector<int64_t>&,
-                        const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t) {
+                        const at::Tensor&, const std::array<int64_t, 2>&, int64_t, int64_t) {
   TORCH_CHECK(false, "grouped_amx: built without AMX");
 }
 inline bool grouped_amx_wgrad_applies(at::ScalarType, int64_t, int64_t, int64_t, int64_t) { return false; }

@@ -240,11 +240,9 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   if (prefill_sized(off) && grouped_amx_applies(x.scalar_type(), x.stride(1), u[0], u[1], K, 2 * F) &&
       grouped_amx_applies(x.scalar_type(), 1, d[0], d[1], F, N)) {
     using bf16 = c10::BFloat16;
-    grouped_amx(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off, w_gate_up.data_ptr<bf16>(),
-                w_gate_up.stride(0), u[0], u[1], K, 2 * F);
+    grouped_amx(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off, w_gate_up, u, K, 2 * F);
     const at::Tensor h = gated_forward(gate_up, F, activation, limit);
-    grouped_amx(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down.data_ptr<bf16>(), w_down.stride(0), d[0], d[1],
-                F, N);
+    grouped_amx(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down, d, F, N);
     return {y, gate_up};
   }
   for_experts(off, [&](int64_t e0, int64_t e1) {

@@ -159,3 +159,10 @@ def cpu_output_cache(clear: bool = False) -> dict[str, int]:
     from .cpu import output_cache
 
     return output_cache(clear)
+
+
+def cpu_pack_cache(clear: bool = False) -> dict[str, int]:
+    """The C++ CPU kernels' cache of packed expert weights: see `backends.cpu.pack_cache`."""
+    from .cpu import pack_cache
+
+    return pack_cache(clear)

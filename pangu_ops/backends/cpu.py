@@ -33,3 +33,15 @@ def output_cache(clear: bool = False) -> dict[str, int]:
     PANGU_OPS_CPU_OUTPUT_CACHE_MB (default 1024; 0 turns it off), read when the extension loads."""
     cached, reused, fresh = load().output_cache(clear)
     return {"cached_bytes": cached, "reused": reused, "fresh": fresh}
+
+
+def pack_cache(clear: bool = False) -> dict[str, int]:
+    """The C++ CPU kernels' cache of packed expert weights (where the CPU has AMX-BF16: a row-major
+    bf16 weight's tiles, made once per weight version and reused by the prefill-sized products):
+    `cached_bytes` and `entries` held now, lookups that found their weight's tiles (`hits`) and
+    `packs` made so far. An entry goes with its weight, with a new version of it (an in-place update)
+    and with writes that bypass the version (`.data`: checked on 16 sampled elements). `clear=True`
+    first drops every entry. Capped by PANGU_OPS_CPU_PACK_CACHE_MB (default 2048, least recently
+    used first; 0 turns it off), read when the extension loads."""
+    cached, entries, hits, packs = load().pack_cache(clear)
+    return {"cached_bytes": cached, "entries": entries, "hits": hits, "packs": packs}

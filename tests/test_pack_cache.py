@@ -1,0 +1,96 @@
+"""The C++ kernels' cache of packed expert weights (AMX-BF16 CPUs): a weight's tiles are reused
+while it is unchanged, never after it changed (in place, through `.data`, or freed and replaced);
+the cap turns it off. Elsewhere the cache stays empty and the same products are checked."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pangu_ops
+from pangu_ops import backends, verify
+
+pytest.importorskip("pangu_ops._C")
+
+pytestmark = pytest.mark.usefixtures("on_the_cpu")
+
+SIZES = torch.tensor([40, 0, 70])  # prefill-sized groups: the grouped tile kernels' path
+
+
+def _amx() -> bool:
+    backends.load("cpu")
+    return bool(torch.ops.pangu_cpu.has_amx())
+
+
+def _product(x, w):
+    with pangu_ops.use_backend("cpu"):
+        y = pangu_ops.grouped_gemm(x, w, SIZES)
+    rows = x.float().split(SIZES.tolist())
+    expected = torch.cat([r @ w[e].float() for e, r in enumerate(rows)]).bfloat16()
+    torch.testing.assert_close(y, expected, **verify.TOLERANCES[torch.bfloat16])
+    return y
+
+
+def _weights(seed):
+    gen = verify.generator(seed)
+    x = verify.randn((int(SIZES.sum()), 96), torch.bfloat16, gen, scale=96 ** -0.5)
+    return x, verify.randn((len(SIZES), 96, 64), torch.bfloat16, gen)
+
+
+def test_reused_while_unchanged_repacked_after_any_change():
+    pangu_ops.cpu_pack_cache(clear=True)
+    x, w = _weights(0)
+    first = _product(x, w)
+    start = pangu_ops.cpu_pack_cache()
+    assert torch.equal(_product(x, w), first)  # unchanged: the same tiles
+    again = pangu_ops.cpu_pack_cache()
+    with torch.no_grad():
+        w.mul_(-2)  # an optimizer's in-place update: a new version
+    _product(x, w)
+    bumped = pangu_ops.cpu_pack_cache()
+    with torch.no_grad():
+        w[0, 5, 7] += 1.0  # one element, none of the sampled ones: only the version tells
+    _product(x, w)
+    one = pangu_ops.cpu_pack_cache()
+    w.data.mul_(-0.25)  # `.data` bypasses the version counter; the sampled elements change
+    _product(x, w)
+    sampled = pangu_ops.cpu_pack_cache()
+    del w
+    _, w2 = _weights(1)  # a new weight, perhaps in the freed one's memory
+    _product(x, w2)
+    fresh = pangu_ops.cpu_pack_cache()
+    if not _amx():
+        assert fresh == {"cached_bytes": 0, "entries": 0, "hits": 0, "packs": 0}
+        return
+    assert start["entries"] == 1 and start["cached_bytes"] == 3 * 96 * 64 * 2
+    assert again["hits"] == start["hits"] + 1 and again["packs"] == start["packs"]
+    assert bumped["packs"] == again["packs"] + 1 and bumped["entries"] == 1
+    assert one["packs"] == bumped["packs"] + 1 and one["entries"] == 1
+    assert sampled["packs"] == one["packs"] + 1 and sampled["entries"] == 1
+    assert fresh["packs"] == sampled["packs"] + 1 and fresh["entries"] == 1  # the freed weight's entry went
+    assert pangu_ops.cpu_pack_cache(clear=True)["entries"] == 0
+
+
+def test_views_of_one_storage_are_told_apart():
+    """Two experts' slices of one stacked weight (same storage, other offsets) and a transposed
+    use of the same memory each get their own tiles."""
+    pangu_ops.cpu_pack_cache(clear=True)
+    x, w = _weights(2)
+    both = torch.cat([w, -w])
+    _product(x, both[:3])
+    _product(x, both[3:])
+    if _amx():
+        assert pangu_ops.cpu_pack_cache()["entries"] == 2
+
+
+def test_cap_zero_turns_it_off():
+    code = ("import torch, pangu_ops\n"
+            "x = torch.randn(110, 96).bfloat16(); w = torch.randn(3, 96, 64).bfloat16()\n"
+            "with pangu_ops.use_backend('cpu'):\n"
+            "    pangu_ops.grouped_gemm(x, w, torch.tensor([40, 0, 70]))\n"
+            "print(pangu_ops.cpu_pack_cache()['entries'])\n")
+    env = dict(os.environ, PANGU_OPS_CPU_PACK_CACHE_MB="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
