@@ -5,8 +5,9 @@
 // A row-major weight ([E, K, N]: pangu_ops' layout forward; transformers' [E, N, K] in the input
 // gradient) has its pairs of rows interleaved into VNNI tiles for every product; per call that is
 // a pass over the weight from memory that the tile work does not hide (30-40% of a Qwen3-MoE-shaped
-// product). Calls with the same weight (inference, every micro-batch of a step, a benchmark) reuse
-// one packed copy: keyed by the weight's storage (held weakly: a freed weight's entry goes with it),
+// product). Calls with the same weight (inference, micro-batches of one step, a benchmark) reuse
+// one packed copy, made on a weight version's second use (the first packs per task, as a training
+// step whose weights change every step always does: its tiles then stay hot in L2): keyed by the weight's storage (held weakly: a freed weight's entry goes with it),
 // offset, sizes, strides and autograd version counter (an optimizer's in-place update bumps it, and
 // the next call packs again), and checked against 16 of the weight's elements sampled when packed
 // (writes through `.data`, which bypass the version counter, change them). The packed copies are
@@ -29,6 +30,7 @@ namespace pangu_cpu {
 namespace {
 
 constexpr int kSamples = 16;
+constexpr size_t kMaxEntries = 256;  // weights seen, packed or not
 
 struct Entry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
@@ -60,21 +62,31 @@ class PackCache {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = entries_.begin(); it != entries_.end();) {
-        const bool gone = it->storage.expired();
-        if (!gone && it->storage._unsafe_get_target() == storage && it->key == key && it->samples == samples) {
+        const bool gone = it->storage.expired(), mine = !gone && it->storage._unsafe_get_target() == storage;
+        if (mine && it->key == key && it->samples == samples) {
           entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-          ++hits_;
-          return entries_.front().packed;
+          if (entries_.front().packed.defined()) {
+            ++hits_;
+            return entries_.front().packed;
+          }
+          break;  // seen once: packed below
         }
-        if (gone || (it->storage._unsafe_get_target() == storage && it->key[0] == key[0])) {  // freed, or an old version
-          bytes_ -= it->packed.nbytes();
+        if (gone || (mine && it->key[0] == key[0])) {  // freed, or an older version of this weight
+          bytes_ -= it->packed.defined() ? it->packed.nbytes() : 0;
           it = entries_.erase(it);
         } else {
           ++it;
         }
       }
+      if (entries_.empty() || entries_.front().storage._unsafe_get_target() != storage || entries_.front().key != key) {
+        // first sight of this weight version: remembered, not packed (a training step's weights
+        // change every step, and its tasks' own packing keeps their tiles hot in L2)
+        entries_.push_front({c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()), key, samples, {}});
+        while (entries_.size() > kMaxEntries && !entries_.back().packed.defined()) entries_.pop_back();
+        return {};
+      }
     }
-    at::Tensor packed = at::empty({E * K * N}, w.options());
+    at::Tensor packed = empty_output({E * K * N}, w.options());
     c10::BFloat16* dst = packed.data_ptr<c10::BFloat16>();
     at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) pack_columns(dst + e * K * N, base + e * sbe, sb0, 0, N, K, K);
@@ -82,18 +94,25 @@ class PackCache {
     const std::lock_guard<std::mutex> lock(mutex_);
     ++packs_;
     while (!entries_.empty() && bytes_ + bytes > cap_) {
-      bytes_ -= entries_.back().packed.nbytes();
-      entries_.pop_back();
+      auto last = std::prev(entries_.end());
+      bytes_ -= last->packed.defined() ? last->packed.nbytes() : 0;
+      entries_.erase(last);
     }
-    entries_.push_front({c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()), key, samples, packed});
-    bytes_ += bytes;
-    return packed;
+    for (Entry& entry : entries_) {
+      if (entry.storage._unsafe_get_target() == storage && entry.key == key && !entry.packed.defined()) {
+        entry.packed = packed;
+        bytes_ += bytes;
+        return packed;
+      }
+    }
+    return packed;  // its entry went meanwhile (another thread's weights): used once, not kept
   }
 
   std::vector<int64_t> stats(bool clear) {
     const std::lock_guard<std::mutex> lock(mutex_);
     if (clear) entries_.clear(), bytes_ = 0;
-    return {bytes_, static_cast<int64_t>(entries_.size()), hits_, packs_};
+    const int64_t packed = std::count_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.packed.defined(); });
+    return {bytes_, packed, hits_, packs_};
   }
 
  private:
