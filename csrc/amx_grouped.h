@@ -1,25 +1,30 @@
 // Grouped products on AMX-BF16 tiles for prefill-sized groups: out rows [off[e], off[e+1]) =
-// a_e @ b_e, every group in one pool of tasks (group, up to kChunkTokens rows, a chunk of b's
-// columns) taken by the threads from a shared counter; no kernel generation per row count (a new
-// routing costs what a seen one does), no packed copy of the weights kept between calls.
+// a_e @ b_e, every group in one pool of tasks (a chunk of up to 512 of a group's rows, a chunk of
+// b's columns) taken by the threads from a shared counter in units that share a packed operand; no
+// kernel generation per row count (a new routing costs what a seen one does).
 //
-// Each task copies its operands once into tile order in thread-local buffers that stay in L2: its
-// rows of a (<= 1 MiB) and, for a row-major b, its column chunk of b (<= 1.5 MiB); then every
-// 32 x 32 output block runs the whole inner dimension on four accumulator tiles (two A and two B
-// tiles a step, each loaded tile used twice) and is written once, rounded, with non-temporal
-// stores. Two layouts of b_e, by which one an A tile can be read from as it lies:
+// Each task packs its operands once into tile order in thread-local buffers that stay in L2: its
+// rows of a (<= 1 MiB) and, for a row-major b, its column chunk of b (<= 1.5 MiB; or the tiles
+// packed once per weight version, packed_weights.cpp); then every 32 x 32 output block runs the
+// whole inner dimension on four accumulator tiles (two A and two B tiles a step, each loaded tile
+// used twice) and is written once, rounded, with non-temporal stores. Two layouts of b_e, by which
+// one an A tile can be read from as it lies:
 //  - b_e's columns contiguous (b_e = w[e]^T of an [N, K] weight, sb0 == 1: transformers' layout,
 //    and the input gradient of a row-major weight): out^T = b_e^T @ a_e^T, 16 weight rows x 32 of K
 //    are an A tile read in place, a's rows packed into VNNI pairs (a 16 x 16 transpose of 32-bit
 //    words per 16 rows x 32 of K), the 32 x 32 transposed output block turned back on store;
 //  - b_e row-major ([K, N], sb1 == 1): out = a_e @ b_e, a's rows copied into 16 x 32 tiles, b's
-//    pairs of rows interleaved into VNNI tiles per task (one permute per 32 columns).
-// Measured on a 2-core Xeon (AMX-BF16, 2 MiB L2 a core), bf16, 2 threads, interleaved: a
-// Qwen3-MoE-shaped gate / up product (64 experts x ~256 rows, K 1024, N 768) 9.3-9.8 ms against
-// 13-14 for oneDNN per expert and 7.5-8.7 for the dense matmul of the same FLOPs; a
-// Mixtral-shaped down product (8 x 512 rows, K 3584, N 1024) 11.6 against 14.2-14.5 and 9.5-10.4.
-// The tile instruction's own peak (TDPBF16PS on registers) is 3.3 TFLOP/s a core here; this loop
-// with its operands in L2 reaches 3.8-4.7 of the 6.6 on two cores.
+//    pairs of rows interleaved into VNNI tiles (one permute per 32 columns); K > 2048 in blocks of
+//    1024 with fp32 sums between them.
+// Measured on a 2-core Xeon (AMX-BF16, 2 MiB L2 a core), bf16, 2 threads, interleaved, TFLOP/s: a
+// Qwen3-MoE-shaped gate / up product (64 groups x ~256 rows, K 1024, N 768) 2.2-2.5 transposed,
+// 1.9-2.1 row-major (2.6 with its tiles cached) against 0.8-2.0 for oneDNN per group and 3.5-3.7
+// for the dense matmul of the same FLOPs; a Mixtral-shaped down product (8 x 512 rows, K 3584,
+// N 1024) 2.5-2.95 / 1.75-1.95 against 1.8-2.1 and 3.1-3.3. The tile instruction's own peak
+// (TDPBF16PS on registers, `amx_work`) is 3.3 a core here; this loop with its operands in L2
+// reached 3.8-4.7 on the two cores. What bounds the kernels is the weights' pass from memory per
+// call, which neither packing between the tile blocks nor software prefetch overlapped (both
+// measured slower: the packed operands and the prefetched lines share the L2).
 #pragma once
 
 #include <atomic>
