@@ -20,9 +20,11 @@ weights' full gradients, streamed by `write_work`: non-zero bytes for the touche
 zeros for the rest, since zeros stream ~2x faster here); a row's limit is whichever of the two takes
 longer. In bfloat16 prefill on a CPU with AMX-BF16 tiles, the same FLOPs as tile products held in
 the tile registers (`AMX peak`, `amx_work`) are shown beside them, not taken as a row's limit (the
-dense matmul reaches about half of it). A group in which a row beats its limit is timed again (every fn for as many rounds more: a
-limit's rounds may have run disturbed); a row still above its limit means the limit or the benchmark
-is wrong, and the table says so. Timing: `timing.interleaved`.
+dense matmul reaches about half of it). A group in which a row beats its limit is timed again
+(every fn for as many rounds more: a limit's rounds may have run disturbed); a row still above its
+limit means the limit or the benchmark is wrong, and the table says so. Forward + backward rows
+give the weights a new version every repetition, as a training step's optimizer update does
+(`optimizer_step`: kernels that keep packed weights pack again). Timing: `timing.interleaved`.
 """
 from __future__ import annotations
 
