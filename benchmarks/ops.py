@@ -252,7 +252,18 @@ def _layer_entries(p: Problem, x, dtype, device, kernel_backends) -> list[Entry]
 
     def fwd_bwd(forward, tokens):
         xg = tokens.detach().requires_grad_()
-        return lambda: (optimizer_step(layer.parameters()), forward(xg).float().square().mean().backward())
+        dy = torch.randn(tokens.shape, generator=torch.Generator(device).manual_seed(2), device=device).to(dtype)
+
+        def step():
+            optimizer_step(layer.parameters())
+            # the layer's own backward from a given gradient (a loss of the output, fp32 square and
+            # mean with their backward, was ~10 ms of a 71 ms bf16 step here, timed in both rows)
+            forward(xg).backward(dy)
+            # a training step's gradients are new each step (accumulating into the last call's,
+            # 7 adds of up to 32 MB a call, was ~8 ms)
+            layer.zero_grad(set_to_none=True)
+            xg.grad = None
+        return step
 
     # The loop runs torch's own matmuls in the op's dtype: on a CPU in half precision at ~1 GFLOP/s,
     # so it gets a fraction of the tokens.
