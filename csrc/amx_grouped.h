@@ -231,6 +231,40 @@ inline void pack_transposed(c10::BFloat16* dst, const c10::BFloat16* a, int64_t 
   }
 }
 
+// The first 64-byte-aligned element of a thread's buffer v, grown to hold n elements from there
+// (kept by the thread between calls: a fresh 1-2.5 MiB buffer is page faults every call).
+template <typename T>
+T* line_aligned(std::vector<T>& v, int64_t n) {
+  const int64_t slack = 64 / static_cast<int64_t>(sizeof(T));
+  if (static_cast<int64_t>(v.size()) < n + slack) v.resize(n + slack);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+}
+
+// A unit of grouped work: group e, the chunk whose packed operand its tasks share (its first row or
+// column, and its extent where the caller needs one), and a run [first, last) of the other
+// dimension's chunks.
+struct Unit {
+  int64_t e, shared, extent, first, last;
+};
+
+// The units of runs(push), which calls push(e, shared, extent, chunks) once per shared chunk: each
+// run of chunks split into up to `split` parts, split doubled until there are 4 units a thread or
+// every run is split into single chunks.
+template <typename Runs>
+std::vector<Unit> split_units(int64_t threads, const Runs& runs) {
+  std::vector<Unit> units;
+  for (int64_t split = 1;; split *= 2) {
+    units.clear();
+    bool whole = true;
+    runs([&](int64_t e, int64_t shared, int64_t extent, int64_t chunks) {
+      const int64_t parts = std::min(split, chunks);
+      whole = whole && parts == chunks;
+      for (int64_t q = 0; q < parts; ++q) units.push_back({e, shared, extent, chunks * q / parts, chunks * (q + 1) / parts});
+    });
+    if (static_cast<int64_t>(units.size()) >= 4 * threads || whole) return units;
+  }
+}
+
 // out [S, N] (rows ldo apart) = per group e, a rows [off[e], off[e+1]) ([S, K], rows lda apart) @
 // b_e, b_e[k][n] = b[e * sbe + k * sb0 + n * sb1]; grouped_amx_applies must hold.
 // The work goes out in units that share a packed operand: for the transposed product a chunk of a
@@ -251,40 +285,25 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
   const int64_t rows_chunk = std::clamp<int64_t>(kChunkBytes / (2 * k_block) / 32 * 32, 32, 512);
   const int64_t col_chunks = blocked ? 1 : std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
   const int64_t cols_chunk = ((N + col_chunks - 1) / col_chunks + 31) / 32 * 32;
-  struct Unit {
-    int64_t e, shared, first, last;  // the shared chunk's first row (column); the other chunks [first, last)
-  };
-  std::vector<Unit> units;
-  for (int split = 1;; split *= 2) {
-    units.clear();
+  const std::vector<Unit> units = split_units(threads, [&](const auto& push) {
     for (int64_t e = 0; e < E; ++e) {
       const int64_t row_chunks = (off[e + 1] - off[e] + rows_chunk - 1) / rows_chunk;
       if (row_chunks == 0) continue;
       const int64_t outer = trans ? row_chunks : col_chunks, inner = trans ? col_chunks : row_chunks;
-      for (int64_t o = 0; o < outer; ++o) {
-        const int64_t shared = trans ? off[e] + o * rows_chunk : o * cols_chunk, parts = std::min<int64_t>(split, inner);
-        for (int64_t q = 0; q < parts; ++q) units.push_back({e, shared, inner * q / parts, inner * (q + 1) / parts});
-      }
+      for (int64_t o = 0; o < outer; ++o) push(e, trans ? off[e] + o * rows_chunk : o * cols_chunk, 0, inner);
     }
-    const bool whole = std::all_of(units.begin(), units.end(), [](const Unit& u) { return u.last - u.first == 1; });
-    if (static_cast<int64_t>(units.size()) >= 4 * threads || whole) break;
-  }
+  });
   const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo % 32 == 0;
   const int64_t count = static_cast<int64_t>(units.size());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     load_tile_config();
-    // a task's rows of a in tile order and, row-major b, its columns: kept by the thread between
-    // calls (a fresh 1-2.5 MiB buffer is page faults every call)
+    // a task's rows of a in tile order, row-major b's columns, the fp32 sums between K blocks
     thread_local std::vector<c10::BFloat16> rows_buf, cols_buf;
-    auto aligned = [](std::vector<c10::BFloat16>& v, int64_t n) {
-      if (static_cast<int64_t>(v.size()) < n + 32) v.resize(n + 32);
-      return reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
-    };
-    thread_local std::vector<float> acc_buf;  // the fp32 sums between K blocks
-    if (blocked && static_cast<int64_t>(acc_buf.size()) < rows_chunk * cols_chunk + 16) acc_buf.resize(rows_chunk * cols_chunk + 16);
-    float* acc = blocked ? reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(acc_buf.data()) + 63) & ~uintptr_t{63}) : nullptr;
-    c10::BFloat16 *ra = aligned(rows_buf, rows_chunk * k_block), *own = trans || packed ? nullptr : aligned(cols_buf, cols_chunk * K);
+    thread_local std::vector<float> acc_buf;
+    float* acc = blocked ? line_aligned(acc_buf, rows_chunk * cols_chunk) : nullptr;
+    c10::BFloat16 *ra = line_aligned(rows_buf, rows_chunk * k_block),
+                  *own = trans || packed ? nullptr : line_aligned(cols_buf, cols_chunk * K);
     alignas(64) float c[32 * 32];
     for (int64_t i; (i = next.fetch_add(1)) < count;) {
       const Unit u = units[i];
@@ -354,57 +373,44 @@ inline bool grouped_amx_wgrad_applies(at::ScalarType t, int64_t sa1, int64_t sb1
 inline void grouped_amx_wgrad(c10::BFloat16* out, const c10::BFloat16* a, int64_t lda, const std::vector<int64_t>& off,
                               const c10::BFloat16* b, int64_t ldb, int64_t Ka, int64_t Nb) {
   const int64_t E = static_cast<int64_t>(off.size()) - 1, threads = at::get_num_threads();
-  struct Unit {
-    int64_t e, k0, kr, first, last;  // out[e]'s rows [k0, k0 + kr); column ranges [first, last)
-  };
-  std::vector<Unit> units;
   int64_t most = 32;  // rows of a group, rounded up to 32: the packed inner dimension
   auto range = [](int64_t padded, int64_t n) {  // columns per range: <= kChunkBytes of tiles
     return std::clamp<int64_t>(kChunkBytes / (2 * padded) / 32 * 32, 32, n);
   };
-  for (int split = 1;; split *= 2) {
-    units.clear();
+  // units: out[e]'s rows [shared, shared + extent) sharing a_e^T's tiles, a run of column ranges
+  const std::vector<Unit> units = split_units(threads, [&](const auto& push) {
     for (int64_t e = 0; e < E; ++e) {
       const int64_t padded = (off[e + 1] - off[e] + 31) / 32 * 32;
       if (padded == 0) continue;
       most = std::max(most, padded);
-      const int64_t kr = range(padded, Ka), nr = range(padded, Nb), ranges = (Nb + nr - 1) / nr;
-      for (int64_t k0 = 0; k0 < Ka; k0 += kr) {
-        const int64_t parts = std::min<int64_t>(split, ranges);
-        for (int64_t q = 0; q < parts; ++q) units.push_back({e, k0, std::min(kr, Ka - k0), ranges * q / parts, ranges * (q + 1) / parts});
-      }
+      const int64_t kr = range(padded, Ka), nr = range(padded, Nb);
+      for (int64_t k0 = 0; k0 < Ka; k0 += kr) push(e, k0, std::min(kr, Ka - k0), (Nb + nr - 1) / nr);
     }
-    const bool whole = std::all_of(units.begin(), units.end(), [](const Unit& u) { return u.last - u.first == 1; });
-    if (static_cast<int64_t>(units.size()) >= 4 * threads || whole) break;
-  }
+  });
   const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0 && Nb % 32 == 0;
   const int64_t count = static_cast<int64_t>(units.size());
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     load_tile_config();
     thread_local std::vector<c10::BFloat16> a_buf, b_buf;
-    auto aligned = [](std::vector<c10::BFloat16>& v, int64_t n) {
-      if (static_cast<int64_t>(v.size()) < n + 32) v.resize(n + 32);
-      return reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
-    };
     // a range's tiles: <= kChunkBytes, or 32 columns of the most rows
     const int64_t tiles = std::max(kChunkBytes / 2, 32 * most);
-    c10::BFloat16 *ta = aligned(a_buf, tiles), *bt = aligned(b_buf, tiles);
+    c10::BFloat16 *ta = line_aligned(a_buf, tiles), *bt = line_aligned(b_buf, tiles);
     alignas(64) float c[32 * 32];
     int64_t have_e = -1, have_n = -1;  // b_e's columns packed in bt
     for (int64_t i; (i = next.fetch_add(1)) < count;) {
       const Unit u = units[i];
       const int64_t m = off[u.e + 1] - off[u.e], padded = (m + 31) / 32 * 32, steps = padded / 32, nr = range(padded, Nb);
-      pack_transposed(ta, a + off[u.e] * lda, lda, m, u.k0, u.kr);
+      pack_transposed(ta, a + off[u.e] * lda, lda, m, u.shared, u.extent);
       for (int64_t q = u.first; q < u.last; ++q) {
         const int64_t n0 = q * nr, nc = std::min(nr, Nb - n0);
         if (have_e != u.e || have_n != n0) {
           pack_columns(bt, b + off[u.e] * ldb, ldb, n0, nc, padded, m);
           have_e = u.e, have_n = n0;
         }
-        c10::BFloat16* o = out + u.e * Ka * Nb + u.k0 * Nb + n0;
+        c10::BFloat16* o = out + u.e * Ka * Nb + u.shared * Nb + n0;
         for (int64_t j = 0; j < nc; j += 32) {
-          for (int64_t k = 0; k < u.kr; k += 32) {
+          for (int64_t k = 0; k < u.extent; k += 32) {
             amx_block(c, 32, false, ta + (k / 16) * steps * 512, steps * 512, 64, 512, bt + (j / 16) * padded * 16,
                       padded * 16, 512, steps, 32, 32);
             store_rows(c, 32, o + k * Nb + j, Nb, 32, stream);
