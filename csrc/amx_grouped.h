@@ -426,6 +426,10 @@ inline void grouped_amx_wgrad(c10::BFloat16* out, const c10::BFloat16* a, int64_
 #else
 inline bool grouped_amx_applies(at::ScalarType, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
 inline void grouped_amx(c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, const std::vector<int64_t>&,
+                        const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, int64_t, const c10::BFloat16* = nullptr) {
+  TORCH_CHECK(false, "grouped_amx: built without AMX");
+}
+inline void grouped_amx(c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, const std::vector<int64_t>&,
                         const at::Tensor&, const std::array<int64_t, 2>&, int64_t, int64_t) {
   TORCH_CHECK(false, "grouped_amx: built without AMX");
 }

@@ -210,11 +210,47 @@ void few_rows_experts(const at::Tensor& x, const at::Tensor& w_gate_up, const at
   });
 }
 
+// expert_mlp with prepacked weights (pangu_ops.prepack: [E, N / 16, K / 2, 32], the B tiles of
+// every group of a row-major [E, K, N] weight, as packed_weight makes them): grouped_amx over the
+// packed tiles for every group size, decode steps too (the tiles lie in the order the kernel reads
+// them; a decode step's weights are then one contiguous pass).
+std::tuple<at::Tensor, at::Tensor> expert_mlp_packed(const at::Tensor& x, const at::Tensor& w_gate_up,
+                                                     const at::Tensor& w_down, const std::vector<int64_t>& off,
+                                                     c10::string_view activation, double limit) {
+  const auto kn = [](const at::Tensor& w) { return std::array<int64_t, 2>{2 * w.size(2), 16 * w.size(1)}; };
+  const auto [K, F2] = kn(w_gate_up);
+  const auto [F, N] = kn(w_down);
+  TORCH_CHECK_VALUE(w_gate_up.size(3) == 32 && w_down.size(3) == 32 && w_gate_up.is_contiguous() &&
+                        w_down.is_contiguous() && K == x.size(1) && F2 == 2 * F && w_down.size(0) == w_gate_up.size(0),
+                    "expert_mlp: prepacked weights must be contiguous [E, 2F/16, K/2, 32] and [E, N/16, F/2, 32]");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "expert_mlp: prepacked weights are bfloat16");
+  TORCH_CHECK(grouped_amx_applies(x.scalar_type(), 1, K * F2, 1, K, F2) &&
+                  grouped_amx_applies(x.scalar_type(), 1, F * N, 1, F, N),
+              "expert_mlp: prepacked weights need AMX-BF16 (this CPU or build has none) and K, F, N multiples of 32; "
+              "pangu_ops.unprepack(model) restores the [E, K, N] weights");
+  using bf16 = c10::BFloat16;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = empty_output({x.size(0), N}, x.options()), gate_up = empty_output({x.size(0), F2}, x.options());
+  const bf16 *wu = w_gate_up.data_ptr<bf16>(), *wd = w_down.data_ptr<bf16>();
+  grouped_amx(gate_up.data_ptr<bf16>(), F2, xc.data_ptr<bf16>(), K, off, wu, K * F2, F2, 1, K, F2, wu);
+  const at::Tensor h = gated_forward(gate_up, F, activation, limit);
+  grouped_amx(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, wd, F * N, N, 1, F, N, wd);
+  return {y, gate_up};
+}
+
 std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Tensor& w_gate_up,
                                               const at::Tensor& w_down, const at::Tensor& group_sizes,
                                               c10::string_view activation, bool trans_b, double limit) {
   TORCH_CHECK_VALUE(activation == "swiglu" || activation == "geglu" || activation == "geglu_tanh",
                     "expert_mlp: activation must be 'swiglu', 'geglu' or 'geglu_tanh'");
+  if (w_gate_up.dim() == 4 || w_down.dim() == 4) {
+    TORCH_CHECK_VALUE(x.dim() == 2 && w_gate_up.dim() == 4 && w_down.dim() == 4 && !trans_b &&
+                          group_sizes.numel() == w_gate_up.size(0),
+                      "expert_mlp: prepacked weights: need x [S, K], both weights packed, trans_b false and "
+                      "group_sizes [E]");
+    return expert_mlp_packed(x, w_gate_up, w_down, group_offsets(group_sizes, x.size(0), "expert_mlp"), activation,
+                             limit);
+  }
   TORCH_CHECK_VALUE(x.dim() == 2 && w_gate_up.dim() == 3 && w_down.dim() == 3,
                     "expert_mlp: need x [S, K], w_gate_up [E, K, 2F] ([E, 2F, K]), w_down [E, F, N] ([E, N, F])");
   TORCH_CHECK_TYPE(x.scalar_type() == w_gate_up.scalar_type() && x.scalar_type() == w_down.scalar_type(),

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import checks, routing
+from . import checks, packed_weights, routing
 
 
 def permute(x: Tensor, expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,6 +138,8 @@ def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor
     Every backend activates the *rounded* gate_up, fused or not: the backward pass recomputes h
     from the saved gate_up, so forward and backward see the same h. Autograd through this
     function rounds the gradients where the op's backward does (dh, d_gate_up in x's dtype)."""
+    if packed_weights.is_packed(w_gate_up):  # prepacked weights: the same values in tile order
+        w_gate_up, w_down = packed_weights.unpack(w_gate_up), packed_weights.unpack(w_down)
     gate_up = grouped_gemm(x, w_gate_up, group_sizes, trans_b)
     h = gated(gate_up, activation, limit).to(x.dtype)
     return grouped_gemm(h, w_down, group_sizes, trans_b), gate_up

@@ -14,15 +14,33 @@ import math
 import torch
 from torch import Tensor
 
-from .. import checks
+from .. import backends, checks, packed_weights
 from ._define import define
 from .grouped_gemm import grouped_gemm_op, grouped_gemm_wgrad_op
+
+
+def _prepacked(w_gate_up: Tensor, w_down: Tensor, trans_b: bool) -> bool:
+    """Whether the weights are prepacked (`pangu_ops.prepack`), checked as such."""
+    tensors = isinstance(w_gate_up, Tensor) and isinstance(w_down, Tensor)
+    if not tensors or not (packed_weights.is_packed(w_gate_up) or packed_weights.is_packed(w_down)):
+        return False
+    if trans_b:
+        raise ValueError("expert_mlp: prepacked weights are row-major [E, K, 2F] / [E, F, N] packed; trans_b must be False")
+    packed_weights.check_packed("w_gate_up", w_gate_up)
+    packed_weights.check_packed("w_down", w_down)
+    if w_gate_up.device.type == "cpu" and backends.current_backend() not in packed_weights.BACKENDS:
+        raise ValueError(f"expert_mlp: prepacked weights run on the {' or '.join(packed_weights.BACKENDS)} backend, not "
+                         f"{backends.current_backend()!r}; pangu_ops.unprepack(model) restores the [E, K, N] weights")
+    return True
 
 
 def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str, trans_b: bool,
            limit: float) -> None:
     up_layout, down_layout = ("[E, 2F, K]", "[E, N, F]") if trans_b else ("[E, K, 2F]", "[E, F, N]")
     checks.tensor("x_sorted", x, 2, "[S, K]", checks.FLOAT_DTYPES)
+    weights = w_gate_up, w_down
+    if _prepacked(w_gate_up, w_down, trans_b):  # checked as their [E, K, N] shapes from here on
+        w_gate_up, w_down = (torch.empty(packed_weights.logical_shape(w), dtype=w.dtype, device="meta") for w in weights)
     checks.tensor("w_gate_up", w_gate_up, 3, up_layout, checks.FLOAT_DTYPES)
     checks.tensor("w_down", w_down, 3, down_layout, checks.FLOAT_DTYPES)
     checks.same_dtype("x_sorted", x, "w_gate_up", w_gate_up)
@@ -36,7 +54,7 @@ def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, ac
     checks.size(f"w_down {down_layout}", w_down.shape[2 if trans_b else 1], two_f // 2, "F (half of w_gate_up's 2F)")
     checks.tensor("group_sizes", group_sizes, 1, "[E]", checks.INDEX_DTYPES)
     checks.size("group_sizes", group_sizes.shape[0], E, "length (E = w_gate_up.shape[0])")
-    checks.same_device(x_sorted=x, w_gate_up=w_gate_up, w_down=w_down, group_sizes=group_sizes)
+    checks.same_device(x_sorted=x, w_gate_up=weights[0], w_down=weights[1], group_sizes=group_sizes)
     if activation not in checks.ACTIVATIONS:
         raise ValueError(f"activation must be one of {checks.ACTIVATIONS}, got {activation!r}")
     if not limit > 0:  # also rejects NaN
@@ -45,7 +63,10 @@ def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, ac
 
 def _fake(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit):
     _check(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
-    n, two_f = (w_down.shape[1], w_gate_up.shape[1]) if trans_b else (w_down.shape[2], w_gate_up.shape[2])
+    if trans_b:
+        n, two_f = w_down.shape[1], w_gate_up.shape[1]
+    else:
+        n, two_f = packed_weights.logical_shape(w_down)[2], packed_weights.logical_shape(w_gate_up)[2]
     return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], two_f)
 
 
@@ -148,8 +169,10 @@ def expert_mlp(x_sorted: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes:
     Args:
         x_sorted: `[S, K]`.
         w_gate_up: `[E, K, 2F]`, gate columns `[:F]` then up columns `[F:]`; with `trans_b`,
-            `[E, 2F, K]` (gate rows, then up rows: transformers' `gate_up_proj`).
-        w_down: `[E, F, N]`; with `trans_b`, `[E, N, F]` (transformers' `down_proj`).
+            `[E, 2F, K]` (gate rows, then up rows: transformers' `gate_up_proj`); or, both weights
+            prepacked for CPU inference (`pangu_ops.prepack`), `[E, 2F/16, K/2, 32]`.
+        w_down: `[E, F, N]`; with `trans_b`, `[E, N, F]` (transformers' `down_proj`); prepacked,
+            `[E, N/16, F/2, 32]`.
         group_sizes: `[E]` rows per expert, summing to S.
         activation: "swiglu" (silu), "geglu" (erf GELU) or "geglu_tanh" (tanh-approximated GELU).
         limit: clamps gate to `<= limit` and up to `[-limit, limit]` before the activation (the
@@ -162,6 +185,10 @@ def expert_mlp(x_sorted: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes:
     """
     limit = math.inf if limit is None else float(limit)
     _check(x_sorted, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
+    if packed_weights.is_packed(w_gate_up) and torch.is_grad_enabled() and (
+            x_sorted.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+        raise RuntimeError("expert_mlp: prepacked weights are for inference and take no gradient: run under "
+                           "torch.inference_mode() / torch.no_grad(), or pangu_ops.unprepack(model) to train")
     if fp32_grads is not None and torch.is_grad_enabled():
         return _ExpertMLPFp32Grads.apply(x_sorted, w_gate_up, w_down, group_sizes, activation, trans_b, limit,
                                          *fp32_grads)

@@ -1,0 +1,192 @@
+"""Prepacked expert weights: CPU inference on AMX tiles without a second copy of the experts.
+
+The CPU backend's prefill kernels (csrc/amx_grouped.h) read a row-major expert weight
+(`w[e]` as `[K, N]`: `MoEFeedForward`'s `w_gate_up [E, H, 2F]` and `w_down [E, F, H]`) as AMX B
+tiles: pairs of rows interleaved (VNNI), 16 columns a tile. Made per call, that is a pass over the
+weights that the tile work does not hide (30-40% of a Qwen3-MoE-shaped product); the packed-weight
+cache (`pangu_ops.cpu_pack_cache`) keeps a second copy per weight version, capped. `prepack(model)`
+instead rewrites each such weight's own storage into the tile order once, in place (a temporary of
+one expert at a time), and holds it as a 4-D parameter of the packed shape:
+
+    packed[e, c, p, 2j + h] = w[e, 2p + h, 16c + j]        packed: [E, N / 16, K / 2, 32]
+
+The ops take such a weight wherever they take the `[E, K, N]` one, for inference: `expert_mlp`
+runs the CPU backend's tile kernels for every group size (decode too) and the reference unpacks
+it. Values are exact (a permutation of the same bf16 elements); `state_dict()` gives the usual
+`[E, K, N]` tensors and `load_state_dict` accepts them (packing on the way in); `unprepack(model)`
+restores the layout in place (to train again). Transformers' `[E, 2F, H]` / `[E, H, F]` experts
+need none of this: the transposed kernel reads their rows in place as A tiles.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+TILE_COLUMNS = 16  # columns of one packed block (a B tile's 16 columns x pairs of rows)
+MULTIPLE = 32  # K and N of a packable weight (the tile kernels' step)
+PACKED_NAMES = ("w_gate_up", "w_down")  # MoEFeedForward's row-major expert weights
+BACKENDS = ("auto", "cpu", "reference")  # the settings whose CPU kernels take packed weights
+
+
+def is_packed(w: Tensor) -> bool:
+    """A prepacked expert weight: 4-D `[E, N / 16, K / 2, 32]` (an expert weight is otherwise 3-D)."""
+    return w.dim() == 4
+
+
+def logical_shape(w: Tensor) -> tuple[int, int, int]:
+    """(E, K, N) of a stacked row-major weight `[E, K, N]` or of its packed form."""
+    if is_packed(w):
+        return w.shape[0], 2 * w.shape[2], TILE_COLUMNS * w.shape[1]
+    return tuple(w.shape)
+
+
+def check_packed(name: str, w: Tensor) -> None:
+    """`w` must be a packed weight as `pack` makes it: bf16, contiguous, `[E, N / 16, K / 2, 32]`
+    with K and N multiples of 32, on the CPU."""
+    if w.dim() != 4 or w.shape[3] != 2 * TILE_COLUMNS:
+        raise ValueError(f"{name}: a prepacked weight is 4-D [E, N/16, K/2, 32], got shape {tuple(w.shape)}")
+    _, k, n = logical_shape(w)
+    if k % MULTIPLE or n % MULTIPLE:
+        raise ValueError(f"{name}: a prepacked weight's K and N are multiples of {MULTIPLE}, got K={k}, N={n}")
+    if w.dtype != torch.bfloat16:
+        raise TypeError(f"{name}: a prepacked weight is bfloat16, got {w.dtype}")
+    if w.device.type not in ("cpu", "meta") or not w.is_contiguous():
+        raise ValueError(f"{name}: a prepacked weight is a contiguous CPU tensor (the CPU backend's AMX form), "
+                         f"got {'a non-contiguous one' if w.device.type == 'cpu' else w.device}; "
+                         "pangu_ops.unprepack(model) gives the [E, K, N] weights back")
+
+
+def packable(w: Tensor) -> str | None:
+    """Why the stacked `[E, K, N]` weight `w` cannot be packed (None: it can)."""
+    if w.dim() != 3:
+        return f"not a stacked [E, K, N] weight (shape {tuple(w.shape)})"
+    if w.dtype != torch.bfloat16:
+        return f"dtype {w.dtype} (the AMX tiles take bfloat16)"
+    if w.device.type != "cpu":
+        return f"on {w.device} (the packed form is the CPU backend's)"
+    if w.shape[1] % MULTIPLE or w.shape[2] % MULTIPLE:
+        return f"K={w.shape[1]}, N={w.shape[2]}: not multiples of {MULTIPLE}"
+    return None
+
+
+def _packed_order(w: Tensor) -> Tensor:
+    """[..., K, N] -> [..., N / 16, K / 2, 16, 2] (a view: w[..., 2p + h, 16c + j] at [..., c, p, j, h])."""
+    *lead, k, n = w.shape
+    d = len(lead)
+    return w.view(*lead, k // 2, 2, n // TILE_COLUMNS, TILE_COLUMNS).permute(
+        *range(d), d + 2, d, d + 3, d + 1)
+
+
+def pack(w: Tensor) -> Tensor:
+    """The packed form of a stacked `[E, K, N]` weight, as a new tensor."""
+    reason = packable(w)
+    if reason is not None:
+        raise ValueError(f"pack: {reason}")
+    e, k, n = w.shape
+    return _packed_order(w).reshape(e, n // TILE_COLUMNS, k // 2, 2 * TILE_COLUMNS)
+
+
+def unpack(p: Tensor) -> Tensor:
+    """The `[E, K, N]` weight of a packed one, as a new tensor."""
+    check_packed("unpack", p)
+    e, k, n = logical_shape(p)
+    return p.view(e, n // TILE_COLUMNS, k // 2, TILE_COLUMNS, 2).permute(0, 2, 4, 1, 3).reshape(e, k, n)
+
+
+@torch.no_grad()
+def _pack_(w: Tensor) -> Tensor:
+    """Packs a contiguous `[E, K, N]` weight in its own storage (one expert's temporary at a time);
+    returns the packed view of that storage."""
+    e, k, n = w.shape
+    out = w.view(e, n // TILE_COLUMNS, k // 2, 2 * TILE_COLUMNS)
+    for i in range(e):
+        out[i].copy_(_packed_order(w[i]).contiguous().view(out.shape[1:]))  # expert i copied, then written
+    return out
+
+
+@torch.no_grad()
+def _unpack_(p: Tensor) -> Tensor:
+    """The inverse of `_pack_`: the `[E, K, N]` view of p's storage, unpacked in place."""
+    e, k, n = logical_shape(p)
+    out = p.view(e, k, n)
+    for i in range(e):
+        out[i].copy_(p[i].view(n // TILE_COLUMNS, k // 2, TILE_COLUMNS, 2).permute(1, 3, 0, 2).contiguous().view(k, n))
+    return out
+
+
+def _state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
+    """state_dict() of a prepacked layer: its weights as `[E, K, N]` (new tensors)."""
+    for name in PACKED_NAMES:
+        key = prefix + name
+        if key in state_dict and is_packed(state_dict[key]):
+            state_dict[key] = unpack(state_dict[key])
+
+
+def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """load_state_dict() into a prepacked layer: `[E, K, N]` weights packed on the way in (into the
+    copy of the dict that load_state_dict works on)."""
+    for name in PACKED_NAMES:
+        key = prefix + name
+        if key in state_dict and is_packed(getattr(module, name)) and not is_packed(state_dict[key]):
+            state_dict[key] = pack(state_dict[key])
+
+
+def _layers(model: nn.Module):
+    from .nn.moe import MoEFeedForward
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFeedForward)]
+
+
+def _cpu_has_amx() -> bool:
+    from . import backends
+
+    try:
+        return bool(backends.load("cpu").has_amx())
+    except backends.BackendUnavailable:
+        return False
+
+
+def prepack(model: nn.Module) -> dict[str, str]:
+    """Packs every `MoEFeedForward` expert weight of `model` in place for CPU inference (see the
+    module's docstring): bf16 on the CPU, K and N multiples of 32, on a CPU with AMX-BF16 (else
+    RuntimeError: the packed form is that of its tile kernels). Packed weights take no gradient
+    (`expert_mlp` refuses them where one is wanted: run under `torch.inference_mode()` or
+    `torch.no_grad()`).
+
+    Returns what happened to each MoE layer by name: "packed", "already packed", or why it was left
+    as it is (another dtype or device, an ECSS pool, sizes)."""
+    if not _cpu_has_amx():
+        raise RuntimeError("prepack: this CPU (or the C++ extension's build) has no AMX-BF16 tiles, which the "
+                           "packed form is made for; the weights are left as they are")
+    return {name: _prepack_layer(layer) for name, layer in _layers(model)}
+
+
+def _prepack_layer(layer: nn.Module) -> str:
+    if layer.expert_pool is not None:
+        return "left: an ECSS pool's slots (the pool rewrites them)"
+    weights = [getattr(layer, name) for name in PACKED_NAMES]
+    if all(is_packed(w) for w in weights):
+        return "already packed"
+    for name, w in zip(PACKED_NAMES, weights):
+        reason = packable(w)
+        if reason is not None:
+            return f"left: {name} {reason}"
+    for name, w in zip(PACKED_NAMES, weights):
+        setattr(layer, name, nn.Parameter(_pack_(w.data.contiguous()), requires_grad=False))
+    if not getattr(layer, "_pangu_prepack_hooks", False):
+        layer._register_state_dict_hook(_state_dict_hook)
+        layer._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
+        layer._pangu_prepack_hooks = True
+    return "packed"
+
+
+def unprepack(model: nn.Module) -> list[str]:
+    """Undoes `prepack` in place: the packed layers' weights back to `[E, K, N]` parameters that
+    take gradients. Returns the names of the layers unpacked."""
+    done = []
+    for name, layer in _layers(model):
+        if any(is_packed(getattr(layer, w)) for w in PACKED_NAMES):
+            for w in PACKED_NAMES:
+                setattr(layer, w, nn.Parameter(_unpack_(getattr(layer, w).data)))
+            done.append(name)
+    return done

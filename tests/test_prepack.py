@@ -1,0 +1,194 @@
+"""Prepacked expert weights (`pangu_ops.prepack`): the packed layout, made in place; `expert_mlp`
+on packed weights against the reference on the `[E, K, N]` ones (the CPU backend's tile kernels
+where the CPU has AMX-BF16; the reference backend everywhere); prepack / unprepack of a model,
+its state_dict both ways, and the errors."""
+import copy
+
+import pytest
+import torch
+
+import pangu_ops
+from pangu_ops import backends, packed_weights, reference, verify
+from pangu_ops.nn import MoEFeedForward
+
+pytestmark = pytest.mark.usefixtures("on_the_cpu")
+
+TOL = verify.TOLERANCES[torch.bfloat16]
+
+
+def _amx() -> bool:
+    return packed_weights._cpu_has_amx()
+
+
+# (K, F, N, group sizes): one token (a decode step), a few rows with empty experts, odd sizes,
+# prefill-sized groups (row chunks of the tile kernels), K > 2048 (blocked) in each product
+CASES = {
+    "one token": (64, 32, 64, [0, 1, 0, 0]),
+    "few rows, empty experts": (96, 64, 32, [3, 0, 17, 5, 12, 0]),
+    "prefill": (64, 32, 96, [300, 0, 77, 1, 545]),
+    "gate_up K > 2048": (2176, 32, 64, [40, 0, 29]),
+    "down K > 2048": (64, 2080, 32, [33, 2, 0]),
+}
+
+
+def _problem(case: str, seed: int = 0):
+    k, f, n, sizes = CASES[case]
+    gen = verify.generator(seed)
+    e = len(sizes)
+    x = verify.randn((sum(sizes), k), torch.bfloat16, gen, scale=k ** -0.5)
+    w_gate_up = verify.randn((e, k, 2 * f), torch.bfloat16, gen)
+    w_down = verify.randn((e, f, n), torch.bfloat16, gen, scale=f ** -0.5)
+    return x, w_gate_up, w_down, torch.tensor(sizes)
+
+
+def test_layout():
+    """packed[e, c, p, 2j + h] = w[e, 2p + h, 16c + j], made in w's own storage."""
+    gen = verify.generator(1)
+    w = verify.randn((3, 64, 96), torch.bfloat16, gen)
+    p = packed_weights.pack(w)
+    assert p.shape == (3, 96 // 16, 64 // 2, 32)
+    for e, k, n in [(0, 0, 0), (1, 1, 17), (2, 63, 95), (0, 30, 33), (2, 7, 80)]:
+        assert p[e, n // 16, k // 2, 2 * (n % 16) + k % 2] == w[e, k, n]
+    torch.testing.assert_close(packed_weights.unpack(p), w, rtol=0, atol=0)
+    inplace = w.clone()
+    storage = inplace.untyped_storage().data_ptr()
+    q = packed_weights._pack_(inplace)
+    assert q.untyped_storage().data_ptr() == storage and torch.equal(q, p)
+    r = packed_weights._unpack_(q)
+    assert r.untyped_storage().data_ptr() == storage and torch.equal(r, w)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_expert_mlp_packed(case, backend):
+    if backend == "cpu" and not _amx():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    x, w_gate_up, w_down, sizes = _problem(case)
+    expected = reference.expert_mlp(x, w_gate_up, w_down, sizes, "swiglu", False, float("inf"))[0]
+    p_gate_up, p_down = packed_weights.pack(w_gate_up), packed_weights.pack(w_down)
+    with torch.inference_mode(), pangu_ops.use_backend(backend):
+        y = pangu_ops.expert_mlp(x, p_gate_up, p_down, sizes)
+    if backend == "reference":  # the same values unpacked: the same result
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(y, expected, **TOL)
+
+
+@pytest.mark.parametrize("activation,limit", [("geglu", None), ("geglu_tanh", 0.7), ("swiglu", 0.5)])
+def test_expert_mlp_packed_gates(activation, limit):
+    if not _amx():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    x, w_gate_up, w_down, sizes = _problem("prefill", seed=3)
+    lim = float("inf") if limit is None else limit
+    expected = reference.expert_mlp(x, w_gate_up, w_down, sizes, activation, False, lim)[0]
+    with torch.no_grad():
+        y = pangu_ops.expert_mlp(x, packed_weights.pack(w_gate_up), packed_weights.pack(w_down), sizes, activation,
+                                 limit=limit)
+    torch.testing.assert_close(y, expected, **TOL)
+
+
+def _layer(seed: int) -> MoEFeedForward:
+    torch.manual_seed(seed)
+    return MoEFeedForward(64, 32, 4, topk=2, aux_loss_alpha=0.0, dtype=torch.bfloat16).eval()
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """The backend that runs packed weights here: the CPU's tile kernels with AMX-BF16, else the
+    reference (prepack then believes the CPU has AMX: the model plumbing is tested everywhere)."""
+    if _amx():
+        return "cpu"
+    monkeypatch.setattr(packed_weights, "_cpu_has_amx", lambda: True)
+    return "reference"
+
+
+def test_prepack_model(kernels):
+    layer = _layer(0)
+    x = verify.randn((37, 64), torch.bfloat16, verify.generator(2))
+    state = copy.deepcopy(layer.state_dict())
+    with torch.inference_mode(), pangu_ops.use_backend(kernels):
+        plain = layer(x)[0]
+    storage = layer.w_gate_up.untyped_storage().data_ptr()
+    assert pangu_ops.prepack(layer) == {"": "packed"}
+    assert layer.w_gate_up.shape == (4, 64 // 16, 64 // 2, 32) and layer.w_down.shape == (4, 64 // 16, 32 // 2, 32)
+    assert layer.w_gate_up.untyped_storage().data_ptr() == storage  # in place: no second copy
+    assert not layer.w_gate_up.requires_grad
+    with torch.inference_mode(), pangu_ops.use_backend(kernels):
+        torch.testing.assert_close(layer(x)[0], plain, **TOL)
+    # state_dict: the [E, K, N] weights, exactly
+    saved = layer.state_dict()
+    assert saved.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(saved[key], value), key
+    # load_state_dict of [E, K, N] weights into the packed layer packs them
+    other = _layer(1)
+    layer.load_state_dict(other.state_dict())
+    assert packed_weights.is_packed(layer.w_gate_up)
+    assert torch.equal(packed_weights.unpack(layer.w_down), other.w_down)
+    with torch.inference_mode(), pangu_ops.use_backend(kernels):
+        torch.testing.assert_close(layer(x)[0], other(x)[0], **TOL)
+    with pangu_ops.use_backend(kernels), pytest.raises(RuntimeError, match="inference"):  # a gradient is wanted
+        layer(x.clone().requires_grad_())
+    assert pangu_ops.prepack(layer) == {"": "already packed"}
+    # unprepack: the same weights back, trainable
+    assert pangu_ops.unprepack(layer) == [""]
+    assert torch.equal(layer.w_gate_up, other.w_gate_up) and layer.w_gate_up.requires_grad
+    with pangu_ops.use_backend(kernels):
+        layer(x)[0].float().sum().backward()
+    assert layer.w_down.grad is not None and layer.w_down.grad.shape == other.w_down.shape
+
+
+def test_prepack_leaves_what_it_cannot_pack(kernels):
+    model = torch.nn.ModuleDict({"fp32": MoEFeedForward(64, 32, 4, dtype=torch.float32),
+                                 "odd": MoEFeedForward(48, 32, 4, dtype=torch.bfloat16),
+                                 "bf16": MoEFeedForward(64, 32, 4, dtype=torch.bfloat16)})
+    report = pangu_ops.prepack(model)
+    assert report["bf16"] == "packed"
+    assert "float32" in report["fp32"] and "multiples of 32" in report["odd"]
+    assert model["fp32"].w_gate_up.dim() == 3 and model["odd"].w_down.dim() == 3
+
+
+def test_prepack_needs_amx(monkeypatch):
+    monkeypatch.setattr(packed_weights, "_cpu_has_amx", lambda: False)
+    layer = _layer(0)
+    with pytest.raises(RuntimeError, match="AMX"):
+        pangu_ops.prepack(layer)
+    assert layer.w_gate_up.dim() == 3
+
+
+def test_errors():
+    x, w_gate_up, w_down, sizes = _problem("few rows, empty experts")
+    p_gate_up, p_down = packed_weights.pack(w_gate_up), packed_weights.pack(w_down)
+    with torch.no_grad(), pangu_ops.use_backend("reference"):
+        with pytest.raises(ValueError, match="trans_b"):
+            pangu_ops.expert_mlp(x, p_gate_up, p_down, sizes, trans_b=True)
+        with pytest.raises(ValueError, match="4-D"):  # one packed, one not
+            pangu_ops.expert_mlp(x, p_gate_up, w_down, sizes)
+        with pytest.raises(TypeError, match="bfloat16"):
+            pangu_ops.expert_mlp(x.float(), p_gate_up.float(), p_down.float(), sizes)
+        with pytest.raises(ValueError, match="contiguous"):
+            pangu_ops.expert_mlp(x, p_gate_up.transpose(0, 1).contiguous().transpose(0, 1), p_down, sizes)
+        with pytest.raises(ValueError, match="K"):  # x's K against the packed weight's
+            pangu_ops.expert_mlp(x[:, :64], p_gate_up, p_down, sizes)
+        with pytest.raises(ValueError, match="group_sizes"):
+            pangu_ops.expert_mlp(x, p_gate_up, p_down, sizes[:-1])
+    with torch.no_grad(), pangu_ops.use_backend("ascend_twin"), pytest.raises(ValueError, match="backend"):
+        pangu_ops.expert_mlp(x, p_gate_up, p_down, sizes)
+    with pytest.raises(RuntimeError, match="inference"):
+        pangu_ops.expert_mlp(x.requires_grad_(), p_gate_up, p_down, sizes)
+    with pytest.raises(ValueError, match="float32"):
+        packed_weights.pack(w_gate_up.float())
+    if backends.serves("cpu", "expert_mlp") and not _amx():  # the C++ kernel itself, without AMX
+        with pytest.raises(RuntimeError, match="AMX"):
+            torch.ops.pangu_cpu.expert_mlp(x.detach(), p_gate_up, p_down, sizes, "swiglu", False, float("inf"))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck_packed(backend):
+    """The custom op with packed weights: schema, fake kernel (torch.compile's shapes), dispatch."""
+    if backend == "cpu" and not _amx():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    x, w_gate_up, w_down, sizes = _problem("prefill", seed=5)
+    args = (x, packed_weights.pack(w_gate_up), packed_weights.pack(w_down), sizes, "swiglu", False, float("inf"))
+    with pangu_ops.use_backend(backend):
+        torch.library.opcheck(torch.ops.pangu.expert_mlp, args)
