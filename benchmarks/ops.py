@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import pangu_ops
-from pangu_ops import backends, reference, verify
+from pangu_ops import backends, packed_weights, reference, verify
 
 from pangu_ops.nn import MoEFeedForward
 
@@ -208,6 +208,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     for op, (kernel_fn, ref_fn, work, unit) in ops.items():
         out.append(Entry(op, "reference", "reference", ref_fn, work, unit))
         out += [Entry(op, b, "kernel", _on(b, kernel_fn), work, unit) for b in kernel_backends]
+    out += _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, 6 * rows * p.hidden * p.ffn, kernel_backends)
     out += _layer_entries(p, x, dtype, device, kernel_backends)
 
     # Limits and torch baselines.
@@ -241,6 +242,33 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     if gmm is not None:
         out.append(gmm)
     return out
+
+
+def _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, flops, kernel_backends) -> list[Entry]:
+    """expert_mlp's forward on the CPU backend as inference runs it (weights prepacked in place by
+    `pangu_ops.prepack`: no packing per call) and as a training step's forward does (a new weight
+    version every call: the tiles packed per call), beside the plain row (fixed weights: the packed
+    copies of the cache). Where the CPU backend takes bf16 on AMX tiles."""
+    if "cpu" not in kernel_backends or x_sorted.dtype != torch.bfloat16 or x_sorted.device.type != "cpu":
+        return []
+    if not packed_weights._cpu_has_amx() or packed_weights.packable(w_gate_up) or packed_weights.packable(w_down):
+        return []
+    packed = packed_weights.pack(w_gate_up), packed_weights.pack(w_down)
+    training = w_gate_up.clone(), w_down.clone()  # (their versions move: the plain row's cache keeps its own)
+
+    def prepacked():
+        with torch.inference_mode():
+            return pangu_ops.expert_mlp(x_sorted, *packed, group_sizes)
+
+    def new_weights():
+        optimizer_step(training)
+        return pangu_ops.expert_mlp(x_sorted, *training, group_sizes)
+
+    op = "expert_mlp"
+    return [Entry(op, "cpu: prepacked", "kernel", _on("cpu", prepacked), flops, "GFLOP/s",
+                  "weights in tile order (pangu_ops.prepack): inference"),
+            Entry(op, "cpu: new weights each call", "kernel", _on("cpu", new_weights), flops, "GFLOP/s",
+                  "a new weight version per call (a training step's forward): tiles packed per call")]
 
 
 def _layer_entries(p: Problem, x, dtype, device, kernel_backends) -> list[Entry]:
