@@ -231,6 +231,50 @@ inline void pack_transposed(c10::BFloat16* dst, const c10::BFloat16* a, int64_t 
   }
 }
 
+// out[t][0:nc] (rows ldo apart) = a[t] @ b for t < M (a's rows lda apart) with b's columns as
+// packed tiles (16-column blocks K * 16 apart, each [K / 2 pairs][16 columns x 2]): a decode step's
+// rows against prepacked weights, by VDPBF16PS on 16 columns at a time, Q blocks of them in
+// lockstep (Q streams from memory), no tile work for one or two rows.
+template <int M, int Q>
+inline int64_t packed_dots(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+                           int64_t K, int64_t blocks, int64_t c) {
+  for (; c + Q <= blocks; c += Q) {
+    __m512 acc[M][Q];
+    for (int t = 0; t < M; ++t) {
+      for (int q = 0; q < Q; ++q) acc[t][q] = _mm512_setzero_ps();
+    }
+    for (int64_t p = 0; p < K / 2; ++p) {
+      __m512bh x[M];
+      for (int t = 0; t < M; ++t) {
+        int32_t pair;
+        std::memcpy(&pair, a + t * lda + 2 * p, sizeof pair);
+        x[t] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+      }
+      for (int q = 0; q < Q; ++q) {
+        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_load_si512(b + (c + q) * K * 16 + p * 32));
+        for (int t = 0; t < M; ++t) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], w, x[t]);
+      }
+    }
+    for (int t = 0; t < M; ++t) {
+      for (int q = 0; q < Q; ++q) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + t * ldo + (c + q) * 16),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[t][q])));
+      }
+    }
+  }
+  return c;
+}
+
+template <int M>
+inline void packed_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
+                        int64_t K, int64_t nc) {
+  const int64_t blocks = nc / 16;  // even: nc is a multiple of 32
+  packed_dots<M, 2>(out, ldo, a, lda, b, K, blocks, packed_dots<M, 4>(out, ldo, a, lda, b, K, blocks, 0));
+}
+
+// Rows of a group that packed_rows takes (fewer than a tile's worth of work per weight byte).
+constexpr int64_t kPackedDotRows = 2;
+
 // The first 64-byte-aligned element of a thread's buffer v, grown to hold n elements from there
 // (kept by the thread between calls: a fresh 1-2.5 MiB buffer is page faults every call).
 template <typename T>
@@ -318,6 +362,11 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
         const int64_t r0 = trans ? u.shared : off[u.e] + q * rows_chunk, n0 = trans ? q * cols_chunk : u.shared;
         const int64_t m = std::min(rows_chunk, off[u.e + 1] - r0), nc = std::min(cols_chunk, N - n0), blocks = (m + 15) / 16;
         c10::BFloat16* o = out + r0 * ldo + n0;
+        if (packed && m <= kPackedDotRows) {  // a decode step's rows: dot products over the packed tiles
+          if (m == 1) packed_rows<1>(o, ldo, a + r0 * lda, lda, cb, K, nc);
+          if (m == 2) packed_rows<2>(o, ldo, a + r0 * lda, lda, cb, K, nc);
+          continue;
+        }
         for (int64_t k0 = 0; k0 < K; k0 += k_block) {  // one block (all of K) but for a row-major b with K > 2048
           const int64_t kn = std::min(k_block, K - k0);
           if (!trans) pack_rows(ra, a + r0 * lda + k0, lda, m, kn, false);

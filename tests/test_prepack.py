@@ -24,7 +24,7 @@ def _amx() -> bool:
 # prefill-sized groups (row chunks of the tile kernels), K > 2048 (blocked) in each product
 CASES = {
     "one token": (64, 32, 64, [0, 1, 0, 0]),
-    "few rows, empty experts": (96, 64, 32, [3, 0, 17, 5, 12, 0]),
+    "few rows, empty experts": (96, 64, 32, [3, 0, 17, 2, 1, 12, 0]),
     "prefill": (64, 32, 96, [300, 0, 77, 1, 545]),
     "gate_up K > 2048": (2176, 32, 64, [40, 0, 29]),
     "down K > 2048": (64, 2080, 32, [33, 2, 0]),
