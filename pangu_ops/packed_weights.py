@@ -40,14 +40,18 @@ def logical_shape(w: Tensor) -> tuple[int, int, int]:
     return tuple(w.shape)
 
 
-def check_packed(name: str, w: Tensor) -> None:
-    """`w` must be a packed weight as `pack` makes it: bf16, contiguous, `[E, N / 16, K / 2, 32]`
-    with K and N multiples of 32, on the CPU."""
+def _check_shape(name: str, w: Tensor) -> None:
     if w.dim() != 4 or w.shape[3] != 2 * TILE_COLUMNS:
         raise ValueError(f"{name}: a prepacked weight is 4-D [E, N/16, K/2, 32], got shape {tuple(w.shape)}")
     _, k, n = logical_shape(w)
     if k % MULTIPLE or n % MULTIPLE:
         raise ValueError(f"{name}: a prepacked weight's K and N are multiples of {MULTIPLE}, got K={k}, N={n}")
+
+
+def check_packed(name: str, w: Tensor) -> None:
+    """`w` must be a packed weight as `pack` makes it, where the kernels take it: bf16, contiguous,
+    `[E, N / 16, K / 2, 32]` with K and N multiples of 32, on the CPU."""
+    _check_shape(name, w)
     if w.dtype != torch.bfloat16:
         raise TypeError(f"{name}: a prepacked weight is bfloat16, got {w.dtype}")
     if w.device.type not in ("cpu", "meta") or not w.is_contiguous():
@@ -87,8 +91,8 @@ def pack(w: Tensor) -> Tensor:
 
 
 def unpack(p: Tensor) -> Tensor:
-    """The `[E, K, N]` weight of a packed one, as a new tensor."""
-    check_packed("unpack", p)
+    """The `[E, K, N]` weight of a packed one (any dtype or device it was moved to), as a new tensor."""
+    _check_shape("unpack", p)
     e, k, n = logical_shape(p)
     return p.view(e, n // TILE_COLUMNS, k // 2, TILE_COLUMNS, 2).permute(0, 2, 4, 1, 3).reshape(e, k, n)
 
@@ -171,6 +175,7 @@ def _prepack_layer(layer: nn.Module) -> str:
         reason = packable(w)
         if reason is not None:
             return f"left: {name} {reason}"
+    layer._pangu_prepack_requires_grad = {name: w.requires_grad for name, w in zip(PACKED_NAMES, weights)}
     for name, w in zip(PACKED_NAMES, weights):
         setattr(layer, name, nn.Parameter(_pack_(w.data.contiguous()), requires_grad=False))
     if not getattr(layer, "_pangu_prepack_hooks", False):
@@ -181,12 +186,13 @@ def _prepack_layer(layer: nn.Module) -> str:
 
 
 def unprepack(model: nn.Module) -> list[str]:
-    """Undoes `prepack` in place: the packed layers' weights back to `[E, K, N]` parameters that
-    take gradients. Returns the names of the layers unpacked."""
+    """Undoes `prepack` in place: the packed layers' weights back to `[E, K, N]` parameters, taking
+    gradients as they did before. Returns the names of the layers unpacked."""
     done = []
     for name, layer in _layers(model):
         if any(is_packed(getattr(layer, w)) for w in PACKED_NAMES):
+            grads = getattr(layer, "_pangu_prepack_requires_grad", {})
             for w in PACKED_NAMES:
-                setattr(layer, w, nn.Parameter(_unpack_(getattr(layer, w).data)))
+                setattr(layer, w, nn.Parameter(_unpack_(getattr(layer, w).data), requires_grad=grads.get(w, True)))
             done.append(name)
     return done

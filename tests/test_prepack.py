@@ -130,12 +130,25 @@ def test_prepack_model(kernels):
     with pangu_ops.use_backend(kernels), pytest.raises(RuntimeError, match="inference"):  # a gradient is wanted
         layer(x.clone().requires_grad_())
     assert pangu_ops.prepack(layer) == {"": "already packed"}
+    # moved to another dtype: the op refuses it, state_dict still unpacks it
+    moved = copy.deepcopy(layer).float()
+    assert torch.equal(moved.state_dict()["w_gate_up"], other.w_gate_up.float())
+    with torch.no_grad(), pytest.raises(TypeError, match="bfloat16"):
+        moved(x.float())
     # unprepack: the same weights back, trainable
     assert pangu_ops.unprepack(layer) == [""]
     assert torch.equal(layer.w_gate_up, other.w_gate_up) and layer.w_gate_up.requires_grad
     with pangu_ops.use_backend(kernels):
         layer(x)[0].float().sum().backward()
     assert layer.w_down.grad is not None and layer.w_down.grad.shape == other.w_down.shape
+
+
+def test_unprepack_keeps_frozen_weights_frozen(kernels):
+    layer = _layer(0)
+    layer.w_down.requires_grad_(False)
+    pangu_ops.prepack(layer)
+    pangu_ops.unprepack(layer)
+    assert layer.w_gate_up.requires_grad and not layer.w_down.requires_grad
 
 
 def test_prepack_leaves_what_it_cannot_pack(kernels):
