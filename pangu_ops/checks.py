@@ -76,11 +76,15 @@ def has_values(t: torch.Tensor) -> bool:
 
 
 def same_device(**tensors: torch.Tensor | None) -> None:
-    given = {n: t for n, t in tensors.items() if t is not None}
-    devices = {t.device for t in given.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{n} on {t.device}" for n, t in given.items())
-        raise ValueError(f"all tensors must be on one device; got {where}")
+    first = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+            raise ValueError(f"all tensors must be on one device; got {where}")
 
 
 def same_dtype(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:

@@ -48,7 +48,10 @@ def _plain_eager(args: tuple) -> bool:
         return False
     if _function_modes() and not _only_device_contexts():
         return False
-    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
+    for a in args:
+        if isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
+            return False
+    return True
 
 
 def _wants_grad(args: tuple) -> bool:
