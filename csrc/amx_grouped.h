@@ -329,12 +329,21 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
   const int64_t rows_chunk = std::clamp<int64_t>(kChunkBytes / (2 * k_block) / 32 * 32, 32, 512);
   const int64_t col_chunks = blocked ? 1 : std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
   const int64_t cols_chunk = ((N + col_chunks - 1) / col_chunks + 31) / 32 * 32;
+  // a row-major b's groups of a decode step's rows on packed tiles (packed_rows) split their columns
+  // by weight bytes even where K is blocked (no fp32 sums there: one unit for a group's whole weight
+  // kept a thread busy alone, 1.6-2x a Mixtral-shaped 2-token step's time)
+  const int64_t dot_chunks = std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
+  const int64_t dot_cols = ((N + dot_chunks - 1) / dot_chunks + 31) / 32 * 32;
   const std::vector<Unit> units = split_units(threads, [&](const auto& push) {
     for (int64_t e = 0; e < E; ++e) {
       const int64_t row_chunks = (off[e + 1] - off[e] + rows_chunk - 1) / rows_chunk;
       if (row_chunks == 0) continue;
-      const int64_t outer = trans ? row_chunks : col_chunks, inner = trans ? col_chunks : row_chunks;
-      for (int64_t o = 0; o < outer; ++o) push(e, trans ? off[e] + o * rows_chunk : o * cols_chunk, 0, inner);
+      const bool dots = !trans && packed && off[e + 1] - off[e] <= kPackedDotRows;
+      const int64_t chunks = dots ? dot_chunks : col_chunks, width = dots ? dot_cols : cols_chunk;
+      const int64_t outer = trans ? row_chunks : chunks, inner = trans ? chunks : row_chunks;
+      for (int64_t o = 0; o < outer; ++o) {  // (row-major: extent = the unit's columns)
+        push(e, trans ? off[e] + o * rows_chunk : o * width, trans ? 0 : std::min(width, N - o * width), inner);
+      }
     }
   });
   const bool stream = reinterpret_cast<uintptr_t>(out) % 64 == 0 && ldo % 32 == 0;
@@ -360,7 +369,8 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
       const c10::BFloat16* cb = packed ? packed + u.e * K * N + u.shared / 16 * K * 16 : own;
       for (int64_t q = u.first; q < u.last; ++q) {
         const int64_t r0 = trans ? u.shared : off[u.e] + q * rows_chunk, n0 = trans ? q * cols_chunk : u.shared;
-        const int64_t m = std::min(rows_chunk, off[u.e + 1] - r0), nc = std::min(cols_chunk, N - n0), blocks = (m + 15) / 16;
+        const int64_t m = std::min(rows_chunk, off[u.e + 1] - r0), nc = trans ? std::min(cols_chunk, N - n0) : u.extent;
+        const int64_t blocks = (m + 15) / 16;
         c10::BFloat16* o = out + r0 * ldo + n0;
         if (packed && m <= kPackedDotRows) {  // a decode step's rows: dot products over the packed tiles
           if (m == 1) packed_rows<1>(o, ldo, a + r0 * lda, lda, cb, K, nc);
