@@ -3,6 +3,7 @@ on packed weights against the reference on the `[E, K, N]` ones (the CPU backend
 where the CPU has AMX-BF16; the reference backend everywhere); prepack / unprepack of a model,
 its state_dict both ways, and the errors."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -205,3 +206,64 @@ def test_opcheck_packed(backend):
     args = (x, packed_weights.pack(w_gate_up), packed_weights.pack(w_down), sizes, "swiglu", False, float("inf"))
     with pangu_ops.use_backend(backend):
         torch.library.opcheck(torch.ops.pangu.expert_mlp, args)
+
+
+def _hf_model(family: str, implementation: str = "pangu_ops"):
+    """A tiny bf16 transformers MoE model whose expert sizes are multiples of 32."""
+    transformers = pytest.importorskip("transformers", minversion="5.0")
+    pytest.importorskip("pangu_ops.integrations.transformers")
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=2, head_dim=16)
+    config = {
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=32,
+                                                         num_experts=6, decoder_sparse_step=1, norm_topk_prob=True),
+        "mixtral_gelu": lambda: transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=4,
+                                                           hidden_act="gelu"),
+        "gpt_oss": lambda: transformers.GptOssConfig(**common, intermediate_size=32, num_local_experts=4,
+                                                     sliding_window=8, layer_types=["sliding_attention"] * 2),
+    }[family]()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    for p in model.parameters():
+        if p.dim() == 3:
+            torch.nn.init.normal_(p, std=0.2)
+    model = model.to(torch.bfloat16).eval()
+    model.set_experts_implementation(implementation)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral_gelu"])
+def test_prepack_transformers_model(kernels, family):
+    """transformers' [E, 2F, H] / [E, H, F] experts, packed from their transpose: the same logits,
+    state_dict in transformers' shapes both ways, unprepack back to the same weights."""
+    model, other = _hf_model(family), _hf_model(family)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    state = copy.deepcopy(model.state_dict())
+    with torch.inference_mode(), pangu_ops.use_backend(kernels):
+        plain = model(ids).logits
+    report = pangu_ops.prepack(model)
+    assert set(report.values()) == {"packed"} and len(report) == 2
+    experts = model.model.layers[0].mlp.experts
+    assert packed_weights.is_packed(experts.gate_up_proj) and packed_weights.is_packed(experts.down_proj)
+    with torch.inference_mode(), pangu_ops.use_backend(kernels):
+        torch.testing.assert_close(model(ids).logits, plain, **TOL)
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in state.items())
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode(), pangu_ops.use_backend(kernels):
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, **TOL)
+    assert len(pangu_ops.unprepack(model)) == 2
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in other.state_dict().items())
+    assert experts.gate_up_proj.shape == other.model.layers[0].mlp.experts.gate_up_proj.shape
+
+
+def test_prepack_transformers_leaves_what_it_cannot_serve(kernels):
+    report = pangu_ops.prepack(_hf_model("gpt_oss"))  # biases and its own clamped gate: grouped_gemm
+    assert report and all("gate, biases or norm" in v for v in report.values())
+    report = pangu_ops.prepack(_hf_model("qwen3_moe", implementation="eager"))
+    assert report and all("experts backend 'eager'" in v for v in report.values())

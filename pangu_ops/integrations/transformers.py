@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .. import checks, expert_mlp, grouped_gemm, permute, unpermute
+from .. import checks, expert_mlp, grouped_gemm, packed_weights, permute, unpermute
 
 NAME = "pangu_ops"
 
@@ -52,7 +52,7 @@ def _unsupported(experts: nn.Module) -> str | None:
     weight = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
     for name in (weight, "down_proj"):
         w = getattr(experts, name, None)
-        if not isinstance(w, Tensor) or w.dim() != 3:
+        if not isinstance(w, Tensor) or not (w.dim() == 3 or packed_weights.is_packed(w)):
             return f"no stacked [E, ., .] `{name}` weight"
     return None
 
@@ -97,7 +97,7 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     checks.tensor("top_k_index", top_k_index, 2, "[T, k]", checks.INDEX_DTYPES)
     weight = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
     checks.same_dtype("hidden_states", hidden_states, f"{type(experts).__name__}.{weight}", getattr(experts, weight))
-    num_experts = getattr(experts, weight).shape[0]
+    num_experts = getattr(experts, weight).shape[0]  # (also of a prepacked weight: pangu_ops.prepack)
     k = top_k_index.shape[1]
     if top_k_weights.dim() == 2 and top_k_weights.shape[1] != k:  # dense [T, E] routing weights
         checks.size("top_k_weights [T, E]", top_k_weights.shape[1], num_experts, "E (experts)")
@@ -106,7 +106,8 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     if getattr(experts, "_is_expert_parallel", False):  # ids >= E are other ranks' experts: drop them
         ids = torch.where(ids < num_experts, ids, -1)
     x_sorted, sizes, index = permute(hidden_states, ids, num_experts)
-    trans_b = not getattr(experts, "is_transposed", False)
+    # prepacked weights (pangu_ops.prepack, fused gates only) are the product's operands in tile order
+    trans_b = not getattr(experts, "is_transposed", False) and not packed_weights.is_packed(experts.down_proj)
     fused = _fused_gate(experts)
     if fused is not None:
         activation, limit = fused
