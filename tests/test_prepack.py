@@ -217,8 +217,9 @@ def _hf_model(family: str, implementation: str = "pangu_ops"):
     config = {
         "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=32,
                                                          num_experts=6, decoder_sparse_step=1, norm_topk_prob=True),
-        "mixtral_gelu": lambda: transformers.MixtralConfig(**common, intermediate_size=32, num_local_experts=4,
-                                                           hidden_act="gelu"),
+        # row-major experts ([E, H, 2F] / [E, F, H]: is_transposed), SwiGLU, no biases
+        "aria": lambda: transformers.AriaTextConfig(**common, intermediate_size=32, moe_num_experts=4, moe_topk=2,
+                                                    moe_num_shared_experts=1),
         "gpt_oss": lambda: transformers.GptOssConfig(**common, intermediate_size=32, num_local_experts=4,
                                                      sliding_window=8, layer_types=["sliding_attention"] * 2),
     }[family]()
@@ -234,11 +235,10 @@ def _hf_model(family: str, implementation: str = "pangu_ops"):
     return model
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral_gelu"])
-def test_prepack_transformers_model(kernels, family):
-    """transformers' [E, 2F, H] / [E, H, F] experts, packed from their transpose: the same logits,
-    state_dict in transformers' shapes both ways, unprepack back to the same weights."""
-    model, other = _hf_model(family), _hf_model(family)
+def test_prepack_transformers_model(kernels):
+    """transformers' row-major experts (Aria's): the same logits, state_dict in transformers' shapes
+    both ways, unprepack back to the same weights."""
+    model, other = _hf_model("aria"), _hf_model("aria")
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(-1)
@@ -265,5 +265,9 @@ def test_prepack_transformers_model(kernels, family):
 def test_prepack_transformers_leaves_what_it_cannot_serve(kernels):
     report = pangu_ops.prepack(_hf_model("gpt_oss"))  # biases and its own clamped gate: grouped_gemm
     assert report and all("gate, biases or norm" in v for v in report.values())
-    report = pangu_ops.prepack(_hf_model("qwen3_moe", implementation="eager"))
+    report = pangu_ops.prepack(_hf_model("aria", implementation="eager"))
     assert report and all("experts backend 'eager'" in v for v in report.values())
+    model = _hf_model("qwen3_moe")  # [E, 2F, H]: read in place, not packed
+    report = pangu_ops.prepack(model)
+    assert report and all("read in place" in v for v in report.values())
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dim() == 3

@@ -106,8 +106,7 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     if getattr(experts, "_is_expert_parallel", False):  # ids >= E are other ranks' experts: drop them
         ids = torch.where(ids < num_experts, ids, -1)
     x_sorted, sizes, index = permute(hidden_states, ids, num_experts)
-    # prepacked weights (pangu_ops.prepack, fused gates only) are the product's operands in tile order
-    trans_b = not getattr(experts, "is_transposed", False) and not packed_weights.is_packed(experts.down_proj)
+    trans_b = not getattr(experts, "is_transposed", False)  # (prepacked weights: is_transposed ones only)
     fused = _fused_gate(experts)
     if fused is not None:
         activation, limit = fused
