@@ -251,7 +251,7 @@ inline int64_t packed_dots(c10::BFloat16* out, int64_t ldo, const c10::BFloat16*
         x[t] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
       }
       for (int q = 0; q < Q; ++q) {
-        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_load_si512(b + (c + q) * K * 16 + p * 32));
+        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + (c + q) * K * 16 + p * 32));
         for (int t = 0; t < M; ++t) acc[t][q] = _mm512_dpbf16_ps(acc[t][q], w, x[t]);
       }
     }

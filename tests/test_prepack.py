@@ -75,6 +75,23 @@ def test_expert_mlp_packed(case, backend):
         torch.testing.assert_close(y, expected, **TOL)
 
 
+def test_expert_mlp_packed_view_off_the_cache_line():
+    """A packed weight that starts one element into its storage (not 64-byte aligned): decode rows
+    (dot products) and tiles read it as well."""
+    if not _amx():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    x, w_gate_up, w_down, sizes = _problem("few rows, empty experts", seed=4)
+
+    def shifted(w):
+        p = packed_weights.pack(w)
+        storage = torch.empty(p.numel() + 1, dtype=p.dtype)
+        storage[1:] = p.flatten()
+        return storage[1:].view(p.shape)
+    expected = reference.expert_mlp(x, w_gate_up, w_down, sizes, "swiglu", False, float("inf"))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(pangu_ops.expert_mlp(x, shifted(w_gate_up), shifted(w_down), sizes), expected, **TOL)
+
+
 @pytest.mark.parametrize("activation,limit", [("geglu", None), ("geglu_tanh", 0.7), ("swiglu", 0.5)])
 def test_expert_mlp_packed_gates(activation, limit):
     if not _amx():
