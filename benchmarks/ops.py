@@ -3,8 +3,9 @@
 Every kernel is timed beside:
 - the pure-PyTorch reference (`pangu_ops.reference`): the "speedup" column;
 - the physical limit: memcpy bandwidth (the faster of `dst.copy_(src)` and `src.clone()`,
-  read+write bytes) for the data-movement ops, for the GEMMs the faster of the dense `torch.mm` rate of the same FLOPs and (CPU) the same
-  FLOPs as fp32 FMAs on registers over all threads: the "of limit" column;
+  read+write bytes) for the data-movement ops, for the GEMMs the faster of the dense `torch.mm`
+  rate of the same FLOPs and (CPU) the same FLOPs as fp32 FMAs on registers over all threads: the
+  "of limit" column;
 - torch's own routes to the same result: `F.grouped_mm`, dense `torch.mm` in the op's dtype.
 On a GPU the GEMM limit is dense torch.mm in the op's dtype (cuBLAS). Torch's half-precision CPU
 matmuls are ~60-200x slower than fp32 on CPUs without native bf16/fp16 units (and several times
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 import pangu_ops
 from pangu_ops import backends, packed_weights, reference, verify
+from pangu_ops.backends import cpu as cpu_backend
 
 from pangu_ops.nn import MoEFeedForward
 
@@ -131,8 +133,7 @@ def amx_peak(flops: float):
     """A fn doing `flops` as bf16 tile products (TDPBF16PS) on tiles that stay in the tile registers,
     over torch's threads (the CPU backend's `amx_work`); None where the CPU (or its kernel) gives no
     AMX-BF16 tiles: the bf16 compute time no kernel beats there."""
-    backends.load("cpu")
-    if not torch.ops.pangu_cpu.has_amx():
+    if not cpu_backend.has_amx():
         return None
     return lambda: torch.ops.pangu_cpu.amx_work(int(flops))
 
@@ -253,7 +254,7 @@ def _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, flops, kernel_b
     copies of the cache). Where the CPU backend takes bf16 on AMX tiles."""
     if "cpu" not in kernel_backends or x_sorted.dtype != torch.bfloat16 or x_sorted.device.type != "cpu":
         return []
-    if not packed_weights._cpu_has_amx() or packed_weights.packable(w_gate_up) or packed_weights.packable(w_down):
+    if not cpu_backend.has_amx() or packed_weights.packable(w_gate_up) or packed_weights.packable(w_down):
         return []
     packed = packed_weights.pack(w_gate_up), packed_weights.pack(w_down)
     training = w_gate_up.clone(), w_down.clone()  # (their versions move: the plain row's cache keeps its own)

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 import pangu_ops
-from pangu_ops import backends, packed_weights, verify
+from pangu_ops import backends, verify
+from pangu_ops.backends import cpu as cpu_backend
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,7 +29,7 @@ def _default_device(backend_names: list[str] | None = None) -> torch.device:
 
 def cmd_info(args: argparse.Namespace) -> int:
     print(f"pangu_ops {pangu_ops.__version__}  torch {torch.__version__}  python {platform.python_version()}")
-    amx = packed_weights._cpu_has_amx()
+    amx = cpu_backend.has_amx()
     print(f"cpu: {platform.machine()}, {torch.get_num_threads()} threads, "
           f"ISA {torch.backends.cpu.get_cpu_capability()}, AMX-BF16 tiles in the C++ kernels: "
           f"{'yes (grouped tile kernels, pangu_ops.prepack)' if amx else 'no'}")

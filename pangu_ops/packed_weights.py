@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .backends import cpu as cpu_backend
+
 TILE_COLUMNS = 16  # columns of one packed block (a B tile's 16 columns x pairs of rows)
 MULTIPLE = 32  # K and N of a packable weight (the tile kernels' step)
 PACKED_NAMES = ("w_gate_up", "w_down")  # MoEFeedForward's row-major expert weights
@@ -156,15 +158,6 @@ def _layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEFeedForward) or _hf_experts(m)]
 
 
-def _cpu_has_amx() -> bool:
-    from . import backends
-
-    try:
-        return bool(backends.load("cpu").has_amx())
-    except backends.BackendUnavailable:
-        return False
-
-
 def prepack(model: nn.Module) -> dict[str, str]:
     """Packs the expert weights of every `MoEFeedForward` of `model`, and of every transformers
     experts module with row-major operands served by the "pangu_ops" experts backend with its fused
@@ -177,7 +170,7 @@ def prepack(model: nn.Module) -> dict[str, str]:
     Returns what happened to each MoE layer by name: "packed", "already packed", or why it was left
     as it is (another dtype or device, an ECSS pool, sizes, transformers' transposed layout, another
     experts backend, a gate or bias the fused kernel does not compute)."""
-    if not _cpu_has_amx():
+    if not cpu_backend.has_amx():
         raise RuntimeError("prepack: this CPU (or the C++ extension's build) has no AMX-BF16 tiles, which the "
                            "packed form is made for; the weights are left as they are")
     return {name: _prepack_layer(layer) for name, layer in _layers(model)}

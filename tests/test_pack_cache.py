@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import pangu_ops
-from pangu_ops import backends, verify
+from pangu_ops import verify
+from pangu_ops.backends import cpu as cpu_backend
 
 pytest.importorskip("pangu_ops._C")
 
@@ -22,8 +23,7 @@ SIZES = torch.tensor([70, 1, 2])
 
 
 def _amx() -> bool:
-    backends.load("cpu")
-    return bool(torch.ops.pangu_cpu.has_amx())
+    return cpu_backend.has_amx()
 
 
 def _product(x, w):

@@ -10,6 +10,7 @@ import torch
 
 import pangu_ops
 from pangu_ops import backends, packed_weights, reference, verify
+from pangu_ops.backends import cpu as cpu_backend
 from pangu_ops.nn import MoEFeedForward
 
 pytestmark = pytest.mark.usefixtures("on_the_cpu")
@@ -18,7 +19,7 @@ TOL = verify.TOLERANCES[torch.bfloat16]
 
 
 def _amx() -> bool:
-    return packed_weights._cpu_has_amx()
+    return cpu_backend.has_amx()
 
 
 # (K, F, N, group sizes): one token (a decode step), a few rows with empty experts, odd sizes,
@@ -116,7 +117,7 @@ def kernels(monkeypatch):
     reference (prepack then believes the CPU has AMX: the model plumbing is tested everywhere)."""
     if _amx():
         return "cpu"
-    monkeypatch.setattr(packed_weights, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(cpu_backend, "has_amx", lambda: True)
     return "reference"
 
 
@@ -180,7 +181,7 @@ def test_prepack_leaves_what_it_cannot_pack(kernels):
 
 
 def test_prepack_needs_amx(monkeypatch):
-    monkeypatch.setattr(packed_weights, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(cpu_backend, "has_amx", lambda: False)
     layer = _layer(0)
     with pytest.raises(RuntimeError, match="AMX"):
         pangu_ops.prepack(layer)

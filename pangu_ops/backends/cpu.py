@@ -25,6 +25,15 @@ def load() -> Any:
     return torch.ops.pangu_cpu
 
 
+def has_amx() -> bool:
+    """Whether the C++ kernels run AMX-BF16 tiles here (this CPU, and a build for it): the grouped
+    tile kernels and the packed weights (`pangu_ops.prepack`). False where the extension is not built."""
+    try:
+        return bool(load().has_amx())
+    except BackendUnavailable:
+        return False
+
+
 def output_cache(clear: bool = False) -> dict[str, int]:
     """The C++ CPU kernels' cache of large output blocks (outputs of 1 MiB and more reuse the memory
     of freed ones instead of fresh pages, whose first-touch faults cost more than filling them):
