@@ -327,22 +327,23 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
   const bool blocked = !trans && K > 2048;
   const int64_t k_block = blocked ? 1024 : K;
   const int64_t rows_chunk = std::clamp<int64_t>(kChunkBytes / (2 * k_block) / 32 * 32, 32, 512);
-  const int64_t col_chunks = blocked ? 1 : std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
-  const int64_t cols_chunk = ((N + col_chunks - 1) / col_chunks + 31) / 32 * 32;
-  // a row-major b's groups of a decode step's rows on packed tiles (packed_rows) split their columns
-  // by weight bytes even where K is blocked (no fp32 sums there: one unit for a group's whole weight
-  // kept a thread busy alone, 1.6-2x a Mixtral-shaped 2-token step's time)
-  const int64_t dot_chunks = std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
-  const int64_t dot_cols = ((N + dot_chunks - 1) / dot_chunks + 31) / 32 * 32;
+  // column chunks of <= kWeightChunkBytes of b; a row-major b's groups of a decode step's rows on
+  // packed tiles (packed_rows) split their columns so even where K is blocked (no fp32 sums there:
+  // one unit for a group's whole weight kept a thread busy alone, 1.6-2x a Mixtral-shaped 2-token
+  // step's time)
+  const int64_t weight_chunks = std::max<int64_t>(1, (N * K * 2 + kWeightChunkBytes - 1) / kWeightChunkBytes);
+  const int64_t col_chunks = blocked ? 1 : weight_chunks;
+  const auto width = [N](int64_t chunks) { return ((N + chunks - 1) / chunks + 31) / 32 * 32; };
+  const int64_t cols_chunk = width(col_chunks), dot_cols = width(weight_chunks);
   const std::vector<Unit> units = split_units(threads, [&](const auto& push) {
     for (int64_t e = 0; e < E; ++e) {
       const int64_t row_chunks = (off[e + 1] - off[e] + rows_chunk - 1) / rows_chunk;
       if (row_chunks == 0) continue;
       const bool dots = !trans && packed && off[e + 1] - off[e] <= kPackedDotRows;
-      const int64_t chunks = dots ? dot_chunks : col_chunks, width = dots ? dot_cols : cols_chunk;
+      const int64_t chunks = dots ? weight_chunks : col_chunks, cols = dots ? dot_cols : cols_chunk;
       const int64_t outer = trans ? row_chunks : chunks, inner = trans ? chunks : row_chunks;
       for (int64_t o = 0; o < outer; ++o) {  // (row-major: extent = the unit's columns)
-        push(e, trans ? off[e] + o * rows_chunk : o * width, trans ? 0 : std::min(width, N - o * width), inner);
+        push(e, trans ? off[e] + o * rows_chunk : o * cols, trans ? 0 : std::min(cols, N - o * cols), inner);
       }
     }
   });
@@ -380,23 +381,23 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
         for (int64_t k0 = 0; k0 < K; k0 += k_block) {  // one block (all of K) but for a row-major b with K > 2048
           const int64_t kn = std::min(k_block, K - k0);
           if (!trans) pack_rows(ra, a + r0 * lda + k0, lda, m, kn, false);
-        for (int64_t j = 0; j < nc; j += 32) {
-          for (int64_t blk = 0; blk < blocks; blk += 2) {
-            const int tokens = blk + 1 == blocks ? 16 : 32;
-            const int64_t valid = std::min<int64_t>(32, m - blk * 16);
-            if (trans) {  // A: b's rows n0 + j (+16) as they lie; B: the packed rows (k_block is K)
-              amx_block(c, 32, false, be + (n0 + j) * sb1, 16 * sb1, sb1 * 2, 32, ra + blk * 16 * K, 16 * K, 512, steps, 32,
-                        tokens);
-              store_transposed(c, o + blk * 16 * ldo + j, ldo, valid, stream);
-            } else {  // A: the copied rows of this K block; B: the packed columns
-              float* cc = blocked ? acc + blk * 16 * nc + j : c;
-              const int64_t ldc = blocked ? nc : 32;
-              amx_block(cc, ldc, k0 > 0, ra + blk * 16 * kn, 16 * kn, 64, 512, cb + (j / 16) * K * 16 + k0 * 16, K * 16, 512,
-                        kn / 32, tokens, 32);
-              if (k0 + kn == K) store_rows(cc, ldc, o + blk * 16 * ldo + j, ldo, valid, stream);
+          for (int64_t j = 0; j < nc; j += 32) {
+            for (int64_t blk = 0; blk < blocks; blk += 2) {
+              const int tokens = blk + 1 == blocks ? 16 : 32;
+              const int64_t valid = std::min<int64_t>(32, m - blk * 16);
+              if (trans) {  // A: b's rows n0 + j (+16) as they lie; B: the packed rows (k_block is K)
+                amx_block(c, 32, false, be + (n0 + j) * sb1, 16 * sb1, sb1 * 2, 32, ra + blk * 16 * K, 16 * K, 512, steps, 32,
+                          tokens);
+                store_transposed(c, o + blk * 16 * ldo + j, ldo, valid, stream);
+              } else {  // A: the copied rows of this K block; B: the packed columns
+                float* cc = blocked ? acc + blk * 16 * nc + j : c;
+                const int64_t ldc = blocked ? nc : 32;
+                amx_block(cc, ldc, k0 > 0, ra + blk * 16 * kn, 16 * kn, 64, 512, cb + (j / 16) * K * 16 + k0 * 16, K * 16, 512,
+                          kn / 32, tokens, 32);
+                if (k0 + kn == K) store_rows(cc, ldc, o + blk * 16 * ldo + j, ldo, valid, stream);
+              }
             }
           }
-        }
         }
       }
     }

@@ -224,8 +224,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_packed(const at::Tensor& x, const 
                         w_down.is_contiguous() && K == x.size(1) && F2 == 2 * F && w_down.size(0) == w_gate_up.size(0),
                     "expert_mlp: prepacked weights must be contiguous [E, 2F/16, K/2, 32] and [E, N/16, F/2, 32]");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kBFloat16, "expert_mlp: prepacked weights are bfloat16");
-  TORCH_CHECK(grouped_amx_applies(x.scalar_type(), 1, K * F2, 1, K, F2) &&
-                  grouped_amx_applies(x.scalar_type(), 1, F * N, 1, F, N),
+  TORCH_CHECK(grouped_amx_applies(x.scalar_type(), 1, F2, 1, K, F2) && grouped_amx_applies(x.scalar_type(), 1, N, 1, F, N),
               "expert_mlp: prepacked weights need AMX-BF16 (this CPU or build has none) and K, F, N multiples of 32; "
               "pangu_ops.unprepack(model) restores the [E, K, N] weights");
   using bf16 = c10::BFloat16;
