@@ -259,7 +259,8 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
   auto down_w = [&](int64_t e) { return trans_b ? w_down.select(0, e).t() : w_down.select(0, e); };
   const int64_t E = w_gate_up.size(0);
   const int64_t K = trans_b ? w_gate_up.size(2) : w_gate_up.size(1);
-  const int64_t F = (trans_b ? w_gate_up.size(1) : w_gate_up.size(2)) / 2;
+  const int64_t F2 = trans_b ? w_gate_up.size(1) : w_gate_up.size(2), F = F2 / 2;
+  TORCH_CHECK_VALUE(F2 % 2 == 0, "expert_mlp: w_gate_up's 2F (gate | up) must be even, got ", F2);
   const int64_t N = trans_b ? w_down.size(1) : w_down.size(2);
   TORCH_CHECK_VALUE(K == x.size(1) && w_down.size(0) == E && (trans_b ? w_down.size(2) : w_down.size(1)) == F &&
                         group_sizes.numel() == E,

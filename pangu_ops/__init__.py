@@ -10,7 +10,7 @@ run on the backend chosen by `use_backend` (see `pangu_ops.backends`).
 from .backends import cpu_output_cache, cpu_pack_cache, current_backend, use_backend
 from . import routing
 from .packed_weights import prepack, unprepack
-from .ops import adamw_experts, expert_mlp, grouped_gemm, permute, rre_dispatch, unpermute
+from .ops import adamw_experts, expert_mlp, grouped_gemm, moe_experts, permute, rre_dispatch, unpermute
 
 __version__ = "0.1.0"
-__all__ = ["adamw_experts", "cpu_output_cache", "cpu_pack_cache", "current_backend", "expert_mlp", "grouped_gemm", "permute", "prepack", "routing", "rre_dispatch", "unpermute", "unprepack", "use_backend"]
+__all__ = ["adamw_experts", "cpu_output_cache", "cpu_pack_cache", "current_backend", "expert_mlp", "grouped_gemm", "moe_experts", "permute", "prepack", "routing", "rre_dispatch", "unpermute", "unprepack", "use_backend"]

@@ -14,8 +14,8 @@ backend serves the tensors' device:
 The weights are read in transformers' layouts as they are (`[E, 2F, H]` and `[E, H, F]` through
 `trans_b=True`, or `[E, H, 2F]` / `[E, F, H]` when `is_transposed`): no copy, no transpose per
 call. Where the experts carry no bias and use transformers' default gate with SiLU / GELU /
-tanh-GELU, or DeepSeek-V4's clamped SwiGLU, the fused `expert_mlp` op runs the whole MLP (gate in
-the GEMM's epilogue on GPU); other gates (GPT-OSS's) go through the module's own `_apply_gate`
+tanh-GELU, or DeepSeek-V4's clamped SwiGLU, `moe_experts` runs permute, the fused `expert_mlp` (gate
+in the GEMM's epilogue on GPU) and unpermute in one call (one C++ call in CPU inference); other gates (GPT-OSS's) go through the module's own `_apply_gate`
 between two grouped GEMMs. Per-expert biases and `post_expert_norm` are applied per row. What it cannot serve (an experts module without the weights it reads) goes to
 transformers' own "grouped_mm" path with a one-time warning naming why.
 """
@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .. import checks, expert_mlp, grouped_gemm, packed_weights, permute, unpermute
+from .. import checks, grouped_gemm, moe_experts, packed_weights, permute, unpermute
 
 NAME = "pangu_ops"
 
@@ -105,31 +105,30 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     ids = top_k_index
     if getattr(experts, "_is_expert_parallel", False):  # ids >= E are other ranks' experts: drop them
         ids = torch.where(ids < num_experts, ids, -1)
-    x_sorted, sizes, index = permute(hidden_states, ids, num_experts)
     trans_b = not getattr(experts, "is_transposed", False)  # (prepacked weights: is_transposed ones only)
     fused = _fused_gate(experts)
-    if fused is not None:
+    if fused is not None:  # the whole of it in one call (one C++ call in CPU inference)
         activation, limit = fused
-        y = expert_mlp(x_sorted, experts.gate_up_proj, experts.down_proj, sizes, activation, trans_b=trans_b,
-                       limit=limit)
+        return moe_experts(hidden_states, ids, top_k_weights, experts.gate_up_proj, experts.down_proj, activation,
+                           trans_b=trans_b, limit=limit)[0]
+    x_sorted, sizes, index = permute(hidden_states, ids, num_experts)
+    rows_expert = None
+    if getattr(experts, "has_bias", False):  # each row's expert, to add its expert's bias
+        rows_expert = torch.repeat_interleave(torch.arange(num_experts, device=sizes.device), sizes,
+                                              output_size=x_sorted.shape[0])
+
+    def gemm(a: Tensor, weight: str) -> Tensor:
+        out = grouped_gemm(a, getattr(experts, weight), sizes, trans_b)
+        b = getattr(experts, f"{weight}_bias", None) if rows_expert is not None else None
+        return out if b is None else out + b[rows_expert]
+
+    if getattr(experts, "has_gate", True):
+        h = experts._apply_gate(gemm(x_sorted, "gate_up_proj"))
     else:
-        rows_expert = None
-        if getattr(experts, "has_bias", False):  # each row's expert, to add its expert's bias
-            rows_expert = torch.repeat_interleave(torch.arange(num_experts, device=sizes.device), sizes,
-                                                  output_size=x_sorted.shape[0])
-
-        def gemm(a: Tensor, weight: str) -> Tensor:
-            out = grouped_gemm(a, getattr(experts, weight), sizes, trans_b)
-            b = getattr(experts, f"{weight}_bias", None) if rows_expert is not None else None
-            return out if b is None else out + b[rows_expert]
-
-        if getattr(experts, "has_gate", True):
-            h = experts._apply_gate(gemm(x_sorted, "gate_up_proj"))
-        else:
-            h = experts.act_fn(gemm(x_sorted, "up_proj"))
-        y = gemm(h, "down_proj")
-        if getattr(experts, "has_post_expert_norm", False):
-            y = experts.post_expert_norm(y)
+        h = experts.act_fn(gemm(x_sorted, "up_proj"))
+    y = gemm(h, "down_proj")
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y)
     return unpermute(y, index, top_k_weights, hidden_states.shape[0], topk=k).to(hidden_states.dtype)
 
 

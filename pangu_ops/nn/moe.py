@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks, routing
-from ..ops import expert_mlp, permute, rre_dispatch, unpermute
+from ..ops import expert_mlp, moe_experts, permute, rre_dispatch, unpermute
 from ..ops.expert_mlp import fp32_weight_grads
 
 
@@ -215,10 +215,13 @@ class MoEFeedForward(nn.Module):
             token_ids, rows, table = route.lookup
             x_sorted, sizes, index = rre_dispatch(flat, token_ids, rows, table if slots is None else slots.to(table.device)[table],
                                                   self.num_experts)
+        elif slots is None:  # the whole routed computation in one call (one C++ call in CPU inference)
+            y, sizes = moe_experts(flat, route.expert_ids, route.weights, self.w_gate_up, self.w_down)
+            self.expert_load.add_(sizes)
+            return y
         else:
-            ids = route.expert_ids
-            if slots is not None:  # -1 stays dropped
-                ids = torch.where(ids >= 0, slots.to(ids.device)[ids.long().clamp_min(0)], -1)
+            ids = route.expert_ids  # -1 stays dropped
+            ids = torch.where(ids >= 0, slots.to(ids.device)[ids.long().clamp_min(0)], -1)
             x_sorted, sizes, index = permute(flat, ids, self.num_experts)
         if slots is None:  # group_sizes count the logical experts themselves
             self.expert_load.add_(sizes)

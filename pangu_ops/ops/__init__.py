@@ -4,8 +4,9 @@ the backend chosen by `pangu_ops.backends`."""
 from .adamw_experts import adamw_experts
 from .expert_mlp import expert_mlp
 from .grouped_gemm import grouped_gemm
+from .moe_experts import moe_experts
 from .permute import permute
 from .rre_dispatch import rre_dispatch
 from .unpermute import unpermute
 
-__all__ = ["adamw_experts", "expert_mlp", "grouped_gemm", "permute", "rre_dispatch", "unpermute"]
+__all__ = ["adamw_experts", "expert_mlp", "grouped_gemm", "moe_experts", "permute", "rre_dispatch", "unpermute"]

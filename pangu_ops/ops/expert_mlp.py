@@ -34,31 +34,39 @@ def _prepacked(w_gate_up: Tensor, w_down: Tensor, trans_b: bool) -> bool:
     return True
 
 
-def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str, trans_b: bool,
-           limit: float) -> None:
+def _check_weights(x: Tensor, w_gate_up: Tensor, w_down: Tensor, activation: str, trans_b: bool, limit: float,
+                   x_name: str = "x_sorted", x_layout: str = "[S, K]") -> int:
+    """The checks of x (its rows' width), the weights and the gate; returns E."""
     up_layout, down_layout = ("[E, 2F, K]", "[E, N, F]") if trans_b else ("[E, K, 2F]", "[E, F, N]")
-    checks.tensor("x_sorted", x, 2, "[S, K]", checks.FLOAT_DTYPES)
+    checks.tensor(x_name, x, 2, x_layout, checks.FLOAT_DTYPES)
     weights = w_gate_up, w_down
     if _prepacked(w_gate_up, w_down, trans_b):  # checked as their [E, K, N] shapes from here on
         w_gate_up, w_down = (torch.empty(packed_weights.logical_shape(w), dtype=w.dtype, device="meta") for w in weights)
     checks.tensor("w_gate_up", w_gate_up, 3, up_layout, checks.FLOAT_DTYPES)
     checks.tensor("w_down", w_down, 3, down_layout, checks.FLOAT_DTYPES)
-    checks.same_dtype("x_sorted", x, "w_gate_up", w_gate_up)
-    checks.same_dtype("x_sorted", x, "w_down", w_down)
+    checks.same_dtype(x_name, x, "w_gate_up", w_gate_up)
+    checks.same_dtype(x_name, x, "w_down", w_down)
     E = w_gate_up.shape[0]
     K, two_f = (w_gate_up.shape[2], w_gate_up.shape[1]) if trans_b else (w_gate_up.shape[1], w_gate_up.shape[2])
-    checks.size(f"w_gate_up {up_layout}", K, x.shape[1], "K (x_sorted.shape[1])")
+    checks.size(f"w_gate_up {up_layout}", K, x.shape[1], f"K ({x_name}.shape[1])")
     if two_f % 2:
         raise ValueError(f"w_gate_up {up_layout}: 2F must be even (gate | up), got {two_f}")
     checks.size(f"w_down {down_layout}", w_down.shape[0], E, "E (w_gate_up.shape[0])")
     checks.size(f"w_down {down_layout}", w_down.shape[2 if trans_b else 1], two_f // 2, "F (half of w_gate_up's 2F)")
-    checks.tensor("group_sizes", group_sizes, 1, "[E]", checks.INDEX_DTYPES)
-    checks.size("group_sizes", group_sizes.shape[0], E, "length (E = w_gate_up.shape[0])")
-    checks.same_device(x_sorted=x, w_gate_up=weights[0], w_down=weights[1], group_sizes=group_sizes)
+    checks.same_device(**{x_name: x}, w_gate_up=weights[0], w_down=weights[1])
     if activation not in checks.ACTIVATIONS:
         raise ValueError(f"activation must be one of {checks.ACTIVATIONS}, got {activation!r}")
     if not limit > 0:  # also rejects NaN
         raise ValueError(f"limit must be positive (math.inf or None: no clamp), got {limit}")
+    return E
+
+
+def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str, trans_b: bool,
+           limit: float) -> None:
+    E = _check_weights(x, w_gate_up, w_down, activation, trans_b, limit)
+    checks.tensor("group_sizes", group_sizes, 1, "[E]", checks.INDEX_DTYPES)
+    checks.size("group_sizes", group_sizes.shape[0], E, "length (E = w_gate_up.shape[0])")
+    checks.same_device(x_sorted=x, group_sizes=group_sizes)
 
 
 def _fake(x, w_gate_up, w_down, group_sizes, activation, trans_b, limit):
