@@ -1,5 +1,6 @@
 """Hypothesis-driven shapes: a whole MoE step (permute -> grouped_gemm -> unpermute, with
-gradients) on every backend equals the reference on random sizes, routings and dtypes."""
+gradients) on every backend equals the reference on random sizes, routings and dtypes; moe_experts
+equals the three ops it fuses."""
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -50,3 +51,25 @@ def test_moe_step_matches_reference(problem):
     g = verify.randn((case.tokens, case.ffn), dtype, gen)
     for a, b in zip(torch.autograd.grad(got, [x, w, weights], g), torch.autograd.grad(want, [x, w, weights], g)):
         torch.testing.assert_close(a, b, **tol)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.booleans())
+def test_moe_experts_equals_the_three_ops(problem, trans_b):
+    """moe_experts in inference (the single C++ call on the CPU backend) against permute ->
+    expert_mlp -> unpermute, bit for bit: no tokens, every slot dropped, experts without rows."""
+    case, dtype, backend, seed = problem
+    gen = verify.generator(seed)
+    ids, weights = verify.routing(case, gen)
+    x = verify.randn((case.tokens, case.hidden), dtype, gen)
+    up, down = ((2 * case.ffn, case.hidden), (case.hidden, case.ffn)) if trans_b else \
+        ((case.hidden, 2 * case.ffn), (case.ffn, case.hidden))
+    w_gate_up = verify.randn((case.experts, *up), dtype, gen, scale=case.hidden ** -0.5)
+    w_down = verify.randn((case.experts, *down), dtype, gen, scale=case.ffn ** -0.5)
+    with pangu_ops.use_backend(backend), torch.no_grad():
+        got, sizes = pangu_ops.moe_experts(x, ids, weights, w_gate_up, w_down, trans_b=trans_b)
+        x_sorted, want_sizes, index = pangu_ops.permute(x, ids, case.experts)
+        y = pangu_ops.expert_mlp(x_sorted, w_gate_up, w_down, want_sizes, trans_b=trans_b)
+        want = pangu_ops.unpermute(y, index, weights, case.tokens, topk=case.topk)
+    assert torch.equal(sizes, want_sizes)
+    assert torch.equal(got, want)

@@ -76,7 +76,7 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up
         except (ValueError, TypeError, RuntimeError):
             _check(*args)
             raise
-    E = _check(*args)
+    E = _check_weights(x, w_gate_up, w_down, activation, trans_b, limit, "x", "[T, K]")  # the ops check the rest
     x_sorted, sizes, index = permute(x, expert_ids, E)
     y = expert_mlp(x_sorted, w_gate_up, w_down, sizes, activation, trans_b=trans_b, limit=limit)
     return unpermute(y, index, weights, x.shape[0], topk=expert_ids.shape[1]), sizes
