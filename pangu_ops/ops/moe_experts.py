@@ -22,6 +22,9 @@ from .permute import permute
 from .unpermute import unpermute
 
 
+_CPU = ("auto", "cpu")
+
+
 @functools.cache
 def _cpu_kernel() -> bool:
     return backends.serves("cpu", "moe_experts")
@@ -32,11 +35,8 @@ def _one_call(x: Tensor, args: tuple) -> bool:
     (x's device decides; another device among the rest fails in the call and the checks name it).
     Kept cheap: in a decode step the interpreter runs from L3, its data pushed out of L2 by the
     layer's weight stream, and each microsecond of Python becomes ~5."""
-    return x.is_cpu and not _wants_grad(args) and _plain_eager(args) and backends.current_backend() in _CPU \
+    return isinstance(x, Tensor) and x.is_cpu and not _wants_grad(args) and _plain_eager(args) and backends.current_backend() in _CPU \
         and _cpu_kernel()
-
-
-_CPU = ("auto", "cpu")
 
 
 def _check(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Tensor, w_down: Tensor, activation: str,
