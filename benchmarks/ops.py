@@ -18,8 +18,9 @@ pays for it there), noted with their time over the warm call's.
 
 Timing: all rows of a dtype interleaved in rounds (`timing.interleaved`), min / median / spread,
 rows flagged where the machine was disturbed, and rows faster than their limit flagged as a wrong
-limit or benchmark; plus the per-call overhead of an op on one token and the first call after
-import, in fresh processes.
+limit or benchmark; plus the per-call overhead of an op on one token, a one-token decode step
+(`moe_experts` against the three ops and the expert kernel alone), and the first call after import,
+in fresh processes.
 """
 from __future__ import annotations
 
@@ -326,6 +327,43 @@ def _overhead_entries(device: torch.device, kernel_backends: list[str]) -> list[
     return out
 
 
+def _decode_entries(problem: Problem, device: torch.device, kernel_backends: list[str]) -> tuple[str, list[Entry]]:
+    """One decode token through the problem's experts (bf16 where the device multiplies in it, else
+    fp32): `moe_experts` (one C++ call in CPU inference) against permute + expert_mlp + unpermute,
+    and the expert kernel alone on the sorted rows (the limit: what the calls around it cost). Each
+    call streams its experts' weights (6 MB for the default problem), as a decode step does: the
+    interpreter around the kernels runs with its data pushed out of L2. Returns (dtype, entries)."""
+    p = problem
+    dtype = torch.float32 if _half_on_cpu(torch.bfloat16, device) else torch.bfloat16
+    gen = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, device=device) * scale).to(dtype)
+
+    x = randn(1, p.hidden)
+    ids = torch.arange(p.topk, device=device)[None] * (p.experts // p.topk)  # distinct experts
+    weights = torch.full((1, p.topk), 1.0 / p.topk, device=device)
+    w_gate_up, w_down = randn(p.experts, p.hidden, 2 * p.ffn, scale=p.hidden ** -0.5), randn(p.experts, p.ffn, p.hidden)
+    x_sorted, sizes, index = pangu_ops.permute(x, ids, p.experts)
+
+    def three_ops():
+        xs, gs, idx = pangu_ops.permute(x, ids, p.experts)
+        return pangu_ops.unpermute(pangu_ops.expert_mlp(xs, w_gate_up, w_down, gs), idx, weights)
+
+    op, out = "decode step (1 token)", []
+    for b in kernel_backends:
+        kernel = backends.load(b).expert_mlp
+        out += [Entry(op, f"{b}: pangu_ops.moe_experts", "kernel",
+                      _on(b, lambda: pangu_ops.moe_experts(x, ids, weights, w_gate_up, w_down)), 1, "k steps/s",
+                      "permute + expert_mlp + unpermute in one call"),
+                Entry(op, f"{b}: three ops", "baseline", _on(b, three_ops), 1, "k steps/s",
+                      "pangu_ops.permute, expert_mlp, unpermute"),
+                Entry(op, f"{b}: expert kernel only", "limit",
+                      lambda: kernel(x_sorted, w_gate_up, w_down, sizes, "swiglu", False, math.inf), 1, "k steps/s",
+                      "the backend's expert_mlp kernel on the sorted rows")]
+    return str(dtype)[6:], out
+
+
 _FIRST_CALL = """
 import time, torch
 t0 = time.perf_counter()
@@ -359,8 +397,9 @@ PEAK_OP = "compute peak"  # fma_work's FLOPs: its rate is the machine's, whateve
 # amx_work's: bf16's ceiling where the CPU has AMX tiles, shown beside the limits (the shares stay
 # against the dense mm, which reaches about half of it)
 AMX_PEAK_OP = "AMX peak"
-LIMIT_OF = {"GB/s": ("memcpy",), "GFLOP/s": ("dense mm", PEAK_OP), "k calls/s": ("call overhead (1 token)",)}
-UNIT_SCALE = {"GB/s": 1e9, "GFLOP/s": 1e9, "k calls/s": 1e3}
+LIMIT_OF = {"GB/s": ("memcpy",), "GFLOP/s": ("dense mm", PEAK_OP), "k calls/s": ("call overhead (1 token)",),
+            "k steps/s": ("decode step (1 token)",)}
+UNIT_SCALE = {"GB/s": 1e9, "GFLOP/s": 1e9, "k calls/s": 1e3, "k steps/s": 1e3}
 BUSY_SPREAD = 1.0  # rounds whose max - min exceed the median: the machine was busy
 
 
@@ -387,6 +426,7 @@ def run(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kerne
         name = str(dtype)[6:]
         measure(name, name, entries(problem, dtype, device, kernel_backends))
     measure("overhead", "float32", _overhead_entries(device, kernel_backends))
+    measure("decode", *_decode_entries(problem, device, kernel_backends))
     say("[first call] fresh processes: import pangu_ops + first op call")
     for impl, kind, t in first_call(device):
         rows.append(Row("first call after import", "float32", impl, kind, t.median * 1e3, t.min * 1e3, "ms",
@@ -423,8 +463,8 @@ def _compare(rows: list[Row]) -> None:
 
 
 def _backend_of(r: Row) -> str | None:
-    """The backend an overhead row is about ("cpu: kernel only" -> "cpu"); None for other rows."""
-    return r.impl.split(":")[0] if r.unit == "k calls/s" else None
+    """The backend an overhead or decode row is about ("cpu: kernel only" -> "cpu"); None for other rows."""
+    return r.impl.split(":")[0] if r.unit in ("k calls/s", "k steps/s") else None
 
 
 def _on(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
@@ -485,7 +525,8 @@ def plot(rows: list[Row], problem: Problem, device: torch.device, path: Path) ->
         unit = mine[0].unit if mine else ""
         ax.set_title(op)
         ax.set_ylabel("fraction of " + {"GB/s": "memcpy bandwidth", "GFLOP/s": "dense mm rate",
-                                        "k calls/s": "the bare kernel's call rate"}.get(unit, "limit"))
+                                        "k calls/s": "the bare kernel's call rate",
+                                        "k steps/s": "the expert kernel's step rate"}.get(unit, "limit"))
         ax.legend(fontsize=7)
     fig.suptitle(f"pangu_ops on {device} ({problem})", fontsize=10)
     fig.tight_layout()
