@@ -86,29 +86,58 @@ inline ActGrad activation(float g) {
   }
 }
 
-// One row: d_gate, d_up (dh's dtype) and h (gate/up's dtype) from gate, up and dh.
-template <Act kAct, typename in_t, typename grad_t>
+// n fp32 values to dst in its dtype: bf16 where built with AVX512-BF16 by VCVTNEPS2BF16 (16 at a
+// time, round to nearest even; NaN stays NaN), else (and the tail) element by element.
+template <typename T>
+inline void store_floats(T* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 16 <= n; i += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i))));
+    }
+  }
+#endif
+  for (; i < n; ++i) store_float(dst, i, src[i]);
+}
+
+constexpr int64_t kGateChunk = 256;  // elements of a row computed into fp32 buffers, then stored
+
+// One row: d_gate, d_up (dh's dtype) and h (gate/up's dtype) from gate, up and dh, in chunks whose
+// fp32 results go out through store_floats. kClamp: limit is finite (else the clamps and their
+// masks are left out).
+template <Act kAct, bool kClamp, typename in_t, typename grad_t>
 void gated_backward_row(const in_t* __restrict gate, const in_t* __restrict up, const grad_t* __restrict d,
                         grad_t* __restrict d_gate, grad_t* __restrict d_up, in_t* __restrict h, int64_t F,
                         float limit) {
-  for (int64_t i = 0; i < F; ++i) {
-    const float g0 = load_float(gate, i), u0 = load_float(up, i), di = load_float(d, i);
-    const float g = std::min(g0, limit), u = std::min(std::max(u0, -limit), limit);
-    const ActGrad a = activation<kAct>(g);
-    const float pass_g = g0 <= limit ? 1.0f : 0.0f, pass_u = ((u0 >= -limit) & (u0 <= limit)) ? 1.0f : 0.0f;
-    store_float(d_gate, i, di * u * a.d_act * pass_g);
-    store_float(d_up, i, di * a.act * pass_u);
-    store_float(h, i, a.act * u);
+  alignas(64) float dg[kGateChunk], du[kGateChunk], hh[kGateChunk];
+  for (int64_t c = 0; c < F; c += kGateChunk) {
+    const int64_t n = std::min(kGateChunk, F - c);
+    for (int64_t i = 0; i < n; ++i) {
+      const float g0 = load_float(gate, c + i), u0 = load_float(up, c + i), di = load_float(d, c + i);
+      const float g = kClamp ? std::min(g0, limit) : g0, u = kClamp ? std::min(std::max(u0, -limit), limit) : u0;
+      const ActGrad a = activation<kAct>(g);
+      const float pass_g = !kClamp || g0 <= limit ? 1.0f : 0.0f;
+      const float pass_u = !kClamp || ((u0 >= -limit) & (u0 <= limit)) ? 1.0f : 0.0f;
+      dg[i] = di * u * a.d_act * pass_g;
+      du[i] = di * a.act * pass_u;
+      hh[i] = a.act * u;
+    }
+    store_floats(d_gate + c, dg, n);
+    store_floats(d_up + c, du, n);
+    store_floats(h + c, hh, n);
   }
 }
 
 template <Act kAct, typename in_t, typename grad_t>
 void gated_backward_rows(const in_t* gu, const grad_t* dh, grad_t* dgu, in_t* h, int64_t rows, int64_t F,
                          float limit) {
+  const bool clamp = std::isfinite(limit);
   at::parallel_for(0, rows, row_grain(F * 12), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      gated_backward_row<kAct>(gu + r * 2 * F, gu + r * 2 * F + F, dh + r * F, dgu + r * 2 * F, dgu + r * 2 * F + F,
-                               h + r * F, F, limit);
+      const auto row = clamp ? gated_backward_row<kAct, true, in_t, grad_t> : gated_backward_row<kAct, false, in_t, grad_t>;
+      row(gu + r * 2 * F, gu + r * 2 * F + F, dh + r * F, dgu + r * 2 * F, dgu + r * 2 * F + F, h + r * F, F, limit);
     }
   });
 }
@@ -136,9 +165,15 @@ std::tuple<at::Tensor, at::Tensor> gated_backward(const at::Tensor& gate_up, con
 
 template <Act kAct, typename T>
 void gated_forward_row(const T* __restrict gate, const T* __restrict up, T* __restrict h, int64_t F, float limit) {
-  for (int64_t i = 0; i < F; ++i) {
-    const float g = std::min(load_float(gate, i), limit), u = std::min(std::max(load_float(up, i), -limit), limit);
-    store_float(h, i, activation<kAct>(g).act * u);
+  alignas(64) float hh[kGateChunk];
+  for (int64_t c = 0; c < F; c += kGateChunk) {
+    const int64_t n = std::min(kGateChunk, F - c);
+    for (int64_t i = 0; i < n; ++i) {
+      const float g = std::min(load_float(gate, c + i), limit);
+      const float u = std::min(std::max(load_float(up, c + i), -limit), limit);
+      hh[i] = activation<kAct>(g).act * u;
+    }
+    store_floats(h + c, hh, n);
   }
 }
 
