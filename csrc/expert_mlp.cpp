@@ -133,10 +133,10 @@ void gated_backward_row(const in_t* __restrict gate, const in_t* __restrict up, 
 template <Act kAct, typename in_t, typename grad_t>
 void gated_backward_rows(const in_t* gu, const grad_t* dh, grad_t* dgu, in_t* h, int64_t rows, int64_t F,
                          float limit) {
-  const bool clamp = std::isfinite(limit);
+  const auto row = std::isfinite(limit) ? gated_backward_row<kAct, true, in_t, grad_t>
+                                         : gated_backward_row<kAct, false, in_t, grad_t>;
   at::parallel_for(0, rows, row_grain(F * 12), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const auto row = clamp ? gated_backward_row<kAct, true, in_t, grad_t> : gated_backward_row<kAct, false, in_t, grad_t>;
       row(gu + r * 2 * F, gu + r * 2 * F + F, dh + r * F, dgu + r * 2 * F, dgu + r * 2 * F + F, h + r * F, F, limit);
     }
   });

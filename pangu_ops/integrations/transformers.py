@@ -15,9 +15,10 @@ The weights are read in transformers' layouts as they are (`[E, 2F, H]` and `[E,
 `trans_b=True`, or `[E, H, 2F]` / `[E, F, H]` when `is_transposed`): no copy, no transpose per
 call. Where the experts carry no bias and use transformers' default gate with SiLU / GELU /
 tanh-GELU, or DeepSeek-V4's clamped SwiGLU, `moe_experts` runs permute, the fused `expert_mlp` (gate
-in the GEMM's epilogue on GPU) and unpermute in one call (one C++ call in CPU inference); other gates (GPT-OSS's) go through the module's own `_apply_gate`
-between two grouped GEMMs. Per-expert biases and `post_expert_norm` are applied per row. What it cannot serve (an experts module without the weights it reads) goes to
-transformers' own "grouped_mm" path with a one-time warning naming why.
+in the GEMM's epilogue on GPU) and unpermute in one call (one C++ call in CPU inference); other
+gates (GPT-OSS's) go through the module's own `_apply_gate` between two grouped GEMMs. Per-expert
+biases and `post_expert_norm` are applied per row. What it cannot serve (an experts module without
+the weights it reads) goes to transformers' own "grouped_mm" path with a one-time warning naming why.
 """
 from __future__ import annotations
 
