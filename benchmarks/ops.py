@@ -152,16 +152,21 @@ def _grouped_mm_entry(x, w, group_sizes, flops_per_row, device, dtype) -> Entry 
                  flops_per_row * xs.shape[0], "GFLOP/s", note)
 
 
+def _device_randn(device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """`randn(shape, scale=1.0)` drawing standard normal values on the device (the DeepSeek preset's
+    weights are 3.8G values: minutes on a CPU), from a generator seeded 0, in `dtype`."""
+    gen = torch.Generator(device).manual_seed(0)
+
+    def randn(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, device=device) * scale).to(dtype)
+    return randn
+
+
 def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_backends: list[str]) -> list[Entry]:
     p = problem
     case = verify.Case(p.tokens, p.hidden, p.ffn, p.experts, p.topk)
     ids, weights = verify.routing(case, verify.generator(0), device=device)
-    # drawn on the device (the DeepSeek preset's weights are 3.8G values: minutes on a CPU)
-    dgen = torch.Generator(device).manual_seed(0)
-
-    def randn(shape, scale=1.0):
-        return (torch.randn(shape, generator=dgen, device=device) * scale).to(dtype)
-
+    randn = _device_randn(device, dtype)
     x = randn((p.tokens, p.hidden))
     x_sorted, group_sizes, sorted_index = reference.permute(x, ids, p.experts)
     rows = x_sorted.shape[0]
@@ -335,16 +340,12 @@ def _decode_entries(problem: Problem, device: torch.device, kernel_backends: lis
     interpreter around the kernels runs with its data pushed out of L2. Returns (dtype, entries)."""
     p = problem
     dtype = torch.float32 if _half_on_cpu(torch.bfloat16, device) else torch.bfloat16
-    gen = torch.Generator(device).manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=gen, device=device) * scale).to(dtype)
-
-    x = randn(1, p.hidden)
+    randn = _device_randn(device, dtype)
+    x = randn((1, p.hidden))
     ids = torch.arange(p.topk, device=device)[None] * (p.experts // p.topk)  # distinct experts
     weights = torch.full((1, p.topk), 1.0 / p.topk, device=device)
-    w_gate_up, w_down = randn(p.experts, p.hidden, 2 * p.ffn, scale=p.hidden ** -0.5), randn(p.experts, p.ffn, p.hidden)
-    x_sorted, sizes, index = pangu_ops.permute(x, ids, p.experts)
+    w_gate_up, w_down = randn((p.experts, p.hidden, 2 * p.ffn), p.hidden ** -0.5), randn((p.experts, p.ffn, p.hidden))
+    x_sorted, sizes, _ = pangu_ops.permute(x, ids, p.experts)
 
     def three_ops():
         xs, gs, idx = pangu_ops.permute(x, ids, p.experts)

@@ -19,7 +19,7 @@ from ._define import _plain_eager, _wants_grad
 from .expert_mlp import _check_weights, expert_mlp
 from .permute import _check as _check_permute
 from .permute import permute
-from .unpermute import unpermute
+from .unpermute import _check_routing_weights, unpermute
 
 
 _CPU = ("auto", "cpu")
@@ -44,11 +44,8 @@ def _check(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Ten
     """The three ops' argument checks; returns E."""
     E = _check_weights(x, w_gate_up, w_down, activation, trans_b, limit, "x", "[T, K]")
     _check_permute(x, expert_ids, E)
-    if weights is not None:
-        checks.tensor("weights", weights, 2, "[T, k]", checks.FLOAT_DTYPES)
-        if weights.shape != expert_ids.shape:
-            raise ValueError(f"weights must be [T, k] like expert_ids {tuple(expert_ids.shape)}, got {tuple(weights.shape)}")
-        checks.same_device(x=x, weights=weights)
+    _check_routing_weights(weights, *expert_ids.shape)
+    checks.same_device(x=x, weights=weights)
     return E
 
 

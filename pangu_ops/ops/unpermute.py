@@ -12,17 +12,22 @@ from .. import checks
 from ._define import define
 
 
+def _check_routing_weights(weights: Tensor | None, num_tokens: int, topk: int) -> None:
+    """weights: None or a float [num_tokens, topk] tensor."""
+    if weights is not None:
+        checks.tensor("weights", weights, 2, "[T, k]", checks.FLOAT_DTYPES)
+        if tuple(weights.shape) != (num_tokens, topk):
+            raise ValueError(f"weights must be [num_tokens, topk] = [{num_tokens}, {topk}], "
+                             f"got {tuple(weights.shape)}")
+
+
 def _check_index_weights(sorted_index: Tensor, rows: int, weights: Tensor | None, num_tokens: int,
                          topk: int, **tensors: Tensor | None) -> None:
     checks.tensor("sorted_index", sorted_index, 1, "[S]", (torch.int64,))
     checks.size("sorted_index", sorted_index.shape[0], rows, "length (S = rows of y_sorted)")
     checks.non_negative_int("num_tokens", num_tokens)
     checks.positive_int("topk", topk)
-    if weights is not None:
-        checks.tensor("weights", weights, 2, "[T, k]", checks.FLOAT_DTYPES)
-        if tuple(weights.shape) != (num_tokens, topk):
-            raise ValueError(f"weights must be [num_tokens, topk] = [{num_tokens}, {topk}], "
-                             f"got {tuple(weights.shape)}")
+    _check_routing_weights(weights, num_tokens, topk)
     checks.same_device(sorted_index=sorted_index, weights=weights, **tensors)
 
 
