@@ -87,6 +87,22 @@ inline void store_float(c10::BFloat16* p, int64_t i, float v) {
   reinterpret_cast<uint16_t*>(p)[i] = from_float<c10::BFloat16>(v).x;
 }
 
+// n fp32 values to dst in its dtype: bf16 where built with AVX512-BF16 by VCVTNEPS2BF16 (16 at a
+// time, round to nearest even; NaN stays NaN), else (and the tail) element by element.
+template <typename T>
+inline void store_floats(T* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (; i + 16 <= n; i += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i))));
+    }
+  }
+#endif
+  for (; i < n; ++i) store_float(dst, i, src[i]);
+}
+
 // y[0:n] += w * float(x[0:n]).
 template <typename scalar_t>
 inline void axpy_to_float(float* __restrict y, const scalar_t* __restrict x, float w, int64_t n) {

@@ -86,22 +86,6 @@ inline ActGrad activation(float g) {
   }
 }
 
-// n fp32 values to dst in its dtype: bf16 where built with AVX512-BF16 by VCVTNEPS2BF16 (16 at a
-// time, round to nearest even; NaN stays NaN), else (and the tail) element by element.
-template <typename T>
-inline void store_floats(T* __restrict dst, const float* __restrict src, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    for (; i + 16 <= n; i += 16) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i))));
-    }
-  }
-#endif
-  for (; i < n; ++i) store_float(dst, i, src[i]);
-}
-
 constexpr int64_t kGateChunk = 256;  // elements of a row computed into fp32 buffers, then stored
 
 // One row: d_gate, d_up (dh's dtype) and h (gate/up's dtype) from gate, up and dh, in chunks whose

@@ -175,3 +175,17 @@ def adamw_experts(master: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Te
     master[ids], exp_avg[ids], exp_avg_sq[ids] = p, m, v
     if compute is not None:
         compute[ids] = p.to(compute.dtype)
+
+
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """A learned router's logits in fp32: x [T, H] @ weight [E, H]^T on fp32 copies of both."""
+    return torch.nn.functional.linear(x.float(), weight.float())
+
+
+def router_logits_backward(grad: Tensor, x: Tensor, weight: Tensor, x_grad: bool,
+                           weight_grad: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of `router_logits` for grad [T, E] fp32: (grad @ weight in x's dtype, grad^T @ x in
+    weight's dtype), each computed in fp32 and rounded once; empty where not asked for."""
+    dx = (grad @ weight.float()).to(x.dtype) if x_grad else x.new_empty(0)
+    dw = (grad.t() @ x.float()).to(weight.dtype) if weight_grad else weight.new_empty(0)
+    return dx, dw

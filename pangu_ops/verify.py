@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import backends, reference
 from .routing import rre_route_table
-from .ops import adamw_experts, expert_mlp, grouped_gemm, permute, rre_dispatch, unpermute
+from .ops import adamw_experts, expert_mlp, grouped_gemm, permute, router_logits, rre_dispatch, unpermute
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -271,6 +271,19 @@ def _check_adamw_experts(dtype: torch.dtype, case: Case, gen: torch.Generator, d
                   torch.cat([t[untouched].float().reshape(-1) for t in state + [compute]]), None)
 
 
+def _check_router_logits(dtype: torch.dtype, case: Case, gen: torch.Generator, dev: torch.device):
+    """The case's tokens through a router of its experts: x (strided) and the weight in `dtype`, the
+    logits fp32 (products of exact conversions, only the sums' order differs: fp32 tolerance), the
+    gradients rounded once to `dtype`."""
+    x = randn((case.tokens, case.hidden), dtype, gen, noncontig=True, device=dev).requires_grad_()
+    weight = randn((case.experts, case.hidden), dtype, gen, scale=case.hidden ** -0.5, device=dev).requires_grad_()
+    got, want = router_logits(x, weight), reference.router_logits(x, weight)
+    yield compare("logits", got, want, torch.float32)
+    g = randn((case.tokens, case.experts), torch.float32, gen, device=dev)
+    for name, a, b in zip(("grad x", "grad weight"), _grads(got, [x, weight], g), _grads(want, [x, weight], g)):
+        yield compare(name, a, b, dtype)
+
+
 CHECKS: dict[str, Callable] = {
     "permute": _check_permute,
     "unpermute": _check_unpermute,
@@ -278,6 +291,7 @@ CHECKS: dict[str, Callable] = {
     "expert_mlp": _check_expert_mlp,
     "rre_dispatch": _check_rre_dispatch,
     "adamw_experts": _check_adamw_experts,
+    "router_logits": _check_router_logits,
 }
 
 

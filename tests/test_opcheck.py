@@ -36,6 +36,15 @@ def _samples():
         "expert_mlp geglu trans_b clamped": (ops.expert_mlp, (xs, verify.randn((case.experts, 2 * case.ffn, case.hidden),
                                                                                torch.float32, gen).requires_grad_(),
                                                               wt.detach().requires_grad_(), sizes, "geglu", True, 0.7)),
+        "router_logits": (ops.router_logits, (x, verify.randn((case.experts, case.hidden), torch.float32, gen)
+                                              .requires_grad_())),
+        "router_logits bf16": (ops.router_logits, (x.detach().bfloat16().requires_grad_(),
+                                                   verify.randn((case.experts, case.hidden), torch.bfloat16, gen)
+                                                   .requires_grad_())),
+        "router_logits_backward": (ops.router_logits_backward, (verify.randn((case.tokens, case.experts), torch.float32,
+                                                                             gen), x.detach().half(),
+                                                                verify.randn((case.experts, case.hidden),
+                                                                             torch.float16, gen), True, True)),
     }
 
 

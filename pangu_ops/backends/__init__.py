@@ -119,6 +119,10 @@ def resolve(device: torch.device) -> Backend:
 
 _kernels: dict[tuple[str, str, str], Callable[..., Any]] = {}
 
+# Ops whose reference serves as the kernel of a backend that has none: the router's fp32 product is
+# a single call to the device's BLAS on GPUs and NPUs (only the CPU kernel saves its fp32 copies).
+REFERENCE_WHERE_MISSING = frozenset({"router_logits", "router_logits_backward"})
+
 
 def kernel(op: str, device: torch.device) -> Callable[..., Any]:
     """The function implementing internal op `op` for tensors on `device` (looked up once per
@@ -128,6 +132,8 @@ def kernel(op: str, device: torch.device) -> Callable[..., Any]:
     if fn is None:
         name = resolve(device).name
         fn = getattr(load(name), op, None)
+        if fn is None and op in REFERENCE_WHERE_MISSING:
+            fn = getattr(load("reference"), op)
         if fn is None:
             raise BackendUnavailable(f"backend {name!r} has no {op} kernel; use_backend('reference') runs it anywhere")
         _kernels[key] = fn

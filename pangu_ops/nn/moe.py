@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks, routing
-from ..ops import expert_mlp, moe_experts, permute, rre_dispatch, unpermute
+from ..ops import expert_mlp, moe_experts, permute, router_logits, rre_dispatch, unpermute
 from ..ops.expert_mlp import fp32_weight_grads
 
 
@@ -273,8 +273,9 @@ class MoEFeedForward(nn.Module):
 
     def router_logits(self, flat: Tensor) -> Tensor:
         """The router runs in fp32 whatever the model's dtype (routing decisions are sensitive to
-        rounding, and CPUs have no fast half-precision matmul); gradients reach the gate weight."""
-        return F.linear(flat.float(), self.gate.weight.float())
+        rounding): `F.linear(flat.float(), weight.float())` without the fp32 copies (`router_logits`);
+        gradients reach the gate weight."""
+        return router_logits(flat, self.gate.weight)
 
     def _rre_ids(self, token_ids: Tensor | None, domain_ids: Tensor | None, tokens: int) -> tuple[Tensor, Tensor]:
         """token_ids [B, S] and the table rows of domain_ids [B], validated."""

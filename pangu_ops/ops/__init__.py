@@ -6,7 +6,8 @@ from .expert_mlp import expert_mlp
 from .grouped_gemm import grouped_gemm
 from .moe_experts import moe_experts
 from .permute import permute
+from .router_logits import router_logits
 from .rre_dispatch import rre_dispatch
 from .unpermute import unpermute
 
-__all__ = ["adamw_experts", "expert_mlp", "grouped_gemm", "moe_experts", "permute", "rre_dispatch", "unpermute"]
+__all__ = ["adamw_experts", "expert_mlp", "grouped_gemm", "moe_experts", "permute", "router_logits", "rre_dispatch", "unpermute"]
