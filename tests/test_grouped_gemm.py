@@ -145,7 +145,8 @@ def test_few_rows_per_expert_amx_tiles(trans_b, n):
     (1024, 1024, [40, 70]),                # 2 MiB of weight a group: two column chunks
     (1024, 1024, [600]),                   # one group: its chunks split into units
     (64, 1024, [600, 500]),                # dW: column ranges sized per group
-    (4096, 64, [300, 17]),                 # row-major b, K > 2048: K in blocks of 1024
+    (4096, 64, [300, 17]),                 # row-major b, K > 2048: K in blocks of 1024, b packed
+                                           # per 32 columns and block (a unit of one row chunk)
     (96, 2080, [40, 0, 530]),              # and dX of the transposed layout, a 32-element last block
 ])
 def test_prefill_sized_groups(trans_b, k, n, sizes):
@@ -173,6 +174,17 @@ def test_prefill_sized_groups(trans_b, k, n, sizes):
     dw = torch.stack([r.t() @ g for r, g in zip(rows, grads)])
     torch.testing.assert_close(wr.grad, (dw.transpose(1, 2) if trans_b else dw).bfloat16(), **tol)
     assert (y != 0).any(1).all()
+
+
+def test_blocked_k_units_of_several_row_chunks():
+    """One thread: four groups of two 512-row chunks each make four units (none split), whose
+    row-major b (K > 2048) is packed once per unit for all of K rather than per column slice."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        test_prefill_sized_groups(False, 4096, 64, [600, 600, 600, 600])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_new_shapes_padded_then_their_own_kernel():
