@@ -21,8 +21,10 @@ def _inputs(T, H, E, dtype, seed=0):
 
 # The CPU kernel's paths: token blocks of 48 and their tails, decode sizes (BLAS below 16 tokens;
 # experts split over the threads below two blocks), experts not a multiple of the 4-expert register
-# block, odd H (padded vectors), and an inner dimension in several passes (E x H fp32 > 512 KiB).
-SHAPES = [(1, 7, 3), (15, 64, 9), (20, 100, 9), (97, 1030, 17), (130, 2048, 130), (200, 33, 1)]
+# block, odd H (padded vectors), and an inner dimension in several passes (E x H fp32 > 512 KiB);
+# with bf16 and H a multiple of 32, AMX tiles where the CPU has them: 32-token blocks and a last one
+# of 12 or 2 tokens, experts padded to 32 (6, 130), dx's split gradient with 16 or fewer tokens.
+SHAPES = [(1, 7, 3), (15, 64, 9), (20, 100, 9), (97, 1030, 17), (130, 2048, 130), (200, 33, 1), (300, 64, 6)]
 
 
 @pytest.mark.parametrize("dtype", verify.DTYPES, ids=str)
@@ -43,18 +45,35 @@ def test_shapes_match_reference(backend, shape, dtype):
 
 
 def test_16bit_results_do_not_depend_on_the_thread_count():
-    x, w, g = _inputs(300, 520, 13, torch.bfloat16)
     ops = torch.ops.pangu_cpu
     threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append((ops.router_logits(x, w), *ops.router_logits_backward(g, x, w, True, True)))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+    for H in (520, 512):  # (the vector kernels; the tiles where the CPU has AMX-BF16)
+        x, w, g = _inputs(300, H, 13, torch.bfloat16)
+        try:
+            runs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                runs.append((ops.router_logits(x, w), *ops.router_logits_backward(g, x, w, True, True)))
+        finally:
+            torch.set_num_threads(threads)
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+
+
+def test_non_finite_values_propagate():
+    """inf and NaN in x or the gradient reach the results as in fp32 (the split gradient's low part
+    of an infinite value is zero, not NaN)."""
+    for H in (100, 64):
+        x, w, g = _inputs(40, H, 5, torch.bfloat16)
+        x, w = x.detach().clone(), w.detach().clone()
+        x[3, 7], x[9, 0] = float("inf"), float("nan")
+        g[5, 2], g[6, 1] = float("inf"), float("nan")
+        for backend in serving("router_logits"):
+            with pangu_ops.use_backend(backend):
+                got = (router_logits(x, w), *torch.ops.pangu.router_logits_backward(g, x, w, True, True))
+            want = (reference.router_logits(x, w), *reference.router_logits_backward(g, x, w, True, True))
+            for a, b in zip(got, want):
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), backend
 
 
 def test_only_the_gradients_asked_for():
