@@ -2,7 +2,8 @@
 dtype (routing decisions are sensitive to rounding), without an fp32 copy of x.
 
 Kernels: `reference.router_logits` (`F.linear(x.float(), weight.float())`), `csrc/router_logits.cpp`
-(x and weight converted in cache-sized blocks, fp32 products and sums). Backward: the op
+(x and weight converted in cache-sized blocks, fp32 products and sums; bf16 on AMX-BF16 tiles, the
+gradient split into two bf16 parts for dx). Backward: the op
 `pangu::router_logits_backward` (x's gradient rounded once to x's dtype, the weight's once to its
 dtype, as autograd rounds the fp32 gradients of the `.float()` copies). On devices whose backend has
 no router kernel (GPUs, NPUs: the product is one call to their BLAS), the reference runs.
