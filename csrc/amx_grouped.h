@@ -275,15 +275,6 @@ inline void packed_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
 // Rows of a group that packed_rows takes (fewer than a tile's worth of work per weight byte).
 constexpr int64_t kPackedDotRows = 2;
 
-// The first 64-byte-aligned element of a thread's buffer v, grown to hold n elements from there
-// (kept by the thread between calls: a fresh 1-2.5 MiB buffer is page faults every call).
-template <typename T>
-T* line_aligned(std::vector<T>& v, int64_t n) {
-  const int64_t slack = 64 / static_cast<int64_t>(sizeof(T));
-  if (static_cast<int64_t>(v.size()) < n + slack) v.resize(n + slack);
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
-}
-
 // A unit of grouped work: group e, the chunk whose packed operand its tasks share (its first row or
 // column, and its extent where the caller needs one), and a run [first, last) of the other
 // dimension's chunks.

@@ -103,6 +103,15 @@ inline void store_floats(T* __restrict dst, const float* __restrict src, int64_t
   for (; i < n; ++i) store_float(dst, i, src[i]);
 }
 
+// The first 64-byte-aligned element of a thread's buffer v, grown to hold n elements from there
+// (kept by the thread between calls: a fresh 1-2.5 MiB buffer is page faults every call).
+template <typename T>
+T* line_aligned(std::vector<T>& v, int64_t n) {
+  const int64_t slack = 64 / static_cast<int64_t>(sizeof(T));
+  if (static_cast<int64_t>(v.size()) < n + slack) v.resize(n + slack);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+}
+
 // y[0:n] += w * float(x[0:n]).
 template <typename scalar_t>
 inline void axpy_to_float(float* __restrict y, const scalar_t* __restrict x, float w, int64_t n) {

@@ -116,14 +116,6 @@ void product(float* c, int64_t ldc, bool add, const float* a, int64_t lda, const
   }
 }
 
-// A thread's fp32 scratch of n floats (kept between calls: fresh buffers are page faults).
-float* scratch(int slot, int64_t n) {
-  thread_local std::vector<float> buffers[2];
-  std::vector<float>& v = buffers[slot];
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-  return v.data();
-}
-
 constexpr int64_t kTokens = 48;     // tokens per task
 constexpr int64_t kInner = 512;     // the inner dimension per pass: a block's operands stay in L2
 constexpr int64_t kColumns = 256;   // dx's columns per pass
@@ -267,7 +259,8 @@ at::Tensor router_logits(const at::Tensor& x, const at::Tensor& w) {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     at::parallel_for(0, token_tasks * expert_tasks, 1, [&](int64_t k0, int64_t k1) {
       const int64_t ldx = unaliased_stride(chunk);
-      float* xf = scratch(0, kTokens * ldx);
+      thread_local std::vector<float> xf_buf;
+      float* xf = line_aligned(xf_buf, kTokens * ldx);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t t = k / expert_tasks * kTokens, m = std::min(kTokens, T - t);
         const int64_t e0 = k % expert_tasks * per_task, ne = std::min(per_task, E - e0);
@@ -351,7 +344,8 @@ at::Tensor grad_x(const at::Tensor& g, const at::Tensor& w, at::ScalarType dtype
     scalar_t* out = dx.data_ptr<scalar_t>();
     const int64_t tasks = (T + kTokens - 1) / kTokens, grain = std::max<int64_t>(1, (1 << 18) / (kTokens * Hp * E));
     at::parallel_for(0, tasks, grain, [&](int64_t b0, int64_t b1) {
-      float* acc = scratch(0, kTokens * kColumns);
+      thread_local std::vector<float> acc_buf;
+      float* acc = line_aligned(acc_buf, kTokens * kColumns);
       for (int64_t t = b0 * kTokens; t < std::min(T, b1 * kTokens); t += kTokens) {
         const int64_t m = std::min(kTokens, T - t);
         for (int64_t h = 0; h < Hp; h += kColumns) {
@@ -380,7 +374,8 @@ at::Tensor grad_w(const at::Tensor& g, const at::Tensor& x, at::ScalarType dtype
   PANGU_DISPATCH_FLOATS(xc.scalar_type(), "router_logits_backward", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     at::parallel_for(0, Hs / kStrip, 1, [&](int64_t s0, int64_t s1) {
-      float* strip = scratch(1, kInner * kStrip);
+      thread_local std::vector<float> strip_buf;
+      float* strip = line_aligned(strip_buf, kInner * kStrip);
       for (int64_t h = s0 * kStrip; h < s1 * kStrip; h += kStrip) {
         for (int64_t t = 0; t < T; t += kInner) {
           const int64_t n = std::min(kInner, T - t);
