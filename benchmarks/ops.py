@@ -2,8 +2,9 @@
 
 Every kernel is timed beside:
 - the pure-PyTorch reference (`pangu_ops.reference`): the "speedup" column;
-- the physical limit: memcpy bandwidth (the faster of `dst.copy_(src)` and `src.clone()`,
-  read+write bytes) for the data-movement ops, for the GEMMs the faster of the dense `torch.mm`
+- the physical limit: for the data-movement ops the faster of memcpy bandwidth (`dst.copy_(src)`
+  and `src.clone()`, read+write bytes) and, on a CPU, the op's own memory move (its input read
+  once and its output written once, in order, the writes streamed: `move_work`), for the GEMMs the faster of the dense `torch.mm`
   rate of the same FLOPs and (CPU) the same FLOPs as fp32 FMAs on registers over all threads: the
   "of limit" column;
 - torch's own routes to the same result: `F.grouped_mm`, dense `torch.mm` in the op's dtype.
@@ -219,6 +220,9 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     out += _layer_entries(p, x, dtype, device, kernel_backends)
 
     # Limits and torch baselines.
+    if device.type == "cpu":
+        out.append(_move_entry("permute", x, torch.empty_like(x_sorted), ops["permute"][2]))
+        out.append(_move_entry("unpermute", y_sorted, torch.empty(p.tokens, p.ffn, dtype=dtype), ops["unpermute"][2]))
     dst = torch.empty_like(x_sorted)
     out.append(Entry("memcpy", "dst.copy_(src)", "limit", lambda: dst.copy_(x_sorted), 2 * rows * p.hidden * elt, "GB/s"))
     # a copy into a fresh tensor (what an op's output is) ran faster than into a kept one in some
@@ -251,6 +255,19 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     if gmm is not None:
         out.append(gmm)
     return out
+
+
+def _move_entry(op: str, source: torch.Tensor, result: torch.Tensor, work: float) -> Entry:
+    """The memory limit of a data-movement op on the CPU: every byte of its input read once and every
+    byte of its output written once, both in order, interleaved line by line, the writes streamed
+    (the CPU backend's `move_work`), credited with the op's own work so the rates compare. A copy is
+    no such limit: it reads as much as it writes (unpermute reads `topk` rows per row it writes, and
+    beat memcpy's GB/s), and a read pass then a write pass (`read_work`, `write_work`) took 1.1-1.3x
+    this one's time: the two overlap."""
+    backends.load("cpu")
+    move_work = torch.ops.pangu_cpu.move_work
+    return Entry(f"{op} {MOVE}", "move_work(in, out)", "limit", lambda: move_work(source, result), work, "GB/s",
+                 f"{op}'s input read and its output written, once each, in order")
 
 
 def _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, flops, kernel_backends) -> list[Entry]:
@@ -398,6 +415,7 @@ PEAK_OP = "compute peak"  # fma_work's FLOPs: its rate is the machine's, whateve
 # amx_work's: bf16's ceiling where the CPU has AMX tiles, shown beside the limits (the shares stay
 # against the dense mm, which reaches about half of it)
 AMX_PEAK_OP = "AMX peak"
+MOVE = "memory move"  # suffix of a data-movement op's own limit row (`_move_entry`)
 LIMIT_OF = {"GB/s": ("memcpy",), "GFLOP/s": ("dense mm", PEAK_OP), "k calls/s": ("call overhead (1 token)",),
             "k steps/s": ("decode step (1 token)",)}
 UNIT_SCALE = {"GB/s": 1e9, "GFLOP/s": 1e9, "k calls/s": 1e3, "k steps/s": 1e3}
@@ -443,7 +461,8 @@ def _compare(rows: list[Row]) -> None:
     peak = max((q.rate for q in rows if q.op == PEAK_OP), default=None)
     for r in rows:
         ref = next((q for q in rows if q.op == r.op and q.dtype == r.dtype and q.kind == "reference"), None)
-        limit = max((peak if q.op == PEAK_OP else q.rate for q in rows if q.op in LIMIT_OF.get(r.unit, ())
+        limit_ops = LIMIT_OF.get(r.unit, ()) + (f"{r.op} {MOVE}",)
+        limit = max((peak if q.op == PEAK_OP else q.rate for q in rows if q.op in limit_ops
                      and q.dtype == r.dtype and q.kind == "limit" and _backend_of(q) == _backend_of(r)), default=None)
         if ref is not None and r.kind != "reference":
             r.speedup_vs_reference = r.rate / ref.rate
@@ -525,7 +544,7 @@ def plot(rows: list[Row], problem: Problem, device: torch.device, path: Path) ->
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(dtypes))], dtypes)
         unit = mine[0].unit if mine else ""
         ax.set_title(op)
-        ax.set_ylabel("fraction of " + {"GB/s": "memcpy bandwidth", "GFLOP/s": "dense mm rate",
+        ax.set_ylabel("fraction of " + {"GB/s": "memory limit", "GFLOP/s": "dense mm rate",
                                         "k calls/s": "the bare kernel's call rate",
                                         "k steps/s": "the expert kernel's step rate"}.get(unit, "limit"))
         ax.legend(fontsize=7)

@@ -48,6 +48,33 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 // Below, one memset.
 void fill_streaming(void* p, int64_t bytes, uint8_t value);
 
+// Orders a thread's non-temporal stores before what follows (they bypass the cache's ordering):
+// after a kernel's streamed writes, before other threads read them.
+inline void streamed_stores_done() {
+#ifdef __AVX__
+  _mm_sfence();
+#endif
+}
+
+// Copies `bytes` bytes from src to dst, whole 64-byte lines of a 64-byte-aligned dst with
+// non-temporal stores (no fetch of the line before it is written), the rest by memcpy: for rows of
+// large outputs written once and read back only by the next op.
+inline void copy_streaming(char* __restrict dst, const char* __restrict src, int64_t bytes) {
+#ifdef __AVX__
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    const int64_t lines = bytes / 64;
+    for (int64_t l = 0; l < lines; ++l) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * l));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 64 * l + 32));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 64 * l), a);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 64 * l + 32), b);
+    }
+    dst += 64 * lines, src += 64 * lines, bytes -= 64 * lines;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
 // Element conversions written so that loops over them vectorise: c10's bf16 rounding branches on
 // NaN, which keeps GCC from vectorising the loops around it; the select below does not.
 inline float to_float(float v) { return v; }

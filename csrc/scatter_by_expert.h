@@ -66,6 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_by_expert(const at::Tenso
   char* dst = static_cast<char*>(x_sorted.data_ptr());
   int64_t* si = sorted_index.data_ptr<int64_t>();
 
+  // a large output is written with non-temporal stores: its lines are not fetched before being
+  // written (permute of 4096 x 1024 bf16 rows, top-2: 0.56x the time; followed by the grouped GEMM
+  // that reads it: 0.88-0.94x, paired)
+  const bool stream = row * row_bytes >= (int64_t{1} << 20);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* next = counts.data() + c * num_experts;
@@ -74,9 +78,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scatter_by_expert(const at::Tenso
         if (e < 0) continue;
         const int64_t r = next[e]++;
         si[r] = s;
-        std::memcpy(dst + r * row_bytes, src + (s / k) * row_bytes, row_bytes);
+        if (stream) copy_streaming(dst + r * row_bytes, src + (s / k) * row_bytes, row_bytes);
+        else std::memcpy(dst + r * row_bytes, src + (s / k) * row_bytes, row_bytes);
       }
     }
+    if (stream) streamed_stores_done();
   });
   return {x_sorted, group_sizes, sorted_index};
 }

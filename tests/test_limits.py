@@ -153,3 +153,62 @@ def test_bench_takes_the_compute_peak_at_the_runs_best_rate():
     shares = [r.fraction_of_limit for r in rows]
     assert shares == pytest.approx([1.0, 0.8, 0.7, 0.5, 0.3, 0.6, 1.2])
     assert "ABOVE" not in rows[5].note and "ABOVE ITS LIMIT" in rows[6].note
+
+
+def test_bench_data_movement_limit_is_the_faster_of_memcpy_and_the_ops_own_move():
+    """`pangu-ops bench`: permute / unpermute are held to the faster of memcpy and their own memory
+    move (the input read once, the output written once); one op's move is no other op's limit."""
+    from pangu_ops.benchmarks.ops import MOVE, Row, _compare
+
+    def row(op, kind, rate):
+        return Row(op, "float32", f"{op} {kind}", kind, 1.0, rate, "GB/s")
+    rows = [row("memcpy", "limit", 40.0), row(f"permute {MOVE}", "limit", 80.0),
+            row(f"unpermute {MOVE}", "limit", 30.0), row("permute", "kernel", 60.0),
+            row("unpermute", "kernel", 50.0)]
+    _compare(rows)
+    assert rows[3].fraction_of_limit == pytest.approx(0.75) and "ABOVE" not in rows[3].note
+    assert rows[4].fraction_of_limit == pytest.approx(1.25) and "ABOVE ITS LIMIT" in rows[4].note
+
+
+def _moved(src: torch.Tensor, dst_bytes: int) -> np.ndarray:
+    """What `move_work` writes: dst line d is the xor of src lines [S d / D, S (d + 1) / D), or where
+    that range is empty the last src line before it (zeros before any), as 64-bit words."""
+    raw = src.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    S, D = len(raw) // 64, dst_bytes // 64
+    lines = np.frombuffer(raw[:64 * S], dtype="<u8").reshape(S, 8)
+    out = np.zeros((D, 8), dtype="<u8")
+    for d in range(D):
+        a, b = S * d // D, S * (d + 1) // D
+        out[d] = np.bitwise_xor.reduce(lines[a:b], axis=0) if b > a else (lines[a - 1] if a > 0 else 0)
+    return out
+
+
+# src smaller, larger, equal; odd line counts and byte tails; below and above a line a thread
+@pytest.mark.parametrize("src_bytes, dst_bytes", [(64 * 1000, 64 * 2000 + 12), (64 * 2001 + 5, 64 * 1000),
+                                                  (64 * 4097, 64 * 4097), (64 * 3, 64 * 700), (64 * 900, 64 * 64)])
+def test_move_work_reads_src_and_writes_dst_once_in_order(src_bytes, dst_bytes):
+    backends.load("cpu")
+    gen = torch.Generator().manual_seed(src_bytes)
+    src = torch.randint(0, 256, (src_bytes,), dtype=torch.uint8, generator=gen)
+    dst = torch.full((dst_bytes,), 7, dtype=torch.uint8)
+    expected = _moved(src, dst_bytes)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            dst.fill_(7)
+            fold = torch.ops.pangu_cpu.move_work(src, dst) & 0xFFFFFFFFFFFFFFFF
+            whole = dst[:dst_bytes // 64 * 64].numpy().view("<u8").reshape(-1, 8)
+            assert np.array_equal(whole, expected)
+            assert (dst[dst_bytes // 64 * 64:] == 7).all()  # the tail untouched
+            assert fold == int(np.bitwise_xor.reduce(expected.reshape(-1), initial=np.uint64(0)))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_move_work_takes_contiguous_cpu_tensors_with_a_line_aligned_dst():
+    backends.load("cpu")
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.pangu_cpu.move_work(torch.zeros(64, 64).t(), torch.zeros(4096))
+    with pytest.raises(ValueError, match="line"):
+        torch.ops.pangu_cpu.move_work(torch.zeros(4096), torch.zeros(4096)[1:])

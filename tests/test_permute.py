@@ -5,10 +5,12 @@ import torch
 import pangu_ops
 from pangu_ops import reference, verify
 
-from conftest import BACKENDS, reference_test
+from conftest import BACKENDS, large_outputs_test, reference_test
 
 
 test_matches_reference = reference_test("permute")
+
+test_large_outputs_match_reference = large_outputs_test("permute")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,10 +5,12 @@ import torch
 import pangu_ops
 from pangu_ops import reference
 
-from conftest import BACKENDS, reference_test
+from conftest import BACKENDS, large_outputs_test, reference_test
 
 
 test_matches_reference = reference_test("unpermute")
+
+test_large_outputs_match_reference = large_outputs_test("unpermute")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
