@@ -128,7 +128,11 @@ inline Line load_line(const char* p) {
 }
 
 inline void stream_line(char* p, const Line& v) {  // p 64-byte aligned
-#ifdef __AVX__
+#if defined(__AVX512F__)
+  __m512i line;
+  std::memcpy(&line, &v, sizeof v);
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), line);
+#elif defined(__AVX__)
   __m256i half[2];
   std::memcpy(half, &v, sizeof v);
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), half[0]);
