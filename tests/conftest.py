@@ -83,10 +83,10 @@ def reference_test(op: str):
 def large_outputs_test(op: str):
     """For the data-movement ops: `op` on the CPU with outputs above 1 MiB, which its C++ kernel
     writes with non-temporal stores, against the reference (values and gradients): rows of whole
-    64-byte lines (1024 bf16) and rows starting anywhere in a line (771 fp32, 770 bf16)."""
+    64-byte lines (1024 bf16, 512 fp32) and rows starting anywhere in a line (771 fp32, 770 bf16)."""
 
-    @pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 1024), (torch.float32, 771), (torch.bfloat16, 770)],
-                             ids=str)
+    @pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 1024), (torch.float32, 512), (torch.float32, 771),
+                                              (torch.bfloat16, 770)], ids=str)
     def test_large_outputs_match_reference(dtype, width):
         pytest.importorskip("pangu_ops._C")
         case = verify.Case(700, width, width, 6, 2, drop=0.1, empty=1)
