@@ -163,7 +163,7 @@ void gated_forward_row(const T* __restrict gate, const T* __restrict up, T* __re
 
 // h [m, F] in gu's dtype from gu = [gate | up] ([m, 2F], contiguous rows).
 at::Tensor gated_forward(const at::Tensor& gu, int64_t F, c10::string_view name, double limit) {
-  at::Tensor h = at::empty({gu.size(0), F}, gu.options());
+  at::Tensor h = empty_output({gu.size(0), F}, gu.options());
   const float lim = clamp_bound(limit);
   PANGU_DISPATCH_FLOATS(gu.scalar_type(), "expert_mlp", [&] {
     const scalar_t* g = gu.data_ptr<scalar_t>();
