@@ -22,12 +22,14 @@ the weights it reads) goes to transformers' own "grouped_mm" path with a one-tim
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from torch import Tensor, nn
 
 from .. import checks, grouped_gemm, moe_experts, packed_weights, permute, unpermute
+from ..ops.moe_experts import one_call
 
 NAME = "pangu_ops"
 
@@ -58,17 +60,20 @@ def _unsupported(experts: nn.Module) -> str | None:
     return None
 
 
+_ACTIVATIONS: dict[type, str | None] = {}  # per class (a decode step asks every call)
+
+
 def _activation(act_fn) -> str | None:
     """expert_mlp's name for a transformers activation module, or None."""
-    from transformers import activations
+    cls = type(act_fn)
+    if cls not in _ACTIVATIONS:
+        from transformers import activations
 
-    if isinstance(act_fn, (nn.SiLU, activations.SiLUActivation)):
-        return "swiglu"
-    if isinstance(act_fn, activations.GELUActivation):  # erf GELU (also its python variant)
-        return "geglu"
-    if isinstance(act_fn, (activations.GELUTanh, activations.NewGELUActivation)):
-        return "geglu_tanh"
-    return None
+        _ACTIVATIONS[cls] = ("swiglu" if issubclass(cls, (nn.SiLU, activations.SiLUActivation))
+                             else "geglu" if issubclass(cls, activations.GELUActivation)  # erf GELU (its python variant too)
+                             else "geglu_tanh" if issubclass(cls, (activations.GELUTanh, activations.NewGELUActivation))
+                             else None)
+    return _ACTIVATIONS[cls]
 
 
 def _fused_gate(experts: nn.Module) -> tuple[str, float | None] | None:
@@ -89,16 +94,36 @@ def _fused_gate(experts: nn.Module) -> tuple[str, float | None] | None:
     return None
 
 
+def _check_inputs(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor) -> int:
+    """The arguments' checks, named as the module's; returns E."""
+    checks.tensor("hidden_states", hidden_states, 2, "[T, H]", checks.FLOAT_DTYPES)
+    checks.tensor("top_k_index", top_k_index, 2, "[T, k]", checks.INDEX_DTYPES)
+    weight = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
+    checks.same_dtype("hidden_states", hidden_states, f"{type(experts).__name__}.{weight}", getattr(experts, weight))
+    return getattr(experts, weight).shape[0]  # (also of a prepacked weight: pangu_ops.prepack)
+
+
 def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """transformers' experts interface on pangu_ops ops (see the module docstring)."""
     why = _unsupported(experts)
     if why is not None:
         return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
-    checks.tensor("hidden_states", hidden_states, 2, "[T, H]", checks.FLOAT_DTYPES)
-    checks.tensor("top_k_index", top_k_index, 2, "[T, k]", checks.INDEX_DTYPES)
-    weight = "gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"
-    checks.same_dtype("hidden_states", hidden_states, f"{type(experts).__name__}.{weight}", getattr(experts, weight))
-    num_experts = getattr(experts, weight).shape[0]  # (also of a prepacked weight: pangu_ops.prepack)
+    trans_b = not getattr(experts, "is_transposed", False)  # (prepacked weights: is_transposed ones only)
+    fused = _fused_gate(experts)
+    if (fused is not None and isinstance(top_k_weights, Tensor) and top_k_weights.dim() == 2
+            and top_k_weights.shape[1] == top_k_index.shape[-1] and not getattr(experts, "_is_expert_parallel", False)):
+        # a decode step's usual case first: one C++ call (CPU inference) with no front end before it,
+        # whose checks run only if it fails (at one token they cost ~30-50 us, the caches cold after
+        # the layer's weight stream)
+        try:
+            out = one_call(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
+                           fused[0], trans_b, math.inf if fused[1] is None else fused[1])
+        except (ValueError, TypeError, RuntimeError):
+            _check_inputs(experts, hidden_states, top_k_index)
+            raise
+        if out is not None:
+            return out[0]
+    num_experts = _check_inputs(experts, hidden_states, top_k_index)
     k = top_k_index.shape[1]
     if top_k_weights.dim() == 2 and top_k_weights.shape[1] != k:  # dense [T, E] routing weights
         checks.size("top_k_weights [T, E]", top_k_weights.shape[1], num_experts, "E (experts)")
@@ -106,8 +131,6 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     ids = top_k_index
     if getattr(experts, "_is_expert_parallel", False):  # ids >= E are other ranks' experts: drop them
         ids = torch.where(ids < num_experts, ids, -1)
-    trans_b = not getattr(experts, "is_transposed", False)  # (prepacked weights: is_transposed ones only)
-    fused = _fused_gate(experts)
     if fused is not None:  # the whole of it in one call (one C++ call in CPU inference)
         activation, limit = fused
         return moe_experts(hidden_states, ids, top_k_weights, experts.gate_up_proj, experts.down_proj, activation,

@@ -49,6 +49,20 @@ def _check(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Ten
     return E
 
 
+def one_call(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Tensor, w_down: Tensor, activation: str,
+             trans_b: bool, limit: float) -> tuple[Tensor, Tensor] | None:
+    """moe_experts' result from the single C++ call where that runs it (`_one_call`), else None (the
+    composite runs). The C++ kernels check every argument; on failure the Python checks name them."""
+    args = (x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit)
+    if not (limit > 0 and _one_call(x, args[:5])):
+        return None
+    try:
+        return torch.ops.pangu_cpu.moe_experts(*args)
+    except (ValueError, TypeError, RuntimeError):
+        _check(*args)
+        raise
+
+
 def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Tensor, w_down: Tensor,
                 activation: str = "swiglu", *, trans_b: bool = False, limit: float | None = None
                 ) -> tuple[Tensor, Tensor]:
@@ -66,13 +80,9 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up
     routing weights; bit-identical to the three ops called one after the other.
     """
     limit = math.inf if limit is None else float(limit)
-    args = (x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit)
-    if limit > 0 and _one_call(x, args[:5]):
-        try:  # the C++ kernels check every argument; the Python checks name them on failure
-            return torch.ops.pangu_cpu.moe_experts(*args)
-        except (ValueError, TypeError, RuntimeError):
-            _check(*args)
-            raise
+    out = one_call(x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit)
+    if out is not None:
+        return out
     E = _check_weights(x, w_gate_up, w_down, activation, trans_b, limit, "x", "[T, K]")  # the ops check the rest
     x_sorted, sizes, index = permute(x, expert_ids, E)
     y = expert_mlp(x_sorted, w_gate_up, w_down, sizes, activation, trans_b=trans_b, limit=limit)
