@@ -141,8 +141,8 @@ at::Tensor unpermute(const at::Tensor& y_sorted, const at::Tensor& sorted_index,
   const std::vector<int64_t> row_of = invert_sorted_index(si, num_tokens * k);
   at::Tensor y = empty_output({num_tokens, N}, ys.options());
 
-  // a large output is written with non-temporal stores (4096 tokens x 512, top-2: 0.57x the time in
-  // fp32, 0.94x in bf16, paired)
+  // a large output is written with non-temporal stores (4096 tokens x 512, top-2, element loops:
+  // 0.57x the time in fp32, 0.94x in bf16, paired)
   const bool stream = y.nbytes() >= (size_t{1} << 20);
   PANGU_DISPATCH_FLOATS(ys.scalar_type(), "pangu_unpermute", [&] {
     const scalar_t* src = ys.data_ptr<scalar_t>();
@@ -175,11 +175,7 @@ at::Tensor unpermute(const at::Tensor& y_sorted, const at::Tensor& sorted_index,
         }
         if (sum_rows_in_registers(dst + t * N, rows.data(), ws.data(), n, N, stream)) continue;
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t r = row_of[t * k + j];
-          if (r < 0) continue;
-          axpy_to_float(acc.data(), src + r * N, wp ? wp[t * k + j] : 1.f, N);
-        }
+        for (int64_t j = 0; j < n; ++j) axpy_to_float(acc.data(), rows[j], ws[j], N);
         store_row(dst + t * N, acc.data(), 1.f, N, staging.data(), stream);
       }
       if (stream) streamed_stores_done();
@@ -214,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_y,
   at::Tensor grad_w = want_wgrad ? at::empty({T, k}, g.options().dtype(at::kFloat))
                                  : at::empty({0}, g.options().dtype(at::kFloat));
   if (want_wgrad) grad_w.zero_();  // dropped slots get no gradient
-  // a large output with non-temporal stores (8192 rows x 512, fp32: 0.33x the time; bf16 0.95-1.08x)
+  // a large output with non-temporal stores (8192 rows x 512, fp32, element loops: 0.33x the time)
   const bool stream = grad_ys.nbytes() >= (size_t{1} << 20);
   PANGU_DISPATCH_FLOATS(g.scalar_type(), "pangu_unpermute_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();

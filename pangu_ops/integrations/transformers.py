@@ -110,8 +110,9 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
         return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
     trans_b = not getattr(experts, "is_transposed", False)  # (prepacked weights: is_transposed ones only)
     fused = _fused_gate(experts)
-    if (fused is not None and isinstance(top_k_weights, Tensor) and top_k_weights.dim() == 2
-            and top_k_weights.shape[1] == top_k_index.shape[-1] and not getattr(experts, "_is_expert_parallel", False)):
+    if (fused is not None and isinstance(top_k_index, Tensor) and top_k_index.dim() == 2
+            and isinstance(top_k_weights, Tensor) and top_k_weights.shape == top_k_index.shape
+            and not getattr(experts, "_is_expert_parallel", False)):
         # a decode step's usual case first: one C++ call (CPU inference) with no front end before it,
         # whose checks run only if it fails (at one token they cost ~30-50 us, the caches cold after
         # the layer's weight stream)
