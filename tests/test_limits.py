@@ -183,9 +183,11 @@ def _moved(src: torch.Tensor, dst_bytes: int) -> np.ndarray:
     return out
 
 
-# src smaller, larger, equal; odd line counts and byte tails; below and above a line a thread
+# src smaller, larger, equal; odd line counts and byte tails; below and above a line a thread; a
+# src under one line (dst all zeros)
 @pytest.mark.parametrize("src_bytes, dst_bytes", [(64 * 1000, 64 * 2000 + 12), (64 * 2001 + 5, 64 * 1000),
-                                                  (64 * 4097, 64 * 4097), (64 * 3, 64 * 700), (64 * 900, 64 * 64)])
+                                                  (64 * 4097, 64 * 4097), (64 * 3, 64 * 700), (64 * 900, 64 * 64),
+                                                  (10, 64 * 300)])
 def test_move_work_reads_src_and_writes_dst_once_in_order(src_bytes, dst_bytes):
     backends.load("cpu")
     gen = torch.Generator().manual_seed(src_bytes)
