@@ -119,29 +119,6 @@ void write_work(const at::Tensor& t, int64_t value) {
   fill_streaming(t.data_ptr(), static_cast<int64_t>(t.nbytes()), static_cast<uint8_t>(value));
 }
 
-using Line = uint64_t __attribute__((vector_size(64)));  // one cache line's bytes
-
-inline Line load_line(const char* p) {
-  Line v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void stream_line(char* p, const Line& v) {  // p 64-byte aligned
-#if defined(__AVX512F__)
-  __m512i line;
-  std::memcpy(&line, &v, sizeof v);
-  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), line);
-#elif defined(__AVX__)
-  __m256i half[2];
-  std::memcpy(half, &v, sizeof v);
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), half[0]);
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p + 32), half[1]);
-#else
-  std::memcpy(p, &v, sizeof v);
-#endif
-}
-
 inline uint64_t fold_line(const Line& v) {
   uint64_t f = 0;
   for (int j = 0; j < 8; ++j) f ^= v[j];
