@@ -249,9 +249,11 @@ inline std::array<int64_t, 2> kn_strides(const at::Tensor& w, bool trans_b) {
 // another with each product's threads splitting so few rows, and each thread streams its own
 // experts' weights. An expert's cost: its rows plus kRowsPerWeightPass for reading its weights once,
 // which is what a decode step's 1-2-row experts cost. A decode step's experts (all of kFewRows rows
-// or fewer) gain nothing side by side (a product's threads split its weight's columns, each
-// streaming its share), so there the split must be within 1/20 of even: 5 equal experts over 2
-// threads (3 against 2) kept one thread idle for a third of a Mixtral-shaped 4-token step.
+// or fewer) gain little side by side (a product's threads split its weight's columns, each
+// streaming its share), so there the split must be within 1/20 of even (5 equal experts over 2
+// threads, 3 against 2, kept one thread idle for a third of a Mixtral-shaped 4-token step), and
+// one expert a thread is enough: without a parallel region per product and the serial gate between
+// them, a Mixtral-shaped one-token step (2 experts) took 0.97-0.99x the time (paired).
 constexpr int64_t kRowsPerWeightPass = 32;
 
 template <typename Fn>
@@ -270,7 +272,7 @@ void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
   // decided by the experts with rows only: an expert's result (oneDNN rounds differently on one
   // thread and on several) must not depend on how many empty experts sit beside it (a domain's
   // sub-model gives the full model's outputs bit for bit)
-  if (active < 2 * threads) return fn(0, E);
+  if (active < (most <= kFewRows ? threads : 2 * threads)) return fn(0, E);
   const int64_t total = cost[E];
   std::vector<int64_t> first(threads + 1, E);
   first[0] = 0;

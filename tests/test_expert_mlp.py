@@ -48,6 +48,28 @@ def test_decode_sized_groups(dtype, trans_b, activation):
     assert (y[:1] != 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sizes", [[0, 1, 0, 1], [3, 3, 0]])
+def test_decode_experts_side_by_side(dtype, sizes):
+    """A decode step whose experts split evenly over two threads, one expert each (for_experts runs
+    them side by side, each product on one thread), against the reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sizes = torch.tensor(sizes)
+        gen = verify.generator(5)
+        E, K, F, N = len(sizes), 64, 48, 96
+        x = verify.randn((int(sizes.sum()), K), dtype, gen)
+        w_gate_up = verify.randn((E, 2 * F, K), dtype, gen, scale=K ** -0.5)
+        w_down = verify.randn((E, N, F), dtype, gen, scale=F ** -0.5)
+        y = pangu_ops.expert_mlp(x, w_gate_up, w_down, sizes, trans_b=True)
+    finally:
+        torch.set_num_threads(threads)
+    want, _ = reference.expert_mlp(x, w_gate_up, w_down, sizes, "swiglu", True, float("inf"))
+    torch.testing.assert_close(y, want, **verify.TOLERANCES[dtype])
+    assert (y != 0).all()
+
+
 @pytest.mark.parametrize("trans_b", [False, True])
 def test_prefill_sized_groups(trans_b):
     """bf16 groups of more than 16 rows, K, F and N multiples of 32: where the CPU has AMX-BF16,
