@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -253,7 +254,10 @@ inline std::array<int64_t, 2> kn_strides(const at::Tensor& w, bool trans_b) {
 // streaming its share), so there the split must be within 1/20 of even (5 equal experts over 2
 // threads, 3 against 2, kept one thread idle for a third of a Mixtral-shaped 4-token step), and
 // one expert a thread is enough: without a parallel region per product and the serial gate between
-// them, a Mixtral-shaped one-token step (2 experts) took 0.97-0.99x the time (paired).
+// them, a Mixtral-shaped one-token step (2 experts) took 0.97-0.99x the time (paired). There the
+// threads take the experts one at a time from a shared counter: the rows' cost differs by kernel
+// (few_rows_kernel), which the split by rows does not see (Qwen3-MoE-shaped 16-token step: 0.87-0.97x
+// the time of the split's, paired; 1-4 tokens and Mixtral-shaped ones unchanged).
 constexpr int64_t kRowsPerWeightPass = 32;
 
 template <typename Fn>
@@ -285,6 +289,16 @@ void for_experts(const std::vector<int64_t>& off, const Fn& fn) {
     if (most <= kFewRows ? share * 20 > total * 21 : share * 4 > total * 5) return fn(0, E);
   }
   const at::ThreadLocalState state;  // the caller's dispatch state (below autograd) for ATen calls
+  if (most <= kFewRows) {  // a decode step: each thread takes the next expert with rows
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      at::ThreadLocalStateGuard guard(state);
+      for (int64_t e; (e = next.fetch_add(1)) < E;) {
+        if (off[e + 1] > off[e]) fn(e, e + 1);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     at::ThreadLocalStateGuard guard(state);
     for (int64_t t = t0; t < t1; ++t) fn(first[t], first[t + 1]);
