@@ -47,31 +47,6 @@ inline bool prefill_sized(const std::vector<int64_t>& off) {
 constexpr int64_t kChunkBytes = 1 << 20;         // a task's rows of a, in tile order (L2-resident)
 constexpr int64_t kWeightChunkBytes = 3 << 19;   // a task's columns of b (1.5 MiB)
 
-// In place: r[i] (16 32-bit words each) becomes column i of the 16 x 16 matrix of words r held.
-inline void transpose16x16_words(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8) {
-    for (int s = 0; s < 4; ++s) {
-      t[i + s] = _mm512_shuffle_i32x4(r[i + s], r[i + 4 + s], 0x88);
-      t[i + 4 + s] = _mm512_shuffle_i32x4(r[i + s], r[i + 4 + s], 0xdd);
-    }
-  }
-  for (int s = 0; s < 8; ++s) {
-    r[s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0x88);
-    r[8 + s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0xdd);
-  }
-}
-
 // 32 bf16 to out (a whole 64-byte line: non-temporal where `stream`, i.e. out is line-aligned).
 inline void store_line(c10::BFloat16* out, __m512i v, bool stream) {
   if (stream) {
@@ -165,23 +140,6 @@ inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, 
 inline bool grouped_amx_applies(at::ScalarType t, int64_t sa1, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
   return t == at::kBFloat16 && K % 32 == 0 && N % 32 == 0 && K > 0 && N > 0 && sa1 == 1 && (sb0 == 1 || sb1 == 1) &&
          amx_ready();
-}
-
-// m rows of a (rows lda apart) into 16-row blocks of dst (16 * K elements each; rows past m zeros):
-// for the transposed product (`pairs`) as B tiles, [K / 2 pairs][16 rows] of 32-bit words (a 16 x 16
-// word transpose per 32 of K), else as A tiles, [K / 32 steps][16 rows][32].
-inline void pack_rows(c10::BFloat16* dst, const c10::BFloat16* a, int64_t lda, int64_t m, int64_t K, bool pairs) {
-  for (int64_t blk = 0; blk * 16 < m; ++blk) {
-    const int64_t valid = std::min<int64_t>(16, m - blk * 16);
-    const c10::BFloat16* src = a + blk * 16 * lda;
-    c10::BFloat16* d = dst + blk * 16 * K;
-    for (int64_t k = 0; k < K; k += 32) {
-      __m512i r[16];
-      for (int64_t t = 0; t < 16; ++t) r[t] = t < valid ? _mm512_loadu_si512(src + t * lda + k) : _mm512_setzero_si512();
-      if (pairs) transpose16x16_words(r);
-      for (int t = 0; t < 16; ++t) _mm512_store_si512(d + k * 16 + t * 32, r[t]);
-    }
-  }
 }
 
 // Columns [n0, n0 + nc) of the first K rows of a row-major b (rows sb0 apart; rows from `rows` on

@@ -138,6 +138,26 @@ def test_few_rows_per_expert_amx_tiles(trans_b, n):
     torch.testing.assert_close(y, expected.to(torch.bfloat16), **verify.TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize("trans_b, n", [(True, 48), (False, 64)])
+def test_few_rows_amx_tiles_nans_are_canonical(trans_b, n):
+    """bf16 outputs of 3-4-row groups (AMX tiles where the CPU has them: their sums are rounded 16
+    lanes at a time) round every NaN to 0x7FC0 as torch does: inf * 0 (x86's NaN carries the sign
+    bit) and a negative NaN operand."""
+    sizes = torch.tensor([3, 4])
+    gen = verify.generator(11)
+    x = verify.randn((7, 64), torch.bfloat16, gen)
+    w = verify.randn((2, *((n, 64) if trans_b else (64, n))), torch.bfloat16, gen)
+    x[0, 5] = float("inf")  # row 0: inf * 0 in column 7 of expert 0
+    (w[0, 7, 5] if trans_b else w[0, 5, 7]).zero_()
+    x.view(torch.int16)[4, 9] = -64  # 0xFFC0: a NaN with the sign bit, every column of row 4
+    y = pangu_ops.grouped_gemm(x, w, sizes, trans_b=trans_b)
+    rows = x.float().split(sizes.tolist())
+    expected = torch.cat([r @ (w[e].float().t() if trans_b else w[e].float()) for e, r in enumerate(rows)])
+    nan = expected.isnan()
+    assert nan[0, 7] and nan[4].all() and nan.sum() < y.numel()
+    assert torch.equal(y.isnan(), nan) and (y[nan].view(torch.int16) == 0x7FC0).all()
+
+
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("k, n, sizes", [
     (96, 64, [17, 0, 1, 33, 16, 64, 31]),  # 16-row halves, empty and one-row groups
