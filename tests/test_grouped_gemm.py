@@ -123,7 +123,7 @@ def test_few_rows_per_expert_with_rows_4kib_apart(dtype, trans_b, k, n):
 def test_few_rows_per_expert_amx_tiles(trans_b, n):
     """bf16, K a multiple of 32: where the CPU has AMX-BF16, 3-16 rows (2-16 row-major) go through
     AMX tiles. The
-    weight's rows contiguous: three 16-row blocks of the weight at a time, then single blocks, the
+    weight's rows contiguous: two 16-row blocks of the weight at a time, then a single block, the
     last N % 16 rows by the 16-lane dot products; row-major (N a multiple of 64): 64 columns at a
     time, pairs of the weight's rows interleaved on the fly. Every row count 1-16, against fp32
     products of the same values, rounded once. Elsewhere the same products run the other few-row
