@@ -23,8 +23,13 @@
 // N 1024) 2.5-2.95 / 1.75-1.95 against 1.8-2.1 and 3.1-3.3. The tile instruction's own peak
 // (TDPBF16PS on registers, `amx_work`) is 3.3 a core here; this loop with its operands in L2
 // reached 3.8-4.7 on the two cores. What bounds the kernels is the weights' pass from memory per
-// call, which neither packing between the tile blocks nor software prefetch overlapped (both
-// measured slower: the packed operands and the prefetched lines share the L2).
+// call: the same products with one weight shared by every group (cache-resident) ran 0.84-0.93x
+// the time. Packing between the tile blocks and prefetching a whole next block at once did not
+// overlap it (the packed operands and the prefetched lines share the L2); fetching the next
+// block's weight lines a few per tile step does, in part (`LineFetch`). Gates computed in the
+// product's epilogue (gate / up columns paired in a block, h made from the rounded sums) ran
+// 1.15-1.5x the time of the product plus a separate pass, forward and backward alike: the vector
+// work between the tile blocks stalls the tiles.
 #pragma once
 
 #include <atomic>
@@ -84,10 +89,20 @@ inline void store_rows(const float* c, int64_t ldc, c10::BFloat16* out, int64_t 
 // `add`), and c gets the sums: K / 32 steps of two A tiles (a0, a0 + sa: 16 rows each, rows
 // `lda_bytes` apart, step ka elements) and two B tiles (b0, b0 + sb: 64-byte rows, step kb).
 // `rows_a` / `rows_b`: 16 where only the first A / B tile holds rows (the other one is then not
-// read and its sums are not meaningful), else 32.
+// read and its sums are not meaningful), else 32. `fetch`: lines to bring into L2 meanwhile, a few
+// a step (or none).
+struct LineFetch {
+  const char* base = nullptr;  // rows of lines_per_row 64-byte lines, row_bytes apart
+  int64_t row_bytes = 0, lines_per_row = 1, total = 0, per_step = 0, next = 0;
+  void step() {
+    for (int64_t i = 0; i < per_step && next < total; ++i, ++next) {
+      _mm_prefetch(base + (next / lines_per_row) * row_bytes + (next % lines_per_row) * 64, _MM_HINT_T1);
+    }
+  }
+};
 inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, int64_t sa, int64_t lda_bytes,
                       int64_t ka, const c10::BFloat16* b0, int64_t sb, int64_t kb, int64_t steps, int rows_a,
-                      int rows_b) {
+                      int rows_b, LineFetch* fetch = nullptr) {
   const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(float));
   if (add) {
     _tile_loadd(0, c, ldc_bytes);
@@ -102,6 +117,7 @@ inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, 
   }
   if (rows_a == 32 && rows_b == 32) {
     for (int64_t s = 0; s < steps; ++s) {
+      if (fetch) fetch->step();
       _tile_loadd(4, a0 + s * ka, lda_bytes);
       _tile_loadd(5, a0 + sa + s * ka, lda_bytes);
       _tile_loadd(6, b0 + s * kb, 64);
@@ -113,6 +129,7 @@ inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, 
     }
   } else if (rows_a == 32) {
     for (int64_t s = 0; s < steps; ++s) {
+      if (fetch) fetch->step();
       _tile_loadd(4, a0 + s * ka, lda_bytes);
       _tile_loadd(5, a0 + sa + s * ka, lda_bytes);
       _tile_loadd(6, b0 + s * kb, 64);
@@ -121,6 +138,7 @@ inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, 
     }
   } else {
     for (int64_t s = 0; s < steps; ++s) {
+      if (fetch) fetch->step();
       _tile_loadd(4, a0 + s * ka, lda_bytes);
       _tile_loadd(6, b0 + s * kb, 64);
       _tile_loadd(7, b0 + sb + s * kb, 64);
@@ -320,6 +338,29 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
     c10::BFloat16 *ra = line_aligned(rows_buf, rows_chunk * k_block), *own = nullptr,
                   *slice = blocked && !packed ? line_aligned(slice_buf, 32 * k_block) : nullptr;
     alignas(64) float c[32 * 32];
+    // The weight lines of the 32-column block after column n0 + j of b_e (columns contiguous: its
+    // next 32 rows as they lie; row-major: the block's two columns of packed tiles), fetched into L2
+    // a few a step over the `slots` steps of the current block's products: their first products
+    // read the current block's weight from memory (32 rows at once, 2 KiB apart), a stall the
+    // hardware prefetcher left (Qwen3-MoE- / Mixtral-shaped products 0.87-0.95x the time, paired).
+    // None with K > 2048 (long rows the hardware prefetcher follows: 1.01-1.07x slower), for tiles
+    // packed per task (in L2 already), or past the unit's columns.
+    const auto next_block = [&](const c10::BFloat16* be, const c10::BFloat16* cb, int64_t n0, int64_t j, int64_t nc,
+                                int64_t slots) {
+      LineFetch f;
+      if (K > 2048 || j + 32 >= nc || (!trans && !packed)) return f;
+      if (trans) {
+        f.base = reinterpret_cast<const char*>(be + (n0 + j + 32) * sb1);
+        f.row_bytes = sb1 * 2;
+        f.lines_per_row = K / 32;
+        f.total = 32 * f.lines_per_row;
+      } else {
+        f.base = reinterpret_cast<const char*>(cb + (j + 32) / 16 * K * 16);
+        f.lines_per_row = f.total = K;  // two tile columns of K x 16 words
+      }
+      f.per_step = std::min<int64_t>(8, (f.total + slots - 1) / slots);
+      return f;
+    };
     for (int64_t i; (i = next.fetch_add(1)) < count;) {
       const Unit u = units[i];
       const c10::BFloat16* be = b + u.e * sbe;
@@ -352,20 +393,21 @@ inline void grouped_amx(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a,
           const int64_t kn = std::min(k_block, K - k0);
           if (!trans) pack_rows(ra, a + r0 * lda + k0, lda, m, kn, false);
           for (int64_t j = 0; j < nc; j += 32) {
+            LineFetch fetch = next_block(be, cb, n0, j, nc, (blocks + 1) / 2 * (K / 32));
             if (by_slice) pack_columns(slice, be + k0 * sb0, sb0, u.shared + j, 32, kn, kn);
             for (int64_t blk = 0; blk < blocks; blk += 2) {
               const int tokens = blk + 1 == blocks ? 16 : 32;
               const int64_t valid = std::min<int64_t>(32, m - blk * 16);
               if (trans) {  // A: b's rows n0 + j (+16) as they lie; B: the packed rows (k_block is K)
                 amx_block(c, 32, false, be + (n0 + j) * sb1, 16 * sb1, sb1 * 2, 32, ra + blk * 16 * K, 16 * K, 512, steps, 32,
-                          tokens);
+                          tokens, fetch.base ? &fetch : nullptr);
                 store_transposed(c, o + blk * 16 * ldo + j, ldo, valid, stream);
               } else {  // A: the copied rows of this K block; B: the packed columns
                 const int64_t ldc = blocked ? ldacc : 32;
                 float* cc = blocked ? acc + blk * 16 * ldc + j : c;
                 const c10::BFloat16* bt = by_slice ? slice : cb + (j / 16) * K * 16 + k0 * 16;
                 amx_block(cc, ldc, k0 > 0, ra + blk * 16 * kn, 16 * kn, 64, 512, bt, by_slice ? kn * 16 : K * 16, 512,
-                          kn / 32, tokens, 32);
+                          kn / 32, tokens, 32, fetch.base ? &fetch : nullptr);
                 if (k0 + kn == K) store_rows(cc, ldc, o + blk * 16 * ldo + j, ldo, valid, stream);
               }
             }
