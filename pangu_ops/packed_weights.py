@@ -183,8 +183,8 @@ def _unservable(layer: nn.Module) -> str | None:
     from .integrations import transformers as hf
 
     if not getattr(layer, "is_transposed", False):
-        return ("left: transformers' [E, 2F, H] / [E, H, F] experts are read in place by the transposed kernels "
-                "(packing them measured on par)")
+        return ("left: transformers' [E, 2F, H] / [E, H, F] experts are read in place by the transposed kernels at "
+                "decode sizes, and prefill-sized calls take their tiles from the kernels' cache of packed weights")
     backend = getattr(getattr(layer, "config", None), "_experts_implementation", None)
     if backend != hf.NAME:
         return f"left: experts backend {backend!r}, not {hf.NAME!r} (set_experts_implementation('{hf.NAME}') first)"

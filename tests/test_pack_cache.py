@@ -107,3 +107,27 @@ def test_cap_zero_turns_it_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"
+
+
+def test_columns_contiguous_weights_are_cached_too():
+    """transformers' layout (`trans_b`: w[e] stored [N, K]) gets tiles of its own on its second use,
+    which the row-major kernel then runs: the same values as the first call (the transposed kernel
+    reading the weight in place) and as the reference; the same memory used row-major is another
+    entry."""
+    pangu_ops.cpu_pack_cache(clear=True)
+    x, w = _weights(3)
+    wt = w.transpose(1, 2).contiguous()  # [E, N, K]
+    with pangu_ops.use_backend("cpu"):
+        first = pangu_ops.grouped_gemm(x, wt, SIZES, trans_b=True)
+        assert torch.equal(pangu_ops.grouped_gemm(x, wt, SIZES, trans_b=True), first)
+        assert torch.equal(pangu_ops.grouped_gemm(x, wt, SIZES, trans_b=True), first)
+        # the same memory as a row-major [E, K', N'] weight (K' = N = 64, N' = K = 96)
+        xr = verify.randn((int(SIZES.sum()), 64), torch.bfloat16, verify.generator(4))
+        rm = pangu_ops.grouped_gemm(xr, wt, SIZES)
+        assert torch.equal(pangu_ops.grouped_gemm(xr, wt, SIZES), rm)
+    torch.testing.assert_close(first, _product(x, w), **verify.TOLERANCES[torch.bfloat16])
+    stats = pangu_ops.cpu_pack_cache()
+    if _amx():
+        assert stats["entries"] == 2 and stats["hits"] >= 1  # wt both ways (w seen once: not packed)
+    else:
+        assert stats["entries"] == 0
