@@ -5,7 +5,7 @@
 //
 // Each task packs its operands once into tile order in thread-local buffers that stay in L2: its
 // rows of a (<= 1 MiB) and, for a row-major b, its column chunk of b (<= 1.5 MiB; or the tiles
-// packed once per weight version, packed_weights.cpp); then every 32 x 32 output block runs the
+// packed once per weight version, packed_weights.cpp, of either layout of b); then every 32 x 32 output block runs the
 // whole inner dimension on four accumulator tiles (two A and two B tiles a step, each loaded tile
 // used twice) and is written once, rounded, with non-temporal stores. Two layouts of b_e, by which
 // one an A tile can be read from as it lies:

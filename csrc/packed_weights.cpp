@@ -39,7 +39,7 @@ constexpr size_t kMaxEntries = 256;  // weights seen, packed or not
 
 struct Entry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-  std::array<int64_t, 8> key;  // offset, E, K, N, sbe, sb0, version, sb1
+  std::array<int64_t, 8> key;  // offset, E, K, N, the three strides, version (last)
   std::array<uint16_t, kSamples> samples;
   at::Tensor packed;
 };
@@ -59,8 +59,8 @@ class PackCache {
   at::Tensor find_or_pack(const at::Tensor& w, int64_t sbe, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
     const int64_t E = w.size(0), bytes = E * K * N * 2;
     if (bytes > cap_) return {};
-    const std::array<int64_t, 8> key = {w.storage_offset(), E, K, N, sbe, sb0,
-                                        static_cast<int64_t>(w.unsafeGetTensorImpl()->version_counter().current_version()), sb1};
+    const std::array<int64_t, 8> key = {w.storage_offset(), E, K, N, sbe, sb0, sb1,
+                                        static_cast<int64_t>(w.unsafeGetTensorImpl()->version_counter().current_version())};
     const auto* base = w.data_ptr<c10::BFloat16>();
     const std::array<uint16_t, kSamples> samples = sample(base, sbe, sb0, sb1, E, K, N);
     c10::StorageImpl* storage = w.storage().unsafeGetStorageImpl();
@@ -127,15 +127,12 @@ class PackCache {
   }
 
  private:
-  // 16 elements spread over the weight (fixed positions: the same for the same shape)
   // the key of another version of the same weight view (all but the version alike)
   static bool older(const std::array<int64_t, 8>& a, const std::array<int64_t, 8>& b) {
-    for (int i = 0; i < 8; ++i) {
-      if (i != 6 && a[i] != b[i]) return false;
-    }
-    return true;
+    return std::equal(a.begin(), a.end() - 1, b.begin());
   }
 
+  // 16 elements spread over the weight (fixed positions: the same for the same shape)
   static std::array<uint16_t, kSamples> sample(const c10::BFloat16* w, int64_t sbe, int64_t sb0, int64_t sb1, int64_t E,
                                                int64_t K, int64_t N) {
     std::array<uint16_t, kSamples> out{};

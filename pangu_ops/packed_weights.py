@@ -17,8 +17,9 @@ tensors and `load_state_dict` accepts them (packing on the way in); `unprepack(m
 the layout in place (to train again). Transformers' experts modules served by the "pangu_ops"
 experts backend are packed where they hold row-major operands too (`is_transposed`: Aria's
 `[E, H, 2F]` / `[E, F, H]`); transformers' usual `[E, 2F, H]` / `[E, H, F]` are left as they are:
-the transposed kernels read their rows in place as A tiles, and packing their transposes measured
-on par (prefill 0.91-0.95x the time, decode 0.8-1.35x, 2-core Xeon).
+at decode sizes the transposed kernels read their rows in place as A tiles (packing their
+transposes measured on par: prefill 0.91-0.95x the time, decode 0.8-1.35x, 2-core Xeon), and
+prefill-sized calls take their tiles from the packed-weight cache (a second copy, capped).
 """
 from __future__ import annotations
 

@@ -45,8 +45,10 @@ def output_cache(clear: bool = False) -> dict[str, int]:
 
 
 def pack_cache(clear: bool = False) -> dict[str, int]:
-    """The C++ CPU kernels' cache of packed expert weights (where the CPU has AMX-BF16: a row-major
-    bf16 weight's tiles, made once per weight version and reused by the prefill-sized products):
+    """The C++ CPU kernels' cache of packed expert weights (where the CPU has AMX-BF16: a bf16
+    weight's tiles, row-major or with contiguous columns (transformers' layout, each layout of the
+    same memory its own entry), made on a weight version's second use and reused by the
+    prefill-sized products):
     `cached_bytes` and `entries` held now, lookups that found their weight's tiles (`hits`) and
     `packs` made so far. An entry goes with its weight, with a new version of it (an in-place update)
     and with writes that bypass the version (`.data`: checked on 16 sampled elements). `clear=True`
