@@ -115,19 +115,22 @@ def test_columns_contiguous_weights_are_cached_too():
     reading the weight in place) and as the reference; the same memory used row-major is another
     entry."""
     pangu_ops.cpu_pack_cache(clear=True)
-    x, w = _weights(3)
-    wt = w.transpose(1, 2).contiguous()  # [E, N, K]
+    sizes = torch.tensor([70, 0, 1, 2, 37])  # an empty expert, decode-sized and odd groups
+    gen = verify.generator(3)
+    x = verify.randn((int(sizes.sum()), 96), torch.bfloat16, gen, scale=96 ** -0.5)
+    wt = verify.randn((len(sizes), 64, 96), torch.bfloat16, gen)  # [E, N, K]
     with pangu_ops.use_backend("cpu"):
-        first = pangu_ops.grouped_gemm(x, wt, SIZES, trans_b=True)
-        assert torch.equal(pangu_ops.grouped_gemm(x, wt, SIZES, trans_b=True), first)
-        assert torch.equal(pangu_ops.grouped_gemm(x, wt, SIZES, trans_b=True), first)
+        first = pangu_ops.grouped_gemm(x, wt, sizes, trans_b=True)
+        assert torch.equal(pangu_ops.grouped_gemm(x, wt, sizes, trans_b=True), first)
+        assert torch.equal(pangu_ops.grouped_gemm(x, wt, sizes, trans_b=True), first)
         # the same memory as a row-major [E, K', N'] weight (K' = N = 64, N' = K = 96)
-        xr = verify.randn((int(SIZES.sum()), 64), torch.bfloat16, verify.generator(4))
-        rm = pangu_ops.grouped_gemm(xr, wt, SIZES)
-        assert torch.equal(pangu_ops.grouped_gemm(xr, wt, SIZES), rm)
-    torch.testing.assert_close(first, _product(x, w), **verify.TOLERANCES[torch.bfloat16])
+        xr = verify.randn((int(sizes.sum()), 64), torch.bfloat16, verify.generator(4))
+        rm = pangu_ops.grouped_gemm(xr, wt, sizes)
+        assert torch.equal(pangu_ops.grouped_gemm(xr, wt, sizes), rm)
+    expected = torch.cat([r @ wt[e].float().t() for e, r in enumerate(x.float().split(sizes.tolist()))])
+    torch.testing.assert_close(first, expected.bfloat16(), **verify.TOLERANCES[torch.bfloat16])
     stats = pangu_ops.cpu_pack_cache()
     if _amx():
-        assert stats["entries"] == 2 and stats["hits"] >= 1  # wt both ways (w seen once: not packed)
+        assert stats["entries"] == 2 and stats["hits"] >= 1  # wt both ways
     else:
         assert stats["entries"] == 0
