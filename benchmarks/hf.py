@@ -18,9 +18,10 @@ memory, one read-only pass (the CPU backend's `read_work`: every byte read once,
 the touched experts' weights in place (forward + backward: two such passes and one write of the
 weights' full gradients, streamed by `write_work`: non-zero bytes for the touched experts' share,
 zeros for the rest, since zeros stream ~2x faster here); a row's limit is whichever of the two takes
-longer. In bfloat16 prefill on a CPU with AMX-BF16 tiles, the same FLOPs as tile products held in
-the tile registers (`AMX peak`, `amx_work`) are shown beside them, not taken as a row's limit (the
-dense matmul reaches about half of it). A group in which a row beats its limit is timed again
+longer. In bfloat16 prefill on a CPU that multiplies bf16 natively, the same FLOPs as its widest bf16
+product on registers are shown beside them, not taken as a row's limit: tile products held in the
+tile registers with AMX-BF16 (`AMX peak`, `amx_work`; the dense matmul reaches about half of it),
+else VDPBF16PS on vectors with AVX512-BF16 (`AVX512-BF16 peak`, `bf16_dot_work`). A group in which a row beats its limit is timed again
 (every fn for as many rounds more: a limit's rounds may have run disturbed); a row still above its
 limit means the limit or the benchmark is wrong, and the table says so. Forward + backward rows
 give the weights a new version every repetition, as a training step's optimizer update does
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from . import kt_kernel
-from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, amx_peak, compute_peak, optimizer_step
+from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, bf16_peak, compute_peak, optimizer_step
 from .timing import Timing, interleaved
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
@@ -64,7 +65,6 @@ BLOCKS = (
 PREFILL, DECODE = (2048,), (1, 4, 16)
 BATCHED_MM_BYTES = 2 << 30  # batched_mm's per-slot weight copies beyond this are not run
 FMA_PEAK = "FMA peak"
-AMX_PEAK = "AMX peak"
 
 
 @dataclass
@@ -174,9 +174,9 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
         w2 = torch.randn(block.ffn, block.hidden, dtype=mm_dtype)
         h = torch.randn(rows, block.ffn, dtype=mm_dtype)
         limits[f"dense mm {str(mm_dtype)[6:]}"] = ("compute", lambda: [(a @ w1, h @ w2) for _ in range(passes)])
-        amx = amx_peak(_flops(block, mode, tokens)) if dtype == torch.bfloat16 else None
-        if amx is not None:  # shown, not a row's limit: the dense mm reaches about half of it
-            limits[AMX_PEAK] = ("peak", amx)
+        peak16 = bf16_peak(_flops(block, mode, tokens)) if dtype == torch.bfloat16 else None
+        if peak16 is not None:  # shown, not a row's limit (the dense mm reaches about half the AMX one)
+            limits[peak16[0].split(" (")[0]] = ("peak", peak16[2])
         return limits
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
     runs, untouched = expert_runs(ids, block.experts)

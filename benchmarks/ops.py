@@ -131,13 +131,19 @@ def compute_peak(flops: float):
     return lambda: torch.ops.pangu_cpu.fma_work(int(flops))
 
 
-def amx_peak(flops: float):
-    """A fn doing `flops` as bf16 tile products (TDPBF16PS) on tiles that stay in the tile registers,
-    over torch's threads (the CPU backend's `amx_work`); None where the CPU (or its kernel) gives no
-    AMX-BF16 tiles: the bf16 compute time no kernel beats there."""
-    if not cpu_backend.has_amx():
-        return None
-    return lambda: torch.ops.pangu_cpu.amx_work(int(flops))
+def bf16_peak(flops: float):
+    """`(impl, note, fn)`: fn does `flops` as this CPU's widest bf16 product on register-resident
+    operands over torch's threads: TDPBF16PS on tiles held in the tile registers where it has AMX-BF16
+    (the CPU backend's `amx_work`), else VDPBF16PS on vectors where it has AVX512-BF16
+    (`bf16_dot_work`): the bf16 compute time no kernel beats there. None where it has neither (bf16
+    is then multiplied as fp32, whose limit is `compute_peak`)."""
+    if cpu_backend.has_amx():
+        return ("AMX peak (bf16 tiles)", "the same FLOPs as TDPBF16PS on tiles held in registers, all threads",
+                lambda: torch.ops.pangu_cpu.amx_work(int(flops)))
+    if cpu_backend.has_avx512_bf16():
+        return ("AVX512-BF16 peak (registers)", "the same FLOPs as VDPBF16PS on vectors in registers, all threads",
+                lambda: torch.ops.pangu_cpu.bf16_dot_work(int(flops)))
+    return None
 
 
 def _grouped_mm_entry(x, w, group_sizes, flops_per_row, device, dtype) -> Entry | None:
@@ -240,12 +246,15 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     out.append(Entry("dense mm", f"torch.mm {str(limit_dtype)[6:]}", "limit", lambda: torch.mm(x_lim, w_lim),
                      flops_per_row * rows, "GFLOP/s", "same FLOPs as the grouped GEMM"))
     if device.type == "cpu":
-        out.append(Entry(PEAK_OP, "FMA peak (fp32, registers)", "limit", compute_peak(flops_per_row * rows),
-                         flops_per_row * rows, "GFLOP/s", "the same FLOPs as fp32 FMAs on registers, all threads"))
-        amx = amx_peak(flops_per_row * rows) if dtype == torch.bfloat16 else None
-        if amx is not None:
-            out.append(Entry(AMX_PEAK_OP, "AMX peak (bf16 tiles)", "limit", amx, flops_per_row * rows, "GFLOP/s",
-                             "the same FLOPs as TDPBF16PS on tiles held in registers, all threads"))
+        # bf16 where this CPU multiplies it natively: its own peak, shown beside the limits (fp32
+        # FMAs are no bf16 limit there: the dense bf16 mm beats them)
+        peak16 = bf16_peak(flops_per_row * rows) if dtype == torch.bfloat16 else None
+        if peak16 is None:
+            out.append(Entry(PEAK_OP, "FMA peak (fp32, registers)", "limit", compute_peak(flops_per_row * rows),
+                             flops_per_row * rows, "GFLOP/s", "the same FLOPs as fp32 FMAs on registers, all threads"))
+        else:
+            impl, note, fn = peak16
+            out.append(Entry(BF16_PEAK_OP, impl, "limit", fn, flops_per_row * rows, "GFLOP/s", note))
     if slow_half:
         m = rows // SLOW_BASELINE_FRACTION
         xh, wh = x_sorted[:m].contiguous(), w_lim.to(dtype)
@@ -412,9 +421,9 @@ def first_call(device: torch.device, repeats: int = 3) -> list[tuple[str, str, T
 
 # the limits of each unit; a row's limit is the fastest of them measured for its dtype and backend
 PEAK_OP = "compute peak"  # fma_work's FLOPs: its rate is the machine's, whatever the dtype
-# amx_work's: bf16's ceiling where the CPU has AMX tiles, shown beside the limits (the shares stay
-# against the dense mm, which reaches about half of it)
-AMX_PEAK_OP = "AMX peak"
+# amx_work's / bf16_dot_work's: bf16's ceiling where the CPU multiplies bf16 natively, shown beside
+# the limits (the shares stay against the dense mm, which reaches about half the AMX peak)
+BF16_PEAK_OP = "bf16 peak"
 MOVE = "memory move"  # suffix of a data-movement op's own limit row (`_move_entry`)
 LIMIT_OF = {"GB/s": ("memcpy",), "GFLOP/s": ("dense mm", PEAK_OP), "k calls/s": ("call overhead (1 token)",),
             "k steps/s": ("decode step (1 token)",)}
@@ -466,7 +475,7 @@ def _compare(rows: list[Row]) -> None:
                      and q.dtype == r.dtype and q.kind == "limit" and _backend_of(q) == _backend_of(r)), default=None)
         if ref is not None and r.kind != "reference":
             r.speedup_vs_reference = r.rate / ref.rate
-        if r.op == AMX_PEAK_OP:
+        if r.op == BF16_PEAK_OP:
             dense = next((q for q in rows if q.op == "dense mm" and q.dtype == r.dtype and q.kind == "limit"), None)
             if dense is not None:
                 add_note(r, f"the dense mm runs at {100 * dense.rate / r.rate:.0f}% of it")

@@ -1,7 +1,7 @@
 """The benchmarks' limit kernels (csrc/peak.cpp): `read_work` reads every byte of its tensor once
 (its result is the xor of the tensor's little-endian 32-bit words, a trailing 1-3 bytes zero-padded,
 so a byte skipped or read twice changes it); `write_work` sets exactly its tensor's bytes to its value
-(the kernels' `fill_streaming`); `fma_work` does the FLOPs asked of it; `bench --hf` splits the
+(the kernels' `fill_streaming`); `fma_work` and `bf16_dot_work` do the FLOPs asked of them; `bench --hf` splits the
 experts into the touched ones' ranges (values written) and the others' (zeros)."""
 import numpy as np
 import pytest
@@ -93,6 +93,24 @@ def test_fma_work_takes_no_negative_flops():
         torch.ops.pangu_cpu.fma_work(-1)
 
 
+def test_bf16_dot_work_does_the_products_asked_of_it():
+    """Each thread's 12 accumulators of 16 lanes start at 1 + chain and gain 2 * 2^-10 * 2^-10 (t + 1)
+    per VDPBF16PS, flops / threads / 768 + 1 times (exact in fp32 at these sizes); where the build
+    has no AVX512-BF16 it says so."""
+    from pangu_ops.backends import cpu as cpu_backend
+    backends.load("cpu")
+    if not cpu_backend.has_avx512_bf16():
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            torch.ops.pangu_cpu.bf16_dot_work(1000)
+        return
+    with pytest.raises(ValueError, match=">= 0"):
+        torch.ops.pangu_cpu.bf16_dot_work(-1)
+    threads, flops = torch.get_num_threads(), 10 ** 9
+    steps = flops // threads // 768 + 1
+    expected = sum(16 * (1 + c + steps * (t + 1) * 2.0 ** -19) for t in range(threads) for c in range(12))
+    assert torch.ops.pangu_cpu.bf16_dot_work(flops) == pytest.approx(expected, rel=1e-6)
+
+
 def test_bench_hf_takes_every_fma_limit_at_the_runs_best_rate():
     """A group whose FMA rounds ran slow (disturbed) gets its limit from the best rate of the run,
     so a kernel row that beat that group's own FMA time is flagged above the limit, not hidden."""
@@ -153,6 +171,27 @@ def test_bench_takes_the_compute_peak_at_the_runs_best_rate():
     shares = [r.fraction_of_limit for r in rows]
     assert shares == pytest.approx([1.0, 0.8, 0.7, 0.5, 0.3, 0.6, 1.2])
     assert "ABOVE" not in rows[5].note and "ABOVE ITS LIMIT" in rows[6].note
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, bf16_impl", [(True, True, "AMX peak (bf16 tiles)"),
+                                                         (False, True, "AVX512-BF16 peak (registers)"),
+                                                         (False, False, None)])
+def test_bench_shows_bf16s_own_peak_where_the_cpu_multiplies_bf16(monkeypatch, amx, avx512_bf16, bf16_impl):
+    """`pangu-ops bench`: bf16 on a CPU with AMX tiles or AVX512-BF16 gets that instruction's peak
+    (the dense bf16 mm beats fp32 FMAs there), not the fp32 FMA peak; without either, and in fp32,
+    the FMA peak."""
+    from pangu_ops.backends import cpu as cpu_backend
+    from pangu_ops.benchmarks.ops import BF16_PEAK_OP, PEAK_OP, Problem, entries
+    monkeypatch.setattr(cpu_backend, "has_amx", lambda: amx)
+    monkeypatch.setattr(cpu_backend, "has_avx512_bf16", lambda: avx512_bf16)
+    problem = Problem(tokens=8, hidden=32, ffn=32, experts=4, topk=2)
+
+    def peaks(dtype):
+        return {e.op: e.impl for e in entries(problem, dtype, torch.device("cpu"), ["cpu"])
+                if e.op in (PEAK_OP, BF16_PEAK_OP)}
+    assert peaks(torch.float32) == {PEAK_OP: "FMA peak (fp32, registers)"}
+    assert peaks(torch.bfloat16) == ({BF16_PEAK_OP: bf16_impl} if bf16_impl else
+                                     {PEAK_OP: "FMA peak (fp32, registers)"})
 
 
 def test_bench_data_movement_limit_is_the_faster_of_memcpy_and_the_ops_own_move():

@@ -34,6 +34,15 @@ def has_amx() -> bool:
         return False
 
 
+def has_avx512_bf16() -> bool:
+    """Whether the C++ kernels were built with AVX512-BF16 (VDPBF16PS: bf16 pairs multiplied in the
+    vectors), as for this CPU. False where the extension is not built."""
+    try:
+        return bool(load().has_avx512_bf16())
+    except BackendUnavailable:
+        return False
+
+
 def output_cache(clear: bool = False) -> dict[str, int]:
     """The C++ CPU kernels' cache of large output blocks (outputs of 1 MiB and more reuse the memory
     of freed ones instead of fresh pages, whose first-touch faults cost more than filling them):
