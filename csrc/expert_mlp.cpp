@@ -185,13 +185,13 @@ bool decode_step(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Ten
                  const std::vector<int64_t>& off, bool trans_b, int64_t F, int64_t N) {
   auto unit = [](const at::Tensor& w) { return w.stride(1) == 1 || w.stride(2) == 1; };
   if (x.stride(1) != 1 || !unit(w_gate_up) || !unit(w_down)) return false;
-  // AMX tiles for both products ([K, 2F] and [F, N])
+  // both products ([K, 2F] and [F, N]) with a few-row kernel up to kFewRows rows
   const auto [u0, u1] = kn_strides(w_gate_up, trans_b);
   const auto [d0, d1] = kn_strides(w_down, trans_b);
-  const bool amx = few_rows_amx(u0, u1, x.size(1), 2 * F) && few_rows_amx(d0, d1, F, N);
+  const bool wide = few_rows_wide(u0, u1, x.size(1), 2 * F) && few_rows_wide(d0, d1, F, N);
   for (size_t e = 0; e + 1 < off.size(); ++e) {
     const int64_t m = off[e + 1] - off[e];
-    if (m > 0 && !few_rows_kernel(x.scalar_type(), m, amx)) return false;
+    if (m > 0 && !few_rows_kernel(x.scalar_type(), m, wide)) return false;
   }
   return true;
 }

@@ -17,6 +17,7 @@
 
 #include "amx_grouped.h"
 #include "common.h"
+#include "vector_chains.h"
 
 namespace pangu_cpu {
 
@@ -67,6 +68,28 @@ bool native_half_matmul(at::ScalarType dtype) {
   }
   std::call_once(once_fp16, [] { fp16 = probe_half_matmul(at::kHalf); });
   return fp16;
+}
+
+bool bf16_pair_dots() {
+#if defined(__AVX512BF16__)
+  static const bool pairs = [] {
+    constexpr int64_t kSteps = 20000;  // 240k instructions of each: ~0.1 ms
+    const auto seconds = [](auto chains) {
+      double best = 1e30;
+      for (int i = 0; i < 5; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        volatile double keep = chains(i, kSteps);
+        (void)keep;
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      return best;
+    };
+    return seconds(bf16_pair_chains) < 1.5 * seconds(fma_chains);
+  }();
+  return pairs;
+#else
+  return false;
+#endif
 }
 
 namespace {
@@ -143,6 +166,7 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("grouped_gemm(Tensor x, Tensor w, Tensor group_sizes, bool trans_b) -> Tensor");
   m.def("grouped_gemm_wgrad(Tensor x, Tensor dy, Tensor group_sizes) -> Tensor");
   m.def("native_half_matmul(ScalarType dtype) -> bool", [](at::ScalarType dtype) { return native_half_matmul(dtype); });
+  m.def("bf16_pair_dots() -> bool", [] { return bf16_pair_dots(); });
 }
 
 TORCH_LIBRARY_IMPL(pangu_cpu, CPU, m) {

@@ -48,17 +48,10 @@
 #include <vector>
 
 #include "common.h"
+#include "vector_chains.h"
 
 namespace pangu_cpu {
 namespace {
-
-constexpr int kChains = 12;
-#if defined(__AVX512F__)
-using Chain = f32x16;
-#else
-using Chain = f32x8;
-#endif
-constexpr int kLanes = sizeof(Chain) / sizeof(float);
 
 // `flops` split over torch's threads as steps of step_flops each: work(t, steps) on thread t returns
 // its checksum; the sum of them.
@@ -77,21 +70,7 @@ double on_every_thread(int64_t flops, int64_t step_flops, const Work& work) {
 
 double fma_work(int64_t flops) {
   TORCH_CHECK_VALUE(flops >= 0, "fma_work: flops must be >= 0");
-  return on_every_thread(flops, 2 * kChains * kLanes, [](int64_t t, int64_t per_thread) {
-    Chain acc[kChains];
-    for (int c = 0; c < kChains; ++c) {
-      for (int l = 0; l < kLanes; ++l) acc[c][l] = 1e-3f * static_cast<float>(c * kLanes + l + t);
-    }
-    const float scale = 0.999f, shift = 1e-4f;  // a contraction: values stay finite and normal
-    for (int64_t i = 0; i < per_thread; ++i) {
-      for (int c = 0; c < kChains; ++c) acc[c] = acc[c] * scale + shift;
-    }
-    double sum = 0.0;
-    for (int c = 0; c < kChains; ++c) {
-      for (int l = 0; l < kLanes; ++l) sum += acc[c][l];
-    }
-    return sum;
-  });
+  return on_every_thread(flops, 2 * kChains * kLanes, fma_chains);
 }
 
 int64_t read_work(const at::Tensor& t) {
@@ -191,19 +170,7 @@ double bf16_dot_work(int64_t flops) {
   TORCH_CHECK_VALUE(flops >= 0, "bf16_dot_work: flops must be >= 0");
   TORCH_CHECK(has_avx512_bf16(), "bf16_dot_work: this build or CPU has no AVX512-BF16 (has_avx512_bf16() is false)");
 #if defined(__AVX512BF16__)
-  return on_every_thread(flops, kChains * 16 * 2 * 2, [](int64_t t, int64_t per_thread) {  // kChains VDPBF16PS
-    // products of 2^-10 x 2^-10 added to sums starting at 1: they stay finite and normal
-    const __m512bh a = reinterpret_cast<__m512bh>(_mm512_set1_epi16(static_cast<int16_t>(c10::BFloat16(0x1p-10f).x)));
-    const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_epi16(static_cast<int16_t>(c10::BFloat16(0x1p-10f * (t + 1)).x)));
-    __m512 acc[kChains];
-    for (int c = 0; c < kChains; ++c) acc[c] = _mm512_set1_ps(1.0f + c);
-    for (int64_t i = 0; i < per_thread; ++i) {
-      for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], a, b);
-    }
-    double sum = 0.0;
-    for (int c = 0; c < kChains; ++c) sum += _mm512_reduce_add_ps(acc[c]);
-    return sum;
-  });
+  return on_every_thread(flops, kChains * 16 * 2 * 2, bf16_pair_chains);  // kChains VDPBF16PS
 #else
   return 0.0;
 #endif
