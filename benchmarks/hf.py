@@ -15,10 +15,11 @@ run measured: it is one rate of the machine, and a row whose own FMA rounds ran 
 a limit its kernels beat) and, for prefill, the dense matmul of the same FLOPs in the dtype (fp32
 where this CPU's half-precision matmul is slower; x3 for forward + backward); for decode also
 memory, one read-only pass (the CPU backend's `read_work`: every byte read once, nothing else) over
-the touched experts' weights in place (forward + backward: two such passes and one write of the
-weights' full gradients, streamed by `write_work`: non-zero bytes for the touched experts' share,
-zeros for the rest, since zeros stream ~2x faster here); a row's limit is whichever of the two takes
-longer. In bfloat16 prefill on a CPU that multiplies bf16 natively, the same FLOPs as its widest bf16
+the touched experts' weights in place (forward + backward: one such pass, then a second one
+overlapped with the write of their gradients, streamed, as `move_work` reads a source's lines and
+writes a destination's interleaved, and the zeros of the other experts' gradients, `write_work`,
+since zeros stream ~2x faster on some of these machines); a row's limit is whichever of the two
+takes longer. In bfloat16 prefill on a CPU that multiplies bf16 natively, the same FLOPs as its widest bf16
 product on registers are shown beside them, not taken as a row's limit: tile products held in the
 tile registers with AMX-BF16 (`AMX peak`, `amx_work`; the dense matmul reaches about half of it),
 else VDPBF16PS on vectors with AVX512-BF16 (`AVX512-BF16 peak`, `bf16_dot_work`). A group in which a row beats its limit is timed again
@@ -191,13 +192,18 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
     if mode == "fwd":
         limits["weight reading"] = ("memory", read)
     else:
-        # the write, streamed (`write_work`; fill_ takes up to 2x as long): values for the touched
-        # experts' gradients (non-zero lines: the kernels can write them no faster), zeros for the
-        # others' (as the kernels write an expert without rows)
+        # the gradients' write, streamed (fill_ takes up to 2x as long), with the second read: the
+        # touched experts' gradients as values (non-zero lines: the kernels can write them no
+        # faster) by `move_work`, which reads a weight's lines and streams its gradient's lines
+        # interleaved (reads and streamed writes overlap: the two passes one after the other, as
+        # before 2026-12-06, took longer than pangu_ops on a Zen 4, which read and wrote at once);
+        # zeros for the others' (`write_work`, as the kernels write an expert without rows)
         grads = [torch.empty_like(w) for w in weights]
-        writes = [(g[a:b], 0x3C) for g in grads for a, b in runs] + [(g[a:b], 0) for g in grads for a, b in untouched]
-        write_work = torch.ops.pangu_cpu.write_work
-        limits["weight reading"] = ("memory", lambda: (read(), read(), [write_work(v, byte) for v, byte in writes]))
+        moves = [(w.detach()[a:b], g[a:b]) for w, g in zip(weights, grads) for a, b in runs]
+        zeros = [g[a:b] for g in grads for a, b in untouched]
+        move_work, write_work = torch.ops.pangu_cpu.move_work, torch.ops.pangu_cpu.write_work
+        limits["weight reading"] = ("memory", lambda: (read(), [move_work(v, g) for v, g in moves],
+                                                       [write_work(g, 0) for g in zeros]))
     return limits
 
 
@@ -287,8 +293,8 @@ def table(rows: list[Row]) -> str:
                  f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over "
                  "this row's; of limit: the same-run limit's time over this row's (the faster of the FMA peak, at the "
                  "best rate of the run, and the dense mm for the same FLOPs; for decode the slower of that and one "
-                 "read-only pass over the touched experts' weights, two and a write of the gradients with the "
-                 "backward); routing fresh: a new routing (new rows per expert) every call.")
+                 "read-only pass over the touched experts' weights; with the backward one more, overlapped with the "
+                 "write of the gradients); routing fresh: a new routing (new rows per expert) every call.")
     return "\n".join(lines)
 
 
