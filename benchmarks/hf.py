@@ -19,10 +19,11 @@ the touched experts' weights in place (forward + backward: one such pass, then a
 overlapped with the write of their gradients, streamed, as `move_work` reads a source's lines and
 writes a destination's interleaved, and the zeros of the other experts' gradients, `write_work`,
 since zeros stream ~2x faster on some of these machines); a row's limit is whichever of the two
-takes longer. In bfloat16 prefill on a CPU that multiplies bf16 natively, the same FLOPs as its widest bf16
-product on registers are shown beside them, not taken as a row's limit: tile products held in the
-tile registers with AMX-BF16 (`AMX peak`, `amx_work`; the dense matmul reaches about half of it),
-else VDPBF16PS on vectors with AVX512-BF16 (`AVX512-BF16 peak`, `bf16_dot_work`). A group in which a row beats its limit is timed again
+takes longer. In bfloat16 prefill on a CPU that multiplies bf16 natively, the same FLOPs as its
+widest bf16 product on registers are shown beside them, not taken as a row's limit: tile products
+held in the tile registers with AMX-BF16 (`AMX peak`, `amx_work`; the dense matmul reaches about
+half of it), else VDPBF16PS on vectors with AVX512-BF16 (`AVX512-BF16 peak`, `bf16_dot_work`). A
+group in which a row beats its limit is timed again
 (every fn for as many rounds more: a limit's rounds may have run disturbed); a row still above its
 limit means the limit or the benchmark is wrong, and the table says so. Forward + backward rows
 give the weights a new version every repetition, as a training step's optimizer update does

@@ -214,8 +214,8 @@ bool native_half_matmul(at::ScalarType dtype);
 
 // Whether this CPU's bf16 dot products of few-row experts run on AVX512-BF16's VDPBF16PS (each
 // 32-bit lane adds the products of one pair of adjacent bf16 elements: 32 products an instruction,
-// neither operand widened: DotsPairs) rather than on fp32 FMAs over widened halves (16 products an
-// FMA, plus a shift or a mask per weight vector: Dots512). Its throughput decides, not its presence:
+// neither operand widened: DotsPairs, few_rows_pairs) rather than on fp32 FMAs over widened halves
+// (16 products an FMA, plus a shift or a mask per weight vector: Dots512, few_rows_stream). Its throughput decides, not its presence:
 // on a 2-core Xeon (AMX) one VDPBF16PS issues per 2 cycles against two 16-lane FMAs a cycle, on
 // a 2-core AMD EPYC Zen 4 one a cycle, as its one 16-lane FMA. Probed once on first use: 12
 // register-resident chains of each, best of 5 (~1 ms); the pairs where they take under 1.5x the

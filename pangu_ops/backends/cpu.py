@@ -44,10 +44,11 @@ def has_avx512_bf16() -> bool:
 
 
 def bf16_pair_dots() -> bool:
-    """Whether the C++ kernels' few-row bf16 products (decode-sized experts, weights with contiguous
-    rows: transformers' layout) multiply by AVX512-BF16's VDPBF16PS, probed once as the faster here
-    (AMD Zen 4), rather than by fp32 FMAs over widened halves (Intel Xeons, where VDPBF16PS issues at
-    half their rate). False where the extension is not built."""
+    """Whether the C++ kernels' few-row bf16 products (decode-sized experts: weights with contiguous
+    rows, as transformers' layout, and row-major weights of 2048+ columns) multiply by AVX512-BF16's
+    VDPBF16PS, probed once as the faster here (AMD Zen 4), rather than by fp32 FMAs over widened
+    halves (Intel Xeons, where VDPBF16PS issues at half their rate). False where the extension is
+    not built."""
     try:
         return bool(load().bf16_pair_dots())
     except BackendUnavailable:
