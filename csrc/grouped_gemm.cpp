@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -70,8 +71,14 @@ bool native_half_matmul(at::ScalarType dtype) {
   return fp16;
 }
 
+namespace {
+std::atomic<int> forced_pair_dots{-1};  // force_bf16_pair_dots: -1 the probe decides, 0 / 1 forced
+}  // namespace
+
 bool bf16_pair_dots() {
 #if defined(__AVX512BF16__)
+  const int forced = forced_pair_dots.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
   static const bool pairs = [] {
     constexpr int64_t kSteps = 20000;  // 240k instructions of each: ~0.1 ms
     const auto seconds = [](auto chains) {
@@ -167,6 +174,14 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("grouped_gemm_wgrad(Tensor x, Tensor dy, Tensor group_sizes) -> Tensor");
   m.def("native_half_matmul(ScalarType dtype) -> bool", [](at::ScalarType dtype) { return native_half_matmul(dtype); });
   m.def("bf16_pair_dots() -> bool", [] { return bf16_pair_dots(); });
+  // for tests: both few-row bf16 dot kernels on any CPU with AVX512-BF16 (-1: the probe decides again)
+  m.def("force_bf16_pair_dots(int mode) -> ()", [](int64_t mode) {
+    TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "force_bf16_pair_dots: mode must be -1, 0 or 1, got ", mode);
+#if !defined(__AVX512BF16__)
+    TORCH_CHECK(mode != 1, "force_bf16_pair_dots: this build has no AVX512-BF16");
+#endif
+    forced_pair_dots.store(static_cast<int>(mode), std::memory_order_relaxed);
+  });
 }
 
 TORCH_LIBRARY_IMPL(pangu_cpu, CPU, m) {

@@ -48,6 +48,21 @@ def on_the_cpu():
         yield
 
 
+@pytest.fixture(params=["fma", "pairs"])
+def bf16_dots(request):
+    """The CPU backend's few-row bf16 dot products forced onto fp32 FMAs, then onto VDPBF16PS pairs
+    (skipped where the build has no AVX512-BF16), whatever this CPU's probe chose: both kernels
+    checked on any CPU that runs both."""
+    from pangu_ops.backends import cpu as cpu_backend
+    if request.param == "pairs" and not cpu_backend.has_avx512_bf16():
+        pytest.skip("the VDPBF16PS dot kernels need a build with AVX512-BF16")
+    if not cpu_backend.has_avx512_bf16():
+        yield  # the FMA kernels are the only ones
+        return
+    with cpu_backend.bf16_pair_dots_forced(request.param == "pairs"):
+        yield
+
+
 def failures(results: list[verify.Result]) -> str:
     return "\n".join(f"{r.case}: {r.check}: max err {r.max_err:.3g} {r.detail}" for r in results if not r.ok)
 

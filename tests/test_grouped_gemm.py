@@ -87,6 +87,7 @@ def test_few_row_weight_gradient_nans_are_canonical():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.usefixtures("bf16_dots")
 def test_few_rows_per_expert(dtype, trans_b):
     """Decode-sized groups (1-17 rows: the few-row kernels' 4 / 2 / 1-row dot passes, the streamed
     row-major passes of 1-8 rows and the 16-column tiles above, and the switch back to the matmul
@@ -102,6 +103,7 @@ def test_few_rows_per_expert(dtype, trans_b):
     torch.testing.assert_close(y, expected, **verify.TOLERANCES[dtype])
 
 
+@pytest.mark.usefixtures("bf16_dots")
 def test_few_rows_per_expert_with_long_weight_rows():
     """bf16, a row-major weight of 2048+ columns: where VDPBF16PS is the faster dot product
     (`bf16_pair_dots`), 2-8 rows go through pairs of the weight's rows interleaved 32 columns at a
@@ -155,6 +157,7 @@ def test_few_rows_per_expert_amx_tiles(trans_b, n):
 
 
 @pytest.mark.parametrize("trans_b, n", [(True, 48), (False, 64)])
+@pytest.mark.usefixtures("bf16_dots")
 def test_few_rows_amx_tiles_nans_are_canonical(trans_b, n):
     """bf16 outputs of 3-4-row groups (AMX tiles where the CPU has them: their sums are rounded 16
     lanes at a time) round every NaN to 0x7FC0 as torch does: inf * 0 (x86's NaN carries the sign

@@ -6,6 +6,7 @@ the public op, which reaches them through the registry.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -53,6 +54,18 @@ def bf16_pair_dots() -> bool:
         return bool(load().bf16_pair_dots())
     except BackendUnavailable:
         return False
+
+
+@contextlib.contextmanager
+def bf16_pair_dots_forced(on: bool):
+    """For tests: the few-row bf16 products on VDPBF16PS (`on`) or on fp32 FMAs while the block runs,
+    whatever the probe chose (both kernels checked on any CPU with AVX512-BF16); the probe's choice
+    after it."""
+    load().force_bf16_pair_dots(int(on))
+    try:
+        yield
+    finally:
+        load().force_bf16_pair_dots(-1)
 
 
 def output_cache(clear: bool = False) -> dict[str, int]:
