@@ -378,6 +378,16 @@ inline void load_bf16_even_odd(const c10::BFloat16* p, F& even, F& odd) {
   std::memcpy(&odd, &o, sizeof o);
 }
 
+// fn(std::integral_constant<int, m>{}) for a row count 1 <= m <= kMax known at run time only (the
+// kernels below take it as a template argument).
+template <int kMax, typename Fn>
+inline void with_rows(int64_t m, const Fn& fn) {
+  if constexpr (kMax > 1) {
+    if (m < kMax) return with_rows<kMax - 1>(m, fn);
+  }
+  fn(std::integral_constant<int, kMax>{});
+}
+
 // acc[0:MB, 0:len] += a[0:MB, 0:kl] (fp32, row stride lda) @ b[0:kl, n0:n0+len] (row k at b + k * sb0):
 // MB x 16 fp32 accumulators that the compiler keeps in vector registers while b's rows stream by.
 template <int MB, typename T>
@@ -657,59 +667,64 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
   }
 }
 
-// sums[r * S + q] = sum_k a_r[k] * b_q[k] for R rows of a (split_even_odd32, row stride lda)
-// against S rows b_q of b in lockstep (as dots_streams), the tail of K by masked loads (zeros).
+// sums[r * S + q] = sum_k a_r[k] * b_q[k] for R rows of a (row stride lda, as Dots takes them)
+// against S rows b_q of b in lockstep (as dots_streams), 32 elements a step, the tail of K by
+// masked loads (zeros). Dots: its rows of a (`A`) and a step's registers of one (`load_a`), of one
+// row of b (`load_b`) and their products added (`madd`).
+template <typename Dots, int R, int S>
+inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int64_t lda, int64_t K,
+                          const c10::BFloat16* const* b) {
+  __m512 acc[R][S];
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
+    typename Dots::ARow ar[R];
+    for (int r = 0; r < R; ++r) ar[r] = Dots::load_a(a + r * lda + k, mask);
+    for (int q = 0; q < S; ++q) {
+      const typename Dots::BRow v = Dots::load_b(b[q] + k, mask);
+      for (int r = 0; r < R; ++r) acc[r][q] = Dots::madd(acc[r][q], ar[r], v);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
+  }
+}
+
+// a's rows split by split_even_odd32 (fp32, whole 32-element blocks: read unmasked), each weight
+// block widened into its even and odd elements (a shift, a mask), two 16-lane FMAs.
 struct Dots512 {
   using A = float;
-  template <int R, int S>
-  static void run(float* sums, const float* __restrict as, int64_t lda, int64_t K, const c10::BFloat16* const* b) {
-    __m512 acc[R][S];
-    for (int r = 0; r < R; ++r) {
-      for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
-    }
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
-      __m512 even[R], odd[R];
-      for (int r = 0; r < R; ++r) even[r] = _mm512_loadu_ps(as + r * lda + k), odd[r] = _mm512_loadu_ps(as + r * lda + k + 16);
-      for (int q = 0; q < S; ++q) {
-        const __m512i u = _mm512_maskz_loadu_epi16(mask, b[q] + k);
-        const __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), vo = _mm512_castsi512_ps(_mm512_and_si512(u, high));
-        for (int r = 0; r < R; ++r) acc[r][q] = _mm512_fmadd_ps(odd[r], vo, _mm512_fmadd_ps(even[r], ve, acc[r][q]));
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
-    }
+  struct ARow {
+    __m512 even, odd;
+  };
+  using BRow = ARow;
+  static ARow load_a(const float* p, __mmask32) { return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)}; }
+  static BRow load_b(const c10::BFloat16* p, __mmask32 mask) {
+    const __m512i u = _mm512_maskz_loadu_epi16(mask, p);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)),
+            _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+  }
+  static __m512 madd(__m512 acc, const ARow& a, const BRow& b) {
+    return _mm512_fmadd_ps(a.odd, b.odd, _mm512_fmadd_ps(a.even, b.even, acc));
   }
 };
 
 #if defined(__AVX512BF16__)
-// The same by VDPBF16PS on a's rows as they lie (bf16, row stride lda), where bf16_pair_dots()
-// holds. Against Dots512 on a 2-core Zen 4 (8 experts of 7168 x 1024, b's rows contiguous, 2
-// threads, paired): the same at 1 row, 0.79x the time at 4, 0.73x at 6; software prefetch of b
-// 1-2 KiB ahead made it 1.05-1.18x slower.
+// VDPBF16PS on a's rows as they lie (bf16), where bf16_pair_dots() holds. Against Dots512 on a
+// 2-core Zen 4 (8 experts of 7168 x 1024, b's rows contiguous, 2 threads, paired): the same at 1
+// row, 0.79x the time at 4, 0.73x at 6; software prefetch of b 1-2 KiB ahead made it 1.05-1.18x
+// slower.
 struct DotsPairs {
   using A = c10::BFloat16;
-  template <int R, int S>
-  static void run(float* sums, const c10::BFloat16* __restrict a, int64_t lda, int64_t K, const c10::BFloat16* const* b) {
-    __m512 acc[R][S];
-    for (int r = 0; r < R; ++r) {
-      for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
-    }
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
-      __m512bh ar[R];
-      for (int r = 0; r < R; ++r) ar[r] = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, a + r * lda + k));
-      for (int q = 0; q < S; ++q) {
-        const __m512bh v = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, b[q] + k));
-        for (int r = 0; r < R; ++r) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], ar[r], v);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
-    }
+  using ARow = __m512bh;
+  using BRow = __m512bh;
+  static __m512bh load_a(const c10::BFloat16* p, __mmask32 mask) {
+    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
   }
+  static __m512bh load_b(const c10::BFloat16* p, __mmask32 mask) { return load_a(p, mask); }
+  static __m512 madd(__m512 acc, __m512bh a, __m512bh b) { return _mm512_dpbf16_ps(acc, a, b); }
 };
 
 // few_rows_stream by VDPBF16PS, where bf16_pair_dots() holds: acc[0:MB, 0:N] += a[0:MB, k0:k1] @
@@ -791,7 +806,7 @@ inline void dots_rows512(c10::BFloat16* __restrict out, int64_t ldo, const typen
   const auto block = [&](auto r_) {
     constexpr int R = decltype(r_)::value;
     for (; i + R <= M; i += R) {
-      Dots::template run<R, S>(sums, as + i * lda, lda, K, bq);
+      dots_lockstep<Dots, R, S>(sums, as + i * lda, lda, K, bq);
       for (int r = 0; r < R; ++r) {
         for (int q = 0; q < S; ++q) store_float(out + (i + r) * ldo, rows[q], sums[r * S + q]);
       }
@@ -1123,32 +1138,15 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t k0 = K * p / parts / 2 * 2, k1 = p + 1 == parts ? K : K * (p + 1) / parts / 2 * 2;
         float* ap = &acc[p * M * ldacc];
+        with_rows<kStreamRows>(M, [&](auto mb) {
+          constexpr int MB = decltype(mb)::value;
 #if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          if (pairs) {
-            switch (M) {
-              case 8: few_rows_pairs<8>(ap, ldacc, a, lda, b, sb0, k0, k1, N); break;
-              case 7: few_rows_pairs<7>(ap, ldacc, a, lda, b, sb0, k0, k1, N); break;
-              case 6: few_rows_pairs<6>(ap, ldacc, a, lda, b, sb0, k0, k1, N); break;
-              case 5: few_rows_pairs<5>(ap, ldacc, a, lda, b, sb0, k0, k1, N); break;
-              case 4: few_rows_pairs<4>(ap, ldacc, a, lda, b, sb0, k0, k1, N); break;
-              case 3: few_rows_pairs<3>(ap, ldacc, a, lda, b, sb0, k0, k1, N); break;
-              default: few_rows_pairs<2>(ap, ldacc, a, lda, b, sb0, k0, k1, N);
-            }
-            continue;
+          if constexpr (std::is_same_v<T, c10::BFloat16> && MB >= 2) {
+            if (pairs) return few_rows_pairs<MB>(ap, ldacc, a, lda, b, sb0, k0, k1, N);
           }
-        }
 #endif
-        switch (M) {
-          case 8: few_rows_stream<8, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 7: few_rows_stream<7, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 6: few_rows_stream<6, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 5: few_rows_stream<5, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 4: few_rows_stream<4, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 3: few_rows_stream<3, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          case 2: few_rows_stream<2, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N); break;
-          default: few_rows_stream<1, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N);
-        }
+          few_rows_stream<MB, W>(ap, ldacc, af.data(), ka, b, sb0, k0, k1, N);
+        });
       }
     });
     for (int64_t p = 1; p < parts; ++p) {
@@ -1183,14 +1181,9 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
           for (int64_t i = 0; i < M; i += 6) {
             float* tile = &acc[i * ldacc + c];
             const float* ai = &af[i * ka + k0];
-            switch (std::min<int64_t>(6, M - i)) {
-              case 6: few_rows_tile<6>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
-              case 5: few_rows_tile<5>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
-              case 4: few_rows_tile<4>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
-              case 3: few_rows_tile<3>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
-              case 2: few_rows_tile<2>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len); break;
-              default: few_rows_tile<1>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len);
-            }
+            with_rows<6>(M - i, [&](auto mb) {
+              few_rows_tile<decltype(mb)::value>(tile, ldacc, ai, ka, bk, sb0, kl, first + c, len);
+            });
           }
         }
       }
