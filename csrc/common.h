@@ -667,25 +667,40 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
   }
 }
 
+// One 32-element step k of dots_lockstep: R of a's rows and S of b's (rows ldb apart) loaded as
+// Dots takes them (Masked: the tail of K by masked loads, zeros after it), their products added.
+template <typename Dots, int R, int S, bool Masked>
+__attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
+                                                     int64_t lda, int64_t k, const c10::BFloat16* b, int64_t ldb,
+                                                     __mmask32 mask) {
+  typename Dots::ARow ar[R];
+  for (int r = 0; r < R; ++r) ar[r] = Dots::template load_a<Masked>(a + r * lda + k, mask);
+  for (int q = 0; q < S; ++q) {
+    const typename Dots::BRow v = Dots::template load_b<Masked>(b + q * ldb + k, mask);
+    for (int r = 0; r < R; ++r) acc[r][q] = Dots::madd(acc[r][q], ar[r], v);
+  }
+}
+
 // sums[r * S + q] = sum_k a_r[k] * b_q[k] for R rows of a (row stride lda, as Dots takes them)
-// against S rows b_q of b in lockstep (as dots_streams), 32 elements a step, the tail of K by
-// masked loads (zeros). Dots: its rows of a (`A`) and a step's registers of one (`load_a`), of one
-// row of b (`load_b`) and their products added (`madd`).
+// against S rows b_q = b + q * ldb of b in lockstep (as dots_streams), 32 elements a step, whole
+// steps by plain loads, the tail of K by masked ones. Dots: its rows of a (`A`) and a step's
+// registers of one (`load_a`), of one row of b (`load_b`) and their products added (`madd`). The
+// plain loads and b's rows as one pointer and a stride (with S pointers GCC ran out of general
+// registers and kept a's rows in stack slots) ran a 2-core Zen 4's VDPBF16PS products 1.04-1.2x as
+// fast from L1 at 2-8 rows (one thread, rows of 1024 and 3584 elements) and in 0.83-0.86x the time
+// from L3 at 4-12 rows (4 experts of 1024 x 1024, 2 threads; as fast from memory, where the read
+// bounds them).
 template <typename Dots, int R, int S>
 inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int64_t lda, int64_t K,
-                          const c10::BFloat16* const* b) {
+                          const c10::BFloat16* b, int64_t ldb) {
   __m512 acc[R][S];
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << (K - k)) - 1);
-    typename Dots::ARow ar[R];
-    for (int r = 0; r < R; ++r) ar[r] = Dots::load_a(a + r * lda + k, mask);
-    for (int q = 0; q < S; ++q) {
-      const typename Dots::BRow v = Dots::load_b(b[q] + k, mask);
-      for (int r = 0; r < R; ++r) acc[r][q] = Dots::madd(acc[r][q], ar[r], v);
-    }
+  const int64_t whole = K / 32 * 32;
+  for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false>(acc, a, lda, k, b, ldb, 0);
+  if (whole < K) {
+    dots_step<Dots, R, S, true>(acc, a, lda, whole, b, ldb, static_cast<__mmask32>((uint64_t{1} << (K - whole)) - 1));
   }
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
@@ -700,9 +715,13 @@ struct Dots512 {
     __m512 even, odd;
   };
   using BRow = ARow;
-  static ARow load_a(const float* p, __mmask32) { return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)}; }
+  template <bool>
+  static ARow load_a(const float* p, __mmask32) {
+    return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)};
+  }
+  template <bool Masked>
   static BRow load_b(const c10::BFloat16* p, __mmask32 mask) {
-    const __m512i u = _mm512_maskz_loadu_epi16(mask, p);
+    const __m512i u = Masked ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p);
     return {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)),
             _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
   }
@@ -720,10 +739,14 @@ struct DotsPairs {
   using A = c10::BFloat16;
   using ARow = __m512bh;
   using BRow = __m512bh;
+  template <bool Masked>
   static __m512bh load_a(const c10::BFloat16* p, __mmask32 mask) {
-    return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
+    return reinterpret_cast<__m512bh>(Masked ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p));
   }
-  static __m512bh load_b(const c10::BFloat16* p, __mmask32 mask) { return load_a(p, mask); }
+  template <bool Masked>
+  static __m512bh load_b(const c10::BFloat16* p, __mmask32 mask) {
+    return load_a<Masked>(p, mask);
+  }
   static __m512 madd(__m512 acc, __m512bh a, __m512bh b) { return _mm512_dpbf16_ps(acc, a, b); }
 };
 
@@ -793,22 +816,20 @@ void few_rows_pairs(float* __restrict acc, int64_t ldacc, const c10::BFloat16* _
 }
 #endif
 
-// out[0:M, n] for the rows n = rows[0:S] of b (as dots_rows): a's rows (as Dots takes them) 4 at a
-// time with 4 streams (2 with 8), then 2, then 1 (at most 16 accumulators, 8 of a's vectors: 27
-// of 32 registers).
+// out[0:M, n] for the S rows n = n0 + q * step of b (as dots_rows): a's rows (as Dots takes them)
+// 4 at a time with 4 streams (2 with 8), then 2, then 1 (at most 16 accumulators, 8 of a's
+// vectors: 27 of 32 registers).
 template <typename Dots, int S>
 inline void dots_rows512(c10::BFloat16* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda, int64_t M,
-                         int64_t K, const c10::BFloat16* b, int64_t sb1, const int64_t* rows) {
-  const c10::BFloat16* bq[S];
-  for (int q = 0; q < S; ++q) bq[q] = b + rows[q] * sb1;
+                         int64_t K, const c10::BFloat16* b, int64_t sb1, int64_t n0, int64_t step) {
   float sums[4 * S];
   int64_t i = 0;
   const auto block = [&](auto r_) {
     constexpr int R = decltype(r_)::value;
     for (; i + R <= M; i += R) {
-      dots_lockstep<Dots, R, S>(sums, as + i * lda, lda, K, bq);
+      dots_lockstep<Dots, R, S>(sums, as + i * lda, lda, K, b + n0 * sb1, step * sb1);
       for (int r = 0; r < R; ++r) {
-        for (int q = 0; q < S; ++q) store_float(out + (i + r) * ldo, rows[q], sums[r * S + q]);
+        for (int q = 0; q < S; ++q) store_float(out + (i + r) * ldo, n0 + q * step, sums[r * S + q]);
       }
     }
   };
@@ -826,15 +847,13 @@ inline void few_rows_dots(c10::BFloat16* __restrict out, int64_t ldo, const type
     const int S = M < 4 ? 8 : 4;
     const int64_t len = (n1 - n0) / S;
     for (int64_t j = 0; j < len; ++j) {
-      int64_t rows[8];
-      for (int q = 0; q < S; ++q) rows[q] = n0 + q * len + j;
       if (S == 8) {
-        dots_rows512<Dots, 8>(out, ldo, as, lda, M, K, b, sb1, rows);
+        dots_rows512<Dots, 8>(out, ldo, as, lda, M, K, b, sb1, n0 + j, len);
       } else {
-        dots_rows512<Dots, 4>(out, ldo, as, lda, M, K, b, sb1, rows);
+        dots_rows512<Dots, 4>(out, ldo, as, lda, M, K, b, sb1, n0 + j, len);
       }
     }
-    for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows512<Dots, 1>(out, ldo, as, lda, M, K, b, sb1, &n);
+    for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows512<Dots, 1>(out, ldo, as, lda, M, K, b, sb1, n, 0);
   });
 }
 
@@ -990,7 +1009,7 @@ inline void gemm_few_rows_amx(c10::BFloat16* __restrict out, int64_t ldo, const 
     const int64_t ka = unaliased_stride(K);
     std::vector<float> as(M * ka);
     for (int64_t i = 0; i < M; ++i) split_even_odd32(&as[i * ka], a + i * lda, K);
-    for (int64_t n = blocks * 16; n < N; ++n) dots_rows512<Dots512, 1>(out, ldo, as.data(), ka, M, K, b, sb1, &n);
+    for (int64_t n = blocks * 16; n < N; ++n) dots_rows512<Dots512, 1>(out, ldo, as.data(), ka, M, K, b, sb1, n, 0);
   }
 }
 
