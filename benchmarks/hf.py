@@ -19,10 +19,12 @@ the touched experts' weights in place (forward + backward: one such pass, then a
 overlapped with the write of their gradients, streamed, as `move_work` reads a source's lines and
 writes a destination's interleaved, and the zeros of the other experts' gradients, `write_work`,
 since zeros stream ~2x faster on some of these machines); a row's limit is whichever of the two
-takes longer. In bfloat16 prefill on a CPU that multiplies bf16 natively, the same FLOPs as its
-widest bf16 product on registers are shown beside them, not taken as a row's limit: tile products
-held in the tile registers with AMX-BF16 (`AMX peak`, `amx_work`; the dense matmul reaches about
-half of it), else VDPBF16PS on vectors with AVX512-BF16 (`AVX512-BF16 peak`, `bf16_dot_work`). A
+takes longer. On a CPU that multiplies bf16 natively, bfloat16 rows also get the same FLOPs as
+its widest bf16 product on registers: tile products held in the tile registers with AMX-BF16
+(`AMX peak`, `amx_work`), else VDPBF16PS on vectors with AVX512-BF16 (`AVX512-BF16 peak`,
+`bf16_dot_work`); a compute limit of decode rows (their few-row kernels multiply bf16 that way:
+on a Zen 4 they beat the FMA peak, which is then no limit), shown beside prefill rows, not taken as
+their limit (the dense matmul reaches about half the AMX one). A
 group in which a row beats its limit is timed again
 (every fn for as many rounds more: a limit's rounds may have run disturbed); a row still above its
 limit means the limit or the benchmark is wrong, and the table says so. Forward + backward rows
@@ -169,6 +171,7 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
     passes = 1 if mode == "fwd" else 3
     mm_dtype = torch.float32 if _half_on_cpu(dtype, torch.device("cpu")) else dtype
     limits = {FMA_PEAK: ("compute", compute_peak(_flops(block, mode, tokens)))}
+    peak16 = bf16_peak(_flops(block, mode, tokens)) if dtype == torch.bfloat16 else None
     if tokens > max(DECODE):
         rows = tokens * block.topk
         a = torch.randn(rows, block.hidden, dtype=mm_dtype)
@@ -176,10 +179,11 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
         w2 = torch.randn(block.ffn, block.hidden, dtype=mm_dtype)
         h = torch.randn(rows, block.ffn, dtype=mm_dtype)
         limits[f"dense mm {str(mm_dtype)[6:]}"] = ("compute", lambda: [(a @ w1, h @ w2) for _ in range(passes)])
-        peak16 = bf16_peak(_flops(block, mode, tokens)) if dtype == torch.bfloat16 else None
         if peak16 is not None:  # shown, not a row's limit (the dense mm reaches about half the AMX one)
             limits[peak16[0].split(" (")[0]] = ("peak", peak16[2])
         return limits
+    if peak16 is not None:  # the few-row kernels multiply bf16 natively there: beyond the FMA peak
+        limits[peak16[0].split(" (")[0]] = ("compute", peak16[2])
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
     runs, untouched = expert_runs(ids, block.experts)
     weights = (experts.gate_up_proj, experts.down_proj)
@@ -293,9 +297,9 @@ def table(rows: list[Row]) -> str:
     lines.append("vs fastest built-in: the fastest of transformers' eager / batched_mm (where its per-slot weight "
                  f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over "
                  "this row's; of limit: the same-run limit's time over this row's (the faster of the FMA peak, at the "
-                 "best rate of the run, and the dense mm for the same FLOPs; for decode the slower of that and one "
-                 "read-only pass over the touched experts' weights; with the backward one more, overlapped with the "
-                 "write of the gradients); routing fresh: a new routing (new rows per expert) every call.")
+                 "best rate of the run, and the dense mm for the same FLOPs; for decode the FMA or bf16 peak, the "
+                 "slower of that and one read-only pass over the touched experts' weights; with the backward one "
+                 "more, overlapped with the write of the gradients); routing fresh: a new routing (new rows per expert) every call.")
     return "\n".join(lines)
 
 

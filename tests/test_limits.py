@@ -132,6 +132,25 @@ def test_bench_hf_takes_every_fma_limit_at_the_runs_best_rate():
     assert [r.vs_fastest_builtin for r in disturbed] == [2.0, 1.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bench_hf_decode_limits_take_the_bf16_peak_where_the_cpu_multiplies_bf16(dtype):
+    """Decode rows' compute limit in bf16 is the CPU's own bf16 peak where it has one (AMX tiles,
+    VDPBF16PS: the few-row kernels multiply that way and beat the fp32 FMA peak on a Zen 4); fp32
+    rows and CPUs without one keep the FMA peak; prefill rows only show it (kind "peak")."""
+    pytest.importorskip("transformers")
+    from pangu_ops.benchmarks import hf
+    from pangu_ops.benchmarks.ops import bf16_peak
+
+    block = hf.Block("tiny", "MixtralConfig", hf.BLOCKS[0].module, 32, 16, 4, 2)
+    experts = hf._experts(block, dtype)
+    peak = bf16_peak(1) if dtype == torch.bfloat16 else None
+    for tokens, kind, memory in ((1, "compute", {"weight reading": "memory"}), (hf.PREFILL[0], "peak", {})):
+        ids = torch.zeros(tokens, 2, dtype=torch.long)
+        kinds = {n: k for n, (k, _) in hf._limits(block, experts, dtype, ids, "fwd", tokens).items()
+                 if not n.startswith("dense mm")}
+        assert kinds == {hf.FMA_PEAK: "compute", **memory, **({peak[0].split(" (")[0]: kind} if peak else {})}
+
+
 @pytest.mark.parametrize("kernel_ms, calls", [(1.0, 2), (3.0, 1)])
 def test_bench_hf_times_a_group_again_where_a_row_beats_its_limit(monkeypatch, kernel_ms, calls):
     """A kernel row faster than its group's limit (2 ms here) gets the group timed again, every fn
