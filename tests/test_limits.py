@@ -35,18 +35,40 @@ def test_read_work_reads_every_byte_once(numel, dtype):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert torch.ops.pangu_cpu.read_work(t) & 0xFFFFFFFF == expected
+            assert torch.ops.pangu_cpu.read_work([t]) & 0xFFFFFFFF == expected
     finally:
         torch.set_num_threads(before)
     byte = numel // 2 * size  # one bit anywhere moves it, by that bit's value in its word
     t.view(torch.uint8)[byte] ^= 0x10
-    assert torch.ops.pangu_cpu.read_work(t) & 0xFFFFFFFF == expected ^ (0x10 << (8 * (byte % 4)))
+    assert torch.ops.pangu_cpu.read_work([t]) & 0xFFFFFFFF == expected ^ (0x10 << (8 * (byte % 4)))
+
+
+def test_read_work_reads_every_tensor_of_a_list_once():
+    """One pass over several tensors (a decode step's touched weight slices: one parallel region,
+    each thread's share crossing from one tensor into the next): the xor of each one's words, every
+    byte read once, on 1 and 2 threads; an empty list and empty tensors read nothing."""
+    backends.load("cpu")
+    gen = torch.Generator().manual_seed(7)
+    whole = torch.randint(0, 256, (4 * 300_001,), dtype=torch.uint8, generator=gen)
+    parts = [whole[:4 * 70_001].view(torch.float32), whole[4 * 70_001:4 * 70_001 + 7], torch.empty(0),
+             whole[4 * 70_001 + 7:].view(torch.int8)]
+    expected = 0
+    for t in parts:
+        expected ^= _xor_of_words(t)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.ops.pangu_cpu.read_work(parts) & 0xFFFFFFFF == expected
+            assert torch.ops.pangu_cpu.read_work([]) == 0
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_read_work_takes_contiguous_cpu_tensors_only():
     backends.load("cpu")
     with pytest.raises(ValueError, match="contiguous"):
-        torch.ops.pangu_cpu.read_work(torch.zeros(8, 8).t())
+        torch.ops.pangu_cpu.read_work([torch.zeros(8), torch.zeros(8, 8).t()])
 
 
 # below the 1 MiB from which it streams whole lines; above, with the view starting and ending
