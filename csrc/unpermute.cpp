@@ -32,12 +32,23 @@ void check_index(const at::Tensor& sorted_index, int64_t rows, const char* rows_
   TORCH_CHECK_TYPE(sorted_index.scalar_type() == at::kLong, "unpermute: sorted_index must be int64");
 }
 
-// Weights as a contiguous fp32 [T * k] tensor (they are small), or undefined when absent.
-at::Tensor weights_as_float(const c10::optional<at::Tensor>& weights, int64_t T, int64_t k) {
-  if (!weights.has_value() || !weights->defined()) return at::Tensor();
+// Weights as fp32 [T * k] (they are small), or empty when absent. Read in place, in their dtype and
+// strides: a conversion by `to` (an ATen op, its output allocated) cost ~6 us a one-token decode
+// step, as much as unpermute's own work there.
+std::vector<float> weights_as_float(const c10::optional<at::Tensor>& weights, int64_t T, int64_t k) {
+  if (!weights.has_value() || !weights->defined()) return {};
   TORCH_CHECK_VALUE(weights->dim() == 2 && weights->size(0) == T && weights->size(1) == k,
                     "unpermute: weights must be [num_tokens, topk] = [", T, ", ", k, "]");
-  return weights->to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(weights->device().is_cpu(), "unpermute: weights must be on the CPU");
+  std::vector<float> out(T * k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weights->scalar_type(), "unpermute_weights", [&] {
+    const scalar_t* p = weights->data_ptr<scalar_t>();
+    const int64_t s0 = weights->stride(0), s1 = weights->stride(1);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < k; ++j) out[t * k + j] = static_cast<float>(p[t * s0 + j * s1]);
+    }
+  });
+  return out;
 }
 
 // y[0:n] = w * x[0:n] in y's dtype; with `stream` (a large output) through the thread's staging
@@ -137,7 +148,7 @@ at::Tensor unpermute(const at::Tensor& y_sorted, const at::Tensor& sorted_index,
   const int64_t N = y_sorted.size(1), k = topk;
   const at::Tensor ys = y_sorted.contiguous();
   const at::Tensor si = sorted_index.contiguous();
-  const at::Tensor w = weights_as_float(weights, num_tokens, k);
+  const std::vector<float> w = weights_as_float(weights, num_tokens, k);
   const std::vector<int64_t> row_of = invert_sorted_index(si, num_tokens * k);
   at::Tensor y = empty_output({num_tokens, N}, ys.options());
 
@@ -147,7 +158,7 @@ at::Tensor unpermute(const at::Tensor& y_sorted, const at::Tensor& sorted_index,
   PANGU_DISPATCH_FLOATS(ys.scalar_type(), "pangu_unpermute", [&] {
     const scalar_t* src = ys.data_ptr<scalar_t>();
     scalar_t* dst = y.data_ptr<scalar_t>();
-    const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+    const float* wp = w.empty() ? nullptr : w.data();
     at::parallel_for(0, num_tokens, row_grain(N * k * sizeof(scalar_t)), [&](int64_t t0, int64_t t1) {
       std::vector<float> acc(N);
       std::vector<scalar_t> staging(stream ? N : 0);
@@ -195,9 +206,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_y,
   const int64_t T = grad_y.size(0), N = grad_y.size(1), k = topk, S = sorted_index.size(0);
   const at::Tensor g = grad_y.contiguous();
   const at::Tensor si = sorted_index.contiguous();
-  const at::Tensor w = weights_as_float(weights, T, k);
+  const std::vector<float> w = weights_as_float(weights, T, k);
   const bool want_wgrad = y_sorted.has_value() && y_sorted->defined();
-  TORCH_CHECK_VALUE(!want_wgrad || w.defined(),
+  TORCH_CHECK_VALUE(!want_wgrad || (weights.has_value() && weights->defined()),
                     "unpermute_backward: y_sorted is only needed for the weights' gradient");
   const at::Tensor ys = want_wgrad ? y_sorted->contiguous() : at::Tensor();
   if (want_wgrad) check_index(si, ys.size(0), "y_sorted");
@@ -217,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward(const at::Tensor& grad_y,
     scalar_t* out = grad_ys.data_ptr<scalar_t>();
     const scalar_t* yp = want_wgrad ? ys.data_ptr<scalar_t>() : nullptr;
     const int64_t* idx = si.data_ptr<int64_t>();
-    const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+    const float* wp = w.empty() ? nullptr : w.data();
     float* gw = want_wgrad ? grad_w.data_ptr<float>() : nullptr;
     at::parallel_for(0, S, row_grain(N * sizeof(scalar_t)), [&](int64_t r0, int64_t r1) {
       std::vector<float> row(N);

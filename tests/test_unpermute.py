@@ -40,3 +40,26 @@ def test_accumulates_in_fp32():
     for backend in BACKENDS:
         with pangu_ops.use_backend(backend):
             assert pangu_ops.unpermute(y_sorted, index, None, 1, topk=3).item() == 258.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_routing_weights_in_any_float_dtype_and_strides(backend, dtype):
+    """Routing weights are read as they lie (the CPU kernels read them in place, in their dtype
+    and strides): a transposed view in bf16 / fp16 / fp32 gives what the same values as contiguous
+    fp32 give, in the forward and in both gradients (the weights' rounded to their dtype)."""
+    gen = torch.Generator().manual_seed(5)
+    y_sorted = torch.randn(9, 7, generator=gen)
+    index = torch.randperm(9, generator=gen)  # 3 tokens, k = 3
+    weights = (torch.rand(3, 3, generator=gen) + 0.5).to(dtype).t().contiguous().t()
+    assert not weights.is_contiguous()
+    plain = weights.float().contiguous()
+    outs = []
+    for w in (weights, plain):
+        y, w = y_sorted.clone().requires_grad_(), w.detach().clone().requires_grad_()
+        with pangu_ops.use_backend(backend):
+            out = pangu_ops.unpermute(y, index, w)
+        out.backward(torch.arange(21.0).view(3, 7))
+        outs.append((out, y.grad, w.grad.to(dtype).float()))
+    for got, expected in zip(*outs):
+        torch.testing.assert_close(got, expected)
