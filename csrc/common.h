@@ -1333,6 +1333,15 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
   gemm_few_inner_tile<6, 16>(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
 }
 
+// Whether this CPU multiplies bf16 in AMX tiles (oneDNN's bf16 matmul then runs on them).
+inline bool bf16_tiles() {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
 // Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it). Where oneDNN's
 // bf16 matmul is native (AMX-BF16) it takes 2+ rows, but for bf16 with AVX-512 (kDots512) up to
 // kFewRowsNative rows, where the few-row kernels measured faster on such a CPU (a 2-core Xeon with
@@ -1340,15 +1349,20 @@ void gemm_few_inner(T* __restrict out, int64_t ldo, const T* __restrict a, int64
 // 1.8-1.9 / 2.4 / 3.8 / 5.0-5.2 ms at 2 / 4 / 8 / 10 rows against oneDNN's 3.6-3.9 at any of them;
 // row-major b (few_rows_stream, 32-column blocks) 2.4-2.6 / 3.3-3.5 / 4.2 / 4.7-5.2 / 5.0-5.1 ms at
 // 2 / 4 / 6 / 7 / 8 rows against 5.2-5.6.
+// Where that matmul has no tiles (AVX512-BF16 alone: a 2-core Zen 4, 2 threads, paired) up to
+// kFewRowsNoTiles: row-major b (few_rows_stream / few_rows_pairs) 0.55-0.80x oneDNN's time at 8 rows,
+// 0.89-1.0x at 10-12, 1.11-1.25x at 16 (8 experts of 7168 x 1024 and 1024 x 3584, 64 of 768 x 1024
+// and 1024 x 384).
 // Up to kFewRows rows where the product's kernel keeps its pace there (`wide`: few_rows_wide).
-constexpr int64_t kFewRowsNative = 7;
+constexpr int64_t kFewRowsNative = 7, kFewRowsNoTiles = 12;
 inline bool few_rows_kernel(at::ScalarType t, int64_t M, bool wide) {
   const bool half = t == at::kBFloat16 || t == at::kHalf;
   if (M < 1) return false;
   if (!half) return t == at::kFloat && M <= kFewRowsFloat;
   if (M == 1) return true;
   if (M > kFewRows) return false;
-  return !native_half_matmul(t) || (t == at::kBFloat16 && kDots512 && (M <= kFewRowsNative || wide));
+  return !native_half_matmul(t) ||
+         (t == at::kBFloat16 && kDots512 && (M <= (bf16_tiles() ? kFewRowsNative : kFewRowsNoTiles) || wide));
 }
 
 // Whether a bf16 product with b's [K, N] strides (sb0, sb1) has a few-row kernel as fast as oneDNN
@@ -1362,21 +1376,24 @@ inline bool few_rows_wide(int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
 // out (rows ldo apart, each contiguous) = a [M, m] @ b [m, N] on raw pointers by the kernels above
 // where one applies: a short inner dimension (weight gradients of decode-sized groups) by
 // `gemm_few_inner` (up to kFewRows, in bf16 up to kFewInnerNative where this CPU's bf16 matmul is
-// native); few rows by `gemm_few_rows` (where few_rows_kernel says: 16-bit operands one row always,
-// more where this CPU's matmul is not native in the dtype or where the few-row kernels measured
-// faster than it; fp32 up to kFewRowsFloat). False where neither does (BLAS's turn: mm_blas_into).
+// native, kFewInnerNoTiles where it is without AMX tiles); few rows by `gemm_few_rows` (where
+// few_rows_kernel says: 16-bit operands one row always, more where this CPU's matmul is not native
+// in the dtype or where the few-row kernels measured faster than it; fp32 up to kFewRowsFloat). False where neither does (BLAS's turn: mm_blas_into).
 // Per-expert loops call it before making any tensor views: those (~6 ATen calls per expert) cost
 // ~5% of a 2-row Qwen3-MoE-shaped backward.
 // bf16 weight gradients with AMX-BF16 (2-core Xeon, 8 Mixtral-shaped 1024 x 7168 gradients, 2
 // threads, two runs): gemm_few_inner 2.5 / 3.7 / 4.4-4.6 / 4.5-5.6 ms at 1 / 2 / 3 / 4 rows against
-// oneDNN's 5.0-6.0 at any of them; 6.6 against 5.4 at 8.
-constexpr int64_t kFewInnerNative = 4;
+// oneDNN's 5.0-6.0 at any of them; 6.6 against 5.4 at 8. Where that matmul has no tiles (AVX512-BF16
+// alone: a 2-core Zen 4, 8 experts, 2 threads, paired) up to kFewInnerNoTiles: 0.72-0.97x oneDNN's
+// time at 5-8 rows (1024 x 3584 and 7168 x 1024 gradients), 0.92-1.38x at 12-16.
+constexpr int64_t kFewInnerNative = 4, kFewInnerNoTiles = 8;
 template <typename T>
 bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, const T* b, int64_t sb0, int64_t sb1,
                  int64_t M, int64_t m, int64_t N) {
   constexpr at::ScalarType t = c10::CppTypeToScalarType<T>::value;
   constexpr bool half = t == at::kBFloat16 || t == at::kHalf;
-  const bool inner = !(half && native_half_matmul(t)) || (t == at::kBFloat16 && m <= kFewInnerNative);
+  const bool inner = !(half && native_half_matmul(t)) ||
+                     (t == at::kBFloat16 && m <= (bf16_tiles() ? kFewInnerNative : kFewInnerNoTiles));
   if (m >= 1 && m <= kFewRows && M > kFewRows && sb1 == 1 && inner) {
     gemm_few_inner(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
     return true;
