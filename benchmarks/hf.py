@@ -299,7 +299,8 @@ def table(rows: list[Row]) -> str:
                  "this row's; of limit: the same-run limit's time over this row's (the faster of the FMA peak, at the "
                  "best rate of the run, and the dense mm for the same FLOPs; for decode the FMA or bf16 peak, the "
                  "slower of that and one read-only pass over the touched experts' weights; with the backward one "
-                 "more, overlapped with the write of the gradients); routing fresh: a new routing (new rows per expert) every call.")
+                 "more, overlapped with the write of the gradients); routing fresh: a new routing (new rows per "
+                 "expert) every call.")
     return "\n".join(lines)
 
 

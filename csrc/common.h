@@ -1378,7 +1378,8 @@ inline bool few_rows_wide(int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
 // `gemm_few_inner` (up to kFewRows, in bf16 up to kFewInnerNative where this CPU's bf16 matmul is
 // native, kFewInnerNoTiles where it is without AMX tiles); few rows by `gemm_few_rows` (where
 // few_rows_kernel says: 16-bit operands one row always, more where this CPU's matmul is not native
-// in the dtype or where the few-row kernels measured faster than it; fp32 up to kFewRowsFloat). False where neither does (BLAS's turn: mm_blas_into).
+// in the dtype or where the few-row kernels measured faster than it; fp32 up to kFewRowsFloat).
+// False where neither does (BLAS's turn: mm_blas_into).
 // Per-expert loops call it before making any tensor views: those (~6 ATen calls per expert) cost
 // ~5% of a 2-row Qwen3-MoE-shaped backward.
 // bf16 weight gradients with AMX-BF16 (2-core Xeon, 8 Mixtral-shaped 1024 x 7168 gradients, 2
