@@ -215,9 +215,9 @@ bool native_half_matmul(at::ScalarType dtype);
 // Whether this CPU's bf16 dot products of few-row experts run on AVX512-BF16's VDPBF16PS (each
 // 32-bit lane adds the products of one pair of adjacent bf16 elements: 32 products an instruction,
 // neither operand widened: DotsPairs, few_rows_pairs) rather than on fp32 FMAs over widened halves
-// (16 products an FMA, plus a shift or a mask per weight vector: Dots512, few_rows_stream). Its throughput decides, not its presence:
-// on a 2-core Xeon (AMX) one VDPBF16PS issues per 2 cycles against two 16-lane FMAs a cycle, on
-// a 2-core AMD EPYC Zen 4 one a cycle, as its one 16-lane FMA. Probed once on first use: 12
+// (16 products an FMA, plus a shift or a mask per weight vector: Dots512, few_rows_stream). Its
+// throughput decides, not its presence: on a 2-core Xeon (AMX) one VDPBF16PS issues per 2 cycles
+// against two 16-lane FMAs a cycle, on a 2-core AMD EPYC Zen 4 one a cycle, as its one 16-lane FMA. Probed once on first use: 12
 // register-resident chains of each, best of 5 (~1 ms); the pairs where they take under 1.5x the
 // FMAs' time for as many instructions. False where the build has no AVX512-BF16.
 bool bf16_pair_dots();
@@ -744,8 +744,8 @@ struct Dots512 {
 #if defined(__AVX512BF16__)
 // VDPBF16PS on a's rows as they lie (bf16), where bf16_pair_dots() holds. Against Dots512 on a
 // 2-core Zen 4 (8 experts of 7168 x 1024, b's rows contiguous, 2 threads, paired): the same at 1
-// row, 0.79x the time at 4, 0.73x at 6; software prefetch of b 1-2 KiB ahead made it 1.05-1.18x
-// slower.
+// row, 0.79x the time at 4, 0.73x at 6; software prefetch of b into L1 1-2 KiB ahead made it
+// 1.05-1.18x slower (into L2 8 KiB ahead it is faster: dots_step).
 struct DotsPairs {
   using A = c10::BFloat16;
   static constexpr bool kPrefetch = true;  // (dots_step)

@@ -168,13 +168,7 @@ int64_t move_work(const at::Tensor& src, const at::Tensor& dst) {
   return static_cast<int64_t>(total);
 }
 
-bool has_amx() {
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  return amx_ready();
-#else
-  return false;
-#endif
-}
+bool has_amx() { return bf16_tiles(); }
 
 bool has_avx512_bf16() {
 #if defined(__AVX512BF16__)
