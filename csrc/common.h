@@ -225,7 +225,8 @@ bool bf16_pair_dots();
 // out[M, N] = a[M, K] @ b[K, N] for the few rows of a decode step's expert (M <= kFewRows), fp32
 // accumulation, b read once from memory in its own 16-bit dtype (a's rows converted to fp32 once).
 // b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
-// contiguous rows, several rows of b far apart at once, dots_streams) or row-major itself
+// contiguous rows, several rows of b far apart at once: dots_lockstep with AVX-512, else
+// dots_streams) or row-major itself
 // (stride(1) == 1: up to kStreamRows rows, four quarters of b's rows at once by few_rows_stream, K
 // split over the threads; more, register tiles over panels of b). A decode step is a pass over
 // the touched experts' weights: converting them to fp32 first (the path of a CPU without native
@@ -669,22 +670,22 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
 
 // One 32-element step k of dots_lockstep: R of a's rows and S of b's (rows ldb apart) loaded as
 // Dots takes them (Masked: the tail of K by masked loads, zeros after it), their products added.
-// Where Dots::kPrefetch, each of b's rows is fetched into L2 kDotsAhead elements (8 KiB) ahead in
+// Where Dots::kPrefetch, each of b's rows is fetched into L2 kDotsAhead bytes (8 KiB) ahead in
 // its stream (the few-row kernels walk b's rows in order): VDPBF16PS on a 2-core Zen 4, paired, 8
 // experts of 7168 x 1024 / 1024 x 3584 from memory at 2-8 rows 0.77-0.96x the time, 1 row the
 // same; transformers-layout decode steps 0.87-0.98x (Mixtral-shaped), 0.94-1.01x (Qwen3-MoE-shaped).
 // Fetching into L1 (_MM_HINT_T0) made 1-6 rows 1.05-1.26x slower there. Dots512 (the AMX Xeon's)
 // does not: not measured there.
-constexpr int64_t kDotsAhead = 4096;
+constexpr int64_t kDotsAhead = 8192;
 template <typename Dots, int R, int S, bool Masked>
 __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
-                                                     int64_t lda, int64_t k, const c10::BFloat16* b, int64_t ldb,
+                                                     int64_t lda, int64_t k, const typename Dots::B* b, int64_t ldb,
                                                      __mmask32 mask) {
   typename Dots::ARow ar[R];
   for (int r = 0; r < R; ++r) ar[r] = Dots::template load_a<Masked>(a + r * lda + k, mask);
   for (int q = 0; q < S; ++q) {
     if constexpr (Dots::kPrefetch && !Masked) {
-      _mm_prefetch(reinterpret_cast<const char*>(b + q * ldb + k + kDotsAhead), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(b + q * ldb + k) + kDotsAhead, _MM_HINT_T1);
     }
     const typename Dots::BRow v = Dots::template load_b<Masked>(b + q * ldb + k, mask);
     for (int r = 0; r < R; ++r) acc[r][q] = Dots::madd(acc[r][q], ar[r], v);
@@ -702,7 +703,7 @@ __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const 
 // bounds them).
 template <typename Dots, int R, int S>
 inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int64_t lda, int64_t K,
-                          const c10::BFloat16* b, int64_t ldb) {
+                          const typename Dots::B* b, int64_t ldb) {
   __m512 acc[R][S];
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
@@ -721,6 +722,7 @@ inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int
 // block widened into its even and odd elements (a shift, a mask), two 16-lane FMAs.
 struct Dots512 {
   using A = float;
+  using B = c10::BFloat16;
   static constexpr bool kPrefetch = false;  // (dots_step)
   struct ARow {
     __m512 even, odd;
@@ -748,6 +750,7 @@ struct Dots512 {
 // 1.05-1.18x slower (into L2 8 KiB ahead it is faster: dots_step).
 struct DotsPairs {
   using A = c10::BFloat16;
+  using B = c10::BFloat16;
   static constexpr bool kPrefetch = true;  // (dots_step)
   using ARow = __m512bh;
   using BRow = __m512bh;
@@ -828,12 +831,42 @@ void few_rows_pairs(float* __restrict acc, int64_t ldacc, const c10::BFloat16* _
 }
 #endif
 
+// fp32 rows of a and b as they lie, a step's 32 elements as two 16-lane vectors each, two FMAs
+// (GCC folds b's loads into the FMAs: forced into registers, 1.05-1.2x slower at 2-8 rows). Against
+// the 8-lane dots_rows it replaces with AVX-512 (2-core Zen 4, 2 threads, paired): 8 experts of
+// 7168 x 1024 from memory 0.92-0.94x the time at 1 row, 0.64-0.82x at 2-8; transformers-layout fp32
+// decode steps 0.80-0.95x (Mixtral-shaped, 1-16 tokens), 0.87-1.0x (Qwen3-MoE-shaped).
+struct DotsF32 {
+  using A = float;
+  using B = float;
+  static constexpr bool kPrefetch = true;  // (dots_step)
+  struct ARow {
+    __m512 lo, hi;
+  };
+  using BRow = ARow;
+  template <bool Masked>
+  static ARow load_a(const float* p, __mmask32 mask) {
+    if constexpr (Masked) {
+      return {_mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), p),
+              _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask >> 16), p + 16)};
+    }
+    return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)};
+  }
+  template <bool Masked>
+  static BRow load_b(const float* p, __mmask32 mask) {
+    return load_a<Masked>(p, mask);
+  }
+  static __m512 madd(__m512 acc, const ARow& a, const BRow& b) {
+    return _mm512_fmadd_ps(a.hi, b.hi, _mm512_fmadd_ps(a.lo, b.lo, acc));
+  }
+};
+
 // out[0:M, n] for the S rows n = n0 + q * step of b (as dots_rows): a's rows (as Dots takes them)
 // 4 at a time with 4 streams (2 with 8), then 2, then 1 (at most 16 accumulators, 8 of a's
 // vectors: 27 of 32 registers).
 template <typename Dots, int S>
-inline void dots_rows512(c10::BFloat16* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda, int64_t M,
-                         int64_t K, const c10::BFloat16* b, int64_t sb1, int64_t n0, int64_t step) {
+inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
+                         int64_t M, int64_t K, const typename Dots::B* b, int64_t sb1, int64_t n0, int64_t step) {
   float sums[4 * S];
   int64_t i = 0;
   const auto block = [&](auto r_) {
@@ -850,16 +883,16 @@ inline void dots_rows512(c10::BFloat16* __restrict out, int64_t ldo, const typen
   block(std::integral_constant<int, 1>{});
 }
 
-// gemm_few_rows for bf16 with b's rows contiguous (sb0 == 1) by dots_rows512 with Dots on a's rows
-// as it takes them (`as`, row stride lda): 8 streams with 2-3 rows of a, 4 with 1 or 4+ (one row
+// gemm_few_rows with b's rows contiguous (sb0 == 1) by dots_rows512 with Dots on a's rows as it
+// takes them (`as`, row stride lda): 8 streams with 2-3 rows of bf16 a, 4 with 1 or 4+ or fp32 (one row
 // against 4 streams in place of 8, paired on a 2-core Zen 4: one-token decode steps on
 // transformers-layout experts 0.91-0.93x the time, 8 experts of 7168 x 1024 0.93x, of 1024 x 3584
 // the same; 2-3 rows 1.04-1.08x slower on 4).
 template <typename Dots>
-inline void few_rows_dots(c10::BFloat16* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda, int64_t M,
-                          const c10::BFloat16* __restrict b, int64_t sb1, int64_t K, int64_t N) {
+inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
+                          int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    const int S = M == 1 || M >= 4 ? 4 : 8;
+    const int S = M == 1 || M >= 4 || std::is_same_v<typename Dots::B, float> ? 4 : 8;
     const int64_t len = (n1 - n0) / S;
     for (int64_t j = 0; j < len; ++j) {
       if (S == 8) {
@@ -1123,6 +1156,9 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
 #endif
     if (sb0 == 1) return gemm_few_rows512(out, ldo, a, lda, M, b, sb1, K, N);
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (sb0 == 1) return few_rows_dots<DotsF32>(out, ldo, a, lda, M, b, sb1, K, N);
+  }
 #endif
   const int64_t ka = unaliased_stride(K);  // a's rows in fp32
   std::vector<float> af(M * ka);
@@ -1370,19 +1406,23 @@ constexpr int64_t kFewRowsNative = 7, kFewRowsNoTiles = 12;
 inline bool few_rows_kernel(at::ScalarType t, int64_t M, bool wide) {
   const bool half = t == at::kBFloat16 || t == at::kHalf;
   if (M < 1) return false;
-  if (!half) return t == at::kFloat && M <= kFewRowsFloat;
+  if (!half) return t == at::kFloat && (M <= kFewRowsFloat || (wide && M <= kFewRows));
   if (M == 1) return true;
   if (M > kFewRows) return false;
   return !native_half_matmul(t) ||
          (t == at::kBFloat16 && kDots512 && (M <= (bf16_tiles() ? kFewRowsNative : kFewRowsNoTiles) || wide));
 }
 
-// Whether a bf16 product with b's [K, N] strides (sb0, sb1) has a few-row kernel as fast as oneDNN
-// up to kFewRows rows: AMX tiles (few_rows_amx), or VDPBF16PS pairs (bf16_pair_dots) on b's
-// contiguous rows (2-core Zen 4, 2 threads, paired: 0.56-0.75x oneDNN's time at 8 rows, 0.59-0.80x
-// at 12, 0.70-0.88x at 16; 8 experts of 7168 x 1024 and 1024 x 3584, 64 of 768 x 1024).
-inline bool few_rows_wide(int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
-  return few_rows_amx(sb0, sb1, K, N) || (sb0 == 1 && bf16_pair_dots());
+// Whether a product of dtype t with b's [K, N] strides (sb0, sb1) has a few-row kernel as fast as
+// oneDNN up to kFewRows rows. bf16: AMX tiles (few_rows_amx), or VDPBF16PS pairs (bf16_pair_dots)
+// on b's contiguous rows (2-core Zen 4, 2 threads, paired: 0.56-0.75x oneDNN's time at 8 rows,
+// 0.59-0.80x at 12, 0.70-0.88x at 16; 8 experts of 7168 x 1024 and 1024 x 3584, 64 of 768 x 1024).
+// fp32: DotsF32 on b's contiguous rows (AVX-512; same machine: 0.44-0.78x oneDNN's time at 9 rows,
+// 0.54-0.79x at 16, but 1.03x for 1024 x 384; 8 experts of 7168 x 1024, 1024 x 3584, 768 x 1024).
+// Row-major fp32 b above kFewRowsFloat rows stays with oneDNN (its panel kernel took 5-7x as long).
+inline bool few_rows_wide(at::ScalarType t, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
+  if (t == at::kFloat) return sb0 == 1 && kDots512;
+  return t == at::kBFloat16 && (few_rows_amx(sb0, sb1, K, N) || (sb0 == 1 && bf16_pair_dots()));
 }
 
 // out (rows ldo apart, each contiguous) = a [M, m] @ b [m, N] on raw pointers by the kernels above
@@ -1390,7 +1430,8 @@ inline bool few_rows_wide(int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
 // `gemm_few_inner` (up to kFewRows, in bf16 up to kFewInnerNative where this CPU's bf16 matmul is
 // native, kFewInnerNoTiles where it is without AMX tiles); few rows by `gemm_few_rows` (where
 // few_rows_kernel says: 16-bit operands one row always, more where this CPU's matmul is not native
-// in the dtype or where the few-row kernels measured faster than it; fp32 up to kFewRowsFloat).
+// in the dtype or where the few-row kernels measured faster than it; fp32 up to kFewRowsFloat, or
+// kFewRows where few_rows_wide).
 // False where neither does (BLAS's turn: mm_blas_into).
 // Per-expert loops call it before making any tensor views: those (~6 ATen calls per expert) cost
 // ~5% of a 2-row Qwen3-MoE-shaped backward.
@@ -1411,7 +1452,7 @@ bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, cons
     gemm_few_inner(out, ldo, a, sa0, sa1, b, sb0, M, m, N);
     return true;
   }
-  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M, few_rows_wide(sb0, sb1, m, N))) {
+  if (sa1 == 1 && (sb0 == 1 || sb1 == 1) && few_rows_kernel(t, M, few_rows_wide(t, sb0, sb1, m, N))) {
     gemm_few_rows(out, ldo, a, sa0, M, b, sb0, sb1, m, N);
     return true;
   }

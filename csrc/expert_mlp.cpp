@@ -188,10 +188,11 @@ bool decode_step(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Ten
   // both products ([K, 2F] and [F, N]) with a few-row kernel up to kFewRows rows
   const auto [u0, u1] = kn_strides(w_gate_up, trans_b);
   const auto [d0, d1] = kn_strides(w_down, trans_b);
-  const bool wide = few_rows_wide(u0, u1, x.size(1), 2 * F) && few_rows_wide(d0, d1, F, N);
+  const at::ScalarType t = x.scalar_type();
+  const bool wide = few_rows_wide(t, u0, u1, x.size(1), 2 * F) && few_rows_wide(t, d0, d1, F, N);
   for (size_t e = 0; e + 1 < off.size(); ++e) {
     const int64_t m = off[e + 1] - off[e];
-    if (m > 0 && !few_rows_kernel(x.scalar_type(), m, wide)) return false;
+    if (m > 0 && !few_rows_kernel(t, m, wide)) return false;
   }
   return true;
 }

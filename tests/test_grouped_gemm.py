@@ -91,7 +91,7 @@ def test_few_row_weight_gradient_nans_are_canonical():
 def test_few_rows_per_expert(dtype, trans_b):
     """Decode-sized groups (1-17 rows: the few-row kernels' 4 / 2 / 1-row dot passes, the streamed
     row-major passes of 1-8 rows and the 16-column tiles above, and the switch back to the matmul
-    above 16 rows, 8 in fp32) with widths that leave tails (N = 37, K = 70: K split in two with a
+    above 16 rows, 8 in fp32 with row-major weights) with widths that leave tails (N = 37, K = 70: K split in two with a
     remainder of b's rows), against fp32 products of the same values, rounded once."""
     sizes = torch.tensor([1, 2, 3, 4, 5, 0, 6, 7, 8, 9, 16, 17])
     gen = verify.generator(0)
