@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -41,6 +42,13 @@ inline int64_t row_grain(int64_t row_bytes) {
 // of 2 MiB-aligned, huge-page-advised blocks (output_pool.cpp): a fresh multi-MB allocation pays a
 // page fault per 4 KiB page on first write, which costs more than the copy that fills it.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The typed dispatcher handle of op `name` (e.g. "pangu_cpu::grouped_gemm"): for C++ calls of other
+// ops' kernels (kept in a function-local static by the caller).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 // Sets `bytes` bytes at p to `value`. From 1 MiB on over torch's threads with non-temporal stores
 // of whole 64-byte lines (memset at unaligned ends): for large outputs written once and not read

@@ -5,16 +5,12 @@
 // their kernels: each of permute and unpermute took 45-55 us after a layer's weight stream had
 // left the interpreter's data out of the caches, against ~5 us for its kernel (Qwen3-MoE-shaped
 // block, 2 threads).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 namespace pangu_cpu {
 namespace {
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> kernel(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
@@ -23,12 +19,12 @@ using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
 Tensors2 moe_experts(const at::Tensor& x, const at::Tensor& expert_ids, const c10::optional<at::Tensor>& weights,
                      const at::Tensor& w_gate_up, const at::Tensor& w_down, c10::string_view activation, bool trans_b,
                      double limit) {
-  static const auto permute = kernel<Tensors3(const at::Tensor&, const at::Tensor&, int64_t)>("pangu_cpu::permute");
+  static const auto permute = op_handle<Tensors3(const at::Tensor&, const at::Tensor&, int64_t)>("pangu_cpu::permute");
   static const auto expert_mlp =
-      kernel<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+      op_handle<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
                       bool, double)>("pangu_cpu::expert_mlp");
   static const auto unpermute =
-      kernel<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t)>(
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, int64_t, int64_t)>(
           "pangu_cpu::unpermute");
   TORCH_CHECK_VALUE(expert_ids.dim() == 2 && w_gate_up.dim() >= 3, "moe_experts: need expert_ids [T, k] and stacked weights");
   const auto [x_sorted, sizes, index] = permute.call(x, expert_ids, w_gate_up.size(0));

@@ -1,5 +1,6 @@
 """expert_mlp (gate/up GEMM + gate + down GEMM) against the reference and a plain loop."""
 import importlib
+import math
 
 import pytest
 import torch
@@ -94,6 +95,47 @@ def test_prefill_sized_groups(trans_b):
     torch.testing.assert_close(y, y_ref, **tol)
     for g, r in zip(got, want):
         torch.testing.assert_close(g.grad, r.grad, rtol=2 * tol["rtol"], atol=2 * tol["atol"])
+
+
+@pytest.mark.parametrize("activation, limit", [("swiglu", None), ("geglu_tanh", 2.0)])
+def test_decode_backward_in_one_cpu_call(activation, limit):
+    """The CPU backend's one-call backward (`expert_mlp_backward`): a bf16 decode step in
+    transformers' layout (1-row experts in one pass over each weight's rows where the CPU has
+    AVX512-BF16, 2-8-row ones product by product, experts without rows: zero gradients), a row with
+    a NaN (its expert's products one at a time), and a prefill-sized group (the grouped kernels one
+    after the other): the gradients autograd gets from it equal the op's own, and match the
+    reference on the same values."""
+    if DEVICE != "cpu":
+        pytest.skip("the CPU backend's call")
+    em = importlib.import_module("pangu_ops.ops.expert_mlp")
+    for sizes, nan_row in ((torch.tensor([1, 0, 2, 1, 5, 0, 8, 1, 1]), None), (torch.tensor([1, 3, 1]), 0),
+                           (torch.tensor([20, 1, 0]), None)):
+        gen = verify.generator(int(sizes.sum()))
+        E, K, F, N = len(sizes), 64, 32, 96
+        x = verify.randn((int(sizes.sum()), K), torch.bfloat16, gen)
+        w_gate_up = verify.randn((E, 2 * F, K), torch.bfloat16, gen, scale=K ** -0.5)
+        w_down = verify.randn((E, N, F), torch.bfloat16, gen, scale=F ** -0.5)
+        dy = verify.randn((x.shape[0], N), torch.bfloat16, gen)
+        if nan_row is not None:
+            dy[nan_row, 5] = float("nan")
+        got = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
+        y = pangu_ops.expert_mlp(*got, sizes, activation, trans_b=True, limit=limit)
+        assert em._one_backward_call((True, True, True), (x, w_gate_up, w_down, sizes, x, dy))
+        y.backward(dy)
+        _, gate_up = torch.ops.pangu_cpu.expert_mlp(x, w_gate_up, w_down, sizes, activation, True,
+                                                    math.inf if limit is None else limit)
+        direct = torch.ops.pangu_cpu.expert_mlp_backward(x, w_gate_up, w_down, sizes, gate_up, dy, activation, True,
+                                                         math.inf if limit is None else limit)
+        want = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
+        y_ref, _ = reference.expert_mlp(*want, sizes, activation, True, math.inf if limit is None else limit)
+        y_ref.backward(dy)
+        tol = verify.TOLERANCES[torch.bfloat16]
+        for g, d, r in zip(got, direct, want):
+            assert torch.equal(g.grad.view(torch.int16), d.view(torch.int16))
+            torch.testing.assert_close(g.grad, r.grad, rtol=2 * tol["rtol"], atol=2 * tol["atol"], equal_nan=True)
+        empty = sizes == 0
+        assert (got[1].grad[empty] == 0).all() and (got[2].grad[empty] == 0).all()
+        assert got[1].grad[~empty].isnan().any() == (nan_row is not None)
 
 
 GATES = {  # activation -> the textbook function of the gate

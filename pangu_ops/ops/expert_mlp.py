@@ -5,17 +5,21 @@ fused into the gate/up GEMM's epilogue). Gates: SwiGLU, GeGLU (erf or tanh GELU)
 clamped (`limit`); weights `[E, K, 2F]` / `[E, F, N]`, or transposed (`trans_b`: HF's `[E, 2F, K]` /
 `[E, N, F]`). The forward also returns gate_up (in x's dtype), saved for the backward, which is
 built from the grouped GEMM ops: dh = dy @ w_down^T, dW_down = h^T dy, the gate's derivative
-(elementwise, fp32), dx = d_gate_up @ w_gate_up^T, dW_gate_up = x^T d_gate_up.
+(elementwise, fp32), dx = d_gate_up @ w_gate_up^T, dW_gate_up = x^T d_gate_up. On the CPU backend in
+plain eager one C++ call makes them (`expert_mlp_backward`): the same kernels, but for a bf16 decode
+step in transformers' layout, where each weight's input and weight gradients come from one pass over
+its rows (reading the weight while its gradient streams out).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
 from .. import backends, checks, packed_weights
-from ._define import define
+from ._define import _plain_eager, define
 from .grouped_gemm import grouped_gemm_op, grouped_gemm_wgrad_op
 
 
@@ -108,8 +112,25 @@ def _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, wgrad, activat
     return dx, dw_gate_up, dw_down
 
 
+@functools.cache
+def _cpu_backward_kernel() -> bool:
+    return backends.serves("cpu", "expert_mlp_backward")
+
+
+def _one_backward_call(needs: tuple, tensors: tuple) -> bool:
+    """Whether the CPU backend's single call (`csrc/expert_mlp.cpp`: expert_mlp_backward) makes the
+    gradients: both weights' wanted, CPU tensors in plain eager (not traced: it has no fake kernel)."""
+    return needs[1] and needs[2] and tensors[0].is_cpu and _plain_eager(tensors) \
+        and backends.current_backend() in ("auto", "cpu") and _cpu_backward_kernel()
+
+
 def _backward(ctx, dy, _d_gate_up):
     x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if _one_backward_call(needs, (x, w_gate_up, w_down, group_sizes, gate_up, dy)):
+        dx, dw_gate_up, dw_down = torch.ops.pangu_cpu.expert_mlp_backward(x, w_gate_up, w_down, group_sizes, gate_up, dy,
+                                                                        ctx.activation, ctx.trans_b, ctx.limit)
+        return dx if needs[0] else None, dw_gate_up, dw_down, None, None, None, None
     return *_grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.needs_input_grad, grouped_gemm_wgrad_op,
                    ctx.activation, ctx.trans_b, ctx.limit), None, None, None, None
 
