@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
 // one after the other took 1.6x a pass doing both, `move_work`).
 
 #if defined(__AVX512BF16__)
-// Rows [r0, r1) of one expert's bf16 weight w ([R, C], C a multiple of 32) against MB of its rows:
+// Rows [r0, r1) of one expert's bf16 weight w ([R, C], C a multiple of 32) against MB <= 4 of its rows:
 // acc[i, :] += c[i, r] * w[r, :] (the input gradient's fp32 sums, row stride C) and dw[r, :] =
 // sum_i c[i, r] * a[i, :] (the weight's gradient, rounded by VCVTNE2PS2BF16 and streamed a line at a
 // time where dw's rows are aligned lines). c: [MB, R] fp32 (row stride ldc); a: [MB, C] fp32. The
@@ -334,33 +334,51 @@ template <int MB, bool kStream>
 void linear_backward_rows(const c10::BFloat16* __restrict w, int64_t C, int64_t r0, int64_t r1, const float* c,
                           int64_t ldc, const float* __restrict a, float* __restrict acc,
                           c10::BFloat16* __restrict dw) {
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 cr[MB];
-    for (int i = 0; i < MB; ++i) cr[i] = _mm512_set1_ps(c[i * ldc + r]);
-    const c10::BFloat16* wr = w + r * C;
-    c10::BFloat16* dr = dw + r * C;
+  // 4 of w's rows a step (the last R % 4 one at a time): the sums of dx loaded and stored once for
+  // them (a step a row: 1.5-2.2x the time at 2-4 rows, 2 rows a step 1.1-1.3x)
+  const auto step = [&](auto p_, int64_t r) {
+    constexpr int P = decltype(p_)::value;
+    __m512 cr[P][MB];
+    for (int p = 0; p < P; ++p) {
+      for (int i = 0; i < MB; ++i) cr[p][i] = _mm512_set1_ps(c[i * ldc + r + p]);
+    }
     for (int64_t k = 0; k < C; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + kDotsAhead, _MM_HINT_T1);
-      const __m512 w0 = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm256_loadu_si256(
-                            reinterpret_cast<const __m256i*>(wr + k)))),
-                   w1 = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm256_loadu_si256(
-                            reinterpret_cast<const __m256i*>(wr + k + 16))));
-      __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+      __m512 wv[P][2], g[P][2];
+      for (int p = 0; p < P; ++p) {
+        const c10::BFloat16* wr = w + (r + p) * C + k;
+        _mm_prefetch(reinterpret_cast<const char*>(wr) + kDotsAhead, _MM_HINT_T1);
+        wv[p][0] = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr))));
+        wv[p][1] = _mm512_cvtpbh_ps(
+            reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16))));
+        g[p][0] = g[p][1] = _mm512_setzero_ps();
+      }
       for (int i = 0; i < MB; ++i) {
         float* ai = acc + i * C + k;
-        _mm512_storeu_ps(ai, _mm512_fmadd_ps(cr[i], w0, _mm512_loadu_ps(ai)));
-        _mm512_storeu_ps(ai + 16, _mm512_fmadd_ps(cr[i], w1, _mm512_loadu_ps(ai + 16)));
-        g0 = _mm512_fmadd_ps(cr[i], _mm512_loadu_ps(a + i * C + k), g0);
-        g1 = _mm512_fmadd_ps(cr[i], _mm512_loadu_ps(a + i * C + k + 16), g1);
+        const __m512 x0 = _mm512_loadu_ps(a + i * C + k), x1 = _mm512_loadu_ps(a + i * C + k + 16);
+        __m512 s0 = _mm512_loadu_ps(ai), s1 = _mm512_loadu_ps(ai + 16);
+        for (int p = 0; p < P; ++p) {
+          s0 = _mm512_fmadd_ps(cr[p][i], wv[p][0], s0);
+          s1 = _mm512_fmadd_ps(cr[p][i], wv[p][1], s1);
+          g[p][0] = _mm512_fmadd_ps(cr[p][i], x0, g[p][0]);
+          g[p][1] = _mm512_fmadd_ps(cr[p][i], x1, g[p][1]);
+        }
+        _mm512_storeu_ps(ai, s0);
+        _mm512_storeu_ps(ai + 16, s1);
       }
-      const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g1, g0));
-      if (kStream) {
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(dr + k), v);
-      } else {
-        _mm512_storeu_si512(dr + k, v);
+      for (int p = 0; p < P; ++p) {
+        const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g[p][1], g[p][0]));
+        c10::BFloat16* d = dw + (r + p) * C + k;
+        if (kStream) {
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+        } else {
+          _mm512_storeu_si512(d, v);
+        }
       }
     }
-  }
+  };
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) step(std::integral_constant<int, 4>{}, r);
+  for (; r < r1; ++r) step(std::integral_constant<int, 1>{}, r);
   if (kStream) _mm_sfence();
 }
 
@@ -383,14 +401,15 @@ inline bool to_float_rows(std::vector<float>& out, const c10::BFloat16* p, int64
 
 // One expert's linear backward over its m rows, its weight w [R, C] in transformers' layout (y = x
 // @ w^T): dx (m x C, bf16, row stride ldx) = dy @ w and dw (R x C) = dy^T @ x, from dy (m x R) and
-// x (m x C), both bf16 (row strides ldy, ldxin): one pass over w's rows (linear_backward_rows) for
-// one row where no sum can be NaN, else the few-row kernels one product at a time (mm_fp32_into:
-// those of the grouped ops, which round NaNs as from_float does). One pass against the two
-// products, paired on a 2-core Zen 4 (whole backward, one row per expert): 8 Mixtral-shaped
-// experts 0.75-0.91x the time, 2 of them 0.89-1.14x, 32 of 64 Qwen3-MoE-shaped 0.74-0.91x; with
-// 2+ rows its dx sums (in memory, a pass over them per row of w) cost more than the pass saves:
-// 1.3-1.8x at 2-4 rows, 2.6-5.7x at 8.
-constexpr int64_t kOnePassRows = 1;
+// x (m x C), both bf16 (row strides ldy, ldxin): one pass over w's rows (linear_backward_rows) up to
+// kOnePassRows rows where no sum can be NaN, else the few-row kernels one product at a time
+// (mm_fp32_into: those of the grouped ops, which round NaNs as from_float does). The whole
+// backward of 8 Mixtral-shaped experts against a `move_work` pass over their weights (2-core Zen 4,
+// same runs): one pass 1.02 / 1.05 / 1.21 / 1.48x its time at 1 / 2 / 3 / 4 rows an expert, the
+// products 1.39 / 1.55 / 1.62 / 1.70x; 32 of 64 Qwen3-MoE-shaped (the others' zero gradients
+// included) 1.23 / 1.21 / 1.38 / 1.65x against 1.53 / 1.83 / 2.34 / 2.37x. From 5 rows (2 of w's
+// rows a step: 4 would spill) one pass took 1.3-2x the products' time.
+constexpr int64_t kOnePassRows = 4;
 void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c10::BFloat16* w, int64_t R,
                      int64_t C, const c10::BFloat16* dy, int64_t ldy, const c10::BFloat16* x, int64_t ldxin,
                      int64_t m) {
@@ -411,7 +430,7 @@ void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c1
   const int64_t parts = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / 64));
   std::vector<float> acc(parts * m * C, 0.f);
   const bool stream = reinterpret_cast<uintptr_t>(dw) % 64 == 0 && C % 32 == 0;
-  with_rows<kFewInnerNoTiles>(m, [&](auto mb) {
+  with_rows<kOnePassRows>(m, [&](auto mb) {
     constexpr int MB = decltype(mb)::value;
     const auto rows = stream ? linear_backward_rows<MB, true> : linear_backward_rows<MB, false>;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
