@@ -43,6 +43,14 @@ inline int64_t row_grain(int64_t row_bytes) {
 // page fault per 4 KiB page on first write, which costs more than the copy that fills it.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// t ([S, K]) itself where its rows are contiguous, else a contiguous copy: the products' kernels
+// are chosen by their operands' strides, so an activation that is expanded (a loss's gradient:
+// stride 0) or transposed would otherwise take another kernel than its contiguous equal, with
+// other bits (eager autograd against a compiled graph that materialised it).
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.dim() != 2 || t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
+}
+
 // The typed dispatcher handle of op `name` (e.g. "pangu_cpu::grouped_gemm"): for C++ calls of other
 // ops' kernels (kept in a function-local static by the caller).
 template <typename Signature>

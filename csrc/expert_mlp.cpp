@@ -472,7 +472,8 @@ bool fused_backward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::
 // pass over each touched expert's weights per product, the experts over the threads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
     const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down, const at::Tensor& group_sizes,
-    const at::Tensor& gate_up, const at::Tensor& dy, c10::string_view activation, bool trans_b, double limit) {
+    const at::Tensor& gate_up, const at::Tensor& dy_in, c10::string_view activation, bool trans_b, double limit) {
+  const at::Tensor dy = rows_contiguous(dy_in);  // (a loss's gradient may come expanded)
   TORCH_CHECK_VALUE(x.dim() == 2 && dy.dim() == 2 && gate_up.dim() == 2 && x.size(0) == dy.size(0) &&
                         gate_up.size(0) == x.size(0),
                     "expert_mlp_backward: need x [S, K], gate_up [S, 2F] and dy [S, N] with the same S");

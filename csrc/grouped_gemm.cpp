@@ -101,9 +101,10 @@ bool bf16_pair_dots() {
 
 namespace {
 
-at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& group_sizes,
+at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& group_sizes,
                         bool trans_b) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && w.dim() == 3, "grouped_gemm: need x [S, K] and w [E, K, N]");
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && w.dim() == 3, "grouped_gemm: need x [S, K] and w [E, K, N]");
+  const at::Tensor x = rows_contiguous(x_in);
   TORCH_CHECK_TYPE(x.scalar_type() == w.scalar_type(), "grouped_gemm: x and w dtypes differ");
   const int64_t E = w.size(0), K = x.size(1), N = trans_b ? w.size(1) : w.size(2);
   TORCH_CHECK_VALUE((trans_b ? w.size(2) : w.size(1)) == K, "grouped_gemm: w's K differs from x's");
@@ -132,10 +133,11 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return y;
 }
 
-at::Tensor grouped_gemm_wgrad(const at::Tensor& x, const at::Tensor& dy,
+at::Tensor grouped_gemm_wgrad(const at::Tensor& x_in, const at::Tensor& dy_in,
                               const at::Tensor& group_sizes) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && dy.dim() == 2 && x.size(0) == dy.size(0),
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && dy_in.dim() == 2 && x_in.size(0) == dy_in.size(0),
                     "grouped_gemm_wgrad: need x [S, K] and dy [S, N] with the same S");
+  const at::Tensor x = rows_contiguous(x_in), dy = rows_contiguous(dy_in);
   TORCH_CHECK_TYPE(x.scalar_type() == dy.scalar_type(), "grouped_gemm_wgrad: x and dy dtypes differ");
   const int64_t E = group_sizes.numel(), K = x.size(1), N = dy.size(1);
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm_wgrad");

@@ -268,3 +268,22 @@ def test_weight_gradient_over_few_rows_per_expert(dtype, trans_b, k, n):
     expected = reference.grouped_gemm_wgrad(dy, x, sizes) if trans_b else reference.grouped_gemm_wgrad(x, dy, sizes)
     torch.testing.assert_close(w.grad, expected, **verify.TOLERANCES[dtype])
     assert torch.equal(w.grad[5], torch.zeros_like(w.grad[5])) and (w.grad[0] != 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_activations_give_the_contiguous_bits(dtype):
+    """An activation that comes expanded (a loss's gradient, stride 0) or transposed multiplies as
+    its contiguous copy does, bit for bit (the kernels are chosen by the operands' strides: eager
+    autograd against a compiled graph that materialised the gradient), forward and weight
+    gradient, decode-sized groups of 1-12 rows."""
+    sizes = torch.tensor([1, 4, 0, 9, 12])
+    gen = verify.generator(3)
+    S, K, N = int(sizes.sum()), 48, 40
+    w = verify.randn((len(sizes), N, K), dtype, gen)
+    other = verify.randn((S, N), dtype, gen)
+    for x in (verify.randn((S, 1), dtype, gen).expand(S, K), verify.randn((K, S), dtype, gen).t()):
+        assert x.stride(1) != 1
+        y = pangu_ops.grouped_gemm(x, w, sizes, trans_b=True)
+        assert torch.equal(y, pangu_ops.grouped_gemm(x.contiguous(), w, sizes, trans_b=True))
+        dw = torch.ops.pangu.grouped_gemm_wgrad(other, x, sizes)
+        assert torch.equal(dw, torch.ops.pangu.grouped_gemm_wgrad(other, x.contiguous(), sizes))
