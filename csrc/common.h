@@ -900,7 +900,8 @@ inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const ty
 }
 
 // gemm_few_rows with b's rows contiguous (sb0 == 1) by dots_rows512 with Dots on a's rows as it
-// takes them (`as`, row stride lda): 8 streams with 2-3 rows of bf16 a, 4 with 1 or 4+ or fp32 (one row
+// takes them (`as`, row stride lda): 8 streams with 2-3 rows of bf16 a, 4 with 1 or 4+ and with
+// fp32 (fp32 at 2 rows: 8 streams 1.05x 4's time against a read pass, same runs; bf16: one row
 // against 4 streams in place of 8, paired on a 2-core Zen 4: one-token decode steps on
 // transformers-layout experts 0.91-0.93x the time, 8 experts of 7168 x 1024 0.93x, of 1024 x 3584
 // the same; 2-3 rows 1.04-1.08x slower on 4).

@@ -427,7 +427,8 @@ void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c1
   }
   // w's rows split over the threads where this runs outside a parallel region (an expert alone), each
   // part with its own sums of dx, added in order
-  const int64_t parts = at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / 64));
+  const int64_t parts =
+      at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / 64));
   std::vector<float> acc(parts * m * C, 0.f);
   const bool stream = reinterpret_cast<uintptr_t>(dw) % 64 == 0 && C % 32 == 0;
   with_rows<kOnePassRows>(m, [&](auto mb) {
@@ -526,10 +527,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
           gated_forward_row<kAct>(gup + (s + r) * F2, gup + (s + r) * F2 + F, h.data() + r * F, F, lim);
         }
         linear_backward(dh.data(), F, dwd + e * N * F, wd + e * N * F, N, F, dyp + s * N, N, h.data(), F, m);
+        const auto gated = std::isfinite(limit) ? gated_backward_row<kAct, true, bf16, bf16>
+                                                : gated_backward_row<kAct, false, bf16, bf16>;
         for (int64_t r = 0; r < m; ++r) {
           const bf16* g = gup + (s + r) * F2;
-          (std::isfinite(limit) ? gated_backward_row<kAct, true, bf16, bf16> : gated_backward_row<kAct, false, bf16, bf16>)(
-              g, g + F, dh.data() + r * F, dgu.data() + r * F2, dgu.data() + r * F2 + F, h.data() + r * F, F, lim);
+          gated(g, g + F, dh.data() + r * F, dgu.data() + r * F2, dgu.data() + r * F2 + F, h.data() + r * F, F, lim);
         }
         linear_backward(dxp + s * K, K, dwu + e * F2 * K, wu + e * F2 * K, F2, K, dgu.data(), F2, xp + s * K, K, m);
       }

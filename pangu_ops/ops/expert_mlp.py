@@ -128,8 +128,8 @@ def _backward(ctx, dy, _d_gate_up):
     x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if _one_backward_call(needs, (x, w_gate_up, w_down, group_sizes, gate_up, dy)):
-        dx, dw_gate_up, dw_down = torch.ops.pangu_cpu.expert_mlp_backward(x, w_gate_up, w_down, group_sizes, gate_up, dy,
-                                                                        ctx.activation, ctx.trans_b, ctx.limit)
+        dx, dw_gate_up, dw_down = torch.ops.pangu_cpu.expert_mlp_backward(
+            x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.activation, ctx.trans_b, ctx.limit)
         return dx if needs[0] else None, dw_gate_up, dw_down, None, None, None, None
     return *_grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.needs_input_grad, grouped_gemm_wgrad_op,
                    ctx.activation, ctx.trans_b, ctx.limit), None, None, None, None
