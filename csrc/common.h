@@ -65,6 +65,19 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
 // Below, one memset.
 void fill_streaming(void* p, int64_t bytes, uint8_t value);
 
+// Zeros for the [E, ...] weight gradient dw's experts without rows (off: the groups' row offsets),
+// each run of such experts side by side by one fill_streaming.
+inline void zero_empty_groups(const at::Tensor& dw, const std::vector<int64_t>& off) {
+  const int64_t E = static_cast<int64_t>(off.size()) - 1;
+  if (E <= 0) return;
+  const int64_t expert_bytes = dw.numel() / E * static_cast<int64_t>(dw.element_size());
+  for (int64_t e = 0, f = 0; e < E; e = f + 1) {
+    for (f = e; f < E && off[f + 1] == off[f]; ++f) {
+    }
+    if (f > e) fill_streaming(static_cast<char*>(dw.data_ptr()) + e * expert_bytes, (f - e) * expert_bytes, 0);
+  }
+}
+
 // Orders a thread's non-temporal stores before what follows (they bypass the cache's ordering):
 // after a kernel's streamed writes, before other threads read them.
 inline void streamed_stores_done() {

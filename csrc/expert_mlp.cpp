@@ -415,9 +415,11 @@ void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c1
                      int64_t m) {
   std::vector<float> cf, af;
   float cmax, amax;
-  const bool finite = to_float_rows(cf, dy, ldy, m, R, cmax) && to_float_rows(af, x, ldxin, m, C, amax) &&
-                      static_cast<double>(cmax) * amax * m < 1e37 && static_cast<double>(cmax) * m < 1e37;
-  if (!finite || m > kOnePassRows) {
+  // (the operands are converted and checked only for the one pass)
+  const bool one_pass = m <= kOnePassRows && to_float_rows(cf, dy, ldy, m, R, cmax) &&
+                        to_float_rows(af, x, ldxin, m, C, amax) && static_cast<double>(cmax) * amax * m < 1e37 &&
+                        static_cast<double>(cmax) * m < 1e37;
+  if (!one_pass) {
     const auto view = [](const c10::BFloat16* p, int64_t rows, int64_t cols, int64_t ld) {
       return at::from_blob(const_cast<c10::BFloat16*>(p), {rows, cols}, {ld, 1}, at::kBFloat16);
     };
@@ -503,14 +505,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
                     "expert_mlp_backward: inconsistent shapes");
   at::Tensor dx = empty_output({x.size(0), K}, x.options());
   at::Tensor dw_gate_up = empty_output({E, F2, K}, x.options()), dw_down = empty_output({E, N, F}, x.options());
-  for (int64_t e = 0, f = 0; e < E; e = f + 1) {  // runs of experts without rows: zero gradients, at once
-    for (f = e; f < E && off[f + 1] == off[f]; ++f) {
-    }
-    if (f > e) {
-      fill_streaming(dw_gate_up.select(0, e).data_ptr(), (f - e) * F2 * K * 2, 0);
-      fill_streaming(dw_down.select(0, e).data_ptr(), (f - e) * N * F * 2, 0);
-    }
-  }
+  zero_empty_groups(dw_gate_up, off);
+  zero_empty_groups(dw_down, off);
   const bf16 *xp = x.data_ptr<bf16>(), *wu = w_gate_up.data_ptr<bf16>(), *wd = w_down.data_ptr<bf16>();
   const bf16 *gup = gate_up.data_ptr<bf16>(), *dyp = dy.data_ptr<bf16>();
   bf16 *dxp = dx.data_ptr<bf16>(), *dwu = dw_gate_up.data_ptr<bf16>(), *dwd = dw_down.data_ptr<bf16>();

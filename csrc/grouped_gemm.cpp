@@ -142,11 +142,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& x_in, const at::Tensor& dy_in,
   const int64_t E = group_sizes.numel(), K = x.size(1), N = dy.size(1);
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm_wgrad");
   at::Tensor dw = empty_output({E, K, N}, x.options());
-  for (int64_t e = 0, f = 0; e < E; e = f + 1) {  // each run of experts without rows [e, f): zeros, at once
-    for (f = e; f < E && off[f + 1] == off[f]; ++f) {
-    }
-    if (f > e) fill_streaming(dw.select(0, e).data_ptr(), (f - e) * K * N * static_cast<int64_t>(dw.element_size()), 0);
-  }
+  zero_empty_groups(dw, off);
   if (prefill_sized(off) && grouped_amx_wgrad_applies(x.scalar_type(), x.stride(1), dy.stride(1), K, N)) {
     grouped_amx_wgrad(dw.data_ptr<c10::BFloat16>(), x.data_ptr<c10::BFloat16>(), x.stride(0), off,
                       dy.data_ptr<c10::BFloat16>(), dy.stride(0), K, N);

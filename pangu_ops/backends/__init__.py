@@ -148,6 +148,18 @@ def serves(name: str, op: str) -> bool:
         return False
 
 
+@functools.cache
+def _cpu_serves(op: str) -> bool:
+    return serves("cpu", op)
+
+
+def cpu_takes(op: str) -> bool:
+    """Whether CPU tensors go to the cpu backend under the current setting and it has `op`: for the
+    CPU-only C++ calls that stand in for several ops (`moe_experts`, `expert_mlp_backward`). Cheap:
+    decode steps ask on every call."""
+    return current_backend() in ("auto", "cpu") and _cpu_serves(op)
+
+
 def status() -> dict[str, str | None]:
     """Backend name -> None when it loads here, else the reason it does not."""
     out: dict[str, str | None] = {}

@@ -12,7 +12,6 @@ its rows (reading the weight while its gradient streams out).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -112,16 +111,11 @@ def _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, wgrad, activat
     return dx, dw_gate_up, dw_down
 
 
-@functools.cache
-def _cpu_backward_kernel() -> bool:
-    return backends.serves("cpu", "expert_mlp_backward")
-
-
 def _one_backward_call(needs: tuple, tensors: tuple) -> bool:
     """Whether the CPU backend's single call (`csrc/expert_mlp.cpp`: expert_mlp_backward) makes the
     gradients: both weights' wanted, CPU tensors in plain eager (not traced: it has no fake kernel)."""
     return needs[1] and needs[2] and tensors[0].is_cpu and _plain_eager(tensors) \
-        and backends.current_backend() in ("auto", "cpu") and _cpu_backward_kernel()
+        and backends.cpu_takes("expert_mlp_backward")
 
 
 def _backward(ctx, dy, _d_gate_up):

@@ -8,7 +8,6 @@ after a layer's weights had streamed through the caches, against ~5 for its kern
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -22,21 +21,13 @@ from .permute import permute
 from .unpermute import _check_routing_weights, unpermute
 
 
-_CPU = ("auto", "cpu")
-
-
-@functools.cache
-def _cpu_kernel() -> bool:
-    return backends.serves("cpu", "moe_experts")
-
-
 def _one_call(x: Tensor, args: tuple) -> bool:
     """Whether the single C++ call runs it: CPU tensors on the cpu backend, plain eager, no gradient
     (x's device decides; another device among the rest fails in the call and the checks name it).
     Kept cheap: in a decode step the interpreter runs from L3, its data pushed out of L2 by the
     layer's weight stream, and each microsecond of Python becomes ~5."""
-    return isinstance(x, Tensor) and x.is_cpu and not _wants_grad(args) and _plain_eager(args) and backends.current_backend() in _CPU \
-        and _cpu_kernel()
+    return isinstance(x, Tensor) and x.is_cpu and not _wants_grad(args) and _plain_eager(args) \
+        and backends.cpu_takes("moe_experts")
 
 
 def _check(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Tensor, w_down: Tensor, activation: str,
