@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import pangu_ops
 from pangu_ops import backends, packed_weights, reference, verify
@@ -223,7 +224,7 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
         out.append(Entry(op, "reference", "reference", ref_fn, work, unit))
         out += [Entry(op, b, "kernel", _on(b, kernel_fn), work, unit) for b in kernel_backends]
     out += _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, 6 * rows * p.hidden * p.ffn, kernel_backends)
-    out += _layer_entries(p, x, dtype, device, kernel_backends)
+    out += _layer_entries(p, x, w_gate_up, w_down, kernel_backends)
 
     # Limits and torch baselines.
     if device.type == "cpu":
@@ -306,11 +307,18 @@ def _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, flops, kernel_b
                   "a new weight version per call (a training step's forward): tiles packed per call")]
 
 
-def _layer_entries(p: Problem, x, dtype, device, kernel_backends) -> list[Entry]:
+def _layer_entries(p: Problem, x, w_gate_up, w_down, kernel_backends) -> list[Entry]:
     """A whole top-k MoEFeedForward forward+backward (router, permute, expert MLP, combine),
     against the same layer written the usual way (benchmarks/layer.py; "reference" here). Work:
-    the expert FLOPs, 3 GEMMs of 2*H*F per routed token, times 3 for forward+backward."""
+    the expert FLOPs, 3 GEMMs of 2*H*F per routed token, times 3 for forward+backward.
+    On a GPU the layer's expert weights are the expert_mlp rows' own `w_gate_up`, `w_down` (the
+    DeepSeek preset's 22.5 GB twice, with their gradients, ran an 80 GB H100 out of memory); on the
+    CPU it keeps copies, as its steps' new weight versions would have the CPU backend repack the
+    expert_mlp rows' weights too."""
+    dtype, device = x.dtype, x.device
     layer = MoEFeedForward(p.hidden, p.ffn, p.experts, topk=p.topk, aux_loss_alpha=0.0, device=device, dtype=dtype)
+    if device.type != "cpu":
+        layer.w_gate_up, layer.w_down = nn.Parameter(w_gate_up), nn.Parameter(w_down)
     flops_per_token = 3 * 3 * 2 * p.hidden * p.ffn * p.topk
 
     def fwd_bwd(forward, tokens):

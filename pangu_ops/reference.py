@@ -40,8 +40,11 @@ def unpermute(y_sorted: Tensor, sorted_index: Tensor, weights: Tensor | None, nu
     rows = y_sorted.float()
     if weights is not None:
         rows = rows * weights.reshape(-1)[sorted_index].float().unsqueeze(1)
-    y = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
-    return y.index_add(0, sorted_index // topk, rows).to(y_sorted.dtype)
+    # each row to its slot (dropped slots stay 0), then each token's k slots summed in slot order:
+    # deterministic on every device (index_add's atomics on a GPU add in a different order each call)
+    slots = torch.zeros(num_tokens * topk, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
+    slots[sorted_index] = rows
+    return slots.view(num_tokens, topk, y_sorted.shape[1]).sum(1).to(y_sorted.dtype)
 
 
 def unpermute_backward(grad_y: Tensor, sorted_index: Tensor, weights: Tensor | None,

@@ -131,6 +131,24 @@ def test_bad_ids_raise_before_any_copy():
         store.step()
 
 
+def test_host_tensors_stay_on_the_host_whatever_the_default_device():
+    """The store's host-side index tensors (upload sources, slot maps, the experts stepped) are
+    made on the CPU: under a GPU default device (`torch.device("cuda")`, as the GPU test run sets)
+    they were made there and indexing host memory with them failed; "meta" stands in for it."""
+    torch.manual_seed(0)
+    model = PanguSigmaLM(CONFIG)
+    store = ecss.ExpertStore(model, **HYPER)
+    tok, dom = next(_batches(1))
+    with torch.device("meta"):
+        stats = store.prepare(tok, dom)
+        assert all(l.pool.slot_map().device.type == "cpu" for l in store.layers)
+    assert stats.misses > 0
+    _loss(model, tok, dom).backward()
+    with torch.device("meta"):
+        store.step()
+    assert sum(int(l.steps.sum()) for l in store.layers) == stats.misses  # each uploaded expert stepped once
+
+
 def test_checkpoint_resume_is_bit_exact():
     def run(model, store, dense, batches):
         for tok, dom in batches:

@@ -42,6 +42,27 @@ def test_accumulates_in_fp32():
             assert pangu_ops.unpermute(y_sorted, index, None, 1, topk=3).item() == 258.0
 
 
+@pytest.mark.usefixtures("on_the_cpu")  # a property of the reference, checked on the host
+def test_reference_adds_each_tokens_slots_in_slot_order():
+    """The reference's fp32 sum is slot 0 + slot 1 + ... of each token, bit for bit, whatever order
+    the rows are sorted in: one order on every device and every call (index_add, its former sum,
+    added in sorted-row order, and on a GPU with atomics, in a new order each call)."""
+    g = torch.Generator().manual_seed(3)
+    T, k, N = 40, 4, 33
+    ids = torch.rand(T, 8, generator=g).argsort(1)[:, :k]  # distinct experts per token
+    ids[torch.rand(T, k, generator=g) < 0.2] = -1  # some dropped slots
+    weights = torch.rand(T, k, generator=g)
+    y_slots = torch.randn(T * k, N, generator=g) * torch.logspace(-3, 3, T * k)[:, None]  # magnitudes that round
+    _, _, index = reference.permute(torch.randn(T, 1, generator=g), ids, 8)
+    y_sorted = y_slots[index]
+    want = torch.zeros(T, N)
+    for j in range(k):  # slot order, dropped slots adding 0
+        kept = (ids[:, j] >= 0)[:, None]
+        want = want + torch.where(kept, weights[:, j, None] * y_slots.view(T, k, N)[:, j], 0.0)
+    got = reference.unpermute(y_sorted, index, weights, T, k)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_routing_weights_in_any_float_dtype_and_strides(backend, dtype):

@@ -21,6 +21,15 @@ from .. import checks, routing
 
 BLOCK_SLOTS = 64
 BLOCK_H = 128
+# Fewest one-hot columns: Triton 3.6 fails to lower the scatter's cumsum over a [64, E_PAD] block
+# for E_PAD <= 4 with 16-bit rows and <= 2 with fp32 ones (an assertion in ScanOpToLLVM, on sm_90;
+# compile-check with 3.6, and the H100 run's bench test); Triton 3.8 compiles them. Padding costs nothing.
+MIN_E_PAD = 16
+
+
+def expert_columns(num_experts: int) -> int:
+    """E_PAD: the one-hot block's expert columns, a power of two."""
+    return max(MIN_E_PAD, triton.next_power_of_2(num_experts))
 
 
 def block_slots(lookup: bool, e_pad: int) -> int:
@@ -97,7 +106,7 @@ def _sort_rows(x, ids, lookup, k: int, num_experts: int, on_bad):
     dom, table = lookup if lookup is not None else (ids, ids)  # unused placeholders when not looking up
     seq, D, V = (max(1, ids.shape[1]), table.shape[0], table.shape[1]) if lookup is not None else (1, 0, 0)
     ids, table = ids.contiguous().view(-1), table.contiguous()
-    e_pad = triton.next_power_of_2(E)
+    e_pad = expert_columns(E)
     block = block_slots(lookup is not None, e_pad)
     blocks = max(1, triton.cdiv(slots, block))
     counts = torch.empty(blocks, E, dtype=torch.int64, device=x.device)

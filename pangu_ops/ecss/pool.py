@@ -13,8 +13,8 @@ from torch import Tensor
 class ExpertPool:
     """Residency of `num_experts` experts in `slots` device rows.
 
-    `slot_map(expert_ids)` is what the layer calls in its forward pass: `[E]` int64, each expert's
-    slot, `slots` (out of range: the dispatch kernels raise) for experts not resident. With `fetch`
+    `slot_map(expert_ids)` is what the layer calls in its forward pass: `[E]` int64 on the host (the
+    layer moves it), each expert's slot, `slots` (out of range: the dispatch kernels raise) for experts not resident. With `fetch`
     (top-k layers, whose experts are known only after the router) it first has `fetch` load the
     router's choice `expert_ids [T, k]`; RRE layers are loaded before the forward pass
     (`ExpertStore.prepare`) and call it with None.
@@ -67,7 +67,8 @@ class ExpertPool:
     def slot_map(self, expert_ids: Tensor | None = None) -> Tensor:
         if expert_ids is not None and self.fetch is not None:
             self.fetch(expert_ids)
-        remap = torch.full((self.num_experts,), self.slots, dtype=torch.long)
+        remap = torch.full((self.num_experts,), self.slots, dtype=torch.long, device="cpu")
         if self.slot_of:
-            remap[torch.tensor(list(self.slot_of))] = torch.tensor(list(self.slot_of.values()))
+            remap[torch.tensor(list(self.slot_of), device="cpu")] = torch.tensor(list(self.slot_of.values()),
+                                                                                 device="cpu")
         return remap

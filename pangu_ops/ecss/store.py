@@ -107,7 +107,7 @@ class ExpertStore:
             compute.copy_(master)
             table = m.table.detach().to("cpu").clone() if m.router_kind == "rre" and m.dispatcher is None else None
             layer = _Layer(name, m, table, master, torch.zeros_like(master), torch.zeros_like(master),
-                           torch.zeros(E, dtype=torch.long), compute, ExpertPool(E, slots))
+                           torch.zeros(E, dtype=torch.long, device="cpu"), compute, ExpertPool(E, slots))
             if table is None:  # top-k / expert parallel: fetched on demand, during forward
                 layer.pool.fetch = lambda expert_ids, layer=layer: self._fetch(layer, expert_ids)
             self.layers.append(layer)
@@ -205,7 +205,7 @@ class ExpertStore:
         stats.hits += len(ids) - len(missing)
         stats.misses += len(missing)
         if missing:
-            src = layer.compute[torch.tensor(missing)]
+            src = layer.compute[torch.tensor(missing, device="cpu")]
             slots = torch.tensor(slots, device=self.device)
             n1 = m.w_gate_up[0].numel()
             with torch.no_grad(), (torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()):
@@ -228,7 +228,7 @@ class ExpertStore:
             m = layer.module
             if m.w_gate_up.grad is None or m.w_down.grad is None:
                 raise RuntimeError(f"layer {layer.name!r}: no gradient: call step() after backward()")
-            ids = torch.tensor(sorted(layer.pool.pending))
+            ids = torch.tensor(sorted(layer.pool.pending), device="cpu")
             slots = torch.tensor([layer.pool.slot_of[e] for e in ids.tolist()], device=self.device)
             grads = torch.cat([m.w_gate_up.grad.index_select(0, slots).reshape(len(ids), -1),
                                m.w_down.grad.index_select(0, slots).reshape(len(ids), -1)], 1).to("cpu")
