@@ -324,16 +324,15 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
 // one after the other took 1.6x a pass doing both, `move_work`).
 
 #if defined(__AVX512BF16__)
-// Rows [r0, r1) of one expert's bf16 weight w ([R, C], C a multiple of 32) against MB <= 4 of its rows:
+// Rows [r0, r1) of one expert's weight w ([R, C], bf16 or fp32, C a multiple of 32) against MB <= 4 of its rows:
 // acc[i, :] += c[i, r] * w[r, :] (the input gradient's fp32 sums, row stride C) and dw[r, :] =
-// sum_i c[i, r] * a[i, :] (the weight's gradient, rounded by VCVTNE2PS2BF16 and streamed a line at a
-// time where dw's rows are aligned lines). c: [MB, R] fp32 (row stride ldc); a: [MB, C] fp32. The
+// sum_i c[i, r] * a[i, :] (the weight's gradient, rounded by VCVTNE2PS2BF16 in bf16, and streamed a
+// line at a time where dw's rows are aligned lines). c: [MB, R] fp32 (row stride ldc); a: [MB, C] fp32. The
 // sums over i run in gemm_few_inner_bf16's order, so dw is its bits; no sum may be NaN
 // (pack_few_inner's bound: the caller checks).
-template <int MB, bool kStream>
-void linear_backward_rows(const c10::BFloat16* __restrict w, int64_t C, int64_t r0, int64_t r1, const float* c,
-                          int64_t ldc, const float* __restrict a, float* __restrict acc,
-                          c10::BFloat16* __restrict dw) {
+template <typename T, int MB, bool kStream>
+void linear_backward_rows(const T* __restrict w, int64_t C, int64_t r0, int64_t r1, const float* c, int64_t ldc,
+                          const float* __restrict a, float* __restrict acc, T* __restrict dw) {
   // 4 of w's rows a step (the last R % 4 one at a time): the sums of dx loaded and stored once for
   // them (a step a row: 1.5-2.2x the time at 2-4 rows, 2 rows a step 1.1-1.3x)
   const auto step = [&](auto p_, int64_t r) {
@@ -345,11 +344,17 @@ void linear_backward_rows(const c10::BFloat16* __restrict w, int64_t C, int64_t 
     for (int64_t k = 0; k < C; k += 32) {
       __m512 wv[P][2], g[P][2];
       for (int p = 0; p < P; ++p) {
-        const c10::BFloat16* wr = w + (r + p) * C + k;
+        const T* wr = w + (r + p) * C + k;
         _mm_prefetch(reinterpret_cast<const char*>(wr) + kDotsAhead, _MM_HINT_T1);
-        wv[p][0] = _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr))));
-        wv[p][1] = _mm512_cvtpbh_ps(
-            reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16))));
+        if constexpr (std::is_same_v<T, float>) {
+          wv[p][0] = _mm512_loadu_ps(wr);
+          wv[p][1] = _mm512_loadu_ps(wr + 16);
+        } else {
+          wv[p][0] =
+              _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr))));
+          wv[p][1] = _mm512_cvtpbh_ps(
+              reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16))));
+        }
         g[p][0] = g[p][1] = _mm512_setzero_ps();
       }
       for (int i = 0; i < MB; ++i) {
@@ -366,12 +371,22 @@ void linear_backward_rows(const c10::BFloat16* __restrict w, int64_t C, int64_t 
         _mm512_storeu_ps(ai + 16, s1);
       }
       for (int p = 0; p < P; ++p) {
-        const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g[p][1], g[p][0]));
-        c10::BFloat16* d = dw + (r + p) * C + k;
-        if (kStream) {
-          _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+        T* d = dw + (r + p) * C + k;
+        if constexpr (std::is_same_v<T, float>) {
+          if (kStream) {
+            _mm512_stream_ps(d, g[p][0]);
+            _mm512_stream_ps(d + 16, g[p][1]);
+          } else {
+            _mm512_storeu_ps(d, g[p][0]);
+            _mm512_storeu_ps(d + 16, g[p][1]);
+          }
         } else {
-          _mm512_storeu_si512(d, v);
+          const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g[p][1], g[p][0]));
+          if (kStream) {
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+          } else {
+            _mm512_storeu_si512(d, v);
+          }
         }
       }
     }
@@ -382,10 +397,10 @@ void linear_backward_rows(const c10::BFloat16* __restrict w, int64_t C, int64_t 
   if (kStream) _mm_sfence();
 }
 
-// rows of a bf16 [m, n] block (row stride ld) in fp32, packed [m, n]; whether all are finite, and
-// their largest magnitude (pack_few_inner's NaN bound).
-inline bool to_float_rows(std::vector<float>& out, const c10::BFloat16* p, int64_t ld, int64_t m, int64_t n,
-                          float& amax) {
+// rows of a bf16 / fp32 [m, n] block (row stride ld) in fp32, packed [m, n]; whether all are finite,
+// and their largest magnitude (pack_few_inner's NaN bound).
+template <typename T>
+bool to_float_rows(std::vector<float>& out, const T* p, int64_t ld, int64_t m, int64_t n, float& amax) {
   out.resize(m * n);
   bool finite = true;
   amax = 0.f;
@@ -400,19 +415,20 @@ inline bool to_float_rows(std::vector<float>& out, const c10::BFloat16* p, int64
 }
 
 // One expert's linear backward over its m rows, its weight w [R, C] in transformers' layout (y = x
-// @ w^T): dx (m x C, bf16, row stride ldx) = dy @ w and dw (R x C) = dy^T @ x, from dy (m x R) and
-// x (m x C), both bf16 (row strides ldy, ldxin): one pass over w's rows (linear_backward_rows) up to
-// kOnePassRows rows where no sum can be NaN, else the few-row kernels one product at a time
-// (mm_fp32_into: those of the grouped ops, which round NaNs as from_float does). The whole
+// @ w^T): dx (m x C, row stride ldx) = dy @ w and dw (R x C) = dy^T @ x, from dy (m x R) and x (m x
+// C), all in T (bf16 or fp32; row strides ldy, ldxin): one pass over w's rows (linear_backward_rows)
+// up to kOnePassRows rows where no sum can be NaN, else the few-row kernels one product at a time
+// (mm_fp32_into: those of the grouped ops, which round NaNs as from_float does). The whole bf16
 // backward of 8 Mixtral-shaped experts against a `move_work` pass over their weights (2-core Zen 4,
 // same runs): one pass 1.02 / 1.05 / 1.21 / 1.48x its time at 1 / 2 / 3 / 4 rows an expert, the
 // products 1.39 / 1.55 / 1.62 / 1.70x; 32 of 64 Qwen3-MoE-shaped (the others' zero gradients
-// included) 1.23 / 1.21 / 1.38 / 1.65x against 1.53 / 1.83 / 2.34 / 2.37x. From 5 rows (2 of w's
-// rows a step: 4 would spill) one pass took 1.3-2x the products' time.
+// included) 1.23 / 1.21 / 1.38 / 1.65x against 1.53 / 1.83 / 2.34 / 2.37x; fp32 decode steps'
+// forward + backward 0.79-0.98x the time of the products. From 5 rows (2 of w's rows a step: 4
+// would spill) one pass took 1.3-2x the products' time.
 constexpr int64_t kOnePassRows = 4;
-void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c10::BFloat16* w, int64_t R,
-                     int64_t C, const c10::BFloat16* dy, int64_t ldy, const c10::BFloat16* x, int64_t ldxin,
-                     int64_t m) {
+template <typename T>
+void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C, const T* dy, int64_t ldy,
+                     const T* x, int64_t ldxin, int64_t m) {
   std::vector<float> cf, af;
   float cmax, amax;
   // (the operands are converted and checked only for the one pass)
@@ -420,8 +436,8 @@ void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c1
                         to_float_rows(af, x, ldxin, m, C, amax) && static_cast<double>(cmax) * amax * m < 1e37 &&
                         static_cast<double>(cmax) * m < 1e37;
   if (!one_pass) {
-    const auto view = [](const c10::BFloat16* p, int64_t rows, int64_t cols, int64_t ld) {
-      return at::from_blob(const_cast<c10::BFloat16*>(p), {rows, cols}, {ld, 1}, at::kBFloat16);
+    const auto view = [](const T* p, int64_t rows, int64_t cols, int64_t ld) {
+      return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, c10::CppTypeToScalarType<T>::value);
     };
     mm_fp32_into(view(dx, m, C, ldx), view(dy, m, R, ldy), view(w, R, C, C));
     mm_fp32_into(view(dw, R, C, C), view(dy, m, R, ldy).t(), view(x, m, C, ldxin));
@@ -435,7 +451,7 @@ void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c1
   const bool stream = reinterpret_cast<uintptr_t>(dw) % 64 == 0 && C % 32 == 0;
   with_rows<kOnePassRows>(m, [&](auto mb) {
     constexpr int MB = decltype(mb)::value;
-    const auto rows = stream ? linear_backward_rows<MB, true> : linear_backward_rows<MB, false>;
+    const auto rows = stream ? linear_backward_rows<T, MB, true> : linear_backward_rows<T, MB, false>;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         rows(w, C, R * p / parts, R * (p + 1) / parts, cf.data(), R, af.data(), acc.data() + p * m * C, dw);
@@ -449,15 +465,18 @@ void linear_backward(c10::BFloat16* dx, int64_t ldx, c10::BFloat16* dw, const c1
 }
 #endif
 
-// Whether expert_mlp_backward takes the one-pass path: bf16 with AVX512-BF16, transformers' layout,
-// every expert kFewInnerNoTiles rows or fewer (where one pass keeps up with the memory, each
-// expert's sums in L1/L2), widths multiples of 32, contiguous operands.
+// Whether expert_mlp_backward takes the one-pass path: bf16 or fp32 where built with AVX512-BF16,
+// transformers' layout, every expert kFewInnerNoTiles rows or fewer (where one pass keeps up with the
+// memory, each expert's sums in L1/L2), widths multiples of 32, contiguous operands of one dtype.
 bool fused_backward(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                     const at::Tensor& gate_up, const at::Tensor& dy, const std::vector<int64_t>& off, bool trans_b) {
 #if defined(__AVX512BF16__)
-  if (!trans_b || x.scalar_type() != at::kBFloat16 || w_gate_up.dim() != 3 || w_down.dim() != 3) return false;
+  const auto dtype = x.scalar_type();
+  if (!trans_b || (dtype != at::kBFloat16 && dtype != at::kFloat) || w_gate_up.dim() != 3 || w_down.dim() != 3) {
+    return false;
+  }
   for (const at::Tensor* t : {&x, &w_gate_up, &w_down, &gate_up, &dy}) {
-    if (!t->is_contiguous() || t->scalar_type() != at::kBFloat16) return false;
+    if (!t->is_contiguous() || t->scalar_type() != dtype) return false;
   }
   if (x.size(1) % 32 || w_down.size(2) % 32) return false;
   for (size_t e = 0; e + 1 < off.size(); ++e) {
@@ -497,7 +516,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
     return {dx, dw_gate_up, dw_down};
   }
 #if defined(__AVX512BF16__)
-  using bf16 = c10::BFloat16;
   const int64_t E = w_gate_up.size(0), F2 = w_gate_up.size(1), K = w_gate_up.size(2), N = w_down.size(1);
   const int64_t F = F2 / 2;
   TORCH_CHECK_VALUE(F2 % 2 == 0 && x.size(1) == K && gate_up.size(1) == F2 && dy.size(1) == N &&
@@ -507,32 +525,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
   at::Tensor dw_gate_up = empty_output({E, F2, K}, x.options()), dw_down = empty_output({E, N, F}, x.options());
   zero_empty_groups(dw_gate_up, off);
   zero_empty_groups(dw_down, off);
-  const bf16 *xp = x.data_ptr<bf16>(), *wu = w_gate_up.data_ptr<bf16>(), *wd = w_down.data_ptr<bf16>();
-  const bf16 *gup = gate_up.data_ptr<bf16>(), *dyp = dy.data_ptr<bf16>();
-  bf16 *dxp = dx.data_ptr<bf16>(), *dwu = dw_gate_up.data_ptr<bf16>(), *dwd = dw_down.data_ptr<bf16>();
   const float lim = clamp_bound(limit);
-  with_activation(activation, "expert_mlp_backward", [&](auto act) {
-    constexpr Act kAct = decltype(act)::value;
-    for_experts(off, [&](int64_t e0, int64_t e1) {
-      std::vector<bf16> h, dh, dgu;
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t m = off[e + 1] - off[e], s = off[e];
-        if (m == 0) continue;
-        h.resize(m * F), dh.resize(m * F), dgu.resize(m * F2);
-        for (int64_t r = 0; r < m; ++r) {  // the forward's h, as it rounded it
-          gated_forward_row<kAct>(gup + (s + r) * F2, gup + (s + r) * F2 + F, h.data() + r * F, F, lim);
+  const auto run = [&](auto* type) {  // (a null T*: the dtype)
+    using T = std::remove_pointer_t<decltype(type)>;
+    const T *xp = x.data_ptr<T>(), *wu = w_gate_up.data_ptr<T>(), *wd = w_down.data_ptr<T>();
+    const T *gup = gate_up.data_ptr<T>(), *dyp = dy.data_ptr<T>();
+    T *dxp = dx.data_ptr<T>(), *dwu = dw_gate_up.data_ptr<T>(), *dwd = dw_down.data_ptr<T>();
+    with_activation(activation, "expert_mlp_backward", [&](auto act) {
+      constexpr Act kAct = decltype(act)::value;
+      for_experts(off, [&](int64_t e0, int64_t e1) {
+        std::vector<T> h, dh, dgu;
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t m = off[e + 1] - off[e], s = off[e];
+          if (m == 0) continue;
+          h.resize(m * F), dh.resize(m * F), dgu.resize(m * F2);
+          for (int64_t r = 0; r < m; ++r) {  // the forward's h, as it rounded it
+            gated_forward_row<kAct>(gup + (s + r) * F2, gup + (s + r) * F2 + F, h.data() + r * F, F, lim);
+          }
+          linear_backward(dh.data(), F, dwd + e * N * F, wd + e * N * F, N, F, dyp + s * N, N, h.data(), F, m);
+          const auto gated = std::isfinite(limit) ? gated_backward_row<kAct, true, T, T>
+                                                  : gated_backward_row<kAct, false, T, T>;
+          for (int64_t r = 0; r < m; ++r) {
+            const T* g = gup + (s + r) * F2;
+            gated(g, g + F, dh.data() + r * F, dgu.data() + r * F2, dgu.data() + r * F2 + F, h.data() + r * F, F,
+                  lim);
+          }
+          linear_backward(dxp + s * K, K, dwu + e * F2 * K, wu + e * F2 * K, F2, K, dgu.data(), F2, xp + s * K, K,
+                          m);
         }
-        linear_backward(dh.data(), F, dwd + e * N * F, wd + e * N * F, N, F, dyp + s * N, N, h.data(), F, m);
-        const auto gated = std::isfinite(limit) ? gated_backward_row<kAct, true, bf16, bf16>
-                                                : gated_backward_row<kAct, false, bf16, bf16>;
-        for (int64_t r = 0; r < m; ++r) {
-          const bf16* g = gup + (s + r) * F2;
-          gated(g, g + F, dh.data() + r * F, dgu.data() + r * F2, dgu.data() + r * F2 + F, h.data() + r * F, F, lim);
-        }
-        linear_backward(dxp + s * K, K, dwu + e * F2 * K, wu + e * F2 * K, F2, K, dgu.data(), F2, xp + s * K, K, m);
-      }
+      });
     });
-  });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(static_cast<float*>(nullptr));
+  } else {
+    run(static_cast<c10::BFloat16*>(nullptr));
+  }
   return {dx, dw_gate_up, dw_down};
 #else
   TORCH_CHECK(false, "expert_mlp_backward: unreachable");

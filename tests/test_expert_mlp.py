@@ -97,9 +97,10 @@ def test_prefill_sized_groups(trans_b):
         torch.testing.assert_close(g.grad, r.grad, rtol=2 * tol["rtol"], atol=2 * tol["atol"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("activation, limit", [("swiglu", None), ("geglu_tanh", 2.0)])
-def test_decode_backward_in_one_cpu_call(activation, limit):
-    """The CPU backend's one-call backward (`expert_mlp_backward`): a bf16 decode step in
+def test_decode_backward_in_one_cpu_call(activation, limit, dtype):
+    """The CPU backend's one-call backward (`expert_mlp_backward`): a bf16 / fp32 decode step in
     transformers' layout (1-4-row experts in one pass over each weight's rows where the CPU has
     AVX512-BF16, 4 of its rows a step and N % 4 of w_down's one at a time; 5-8-row ones product by
     product; experts without rows: zero gradients), a row with
@@ -113,10 +114,10 @@ def test_decode_backward_in_one_cpu_call(activation, limit):
                            (torch.tensor([20, 1, 0]), None)):
         gen = verify.generator(int(sizes.sum()))
         E, K, F, N = len(sizes), 64, 32, 99
-        x = verify.randn((int(sizes.sum()), K), torch.bfloat16, gen)
-        w_gate_up = verify.randn((E, 2 * F, K), torch.bfloat16, gen, scale=K ** -0.5)
-        w_down = verify.randn((E, N, F), torch.bfloat16, gen, scale=F ** -0.5)
-        dy = verify.randn((x.shape[0], N), torch.bfloat16, gen)
+        x = verify.randn((int(sizes.sum()), K), dtype, gen)
+        w_gate_up = verify.randn((E, 2 * F, K), dtype, gen, scale=K ** -0.5)
+        w_down = verify.randn((E, N, F), dtype, gen, scale=F ** -0.5)
+        dy = verify.randn((x.shape[0], N), dtype, gen)
         if nan_row is not None:
             dy[nan_row, 5] = float("nan")
         got = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
@@ -130,9 +131,9 @@ def test_decode_backward_in_one_cpu_call(activation, limit):
         want = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
         y_ref, _ = reference.expert_mlp(*want, sizes, activation, True, math.inf if limit is None else limit)
         y_ref.backward(dy)
-        tol = verify.TOLERANCES[torch.bfloat16]
+        tol, bits = verify.TOLERANCES[dtype], torch.int16 if dtype == torch.bfloat16 else torch.int32
         for g, d, r in zip(got, direct, want):
-            assert torch.equal(g.grad.view(torch.int16), d.view(torch.int16))
+            assert torch.equal(g.grad.view(bits), d.view(bits))  # NaNs too
             torch.testing.assert_close(g.grad, r.grad, rtol=2 * tol["rtol"], atol=2 * tol["atol"], equal_nan=True)
         empty = sizes == 0
         assert (got[1].grad[empty] == 0).all() and (got[2].grad[empty] == 0).all()

@@ -6,9 +6,9 @@ clamped (`limit`); weights `[E, K, 2F]` / `[E, F, N]`, or transposed (`trans_b`:
 `[E, N, F]`). The forward also returns gate_up (in x's dtype), saved for the backward, which is
 built from the grouped GEMM ops: dh = dy @ w_down^T, dW_down = h^T dy, the gate's derivative
 (elementwise, fp32), dx = d_gate_up @ w_gate_up^T, dW_gate_up = x^T d_gate_up. On the CPU backend in
-plain eager one C++ call makes them (`expert_mlp_backward`): the same kernels, but for a bf16 decode
-step in transformers' layout, where each weight's input and weight gradients come from one pass over
-its rows (reading the weight while its gradient streams out).
+plain eager one C++ call makes them (`expert_mlp_backward`): the same kernels, but for a bf16 or fp32
+decode step in transformers' layout, where each weight's input and weight gradients come from one
+pass over its rows (reading the weight while its gradient streams out).
 """
 from __future__ import annotations
 
