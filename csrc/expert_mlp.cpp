@@ -324,15 +324,14 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
 // one after the other took 1.6x a pass doing both, `move_work`).
 
 #if defined(__AVX512BF16__)
-// Rows [r0, r1) of one expert's weight w ([R, C], bf16 or fp32, C a multiple of 32) against MB <= 4 of its rows:
-// acc[i, :] += c[i, r] * w[r, :] (the input gradient's fp32 sums, row stride C) and dw[r, :] =
-// sum_i c[i, r] * a[i, :] (the weight's gradient, rounded by VCVTNE2PS2BF16 in bf16, and streamed a
-// line at a time where dw's rows are aligned lines). c: [MB, R] fp32 (row stride ldc); a: [MB, C] fp32. The
-// sums over i run in gemm_few_inner_bf16's order, so dw is its bits; no sum may be NaN
-// (pack_few_inner's bound: the caller checks).
-template <typename T, int MB, bool kStream>
-void linear_backward_rows(const T* __restrict w, int64_t C, int64_t r0, int64_t r1, const float* c, int64_t ldc,
-                          const float* __restrict a, float* __restrict acc, T* __restrict dw) {
+// fp32: rows [r0, r1) of one expert's weight w ([R, C], C a multiple of 32) against MB <= 4 of its
+// rows: acc[i, :] += c[i, r] * w[r, :] (the input gradient's sums, row stride C) and dw[r, :] =
+// sum_i c[i, r] * a[i, :] (the weight's gradient, streamed a line at a time where dw's rows are
+// aligned lines). c: [MB, R] (row stride ldc); a: [MB, C]. The sums over i run in gemm_few_inner's
+// order; no sum may be NaN (pack_few_inner's bound: the caller checks).
+template <int MB, bool kStream>
+void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int64_t r1, const float* c,
+                          int64_t ldc, const float* __restrict a, float* __restrict acc, float* __restrict dw) {
   // 4 of w's rows a step (the last R % 4 one at a time): the sums of dx loaded and stored once for
   // them (a step a row: 1.5-2.2x the time at 2-4 rows, 2 rows a step 1.1-1.3x)
   const auto step = [&](auto p_, int64_t r) {
@@ -344,17 +343,10 @@ void linear_backward_rows(const T* __restrict w, int64_t C, int64_t r0, int64_t 
     for (int64_t k = 0; k < C; k += 32) {
       __m512 wv[P][2], g[P][2];
       for (int p = 0; p < P; ++p) {
-        const T* wr = w + (r + p) * C + k;
+        const float* wr = w + (r + p) * C + k;
         _mm_prefetch(reinterpret_cast<const char*>(wr) + kDotsAhead, _MM_HINT_T1);
-        if constexpr (std::is_same_v<T, float>) {
-          wv[p][0] = _mm512_loadu_ps(wr);
-          wv[p][1] = _mm512_loadu_ps(wr + 16);
-        } else {
-          wv[p][0] =
-              _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr))));
-          wv[p][1] = _mm512_cvtpbh_ps(
-              reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16))));
-        }
+        wv[p][0] = _mm512_loadu_ps(wr);
+        wv[p][1] = _mm512_loadu_ps(wr + 16);
         g[p][0] = g[p][1] = _mm512_setzero_ps();
       }
       for (int i = 0; i < MB; ++i) {
@@ -371,22 +363,13 @@ void linear_backward_rows(const T* __restrict w, int64_t C, int64_t r0, int64_t 
         _mm512_storeu_ps(ai + 16, s1);
       }
       for (int p = 0; p < P; ++p) {
-        T* d = dw + (r + p) * C + k;
-        if constexpr (std::is_same_v<T, float>) {
-          if (kStream) {
-            _mm512_stream_ps(d, g[p][0]);
-            _mm512_stream_ps(d + 16, g[p][1]);
-          } else {
-            _mm512_storeu_ps(d, g[p][0]);
-            _mm512_storeu_ps(d + 16, g[p][1]);
-          }
+        float* d = dw + (r + p) * C + k;
+        if (kStream) {
+          _mm512_stream_ps(d, g[p][0]);
+          _mm512_stream_ps(d + 16, g[p][1]);
         } else {
-          const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g[p][1], g[p][0]));
-          if (kStream) {
-            _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
-          } else {
-            _mm512_storeu_si512(d, v);
-          }
+          _mm512_storeu_ps(d, g[p][0]);
+          _mm512_storeu_ps(d + 16, g[p][1]);
         }
       }
     }
@@ -414,25 +397,112 @@ bool to_float_rows(std::vector<float>& out, const T* p, int64_t ld, int64_t m, i
   return finite;
 }
 
+// The bf16 one pass on VDPBF16PS, which multiplies pairs of bf16 values: dx's sums take w's rows two
+// by two (rows r, r+1 interleaved by VPUNPCK{L,H}WD, so acc holds each 32 columns in that order: 16
+// "lo" then 16 "hi" ones, unpermuted by the caller), dw's sums the expert's rows two by two. Its
+// pairs add the odd element's product first, then the even one's, each rounded like an FMA (products
+// of bf16 values are exact in fp32), so with x2's pair j = (x[2j+1, c] low, x[2j, c] high) and
+// dyt[r, j] = (dy[2j+1, r], dy[2j, r]) dw's sums run i = 0, 1, 2, ... as gemm_few_inner_bf16's FMAs
+// do: its bits, but for subnormal inputs and sums, which VDPBF16PS flushes to 0. Rows [r0, r1) of
+// w, in pairs (an odd count's last row alone, paired with zeros); m <= MB rows; dy's rows (row
+// stride ldy) give dx's pairs as 32-bit words.
+template <int MB, bool kStream>
+void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t r0, int64_t r1,
+                           const c10::BFloat16* __restrict dy, int64_t ldy, const uint32_t* __restrict dyt,
+                           const uint32_t* __restrict x2, float* __restrict acc, c10::BFloat16* __restrict dw) {
+  constexpr int MB2 = (MB + 1) / 2;
+  const auto word = [](const c10::BFloat16* p) {  // two bf16 values as one 32-bit word
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+  };
+  const auto load_row = [](const c10::BFloat16* p) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kDotsAhead, _MM_HINT_T1);
+    return _mm512_loadu_si512(p);
+  };
+  // NP pairs of w's rows from r (kAlone: the last row alone, paired with zeros)
+  const auto step = [&](auto np_, auto alone_, int64_t r) {
+    constexpr int NP = decltype(np_)::value;
+    constexpr bool kAlone = decltype(alone_)::value;
+    constexpr int NR = kAlone ? 1 : 2 * NP;
+    for (int64_t k = 0; k < C; k += 32) {
+      __m512bh lo[NP], hi[NP];
+      for (int q = 0; q < NP; ++q) {
+        const __m512i a = load_row(w + (r + 2 * q) * C + k);
+        const __m512i b = kAlone ? _mm512_setzero_si512() : load_row(w + (r + 2 * q + 1) * C + k);
+        lo[q] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+        hi[q] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+      }
+      for (int i = 0; i < MB; ++i) {
+        float* ai = acc + i * C + k;
+        __m512 s0 = _mm512_loadu_ps(ai), s1 = _mm512_loadu_ps(ai + 16);
+        for (int q = 0; q < NP; ++q) {
+          const c10::BFloat16* d = dy + i * ldy + r + 2 * q;
+          const __m512bh b = reinterpret_cast<__m512bh>(
+              _mm512_set1_epi32(kAlone ? static_cast<uint32_t>(c10::bit_cast<uint16_t>(d[0])) : word(d)));
+          s0 = _mm512_dpbf16_ps(s0, lo[q], b);
+          s1 = _mm512_dpbf16_ps(s1, hi[q], b);
+        }
+        _mm512_storeu_ps(ai, s0);
+        _mm512_storeu_ps(ai + 16, s1);
+      }
+      __m512bh xa[MB2], xb[MB2];
+      for (int j = 0; j < MB2; ++j) {
+        xa[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * C + k));
+        xb[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * C + k + 16));
+      }
+      for (int p = 0; p < NR; ++p) {
+        __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+        for (int j = 0; j < MB2; ++j) {
+          const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_epi32(dyt[(r + p) * MB2 + j]));
+          g0 = _mm512_dpbf16_ps(g0, xa[j], b);
+          g1 = _mm512_dpbf16_ps(g1, xb[j], b);
+        }
+        const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g1, g0));
+        c10::BFloat16* d = dw + (r + p) * C + k;
+        if (kStream) {
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+        } else {
+          _mm512_storeu_si512(d, v);
+        }
+      }
+    }
+  };
+  int64_t r = r0;
+  // 4 pairs of w's rows a step from 5 rows, 2 up to 4 (dx's sums loaded and stored once a step;
+  // 2-core Zen 4, paired, 8 Mixtral-shaped experts: 4 pairs 0.85-0.94x the time of 2 at 5-8 rows,
+  // 1.05-1.1x at 1-3)
+  if constexpr (MB > 4) {
+    for (; r + 8 <= r1; r += 8) step(std::integral_constant<int, 4>{}, std::false_type{}, r);
+  }
+  for (; r + 4 <= r1; r += 4) step(std::integral_constant<int, 2>{}, std::false_type{}, r);
+  for (; r + 2 <= r1; r += 2) step(std::integral_constant<int, 1>{}, std::false_type{}, r);
+  if (r < r1) step(std::integral_constant<int, 1>{}, std::true_type{}, r);
+  if (kStream) _mm_sfence();
+}
+
 // One expert's linear backward over its m rows, its weight w [R, C] in transformers' layout (y = x
 // @ w^T): dx (m x C, row stride ldx) = dy @ w and dw (R x C) = dy^T @ x, from dy (m x R) and x (m x
-// C), all in T (bf16 or fp32; row strides ldy, ldxin): one pass over w's rows (linear_backward_rows)
-// up to kOnePassRows rows where no sum can be NaN, else the few-row kernels one product at a time
+// C), all in T (bf16 or fp32; row strides ldy, ldxin): one pass over w's rows where no sum can be
+// NaN (bf16 up to kOnePassRowsPairs rows on VDPBF16PS pairs, linear_backward_pairs; fp32 up to
+// kOnePassRows on FMAs, linear_backward_rows), else the few-row kernels one product at a time
 // (mm_fp32_into: those of the grouped ops, which round NaNs as from_float does). The whole bf16
 // backward of 8 Mixtral-shaped experts against a `move_work` pass over their weights (2-core Zen 4,
-// same runs): one pass 1.02 / 1.05 / 1.21 / 1.48x its time at 1 / 2 / 3 / 4 rows an expert, the
+// same runs): the FMA pass 1.02 / 1.05 / 1.21 / 1.48x its time at 1 / 2 / 3 / 4 rows an expert, the
 // products 1.39 / 1.55 / 1.62 / 1.70x; 32 of 64 Qwen3-MoE-shaped (the others' zero gradients
-// included) 1.23 / 1.21 / 1.38 / 1.65x against 1.53 / 1.83 / 2.34 / 2.37x; fp32 decode steps'
-// forward + backward 0.79-0.98x the time of the products. From 5 rows (2 of w's rows a step: 4
-// would spill) one pass took 1.3-2x the products' time.
-constexpr int64_t kOnePassRows = 4;
+// included) 1.23 / 1.21 / 1.38 / 1.65x against 1.53 / 1.83 / 2.34 / 2.37x; the pairs 0.7-0.9x the
+// FMA pass's time at 3-4 rows and the products' at 5-8 (the FMA pass was bound by its multiplies
+// there, and from 5 rows it took 1.3-2x the products' time). fp32 decode steps' forward + backward:
+// 0.79-0.98x the time of the products.
+constexpr int64_t kOnePassRows = 4, kOnePassRowsPairs = 8;
 template <typename T>
 void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C, const T* dy, int64_t ldy,
                      const T* x, int64_t ldxin, int64_t m) {
+  constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;
   std::vector<float> cf, af;
   float cmax, amax;
   // (the operands are converted and checked only for the one pass)
-  const bool one_pass = m <= kOnePassRows && to_float_rows(cf, dy, ldy, m, R, cmax) &&
+  const bool one_pass = m <= (kPairs ? kOnePassRowsPairs : kOnePassRows) && to_float_rows(cf, dy, ldy, m, R, cmax) &&
                         to_float_rows(af, x, ldxin, m, C, amax) && static_cast<double>(cmax) * amax * m < 1e37 &&
                         static_cast<double>(cmax) * m < 1e37;
   if (!one_pass) {
@@ -447,21 +517,58 @@ void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C
   // part with its own sums of dx, added in order
   const int64_t parts =
       at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / 64));
+  const auto first_row = [&](int64_t p) { return R * p / parts; };
   std::vector<float> acc(parts * m * C, 0.f);
   const bool stream = reinterpret_cast<uintptr_t>(dw) % 64 == 0 && C % 32 == 0;
-  with_rows<kOnePassRows>(m, [&](auto mb) {
-    constexpr int MB = decltype(mb)::value;
-    const auto rows = stream ? linear_backward_rows<T, MB, true> : linear_backward_rows<T, MB, false>;
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        rows(w, C, R * p / parts, R * (p + 1) / parts, cf.data(), R, af.data(), acc.data() + p * m * C, dw);
-      }
+  if constexpr (kPairs) {
+    // the pairs as 32-bit words, the even row's value high (zeros past m): dyt [R, m2] (dy[2j, r],
+    // dy[2j + 1, r]) and x2 [m2, C] (x[2j, c], x[2j + 1, c])
+    const int64_t m2 = (m + 1) / 2;
+    const auto bits = [m](const T* p, int64_t ld, int64_t i, int64_t j) -> uint32_t {
+      return i < m ? c10::bit_cast<uint16_t>(p[i * ld + j]) : 0u;
+    };
+    std::vector<uint32_t> dyt(R * m2), x2(m2 * C);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < m2; ++j) dyt[r * m2 + j] = bits(dy, ldy, 2 * j, r) << 16 | bits(dy, ldy, 2 * j + 1, r);
+    }
+    for (int64_t j = 0; j < m2; ++j) {
+      for (int64_t c = 0; c < C; ++c) x2[j * C + c] = bits(x, ldxin, 2 * j, c) << 16 | bits(x, ldxin, 2 * j + 1, c);
+    }
+    with_rows<kOnePassRowsPairs>(m, [&](auto mb) {
+      constexpr int MB = decltype(mb)::value;
+      const auto rows = stream ? linear_backward_pairs<MB, true> : linear_backward_pairs<MB, false>;
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          rows(w, C, first_row(p), first_row(p + 1), dy, ldy, dyt.data(), x2.data(), acc.data() + p * m * C, dw);
+        }
+      });
     });
-  });
+  } else {
+    with_rows<kOnePassRows>(m, [&](auto mb) {
+      constexpr int MB = decltype(mb)::value;
+      const auto rows = stream ? linear_backward_rows<MB, true> : linear_backward_rows<MB, false>;
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          rows(w, C, first_row(p), first_row(p + 1), cf.data(), R, af.data(), acc.data() + p * m * C, dw);
+        }
+      });
+    });
+  }
   for (int64_t p = 1; p < parts; ++p) {
     for (int64_t j = 0; j < m * C; ++j) acc[j] += acc[p * m * C + j];
   }
-  for (int64_t i = 0; i < m; ++i) store_floats(dx + i * ldx, acc.data() + i * C, C);
+  std::vector<float> row(kPairs ? C : 0);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* a = acc.data() + i * C;
+    if constexpr (kPairs) {  // each 32 columns from the pairs' order (4 "lo", 4 "hi" per 128-bit lane)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = c % 32, lane = k / 8, within = k % 8;
+        row[c] = a[c - k + (within < 4 ? 4 * lane + within : 16 + 4 * lane + within - 4)];
+      }
+      a = row.data();
+    }
+    store_floats(dx + i * ldx, a, C);
+  }
 }
 #endif
 

@@ -101,19 +101,20 @@ def test_prefill_sized_groups(trans_b):
 @pytest.mark.parametrize("activation, limit", [("swiglu", None), ("geglu_tanh", 2.0)])
 def test_decode_backward_in_one_cpu_call(activation, limit, dtype):
     """The CPU backend's one-call backward (`expert_mlp_backward`): a bf16 / fp32 decode step in
-    transformers' layout (1-4-row experts in one pass over each weight's rows where the CPU has
-    AVX512-BF16, 4 of its rows a step and N % 4 of w_down's one at a time; 5-8-row ones product by
-    product; experts without rows: zero gradients), a row with
-    a NaN (its expert's products one at a time), and a prefill-sized group (the grouped kernels one
-    after the other): the gradients autograd gets from it equal the op's own, and match the
-    reference on the same values."""
+    transformers' layout (where the CPU has AVX512-BF16, experts of 1-8 rows in bf16, 1-4 in fp32,
+    in one pass over each weight's rows: w_down's 131 rows in steps of 8 / 4 rows, a pair and the
+    last row alone; an expert alone splits them over the threads from an even row; fp32's 5-8-row
+    experts product by product; experts without rows: zero gradients), a row with a NaN (its
+    expert's products one at a time), and a prefill-sized group (the grouped kernels one after the
+    other): the gradients autograd gets from it equal the op's own, and match the reference on the
+    same values."""
     if DEVICE != "cpu":
         pytest.skip("the CPU backend's call")
     em = importlib.import_module("pangu_ops.ops.expert_mlp")
     for sizes, nan_row in ((torch.tensor([1, 0, 2, 1, 5, 0, 8, 3, 4]), None), (torch.tensor([1, 3, 1]), 0),
-                           (torch.tensor([20, 1, 0]), None)):
+                           (torch.tensor([0, 7, 0]), None), (torch.tensor([20, 1, 0]), None)):
         gen = verify.generator(int(sizes.sum()))
-        E, K, F, N = len(sizes), 64, 32, 99
+        E, K, F, N = len(sizes), 64, 32, 131
         x = verify.randn((int(sizes.sum()), K), dtype, gen)
         w_gate_up = verify.randn((E, 2 * F, K), dtype, gen, scale=K ** -0.5)
         w_down = verify.randn((E, N, F), dtype, gen, scale=F ** -0.5)
