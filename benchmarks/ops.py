@@ -571,8 +571,30 @@ def plot(rows: list[Row], problem: Problem, device: torch.device, path: Path) ->
     plt.close(fig)
 
 
+def device_bytes(p: Problem, dtype: torch.dtype) -> int:
+    """About the most GPU memory a dtype's rows hold at once: the tensors `entries` makes (the MoE
+    layer's expert weights shared), the layer's weight gradients and its activations with theirs."""
+    S, EHF = p.tokens * p.topk, p.experts * p.hidden * p.ffn
+    elements = p.tokens * p.hidden + 5 * S * p.hidden + 8 * S * p.ffn + 7 * EHF
+    return elements * torch.empty(0, dtype=dtype).element_size()
+
+
+def check_device_memory(problem: Problem, dtypes: list[torch.dtype], device: torch.device) -> None:
+    """Refuses, before anything is allocated, a run that would not fit the GPU's free memory."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    for dtype in dtypes:
+        need = device_bytes(problem, dtype)
+        if need > 0.95 * free:
+            raise SystemExit(f"pangu-ops bench: {problem} in {str(dtype)[6:]} needs about {need / 2**30:.1f} GiB of "
+                             f"GPU memory; {free / 2**30:.1f} GiB are free on {device}: pass fewer --experts or "
+                             f"--tokens, or a 16-bit --dtype")
+
+
 def main(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kernel_backends: list[str],
          out_dir: Path, min_time: float = 0.25) -> list[Row]:
+    check_device_memory(problem, dtypes, device)
     print(f"pangu_ops bench: {problem} on {device}, backends {', '.join(kernel_backends)}", file=sys.stderr)
     rows = run(problem, dtypes, device, kernel_backends, min_time,
                progress=lambda line: print(line, file=sys.stderr, flush=True))

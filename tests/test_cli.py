@@ -61,6 +61,17 @@ def test_bench_writes_table_json_png(tmp_path, capsys):
     assert "grouped_gemm" in (out_dir / "bench.txt").read_text()
 
 
+def test_bench_refuses_a_preset_the_gpu_cannot_hold(monkeypatch):
+    """Before allocating anything: the DeepSeek preset in fp32 (~111 GiB) on a GPU with 78 GiB free
+    is refused with the sizes named; bf16 (~55 GiB) fits. (The GPU's free memory is stood in for.)"""
+    from pangu_ops.benchmarks import ops as bench_ops
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (78 * 2**30, 80 * 2**30))
+    deepseek, cuda = bench_ops.PRESETS["deepseek"], torch.device("cuda")
+    bench_ops.check_device_memory(deepseek, [torch.bfloat16], cuda)
+    with pytest.raises(SystemExit, match=r"float32 needs about 111.0 GiB of GPU memory; 78.0 GiB are free"):
+        bench_ops.check_device_memory(deepseek, [torch.bfloat16, torch.float32], cuda)
+
+
 def test_console_script_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "pangu-ops")
     if not os.path.exists(exe):
