@@ -352,7 +352,8 @@ def machine() -> str:
 
 
 def main(out_dir: Path, **kwargs) -> list[Row]:
-    rows = run(**kwargs)
+    with torch.device("cpu"):  # a CPU benchmark, whatever the default device (a GPU test run sets one)
+        rows = run(**kwargs)
     text = machine() + "\n\n" + table(rows)
     print(text)
     out_dir.mkdir(parents=True, exist_ok=True)

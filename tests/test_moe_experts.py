@@ -22,10 +22,10 @@ CASES = [(1, 2, 64, 32, 64, 4, True), (7, 3, 100, 24, 36, 6, False), (300, 2, 64
 def _problem(tokens, k, K, F, N, E, trans_b, dtype, seed=0):
     gen = verify.generator(seed)
     x = verify.randn((tokens, K), dtype, gen)
-    ids = torch.randint(0, E, (tokens, k), generator=gen).to(x.device)
+    ids = torch.randint(0, E, (tokens, k), generator=gen, device="cpu").to(x.device)  # (gen draws on the CPU)
     ids[::3, 0] = -1  # dropped slots
     ids[ids == E - 1] = 0  # the last expert receives no rows
-    weights = torch.rand(tokens, k, generator=gen).to(x.device)
+    weights = torch.rand(tokens, k, generator=gen, device="cpu").to(x.device)
     up = (2 * F, K) if trans_b else (K, 2 * F)
     down = (N, F) if trans_b else (F, N)
     w_gate_up = verify.randn((E, *up), dtype, gen, scale=K ** -0.5)

@@ -5,7 +5,7 @@ import torch
 import pangu_ops
 from pangu_ops import reference
 
-from conftest import BACKENDS, large_outputs_test, reference_test
+from conftest import BACKENDS, DEVICE, large_outputs_test, reference_test
 
 
 test_matches_reference = reference_test("unpermute")
@@ -69,10 +69,10 @@ def test_routing_weights_in_any_float_dtype_and_strides(backend, dtype):
     """Routing weights are read as they lie (the CPU kernels read them in place, in their dtype
     and strides): a transposed view in bf16 / fp16 / fp32 gives what the same values as contiguous
     fp32 give, in the forward and in both gradients (the weights' rounded to their dtype)."""
-    gen = torch.Generator().manual_seed(5)
-    y_sorted = torch.randn(9, 7, generator=gen)
-    index = torch.randperm(9, generator=gen)  # 3 tokens, k = 3
-    weights = (torch.rand(3, 3, generator=gen) + 0.5).to(dtype).t().contiguous().t()
+    gen = torch.Generator().manual_seed(5)  # (draws on the CPU, moved to the device under test)
+    y_sorted = torch.randn(9, 7, generator=gen, device="cpu").to(DEVICE)
+    index = torch.randperm(9, generator=gen, device="cpu").to(DEVICE)  # 3 tokens, k = 3
+    weights = (torch.rand(3, 3, generator=gen, device="cpu") + 0.5).to(DEVICE, dtype).t().contiguous().t()
     assert not weights.is_contiguous()
     plain = weights.float().contiguous()
     outs = []
