@@ -107,6 +107,11 @@ def test_replica_choice_prefers_rank_then_node():
     assert table[3, :count[3]].tolist() == [4, 7]  # expert 3: only on node 1, both copies
     table, count = p.replica_choice(rank=3, ranks_per_node=2)
     assert table[0, :count[0]].tolist() == [5]
+    with torch.device("meta"):  # host tensors whatever the default device ("meta" stands in for a GPU's)
+        table_on_gpu_default, count_on_gpu_default = p.replica_choice(rank=3, ranks_per_node=2)
+        contiguous = Placement.contiguous(8, 4)
+    assert torch.equal(table_on_gpu_default, table) and torch.equal(count_on_gpu_default, count)
+    assert contiguous.phy2log.tolist() == list(range(8))
 
 
 # ---- on gloo ranks ----

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .. import checks
-from .agreement import agree, all_gather_into_tensor
+from .agreement import agree, all_gather_into_tensor, collective_device
 from .topology import Topology
 
 
@@ -44,9 +44,11 @@ def collective(what: str, topology: Topology):
 
 
 def exchange_split_sizes(input_split_sizes: list[int], topology: Topology) -> torch.Tensor:
-    """[W, W] matrix of rows sent: entry [i, j] is what rank i sends rank j (one all-gather)."""
-    mine = torch.tensor(input_split_sizes, dtype=torch.int64)
-    everyone = torch.empty(topology.world_size * topology.world_size, dtype=torch.int64)
+    """[W, W] matrix of rows sent: entry [i, j] is what rank i sends rank j (one all-gather, on the
+    group's collective device: NCCL takes CUDA tensors only)."""
+    device = collective_device(topology.group)
+    mine = torch.tensor(input_split_sizes, dtype=torch.int64, device=device)
+    everyone = torch.empty(topology.world_size * topology.world_size, dtype=torch.int64, device=device)
     with collective("exchanging the split sizes", topology):
         all_gather_into_tensor(everyone, mine, group=topology.group)
     return everyone.view(topology.world_size, topology.world_size)

@@ -189,9 +189,9 @@ class ExpertParallelDispatcher:
 
     @property
     def local_expert_ids(self) -> Tensor:
-        """[local_experts] global logical ids of this rank's (physical) experts, in slot order."""
+        """[local_experts] global logical ids of this rank's (physical) experts, in slot order, on the host."""
         if self.placement is None:
-            return torch.arange(self.local_experts) + self.first_local_expert
+            return torch.arange(self.local_experts, device="cpu") + self.first_local_expert
         return self.placement.experts_of(self.topology.rank) + self.first_expert
 
     def _physical(self, ids: Tensor) -> Tensor:

@@ -289,7 +289,7 @@ class Placement:
     num_ranks: int
 
     def __post_init__(self):
-        phy2log = torch.as_tensor(self.phy2log, dtype=torch.int64).cpu()
+        phy2log = torch.as_tensor(self.phy2log, dtype=torch.int64, device="cpu")
         object.__setattr__(self, "phy2log", phy2log)
         if phy2log.dim() != 1 or phy2log.numel() % self.num_ranks:
             raise ValueError(f"phy2log must be [R] with R a multiple of the {self.num_ranks} ranks, "
@@ -298,7 +298,7 @@ class Placement:
     @classmethod
     def contiguous(cls, num_experts: int, num_ranks: int) -> "Placement":
         """One physical expert per logical one, E / W consecutive experts per rank (no replicas)."""
-        return cls(torch.arange(num_experts), num_ranks)
+        return cls(torch.arange(num_experts, device="cpu"), num_ranks)
 
     @property
     def num_physical(self) -> int:
@@ -326,7 +326,7 @@ class Placement:
         replicas on this rank if any, else those on its node if any, else all (locality first)."""
         E = int(self.phy2log.max()) + 1 if self.phy2log.numel() else 0
         node = rank // ranks_per_node
-        rank_of = torch.arange(self.num_physical) // self.per_rank
+        rank_of = torch.arange(self.num_physical, device="cpu") // self.per_rank  # (host tensors, as phy2log)
         cands, counts = [], []
         for e in range(E):
             phys = torch.nonzero(self.phy2log == e).flatten()
@@ -337,10 +337,10 @@ class Placement:
             cands.append(phys)
             counts.append(phys.numel())
         width = max(counts, default=1)
-        table = torch.full((E, width), -1, dtype=torch.int64)
+        table = torch.full((E, width), -1, dtype=torch.int64, device="cpu")
         for e, phys in enumerate(cands):
             table[e, :phys.numel()] = phys
-        return table, torch.tensor(counts, dtype=torch.int64)
+        return table, torch.tensor(counts, dtype=torch.int64, device="cpu")
 
     def fingerprint(self) -> int:
         """A small non-negative int that differs between placements (for the ranks' agreement)."""
@@ -416,7 +416,7 @@ def _move_rows(old_rows: Tensor, transfers, me: int, world: int, group) -> Tenso
         if d == me and r == me:
             new[j] = flat[s]
     if recvs:  # received in (source rank, destination slot) order
-        new[torch.tensor([j for _, j in recvs])] = out_rows
+        new[torch.tensor([j for _, j in recvs], device=new.device)] = out_rows
     return new.reshape(slots, *old_rows.shape[1:])
 
 
@@ -535,8 +535,8 @@ def sync_replica_grads(model_or_layers) -> None:
             continue
         if layer.expert_pool is not None:
             raise ValueError(ECSS_REPLICAS)
-        row_of = torch.full((d.num_experts,), -1, dtype=torch.long)
-        row_of[replicated] = torch.arange(replicated.numel())
+        row_of = torch.full((d.num_experts,), -1, dtype=torch.long, device="cpu")  # (host, as phy2log)
+        row_of[replicated] = torch.arange(replicated.numel(), device="cpu")
         local_rows = row_of[d.placement.experts_of(d.topology.rank)]
         mine = torch.nonzero(local_rows >= 0).flatten()
         for p in (layer.w_gate_up, layer.w_down):

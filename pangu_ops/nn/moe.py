@@ -142,9 +142,9 @@ class MoEFeedForward(nn.Module):
 
     @property
     def local_expert_ids(self) -> Tensor:
-        """[stored experts] the global logical id of each stored expert (row of w_gate_up)."""
+        """[stored experts] the global logical id of each stored expert (row of w_gate_up), on the host."""
         if self.dispatcher is None:
-            return torch.arange(self.w_gate_up.shape[0])
+            return torch.arange(self.w_gate_up.shape[0], device="cpu")
         return self.dispatcher.local_expert_ids
 
     def reset_expert_load(self) -> None:
