@@ -407,9 +407,12 @@ def _move_rows(old_rows: Tensor, transfers, me: int, world: int, group) -> Tenso
     recvs = sorted((r, j) for (r, s, d, j) in transfers if d == me and r != me)
     send_splits = [sum(1 for d, _, _ in sends if d == p) for p in range(world)]
     recv_splits = [sum(1 for r, _ in recvs if r == p) for p in range(world)]
-    out_rows = flat.new_empty(sum(recv_splits), flat.shape[1])
+    # through the group's collective device (ECSS's host state under NCCL: staged on the GPU)
+    device = collective_device(group)
+    out_rows = torch.empty(sum(recv_splits), flat.shape[1], dtype=flat.dtype, device=device)
     inp = flat[[s for _, _, s in sends]] if sends else flat.new_empty(0, flat.shape[1])
-    dist.all_to_all_single(out_rows, inp.contiguous(), recv_splits, send_splits, group=group)
+    dist.all_to_all_single(out_rows, inp.to(device).contiguous(), recv_splits, send_splits, group=group)
+    out_rows = out_rows.to(flat.device)
     slots = sum(1 for (_, _, d, _) in transfers if d == me)
     new = flat.new_empty(slots, flat.shape[1])
     for (r, s, d, j) in transfers:
