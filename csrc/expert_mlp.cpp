@@ -380,16 +380,18 @@ void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int6
   if (kStream) _mm_sfence();
 }
 
-// rows of a bf16 / fp32 [m, n] block (row stride ld) in fp32, packed [m, n]; whether all are finite,
-// and their largest magnitude (pack_few_inner's NaN bound).
+// Whether all of a bf16 / fp32 [m, n] block (row stride ld) is finite, and its largest magnitude
+// (pack_few_inner's NaN bound); with `out`, its values in fp32 too, packed [m, n] (the FMA pass's
+// operands; the pairs read the bf16 values themselves).
 template <typename T>
-bool to_float_rows(std::vector<float>& out, const T* p, int64_t ld, int64_t m, int64_t n, float& amax) {
-  out.resize(m * n);
+bool finite_rows(const T* p, int64_t ld, int64_t m, int64_t n, float& amax, std::vector<float>* out) {
+  if (out) out->resize(m * n);
   bool finite = true;
   amax = 0.f;
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      const float v = out[i * n + j] = static_cast<float>(p[i * ld + j]);
+      const float v = static_cast<float>(p[i * ld + j]);
+      if (out) (*out)[i * n + j] = v;
       finite &= std::abs(v) <= std::numeric_limits<float>::max();
       amax = std::max(amax, std::abs(v));
     }
@@ -501,10 +503,11 @@ void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C
   constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;
   std::vector<float> cf, af;
   float cmax, amax;
-  // (the operands are converted and checked only for the one pass)
-  const bool one_pass = m <= (kPairs ? kOnePassRowsPairs : kOnePassRows) && to_float_rows(cf, dy, ldy, m, R, cmax) &&
-                        to_float_rows(af, x, ldxin, m, C, amax) && static_cast<double>(cmax) * amax * m < 1e37 &&
-                        static_cast<double>(cmax) * m < 1e37;
+  // (the operands are checked only for the one pass, and converted only for the FMA one)
+  const bool one_pass = m <= (kPairs ? kOnePassRowsPairs : kOnePassRows) &&
+                        finite_rows(dy, ldy, m, R, cmax, kPairs ? nullptr : &cf) &&
+                        finite_rows(x, ldxin, m, C, amax, kPairs ? nullptr : &af) &&
+                        static_cast<double>(cmax) * amax * m < 1e37 && static_cast<double>(cmax) * m < 1e37;
   if (!one_pass) {
     const auto view = [](const T* p, int64_t rows, int64_t cols, int64_t ld) {
       return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, c10::CppTypeToScalarType<T>::value);

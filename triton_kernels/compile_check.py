@@ -142,7 +142,8 @@ def _data_variants(dtypes) -> Iterator[Variant]:
         for lookup, E in itertools.product((False, True), (256, 3)):
             mode = "rre_dispatch" if lookup else "permute"
             e_pad = pm.expert_columns(E)
-            common = dict(LOOKUP=lookup, BLOCK=pm.block_slots(lookup, e_pad), E_PAD=e_pad, num_warps=pm.num_warps(e_pad))
+            common = dict(LOOKUP=lookup, BLOCK=pm.block_slots(lookup, e_pad), E_PAD=e_pad,
+                          num_warps=pm.num_warps(e_pad))
             if dname == dtypes[0]:  # the histogram reads no rows: one dtype is enough
                 yield Variant("permute histogram", "-", f"{mode} E={E}", "-", pm._histogram_kernel,
                               (torch.int64, torch.int64, torch.int64, 4096, 8, 50000, torch.int64, torch.int64,

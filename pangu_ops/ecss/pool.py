@@ -14,10 +14,10 @@ class ExpertPool:
     """Residency of `num_experts` experts in `slots` device rows.
 
     `slot_map(expert_ids)` is what the layer calls in its forward pass: `[E]` int64 on the host (the
-    layer moves it), each expert's slot, `slots` (out of range: the dispatch kernels raise) for experts not resident. With `fetch`
-    (top-k layers, whose experts are known only after the router) it first has `fetch` load the
-    router's choice `expert_ids [T, k]`; RRE layers are loaded before the forward pass
-    (`ExpertStore.prepare`) and call it with None.
+    layer moves it), each expert's slot, `slots` (out of range: the dispatch kernels raise) for
+    experts not resident. With `fetch` (top-k layers, whose experts are known only after the
+    router) it first has `fetch` load the router's choice `expert_ids [T, k]`; RRE layers are loaded
+    before the forward pass (`ExpertStore.prepare`) and call it with None.
     """
 
     def __init__(self, num_experts: int, slots: int, fetch: Callable[[Tensor], None] | None = None):
@@ -67,8 +67,9 @@ class ExpertPool:
     def slot_map(self, expert_ids: Tensor | None = None) -> Tensor:
         if expert_ids is not None and self.fetch is not None:
             self.fetch(expert_ids)
-        remap = torch.full((self.num_experts,), self.slots, dtype=torch.long, device="cpu")
+        host = torch.device("cpu")  # (whatever the default device)
+        remap = torch.full((self.num_experts,), self.slots, dtype=torch.long, device=host)
         if self.slot_of:
-            remap[torch.tensor(list(self.slot_of), device="cpu")] = torch.tensor(list(self.slot_of.values()),
-                                                                                 device="cpu")
+            experts, slots = torch.tensor(list(self.slot_of.items()), device=host).unbind(1)
+            remap[experts] = slots
         return remap
