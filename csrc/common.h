@@ -699,12 +699,15 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
 
 // One 32-element step k of dots_lockstep: R of a's rows and S of b's (rows ldb apart) loaded as
 // Dots takes them (Masked: the tail of K by masked loads, zeros after it), their products added.
-// Where Dots::kPrefetch, each of b's rows is fetched into L2 kDotsAhead bytes (8 KiB) ahead in
-// its stream (the few-row kernels walk b's rows in order): VDPBF16PS on a 2-core Zen 4, paired, 8
-// experts of 7168 x 1024 / 1024 x 3584 from memory at 2-8 rows 0.77-0.96x the time, 1 row the
-// same; transformers-layout decode steps 0.87-0.98x (Mixtral-shaped), 0.94-1.01x (Qwen3-MoE-shaped).
-// Fetching into L1 (_MM_HINT_T0) made 1-6 rows 1.05-1.26x slower there. Dots512 (the AMX Xeon's)
-// does not: not measured there.
+// Where a block has Dots::kPrefetchRows of a's rows or more, each of b's rows is fetched into L2
+// kDotsAhead bytes (8 KiB) ahead in its stream (the few-row kernels walk b's rows in order):
+// VDPBF16PS on a 2-core Zen 4, paired, 8 experts of 7168 x 1024 / 1024 x 3584 from memory at 2-8
+// rows 0.77-0.96x the time; transformers-layout decode steps 0.87-0.98x (Mixtral-shaped),
+// 0.94-1.01x (Qwen3-MoE-shaped). Not with one row of bf16 (2 from DotsPairs): there a prefetch a
+// line beside one load and one VDPBF16PS cost more than it hid, one-token bf16 decode steps
+// 0.86-0.93x the time without it (both blocks, three runs, paired; from L3 and from memory), while
+// fp32 one-row steps (DotsF32) took 1.04-1.1x as long without it. Fetching into L1 (_MM_HINT_T0)
+// made 1-6 rows 1.05-1.26x slower there. Dots512 (the AMX Xeon's) does not: not measured there.
 constexpr int64_t kDotsAhead = 8192;
 template <typename Dots, int R, int S, bool Masked>
 __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
@@ -713,7 +716,7 @@ __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const 
   typename Dots::ARow ar[R];
   for (int r = 0; r < R; ++r) ar[r] = Dots::template load_a<Masked>(a + r * lda + k, mask);
   for (int q = 0; q < S; ++q) {
-    if constexpr (Dots::kPrefetch && !Masked) {
+    if constexpr (Dots::kPrefetchRows > 0 && R >= Dots::kPrefetchRows && !Masked) {
       _mm_prefetch(reinterpret_cast<const char*>(b + q * ldb + k) + kDotsAhead, _MM_HINT_T1);
     }
     const typename Dots::BRow v = Dots::template load_b<Masked>(b + q * ldb + k, mask);
@@ -752,7 +755,7 @@ inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int
 struct Dots512 {
   using A = float;
   using B = c10::BFloat16;
-  static constexpr bool kPrefetch = false;  // (dots_step)
+  static constexpr int kPrefetchRows = 0;  // (dots_step)
   struct ARow {
     __m512 even, odd;
   };
@@ -780,7 +783,7 @@ struct Dots512 {
 struct DotsPairs {
   using A = c10::BFloat16;
   using B = c10::BFloat16;
-  static constexpr bool kPrefetch = true;  // (dots_step)
+  static constexpr int kPrefetchRows = 2;  // (dots_step)
   using ARow = __m512bh;
   using BRow = __m512bh;
   template <bool Masked>
@@ -868,7 +871,7 @@ void few_rows_pairs(float* __restrict acc, int64_t ldacc, const c10::BFloat16* _
 struct DotsF32 {
   using A = float;
   using B = float;
-  static constexpr bool kPrefetch = true;  // (dots_step)
+  static constexpr int kPrefetchRows = 1;  // (dots_step)
   struct ARow {
     __m512 lo, hi;
   };

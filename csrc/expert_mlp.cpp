@@ -325,13 +325,14 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
 
 #if defined(__AVX512BF16__)
 // fp32: rows [r0, r1) of one expert's weight w ([R, C], C a multiple of 32) against MB <= 4 of its
-// rows: acc[i, :] += c[i, r] * w[r, :] (the input gradient's sums, row stride C) and dw[r, :] =
+// rows: acc[i, :] += c[i, r] * w[r, :] (the input gradient's sums, row stride ld) and dw[r, :] =
 // sum_i c[i, r] * a[i, :] (the weight's gradient, streamed a line at a time where dw's rows are
-// aligned lines). c: [MB, R] (row stride ldc); a: [MB, C]. The sums over i run in gemm_few_inner's
+// aligned lines). c: [MB, R] (row stride ldc); a: [MB, C] (row stride ld). The sums over i run in gemm_few_inner's
 // order; no sum may be NaN (pack_few_inner's bound: the caller checks).
 template <int MB, bool kStream>
 void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int64_t r1, const float* c,
-                          int64_t ldc, const float* __restrict a, float* __restrict acc, float* __restrict dw) {
+                          int64_t ldc, const float* __restrict a, float* __restrict acc, int64_t ld,
+                          float* __restrict dw) {
   // 4 of w's rows a step (the last R % 4 one at a time): the sums of dx loaded and stored once for
   // them (a step a row: 1.5-2.2x the time at 2-4 rows, 2 rows a step 1.1-1.3x)
   const auto step = [&](auto p_, int64_t r) {
@@ -350,8 +351,8 @@ void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int6
         g[p][0] = g[p][1] = _mm512_setzero_ps();
       }
       for (int i = 0; i < MB; ++i) {
-        float* ai = acc + i * C + k;
-        const __m512 x0 = _mm512_loadu_ps(a + i * C + k), x1 = _mm512_loadu_ps(a + i * C + k + 16);
+        float* ai = acc + i * ld + k;
+        const __m512 x0 = _mm512_loadu_ps(a + i * ld + k), x1 = _mm512_loadu_ps(a + i * ld + k + 16);
         __m512 s0 = _mm512_loadu_ps(ai), s1 = _mm512_loadu_ps(ai + 16);
         for (int p = 0; p < P; ++p) {
           s0 = _mm512_fmadd_ps(cr[p][i], wv[p][0], s0);
@@ -384,20 +385,43 @@ void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int6
 // (pack_few_inner's NaN bound); with `out`, its values in fp32 too, packed [m, n] (the FMA pass's
 // operands; the pairs read the bf16 values themselves).
 template <typename T>
-bool finite_rows(const T* p, int64_t ld, int64_t m, int64_t n, float& amax, std::vector<float>* out) {
-  if (out) out->resize(m * n);
+bool finite_rows(const T* p, int64_t ld, int64_t m, int64_t n, float& amax, std::vector<float>* out,
+                 int64_t ldout) {
+  if (out) out->resize(m * ldout);
   bool finite = true;
   amax = 0.f;
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       const float v = static_cast<float>(p[i * ld + j]);
-      if (out) (*out)[i * n + j] = v;
+      if (out) (*out)[i * ldout + j] = v;
       finite &= std::abs(v) <= std::numeric_limits<float>::max();
       amax = std::max(amax, std::abs(v));
     }
   }
   return finite;
 }
+
+// One line (32 columns) of a weight's gradient row on VDPBF16PS pairs: sum over j of dyt[j] (a
+// pair of the expert's dy values, broadcast) times x2's pairs (xa, xb: the line's 16 lo and 16 hi
+// columns), rounded to bf16 and stored (streamed: a whole aligned line).
+template <int MB2, bool kStream>
+__attribute__((always_inline)) inline void store_dw_line(c10::BFloat16* d, const uint32_t* dyt, const __m512bh* xa,
+                                                         const __m512bh* xb) {
+  __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+  for (int j = 0; j < MB2; ++j) {
+    const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_epi32(dyt[j]));
+    g0 = _mm512_dpbf16_ps(g0, xa[j], b);
+    g1 = _mm512_dpbf16_ps(g1, xb[j], b);
+  }
+  const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g1, g0));
+  if (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+  } else {
+    _mm512_storeu_si512(d, v);
+  }
+}
+
+constexpr int64_t kChunkRows = 32;  // linear_backward_pairs' chunks (measured: 16 and 64 no faster)
 
 // The bf16 one pass on VDPBF16PS, which multiplies pairs of bf16 values: dx's sums take w's rows two
 // by two (rows r, r+1 interleaved by VPUNPCK{L,H}WD, so acc holds each 32 columns in that order: 16
@@ -407,11 +431,12 @@ bool finite_rows(const T* p, int64_t ld, int64_t m, int64_t n, float& amax, std:
 // dyt[r, j] = (dy[2j+1, r], dy[2j, r]) dw's sums run i = 0, 1, 2, ... as gemm_few_inner_bf16's FMAs
 // do: its bits, but for subnormal inputs and sums, which VDPBF16PS flushes to 0. Rows [r0, r1) of
 // w, in pairs (an odd count's last row alone, paired with zeros); m <= MB rows; dy's rows (row
-// stride ldy) give dx's pairs as 32-bit words.
+// stride ldy) give dx's pairs as 32-bit words; acc's and x2's rows lie ld apart.
 template <int MB, bool kStream>
 void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t r0, int64_t r1,
                            const c10::BFloat16* __restrict dy, int64_t ldy, const uint32_t* __restrict dyt,
-                           const uint32_t* __restrict x2, float* __restrict acc, c10::BFloat16* __restrict dw) {
+                           const uint32_t* __restrict x2, float* __restrict acc, int64_t ld,
+                           c10::BFloat16* __restrict dw) {
   constexpr int MB2 = (MB + 1) / 2;
   const auto word = [](const c10::BFloat16* p) {  // two bf16 values as one 32-bit word
     uint32_t v;
@@ -436,7 +461,7 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
         hi[q] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
       }
       for (int i = 0; i < MB; ++i) {
-        float* ai = acc + i * C + k;
+        float* ai = acc + i * ld + k;
         __m512 s0 = _mm512_loadu_ps(ai), s1 = _mm512_loadu_ps(ai + 16);
         for (int q = 0; q < NP; ++q) {
           const c10::BFloat16* d = dy + i * ldy + r + 2 * q;
@@ -450,31 +475,63 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
       }
       __m512bh xa[MB2], xb[MB2];
       for (int j = 0; j < MB2; ++j) {
-        xa[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * C + k));
-        xb[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * C + k + 16));
+        xa[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k));
+        xb[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k + 16));
       }
-      for (int p = 0; p < NR; ++p) {
-        __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
-        for (int j = 0; j < MB2; ++j) {
-          const __m512bh b = reinterpret_cast<__m512bh>(_mm512_set1_epi32(dyt[(r + p) * MB2 + j]));
-          g0 = _mm512_dpbf16_ps(g0, xa[j], b);
-          g1 = _mm512_dpbf16_ps(g1, xb[j], b);
-        }
-        const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g1, g0));
-        c10::BFloat16* d = dw + (r + p) * C + k;
-        if (kStream) {
-          _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
-        } else {
-          _mm512_storeu_si512(d, v);
-        }
-      }
+      for (int p = 0; p < NR; ++p) store_dw_line<MB2, kStream>(dw + (r + p) * C + k, dyt + (r + p) * MB2, xa, xb);
     }
   };
+  // kChunkRows of w's rows at a time from 5 rows: for each 32 columns dx's sums stay in registers
+  // over all their pairs (loaded and stored once a chunk, not once a step), then dw's rows, w's
+  // chunk read from L2 the second time (the next chunk fetched into L2 in order meanwhile). The
+  // same sums in the same order as the steps below. Bound by VDPBF16PS there, where the steps
+  // loaded and stored dx's sums 4 times as often: single-threaded, paired, bit-identical, 8 rows
+  // 0.62-0.74x the time of 4-pair steps (a [1024, 3584] or [7168, 1024] weight from memory, a
+  // [128, 1024] one from L2), 7 rows 0.6-0.73x, 5-6 rows 0.79-0.94x; from 1-2 rows the chunk's
+  // few sums (long chains of VDPBF16PS) made it 1.3-1.7x slower, at 3-4 rows even.
   int64_t r = r0;
-  // 4 pairs of w's rows a step from 5 rows, 2 up to 4 (dx's sums loaded and stored once a step;
-  // 2-core Zen 4, paired, 8 Mixtral-shaped experts: 4 pairs 0.85-0.94x the time of 2 at 5-8 rows,
-  // 1.05-1.1x at 1-3)
   if constexpr (MB > 4) {
+    for (; r + kChunkRows <= r1; r += kChunkRows) {
+      const char* next = reinterpret_cast<const char*>(w + (r + kChunkRows) * C);
+      const int64_t next_lines = std::min(kChunkRows, r1 - r - kChunkRows) * C * 2 / 64;
+      const int64_t per_step = (next_lines * 32 + C - 1) / C;  // lines fetched a step of 32 columns
+      int64_t fetched = 0;
+      for (int64_t k = 0; k < C; k += 32) {
+        for (int64_t t = 0; t < per_step && fetched < next_lines; ++t, ++fetched) {
+          _mm_prefetch(next + fetched * 64, _MM_HINT_T1);
+        }
+        __m512 sums[MB][2];
+        for (int i = 0; i < MB; ++i) {
+          sums[i][0] = _mm512_loadu_ps(acc + i * ld + k);
+          sums[i][1] = _mm512_loadu_ps(acc + i * ld + k + 16);
+        }
+        for (int64_t q = r; q < r + kChunkRows; q += 2) {
+          const __m512i a = _mm512_loadu_si512(w + q * C + k), b = _mm512_loadu_si512(w + (q + 1) * C + k);
+          const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+          const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+          for (int i = 0; i < MB; ++i) {
+            const __m512bh d = reinterpret_cast<__m512bh>(_mm512_set1_epi32(word(dy + i * ldy + q)));
+            sums[i][0] = _mm512_dpbf16_ps(sums[i][0], lo, d);
+            sums[i][1] = _mm512_dpbf16_ps(sums[i][1], hi, d);
+          }
+        }
+        for (int i = 0; i < MB; ++i) {
+          _mm512_storeu_ps(acc + i * ld + k, sums[i][0]);
+          _mm512_storeu_ps(acc + i * ld + k + 16, sums[i][1]);
+        }
+      }
+      for (int64_t k = 0; k < C; k += 32) {
+        __m512bh xa[MB2], xb[MB2];
+        for (int j = 0; j < MB2; ++j) {
+          xa[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k));
+          xb[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k + 16));
+        }
+        for (int64_t p = r; p < r + kChunkRows; ++p) store_dw_line<MB2, kStream>(dw + p * C + k, dyt + p * MB2, xa, xb);
+      }
+    }
+    // then 4 pairs of w's rows a step (dx's sums loaded and stored once a step; 2-core Zen 4,
+    // paired, 8 Mixtral-shaped experts: 4 pairs 0.85-0.94x the time of 2 at 5-8 rows, 1.05-1.1x
+    // at 1-3)
     for (; r + 8 <= r1; r += 8) step(std::integral_constant<int, 4>{}, std::false_type{}, r);
   }
   for (; r + 4 <= r1; r += 4) step(std::integral_constant<int, 2>{}, std::false_type{}, r);
@@ -502,15 +559,19 @@ void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C
                      const T* x, int64_t ldxin, int64_t m) {
   constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;
   std::vector<float> cf, af;
+  // rows of dx's sums (and of x's pairs / fp32 values) not a multiple of 4 KiB apart: at K 1024 the
+  // 8 rows' loads and stores of a step fell in one L1 set, and 4-pair steps took 1.6x as long
+  // (single-threaded, 8 rows, a [7168, 1024] weight)
+  const int64_t ld = unaliased_stride(C);
   float cmax, amax;
   // (the operands are checked only for the one pass, and converted only for the FMA one)
   const bool one_pass = m <= (kPairs ? kOnePassRowsPairs : kOnePassRows) &&
-                        finite_rows(dy, ldy, m, R, cmax, kPairs ? nullptr : &cf) &&
-                        finite_rows(x, ldxin, m, C, amax, kPairs ? nullptr : &af) &&
+                        finite_rows(dy, ldy, m, R, cmax, kPairs ? nullptr : &cf, R) &&
+                        finite_rows(x, ldxin, m, C, amax, kPairs ? nullptr : &af, ld) &&
                         static_cast<double>(cmax) * amax * m < 1e37 && static_cast<double>(cmax) * m < 1e37;
   if (!one_pass) {
-    const auto view = [](const T* p, int64_t rows, int64_t cols, int64_t ld) {
-      return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, c10::CppTypeToScalarType<T>::value);
+    const auto view = [](const T* p, int64_t rows, int64_t cols, int64_t stride) {
+      return at::from_blob(const_cast<T*>(p), {rows, cols}, {stride, 1}, c10::CppTypeToScalarType<T>::value);
     };
     mm_fp32_into(view(dx, m, C, ldx), view(dy, m, R, ldy), view(w, R, C, C));
     mm_fp32_into(view(dw, R, C, C), view(dy, m, R, ldy).t(), view(x, m, C, ldxin));
@@ -521,7 +582,7 @@ void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C
   const int64_t parts =
       at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / 64));
   const auto first_row = [&](int64_t p) { return R * p / parts; };
-  std::vector<float> acc(parts * m * C, 0.f);
+  std::vector<float> acc(parts * m * ld, 0.f);
   const bool stream = reinterpret_cast<uintptr_t>(dw) % 64 == 0 && C % 32 == 0;
   if constexpr (kPairs) {
     // the pairs as 32-bit words, the even row's value high (zeros past m): dyt [R, m2] (dy[2j, r],
@@ -530,19 +591,19 @@ void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C
     const auto bits = [m](const T* p, int64_t ld, int64_t i, int64_t j) -> uint32_t {
       return i < m ? c10::bit_cast<uint16_t>(p[i * ld + j]) : 0u;
     };
-    std::vector<uint32_t> dyt(R * m2), x2(m2 * C);
+    std::vector<uint32_t> dyt(R * m2), x2(m2 * ld);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t j = 0; j < m2; ++j) dyt[r * m2 + j] = bits(dy, ldy, 2 * j, r) << 16 | bits(dy, ldy, 2 * j + 1, r);
     }
     for (int64_t j = 0; j < m2; ++j) {
-      for (int64_t c = 0; c < C; ++c) x2[j * C + c] = bits(x, ldxin, 2 * j, c) << 16 | bits(x, ldxin, 2 * j + 1, c);
+      for (int64_t c = 0; c < C; ++c) x2[j * ld + c] = bits(x, ldxin, 2 * j, c) << 16 | bits(x, ldxin, 2 * j + 1, c);
     }
     with_rows<kOnePassRowsPairs>(m, [&](auto mb) {
       constexpr int MB = decltype(mb)::value;
       const auto rows = stream ? linear_backward_pairs<MB, true> : linear_backward_pairs<MB, false>;
       at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
-          rows(w, C, first_row(p), first_row(p + 1), dy, ldy, dyt.data(), x2.data(), acc.data() + p * m * C, dw);
+          rows(w, C, first_row(p), first_row(p + 1), dy, ldy, dyt.data(), x2.data(), acc.data() + p * m * ld, ld, dw);
         }
       });
     });
@@ -552,17 +613,17 @@ void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C
       const auto rows = stream ? linear_backward_rows<MB, true> : linear_backward_rows<MB, false>;
       at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
-          rows(w, C, first_row(p), first_row(p + 1), cf.data(), R, af.data(), acc.data() + p * m * C, dw);
+          rows(w, C, first_row(p), first_row(p + 1), cf.data(), R, af.data(), acc.data() + p * m * ld, ld, dw);
         }
       });
     });
   }
   for (int64_t p = 1; p < parts; ++p) {
-    for (int64_t j = 0; j < m * C; ++j) acc[j] += acc[p * m * C + j];
+    for (int64_t j = 0; j < m * ld; ++j) acc[j] += acc[p * m * ld + j];
   }
   std::vector<float> row(kPairs ? C : 0);
   for (int64_t i = 0; i < m; ++i) {
-    const float* a = acc.data() + i * C;
+    const float* a = acc.data() + i * ld;
     if constexpr (kPairs) {  // each 32 columns from the pairs' order (4 "lo", 4 "hi" per 128-bit lane)
       for (int64_t c = 0; c < C; ++c) {
         const int64_t k = c % 32, lane = k / 8, within = k % 8;
