@@ -324,7 +324,37 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
 // one after the other took 1.6x a pass doing both, `move_work`).
 
 #if defined(__AVX512BF16__)
-// fp32: rows [r0, r1) of one expert's weight w ([R, C], C a multiple of 32) against MB <= 4 of its
+// Rows of a weight per chunk of the one-pass backward at 5-8 rows (linear_backward_pairs /
+// linear_backward_rows; measured: 16 and 64 no faster).
+constexpr int64_t kChunkRows = 32;
+
+// The dx half of such a chunk: for each 32 columns k, dx's sums (sums[i]: row i's 2 x 16, acc's rows
+// ld apart) loaded, add(k, sums) over the chunk's rows, stored; meanwhile the next chunk's
+// next_bytes from `next` fetched into L2 in order, spread over the steps.
+template <int MB, typename Add>
+__attribute__((always_inline)) inline void chunk_dx_sums(float* __restrict acc, int64_t ld, int64_t C,
+                                                         const void* next, int64_t next_bytes, const Add& add) {
+  const int64_t next_lines = next_bytes / 64;
+  const int64_t per_step = (next_lines * 32 + C - 1) / C;  // lines fetched a step of 32 columns
+  int64_t fetched = 0;
+  for (int64_t k = 0; k < C; k += 32) {
+    for (int64_t t = 0; t < per_step && fetched < next_lines; ++t, ++fetched) {
+      _mm_prefetch(static_cast<const char*>(next) + fetched * 64, _MM_HINT_T1);
+    }
+    __m512 sums[MB][2];
+    for (int i = 0; i < MB; ++i) {
+      sums[i][0] = _mm512_loadu_ps(acc + i * ld + k);
+      sums[i][1] = _mm512_loadu_ps(acc + i * ld + k + 16);
+    }
+    add(k, sums);
+    for (int i = 0; i < MB; ++i) {
+      _mm512_storeu_ps(acc + i * ld + k, sums[i][0]);
+      _mm512_storeu_ps(acc + i * ld + k + 16, sums[i][1]);
+    }
+  }
+}
+
+// fp32: rows [r0, r1) of one expert's weight w ([R, C], C a multiple of 32) against MB <= 8 of its
 // rows: acc[i, :] += c[i, r] * w[r, :] (the input gradient's sums, row stride ld) and dw[r, :] =
 // sum_i c[i, r] * a[i, :] (the weight's gradient, streamed a line at a time where dw's rows are
 // aligned lines). c: [MB, R] (row stride ldc); a: [MB, C] (row stride ld). The sums over i run in gemm_few_inner's
@@ -375,9 +405,52 @@ void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int6
       }
     }
   };
+  // 5-8 rows: kChunkRows of w's rows at a time, as linear_backward_pairs' chunks (dx's sums in
+  // registers over the chunk's rows, then dw's rows with x's rows in registers, the chunk read from
+  // L2 the second time, the next one fetched in order); the same sums in the same order
+  const auto chunk = [&](int64_t r, int64_t rows) {
+    chunk_dx_sums<MB>(acc, ld, C, w + (r + rows) * C, std::min(kChunkRows, r1 - r - rows) * C * 4,
+                      [&](int64_t k, __m512(&sums)[MB][2]) {
+      for (int64_t q = r; q < r + rows; ++q) {
+        const __m512 w0 = _mm512_loadu_ps(w + q * C + k), w1 = _mm512_loadu_ps(w + q * C + k + 16);
+        for (int i = 0; i < MB; ++i) {
+          const __m512 ci = _mm512_set1_ps(c[i * ldc + q]);
+          sums[i][0] = _mm512_fmadd_ps(ci, w0, sums[i][0]);
+          sums[i][1] = _mm512_fmadd_ps(ci, w1, sums[i][1]);
+        }
+      }
+    });
+    for (int64_t k = 0; k < C; k += 32) {
+      __m512 x0[MB], x1[MB];
+      for (int i = 0; i < MB; ++i) {
+        x0[i] = _mm512_loadu_ps(a + i * ld + k);
+        x1[i] = _mm512_loadu_ps(a + i * ld + k + 16);
+      }
+      for (int64_t q = r; q < r + rows; ++q) {
+        __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+        for (int i = 0; i < MB; ++i) {
+          const __m512 ci = _mm512_set1_ps(c[i * ldc + q]);
+          g0 = _mm512_fmadd_ps(ci, x0[i], g0);
+          g1 = _mm512_fmadd_ps(ci, x1[i], g1);
+        }
+        float* d = dw + q * C + k;
+        if (kStream) {
+          _mm512_stream_ps(d, g0);
+          _mm512_stream_ps(d + 16, g1);
+        } else {
+          _mm512_storeu_ps(d, g0);
+          _mm512_storeu_ps(d + 16, g1);
+        }
+      }
+    }
+  };
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) step(std::integral_constant<int, 4>{}, r);
-  for (; r < r1; ++r) step(std::integral_constant<int, 1>{}, r);
+  if constexpr (MB > 4) {
+    for (; r < r1; r += kChunkRows) chunk(r, std::min(kChunkRows, r1 - r));
+  } else {
+    for (; r + 4 <= r1; r += 4) step(std::integral_constant<int, 4>{}, r);
+    for (; r < r1; ++r) step(std::integral_constant<int, 1>{}, r);
+  }
   if (kStream) _mm_sfence();
 }
 
@@ -420,8 +493,6 @@ __attribute__((always_inline)) inline void store_dw_line(c10::BFloat16* d, const
     _mm512_storeu_si512(d, v);
   }
 }
-
-constexpr int64_t kChunkRows = 32;  // linear_backward_pairs' chunks (measured: 16 and 64 no faster)
 
 // The bf16 one pass on VDPBF16PS, which multiplies pairs of bf16 values: dx's sums take w's rows two
 // by two (rows r, r+1 interleaved by VPUNPCK{L,H}WD, so acc holds each 32 columns in that order: 16
@@ -492,19 +563,8 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
   int64_t r = r0;
   if constexpr (MB > 4) {
     for (; r + kChunkRows <= r1; r += kChunkRows) {
-      const char* next = reinterpret_cast<const char*>(w + (r + kChunkRows) * C);
-      const int64_t next_lines = std::min(kChunkRows, r1 - r - kChunkRows) * C * 2 / 64;
-      const int64_t per_step = (next_lines * 32 + C - 1) / C;  // lines fetched a step of 32 columns
-      int64_t fetched = 0;
-      for (int64_t k = 0; k < C; k += 32) {
-        for (int64_t t = 0; t < per_step && fetched < next_lines; ++t, ++fetched) {
-          _mm_prefetch(next + fetched * 64, _MM_HINT_T1);
-        }
-        __m512 sums[MB][2];
-        for (int i = 0; i < MB; ++i) {
-          sums[i][0] = _mm512_loadu_ps(acc + i * ld + k);
-          sums[i][1] = _mm512_loadu_ps(acc + i * ld + k + 16);
-        }
+      chunk_dx_sums<MB>(acc, ld, C, w + (r + kChunkRows) * C, std::min(kChunkRows, r1 - r - kChunkRows) * C * 2,
+                        [&](int64_t k, __m512(&sums)[MB][2]) {
         for (int64_t q = r; q < r + kChunkRows; q += 2) {
           const __m512i a = _mm512_loadu_si512(w + q * C + k), b = _mm512_loadu_si512(w + (q + 1) * C + k);
           const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
@@ -515,11 +575,7 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
             sums[i][1] = _mm512_dpbf16_ps(sums[i][1], hi, d);
           }
         }
-        for (int i = 0; i < MB; ++i) {
-          _mm512_storeu_ps(acc + i * ld + k, sums[i][0]);
-          _mm512_storeu_ps(acc + i * ld + k + 16, sums[i][1]);
-        }
-      }
+      });
       for (int64_t k = 0; k < C; k += 32) {
         __m512bh xa[MB2], xb[MB2];
         for (int j = 0; j < MB2; ++j) {
@@ -552,8 +608,10 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
 // included) 1.23 / 1.21 / 1.38 / 1.65x against 1.53 / 1.83 / 2.34 / 2.37x; the pairs 0.7-0.9x the
 // FMA pass's time at 3-4 rows and the products' at 5-8 (the FMA pass was bound by its multiplies
 // there, and from 5 rows it took 1.3-2x the products' time). fp32 decode steps' forward + backward:
-// 0.79-0.98x the time of the products.
-constexpr int64_t kOnePassRows = 4, kOnePassRowsPairs = 8;
+// 0.79-0.98x the time of the products. fp32 at 5-8 rows in kChunkRows chunks (since session 27):
+// 8 Mixtral-shaped experts' backward 0.79-0.97x the products' time at 5-8 rows, 32 of 64
+// Qwen3-MoE-shaped 0.79-0.81x (paired); Mixtral-shaped 16-token forward + backward 0.97x.
+constexpr int64_t kOnePassRows = 8, kOnePassRowsPairs = 8;
 template <typename T>
 void linear_backward(T* dx, int64_t ldx, T* dw, const T* w, int64_t R, int64_t C, const T* dy, int64_t ldy,
                      const T* x, int64_t ldxin, int64_t m) {
