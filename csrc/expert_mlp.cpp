@@ -357,8 +357,8 @@ __attribute__((always_inline)) inline void chunk_dx_sums(float* __restrict acc, 
 // fp32: rows [r0, r1) of one expert's weight w ([R, C], C a multiple of 32) against MB <= 8 of its
 // rows: acc[i, :] += c[i, r] * w[r, :] (the input gradient's sums, row stride ld) and dw[r, :] =
 // sum_i c[i, r] * a[i, :] (the weight's gradient, streamed a line at a time where dw's rows are
-// aligned lines). c: [MB, R] (row stride ldc); a: [MB, C] (row stride ld). The sums over i run in gemm_few_inner's
-// order; no sum may be NaN (pack_few_inner's bound: the caller checks).
+// aligned lines). c: [MB, R] (row stride ldc); a: [MB, C] (row stride ld). The sums over i run in
+// gemm_few_inner's order; no sum may be NaN (pack_few_inner's bound: the caller checks).
 template <int MB, bool kStream>
 void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int64_t r1, const float* c,
                           int64_t ldc, const float* __restrict a, float* __restrict acc, int64_t ld,
