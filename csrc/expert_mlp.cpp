@@ -325,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
 
 #if defined(__AVX512BF16__)
 // Rows of a weight per chunk of the one-pass backward at 5-8 rows (linear_backward_pairs /
-// linear_backward_rows; measured: 16 and 64 no faster).
+// linear_backward_rows; measured in bf16: 16 and 64 no faster).
 constexpr int64_t kChunkRows = 32;
 
 // The dx half of such a chunk: for each 32 columns k, dx's sums (sums[i]: row i's 2 x 16, acc's rows
@@ -351,6 +351,19 @@ __attribute__((always_inline)) inline void chunk_dx_sums(float* __restrict acc, 
       _mm512_storeu_ps(acc + i * ld + k, sums[i][0]);
       _mm512_storeu_ps(acc + i * ld + k + 16, sums[i][1]);
     }
+  }
+}
+
+// 32 fp32 values of a weight's gradient row (two vectors), streamed (a whole aligned line each) or
+// stored.
+template <bool kStream>
+__attribute__((always_inline)) inline void store_line(float* d, __m512 lo, __m512 hi) {
+  if (kStream) {
+    _mm512_stream_ps(d, lo);
+    _mm512_stream_ps(d + 16, hi);
+  } else {
+    _mm512_storeu_ps(d, lo);
+    _mm512_storeu_ps(d + 16, hi);
   }
 }
 
@@ -393,23 +406,15 @@ void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int6
         _mm512_storeu_ps(ai, s0);
         _mm512_storeu_ps(ai + 16, s1);
       }
-      for (int p = 0; p < P; ++p) {
-        float* d = dw + (r + p) * C + k;
-        if (kStream) {
-          _mm512_stream_ps(d, g[p][0]);
-          _mm512_stream_ps(d + 16, g[p][1]);
-        } else {
-          _mm512_storeu_ps(d, g[p][0]);
-          _mm512_storeu_ps(d + 16, g[p][1]);
-        }
-      }
+      for (int p = 0; p < P; ++p) store_line<kStream>(dw + (r + p) * C + k, g[p][0], g[p][1]);
     }
   };
   // 5-8 rows: kChunkRows of w's rows at a time, as linear_backward_pairs' chunks (dx's sums in
   // registers over the chunk's rows, then dw's rows with x's rows in registers, the chunk read from
   // L2 the second time, the next one fetched in order); the same sums in the same order
   const auto chunk = [&](int64_t r, int64_t rows) {
-    chunk_dx_sums<MB>(acc, ld, C, w + (r + rows) * C, std::min(kChunkRows, r1 - r - rows) * C * 4,
+    const int64_t next_bytes = std::min(kChunkRows, r1 - r - rows) * C * static_cast<int64_t>(sizeof(*w));
+    chunk_dx_sums<MB>(acc, ld, C, w + (r + rows) * C, next_bytes,
                       [&](int64_t k, __m512(&sums)[MB][2]) {
       for (int64_t q = r; q < r + rows; ++q) {
         const __m512 w0 = _mm512_loadu_ps(w + q * C + k), w1 = _mm512_loadu_ps(w + q * C + k + 16);
@@ -433,14 +438,7 @@ void linear_backward_rows(const float* __restrict w, int64_t C, int64_t r0, int6
           g0 = _mm512_fmadd_ps(ci, x0[i], g0);
           g1 = _mm512_fmadd_ps(ci, x1[i], g1);
         }
-        float* d = dw + q * C + k;
-        if (kStream) {
-          _mm512_stream_ps(d, g0);
-          _mm512_stream_ps(d + 16, g1);
-        } else {
-          _mm512_storeu_ps(d, g0);
-          _mm512_storeu_ps(d + 16, g1);
-        }
+        store_line<kStream>(dw + q * C + k, g0, g1);
       }
     }
   };
@@ -563,7 +561,8 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
   int64_t r = r0;
   if constexpr (MB > 4) {
     for (; r + kChunkRows <= r1; r += kChunkRows) {
-      chunk_dx_sums<MB>(acc, ld, C, w + (r + kChunkRows) * C, std::min(kChunkRows, r1 - r - kChunkRows) * C * 2,
+      const int64_t next_bytes = std::min(kChunkRows, r1 - r - kChunkRows) * C * static_cast<int64_t>(sizeof(*w));
+      chunk_dx_sums<MB>(acc, ld, C, w + (r + kChunkRows) * C, next_bytes,
                         [&](int64_t k, __m512(&sums)[MB][2]) {
         for (int64_t q = r; q < r + kChunkRows; q += 2) {
           const __m512i a = _mm512_loadu_si512(w + q * C + k), b = _mm512_loadu_si512(w + (q + 1) * C + k);
