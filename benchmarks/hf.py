@@ -6,7 +6,11 @@ experts, top-8), at scaled-down widths that a 2-core CPU finishes in minutes; fo
 forward+backward, float32 and bfloat16; prefill/training sizes and decode sizes. Prefill sizes run
 twice: with one fixed routing (every call sees the same rows per expert: warm) and with a fresh
 routing every call (new rows per expert, as every training step and prefill batch brings; drawing
-it, ~1 ms, is timed in every implementation alike). Peers: transformers' own backends and, in
+it, ~1 ms, is timed in every implementation alike). Decode sizes run with the fixed routing (the
+touched experts' weights stay in the caches between calls where they fit: warm) and, where the
+block's experts allow it, cold: each call routes to experts the calls since its last turn did not
+touch (`cold_cycle`), so its weights come from memory, as in a model whose other layers evicted
+them since the last token. Peers: transformers' own backends and, in
 bfloat16 forward where it is installed, kt-kernel's CPU MoE (`kt_kernel.py`).
 
 Limits measured in the same run: compute, the faster of the same FLOPs as fp32 FMAs on registers
@@ -77,7 +81,7 @@ class Row:
     dtype: str
     tokens: int
     mode: str  # "fwd" or "fwd+bwd"
-    routing: str  # "fixed" (warm: the same rows per expert every call) or "fresh" (new every call)
+    routing: str  # "fixed" (warm: the same rows per expert every call), "fresh" (new every call), "cold" (cold_cycle)
     impl: str
     median_ms: float
     min_ms: float
@@ -103,15 +107,63 @@ def _experts(block: Block, dtype: torch.dtype):
     return experts.to(dtype)
 
 
-def _router(block: Block, tokens: int, dtype: torch.dtype, fresh: bool):
-    """`route() -> (ids, weights)`: the same routing every call, or a fresh draw every call."""
+def _router(block: Block, tokens: int, dtype: torch.dtype, routing: str):
+    """`route() -> (ids, weights)`: "fixed": the same routing every call; "fresh": a new draw every
+    call; "cold": the fixed routing's cold cycle (`cold_cycle`), each call the next routing of it."""
     gen = torch.Generator().manual_seed(tokens)
 
     def draw():
         weights, ids = torch.softmax(torch.randn(tokens, block.experts, generator=gen), -1).topk(block.topk, -1)
         return ids, weights.to(dtype)
+    if routing == "fresh":
+        return draw
     fixed = draw()
-    return draw if fresh else (lambda: fixed)
+    if routing == "fixed":
+        return lambda: fixed
+    return _turns([(ids, fixed[1]) for ids in cold_cycle(fixed[0], block.experts)])
+
+
+def _applies(block: Block, tokens: int, routing: str) -> bool:
+    """Whether rows of this size run with this routing: fixed ones all; fresh ones prefill; cold
+    ones decode where the block's experts allow a cycle of more than one routing (else every call
+    reads over half the block's weights anyway: cold_cycle)."""
+    if routing == "fixed":
+        return True
+    if routing == "fresh" or tokens > max(DECODE):
+        return routing == "fresh" and tokens > max(DECODE)
+    return len(cold_cycle(_router(block, tokens, torch.float32, "fixed")()[0], block.experts)) > 1
+
+
+def _turns(items: list):
+    """A fn returning the next of `items` each call, in turn."""
+    turn = [-1]
+
+    def take():
+        turn[0] = (turn[0] + 1) % len(items)
+        return items[turn[0]]
+    return take
+
+
+def cold_cycle(ids: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """`ids` (expert ids) with its experts relabelled, as many times as the block's experts allow
+    routings that touch experts none of the others does: the touched experts t_0..t_{n-1} then the
+    others, in order, form a ring, and routing c moves every expert c * n places along it. Called in
+    turn, each call reads weights that the calls since its last turn did not, as a model's decode
+    step reads a layer's experts after its other layers' weights evicted them from the caches: a
+    block's decode rows (one layer, the same routing every call) otherwise find their weights in the
+    L3 where few experts are touched (Qwen3-MoE-shaped, one token: 19 MB of bf16 weights). One
+    routing (ids itself) where ids touches over half the experts: every call reads over half the
+    block's weights then."""
+    touched = sorted(set(ids.flatten().tolist()))
+    ring = touched + sorted(set(range(num_experts)) - set(touched))
+    n = len(touched)
+    cycle = []
+    for c in range(max(1, num_experts // n)):
+        relabel = torch.empty(num_experts, dtype=ids.dtype)
+        for i, e in enumerate(ring):
+            relabel[e] = ring[(i + c * n) % num_experts]
+        cycle.append(relabel[ids])
+    return cycle
 
 
 def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, impl: str, route):
@@ -165,9 +217,11 @@ def _flops(block: Block, mode: str, tokens: int) -> int:
     return (1 if mode == "fwd" else 3) * 2 * tokens * block.topk * block.hidden * 3 * block.ffn
 
 
-def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: str, tokens: int) -> dict:
+def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor], mode: str, tokens: int) -> dict:
     """{name: (kind, fn)} of the same-run limits (module doc): a row's limit is the slowest "memory"
-    limit or the fastest "compute" one, whichever takes longer ("peak": shown, not a limit)."""
+    limit or the fastest "compute" one, whichever takes longer ("peak": shown, not a limit). `cycle`:
+    the routings (expert ids) the row's calls take in turn; the decode memory limit's calls take
+    them alike."""
     passes = 1 if mode == "fwd" else 3
     mm_dtype = torch.float32 if _half_on_cpu(dtype, torch.device("cpu")) else dtype
     limits = {FMA_PEAK: ("compute", compute_peak(_flops(block, mode, tokens)))}
@@ -185,41 +239,41 @@ def _limits(block: Block, experts, dtype: torch.dtype, ids: torch.Tensor, mode: 
     if peak16 is not None:  # the few-row kernels multiply bf16 natively there: beyond the FMA peak
         limits[peak16[0].split(" (")[0]] = ("compute", peak16[2])
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
-    runs, untouched = expert_runs(ids, block.experts)
     weights = (experts.gate_up_proj, experts.down_proj)
-    views = [w.detach()[a:b] for w in weights for a, b in runs]
     # the fastest read-only pass here: the CPU backend's `read_work` (torch's sum reads up to 25%
-    # slower, and the few-row kernels beat it)
-    read_work = torch.ops.pangu_cpu.read_work
+    # slower, and the few-row kernels beat it); one call over all the slices (a call per slice cost
+    # ~2 us each outside the reads)
+    read_work, move_work, write_work = (torch.ops.pangu_cpu.read_work, torch.ops.pangu_cpu.move_work,
+                                        torch.ops.pangu_cpu.write_work)
+    # the gradients' write, streamed (fill_ takes up to 2x as long), with the second read: the touched
+    # experts' gradients as values (non-zero lines: the kernels can write them no faster) by
+    # `move_work`, which reads a weight's lines and streams its gradient's lines interleaved (reads and
+    # streamed writes overlap: the two passes one after the other, as before 2026-12-06, took longer
+    # than pangu_ops on a Zen 4, which read and wrote at once); zeros for the others' (`write_work`,
+    # as the kernels write an expert without rows)
+    grads = [torch.empty_like(w) for w in weights] if mode != "fwd" else []
 
-    def read():  # one pass over them all: a call per slice cost ~2 us each outside the reads
-        return read_work(views)
-    if mode == "fwd":
-        limits["weight reading"] = ("memory", read)
-    else:
-        # the gradients' write, streamed (fill_ takes up to 2x as long), with the second read: the
-        # touched experts' gradients as values (non-zero lines: the kernels can write them no
-        # faster) by `move_work`, which reads a weight's lines and streams its gradient's lines
-        # interleaved (reads and streamed writes overlap: the two passes one after the other, as
-        # before 2026-12-06, took longer than pangu_ops on a Zen 4, which read and wrote at once);
-        # zeros for the others' (`write_work`, as the kernels write an expert without rows)
-        grads = [torch.empty_like(w) for w in weights]
+    def weight_pass(ids: torch.Tensor):
+        runs, untouched = expert_runs(ids, block.experts)
+        views = [w.detach()[a:b] for w in weights for a, b in runs]
+        if mode == "fwd":
+            return lambda: read_work(views)
         moves = [(w.detach()[a:b], g[a:b]) for w, g in zip(weights, grads) for a, b in runs]
         zeros = [g[a:b] for g in grads for a, b in untouched]
-        move_work, write_work = torch.ops.pangu_cpu.move_work, torch.ops.pangu_cpu.write_work
-        limits["weight reading"] = ("memory", lambda: (read(), [move_work(v, g) for v, g in moves],
-                                                       [write_work(g, 0) for g in zeros]))
+        return lambda: (read_work(views), [move_work(v, g) for v, g in moves], [write_work(g, 0) for g in zeros])
+    turn = _turns([weight_pass(ids) for ids in cycle])
+    limits["weight reading"] = ("memory", lambda: turn()())
     return limits
 
 
 def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + DECODE, modes=("fwd", "fwd+bwd"),
-        routings=("fixed", "fresh"), min_time: float = 0.5, rounds: int = 3) -> list[Row]:
+        routings=("fixed", "fresh", "cold"), min_time: float = 0.5, rounds: int = 3) -> list[Row]:
     import pangu_ops.integrations.transformers as hf
 
     rows: list[Row] = []
     groups = []  # (a row group, its FLOPs, {limit: (kind, best seconds)})
     todo = [(b, d, t, m, r) for b in blocks for d in dtypes for t in sizes for m in modes for r in routings
-            if r == "fixed" or t > max(DECODE)]
+            if _applies(b, t, r)]
     if kt_kernel.unavailable() and torch.bfloat16 in dtypes:
         print(f"bench --hf: no kt-kernel baseline: {kt_kernel.unavailable()}", file=sys.stderr)
     for i, (block, dtype, tokens, mode, routing) in enumerate(todo, 1):
@@ -229,15 +283,17 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
         impls = (hf.NAME,) + tuple(b for b in BUILT_IN if b != "batched_mm" or gathered <= BATCHED_MM_BYTES)
         if dtype == torch.bfloat16 and mode == "fwd" and not kt_kernel.unavailable():
             impls += (kt_kernel.NAME,)
-        route = _router(block, tokens, dtype, routing == "fresh")
+        route = _router(block, tokens, dtype, routing)
         # transformers' built-ins multiply in the dtype: where this CPU's half-precision matmul is an
         # emulation (~1 GFLOP/s) they run prefill on a fraction of the tokens, scaled back up
         part = max(1, tokens // SLOW_BASELINE_FRACTION) if tokens > max(DECODE) and _half_on_cpu(
             dtype, torch.device("cpu")) else tokens
-        route_part = _router(block, part, dtype, routing == "fresh") if part != tokens else route
+        route_part = _router(block, part, dtype, routing) if part != tokens else route
         fns = [_case(block, experts, part, dtype, mode, impl, route_part) if impl in BUILT_IN else
                _case(block, experts, tokens, dtype, mode, impl, route) for impl in impls]
-        limits = _limits(block, experts, dtype, route()[0], mode, tokens)
+        ids = _router(block, tokens, dtype, "fixed" if routing == "cold" else routing)()[0]
+        limits = _limits(block, experts, dtype, cold_cycle(ids, block.experts) if routing == "cold" else [ids], mode,
+                         tokens)
         print(f"[{i}/{len(todo)}] {block.name} {str(dtype)[6:]} T={tokens} {mode} {routing} routing", file=sys.stderr,
               flush=True)
         settle = [kt_kernel.SETTLE_S if impl == kt_kernel.NAME else 0.0 for impl in impls] + [0.0] * len(limits)
@@ -300,7 +356,8 @@ def table(rows: list[Row]) -> str:
                  "best rate of the run, and the dense mm for the same FLOPs; for decode the FMA or bf16 peak, the "
                  "slower of that and one read-only pass over the touched experts' weights; with the backward one "
                  "more, overlapped with the write of the gradients); routing fresh: a new routing (new rows per "
-                 "expert) every call.")
+                 "expert) every call; cold: the fixed routing with its experts relabelled in turn, each call's "
+                 "weights untouched since its last turn (from memory, as in a model's decode step).")
     return "\n".join(lines)
 
 
@@ -327,7 +384,7 @@ def plot(rows: list[Row], path: Path) -> None:
             ax.bar([i + j * width for i in range(len(sizes))], vals, width, label=impl)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(sizes))], [str(t) for t in sizes])
-        ax.set_title(f"{block} {dtype} {mode}" + (" (fresh routing)" if routing == "fresh" else ""), fontsize=9)
+        ax.set_title(f"{block} {dtype} {mode}" + (f" ({routing} routing)" if routing != "fixed" else ""), fontsize=9)
         ax.set_xlabel("tokens")
         ax.set_ylabel("speed vs fastest built-in")
         ax.legend(fontsize=6)

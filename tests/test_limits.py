@@ -108,6 +108,52 @@ def test_bench_hf_expert_runs_split_touched_and_untouched(ids, expected):
     assert expert_runs(torch.tensor(ids), 8) == expected
 
 
+@pytest.mark.parametrize("ids, num_experts, turns", [
+    ([[2, 6]], 8, 4), ([[5], [5], [1]], 7, 3), ([[0, 3], [3, 4], [6, 1]], 8, 1), ([[1, 2, 4]], 8, 2)])
+def test_bench_hf_cold_cycle_touches_new_experts_every_turn(ids, num_experts, turns):
+    """A cold cycle's routings touch pairwise disjoint sets of experts (as many routings as the
+    experts allow, one where over half are touched), each the same routing up to relabelling: the
+    first is ids itself, and every expert gets the rows of the one it stands in for."""
+    from pangu_ops.benchmarks.hf import cold_cycle
+    ids = torch.tensor(ids)
+    cycle = cold_cycle(ids, num_experts)
+    assert len(cycle) == turns and torch.equal(cycle[0], ids)
+    sets = [set(c.flatten().tolist()) for c in cycle]
+    assert sum(map(len, sets)) == len(set().union(*sets)) == turns * len(sets[0])
+    for c in cycle:
+        assert c.dtype == ids.dtype and c.shape == ids.shape and max(c.flatten().tolist()) < num_experts
+        relabel = dict(zip(ids.flatten().tolist(), c.flatten().tolist()))
+        assert len(set(relabel.values())) == len(relabel)  # one expert for each, the same for each
+        assert c.tolist() == [[relabel[e] for e in row] for row in ids.tolist()]
+
+
+def test_bench_hf_cold_rows_and_their_limit_take_the_routings_in_turn(monkeypatch):
+    """Cold decode calls take the cycle's routings in turn (the router and the weight-reading
+    limit alike); the limit reads the touched experts' weights of each turn's routing."""
+    pytest.importorskip("transformers")
+    from pangu_ops.benchmarks import hf
+    backends.load("cpu")
+    block = hf.Block("tiny", "MixtralConfig", hf.BLOCKS[0].module, 32, 16, 8, 2)
+    experts = hf._experts(block, torch.float32)
+    route = hf._router(block, 1, torch.float32, "cold")
+    cycle = hf.cold_cycle(hf._router(block, 1, torch.float32, "fixed")()[0], block.experts)
+    assert len(cycle) == 4 and hf._applies(block, 1, "cold") and not hf._applies(block, 2048, "cold")
+    for turn in range(9):
+        ids, _ = route()
+        assert torch.equal(ids, cycle[turn % 4])
+    read = []
+    monkeypatch.setattr(torch.ops.pangu_cpu, "read_work", lambda views: read.append(views))
+    limit = hf._limits(block, experts, torch.float32, cycle, "fwd", 1)["weight reading"][1]
+    for turn in range(5):
+        limit()
+        for w in (experts.gate_up_proj, experts.down_proj):
+            first = [(v.data_ptr() - w.data_ptr()) // w[0].nbytes for v in read[-1] if v.untyped_storage().data_ptr()
+                     == w.untyped_storage().data_ptr()]
+            views = [v for v in read[-1] if v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()]
+            covered = {e for f, v in zip(first, views) for e in range(f, f + v.shape[0])}
+            assert covered == set(cycle[turn % 4].flatten().tolist())
+
+
 def test_fma_work_takes_no_negative_flops():
     backends.load("cpu")
     assert torch.ops.pangu_cpu.fma_work(10_000) > 0
@@ -168,7 +214,7 @@ def test_bench_hf_decode_limits_take_the_bf16_peak_where_the_cpu_multiplies_bf16
     peak = bf16_peak(1) if dtype == torch.bfloat16 else None
     for tokens, kind, memory in ((1, "compute", {"weight reading": "memory"}), (hf.PREFILL[0], "peak", {})):
         ids = torch.zeros(tokens, 2, dtype=torch.long)
-        kinds = {n: k for n, (k, _) in hf._limits(block, experts, dtype, ids, "fwd", tokens).items()
+        kinds = {n: k for n, (k, _) in hf._limits(block, experts, dtype, [ids], "fwd", tokens).items()
                  if not n.startswith("dense mm")}
         assert kinds == {hf.FMA_PEAK: "compute", **memory, **({peak[0].split(" (")[0]: kind} if peak else {})}
 
