@@ -8,15 +8,20 @@
 // is what the same FLOPs cost at this CPU's vector peak, which no kernel beats (a dense matmul can
 // be beaten: its operands stream through memory). Returns a checksum so the work is kept.
 //
-// read_work(ts): the memory-read limit. Reads every byte of the contiguous tensors ts once, as 32-bit
+// read_work(ts, ahead=0): the memory-read limit. Reads every byte of the contiguous tensors ts once, as 32-bit
 // (little-endian) words xor-folded into vector accumulators, in one parallel region: each thread its
 // contiguous share of all their words (in list order), each tensor's part of it as 4 streams read in
 // lockstep a line at a time (one stream per thread read 10-25% slower here: fewer misses in flight);
 // nothing else, so its time is this machine's read bandwidth for those bytes wherever they sit
 // (memory, the L3). torch's sum is no such limit: the few-row kernels beat it by up to 10% (fp32);
 // nor is a call per tensor: a decode step's 14 touched weight slices (Qwen3-MoE-shaped, one token)
-// took 194 us that way against 163 in one call, and the step's expert_mlp 164. Returns the xor of
-// every tensor's words (each one's trailing 1-3 bytes zero-padded to a word), so the reads are kept.
+// took 194 us that way against 163 in one call, and the step's expert_mlp 164. ahead > 0: every
+// other line of each stream also fetched into L2 `ahead` bytes on, as the fp32 few-row kernels'
+// software prefetch does (a line of 2 a step, kDotsAhead on): from memory they read a little faster
+// than the plain pass (fp32 Mixtral-shaped one-token decode steps at 102-104% of it, 2-core Zen 4),
+// from the L3 the plain pass is the faster (the prefetching one ~1.1x its time), so the benchmarks'
+// read limit is the faster of the two. Returns the xor of every tensor's words (each one's trailing
+// 1-3 bytes zero-padded to a word), so the reads are kept.
 //
 // amx_work(flops): the bf16 compute limit where the CPU has AMX-BF16 (has_amx). Runs `flops` as
 // TDPBF16PS on tiles that stay in the tile registers (four accumulators from two A and two B tiles,
@@ -76,13 +81,17 @@ double fma_work(int64_t flops) {
   return on_every_thread(flops, 2 * kChains * kLanes, fma_chains);
 }
 
-// The xor of words[w0, w1): 4 streams read in lockstep a line at a time, the rest one by one.
-uint32_t fold_words(const uint32_t* words, int64_t w0, int64_t w1) {
+// The xor of words[w0, w1): 4 streams read in lockstep a line at a time (every other line of each
+// prefetched `ahead` bytes on where ahead > 0), the rest one by one.
+uint32_t fold_words(const uint32_t* words, int64_t w0, int64_t w1, int64_t ahead) {
   constexpr int kStreams = 4, kLine = 16;  // words
   const int64_t len = std::max<int64_t>(0, w1 - w0) / kStreams / kLine * kLine;  // each stream's words
   uint32_t f[kStreams][kLine] = {};
   for (int64_t w = 0; w < len; w += kLine) {
     for (int s = 0; s < kStreams; ++s) {
+      if (ahead > 0 && w % (2 * kLine) == 0) {
+        __builtin_prefetch(reinterpret_cast<const char*>(words + w0 + s * len + w) + ahead, 0, 2);
+      }
       for (int j = 0; j < kLine; ++j) f[s][j] ^= words[w0 + s * len + w + j];
     }
   }
@@ -94,7 +103,8 @@ uint32_t fold_words(const uint32_t* words, int64_t w0, int64_t w1) {
   return fold;
 }
 
-int64_t read_work(at::TensorList ts) {
+int64_t read_work(at::TensorList ts, int64_t ahead) {
+  TORCH_CHECK_VALUE(ahead >= 0, "read_work: ahead must be >= 0");
   std::vector<int64_t> first{0};  // the words before each tensor's
   for (const at::Tensor& t : ts) {
     TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "read_work: contiguous CPU tensors");
@@ -109,7 +119,7 @@ int64_t read_work(at::TensorList ts) {
       for (size_t k = 0; k < ts.size(); ++k) {
         if (first[k + 1] <= g0 || first[k] >= g1) continue;
         folds[i] ^= fold_words(static_cast<const uint32_t*>(ts[k].data_ptr()), std::max(g0, first[k]) - first[k],
-                               std::min(g1, first[k + 1]) - first[k]);
+                               std::min(g1, first[k + 1]) - first[k], ahead);
       }
     }
   });
@@ -228,7 +238,7 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("has_amx() -> bool", &has_amx);
   m.def("bf16_dot_work(int flops) -> float", &bf16_dot_work);
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
-  m.def("read_work(Tensor[] ts) -> int", &read_work);
+  m.def("read_work(Tensor[] ts, int ahead=0) -> int", &read_work);
   m.def("write_work(Tensor(a!) t, int value) -> ()", &write_work);
   m.def("move_work(Tensor src, Tensor(a!) dst) -> int", &move_work);
 }

@@ -35,7 +35,8 @@ def test_read_work_reads_every_byte_once(numel, dtype):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert torch.ops.pangu_cpu.read_work([t]) & 0xFFFFFFFF == expected
+            for ahead in (0, 64, 8192):  # prefetching reads the same bytes
+                assert torch.ops.pangu_cpu.read_work([t], ahead) & 0xFFFFFFFF == expected
     finally:
         torch.set_num_threads(before)
     byte = numel // 2 * size  # one bit anywhere moves it, by that bit's value in its word
@@ -69,6 +70,8 @@ def test_read_work_takes_contiguous_cpu_tensors_only():
     backends.load("cpu")
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.pangu_cpu.read_work([torch.zeros(8), torch.zeros(8, 8).t()])
+    with pytest.raises(ValueError, match="ahead"):
+        torch.ops.pangu_cpu.read_work([torch.zeros(8)], -1)
 
 
 # below the 1 MiB from which it streams whole lines; above, with the view starting and ending
@@ -142,16 +145,17 @@ def test_bench_hf_cold_rows_and_their_limit_take_the_routings_in_turn(monkeypatc
         ids, _ = route()
         assert torch.equal(ids, cycle[turn % 4])
     read = []
-    monkeypatch.setattr(torch.ops.pangu_cpu, "read_work", lambda views: read.append(views))
-    limit = hf._limits(block, experts, torch.float32, cycle, "fwd", 1)["weight reading"][1]
-    for turn in range(5):
-        limit()
-        for w in (experts.gate_up_proj, experts.down_proj):
-            first = [(v.data_ptr() - w.data_ptr()) // w[0].nbytes for v in read[-1] if v.untyped_storage().data_ptr()
-                     == w.untyped_storage().data_ptr()]
-            views = [v for v in read[-1] if v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()]
-            covered = {e for f, v in zip(first, views) for e in range(f, f + v.shape[0])}
-            assert covered == set(cycle[turn % 4].flatten().tolist())
+    monkeypatch.setattr(torch.ops.pangu_cpu, "read_work", lambda views, ahead=0: read.append((views, ahead)))
+    limits = hf._limits(block, experts, torch.float32, cycle, "fwd", 1)
+    for name, ahead in (("weight reading", 0), ("weight reading, prefetched", hf.READ_AHEAD)):
+        for turn in range(5):
+            limits[name][1]()
+            assert read[-1][1] == ahead
+            for w in (experts.gate_up_proj, experts.down_proj):
+                views = [v for v in read[-1][0] if v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()]
+                first = [(v.data_ptr() - w.data_ptr()) // w[0].nbytes for v in views]
+                covered = {e for f, v in zip(first, views) for e in range(f, f + v.shape[0])}
+                assert covered == set(cycle[turn % 4].flatten().tolist())
 
 
 def test_fma_work_takes_no_negative_flops():
@@ -189,10 +193,12 @@ def test_bench_hf_takes_every_fma_limit_at_the_runs_best_rate():
                 Row("b", "float32", 16, "fwd", "fixed", "eager", builtin_ms, builtin_ms, 0.0)]
     quiet, disturbed, decode = group(2.0, 4.0), group(1.5, 3.0), group(1.0, 2.0)
     # 1 GFLOP in 1 ms (quiet); 2 GFLOP in 4 ms (disturbed: 2 ms at the best rate); a memory-bound
-    # decode group: its 3 ms read outlasts its FLOPs at the best rate (0.5 ms)
+    # decode group: its faster read (3 ms; two ways of reading the same bytes) outlasts its FLOPs at
+    # the best rate (0.5 ms)
     _rate_against_limits([(quiet, 10 ** 9, {FMA_PEAK: ("compute", 1e-3)}),
                           (disturbed, 2 * 10 ** 9, {FMA_PEAK: ("compute", 4e-3), "dense mm": ("compute", 5e-3)}),
-                          (decode, 5 * 10 ** 8, {FMA_PEAK: ("compute", 2e-3), "weight reading": ("memory", 3e-3)})])
+                          (decode, 5 * 10 ** 8, {FMA_PEAK: ("compute", 2e-3), "weight reading": ("memory", 4e-3),
+                                                 "weight reading, prefetched": ("memory", 3e-3)})])
     assert [r.of_limit for r in quiet] == [0.5, 0.25]
     assert disturbed[0].of_limit == pytest.approx(2.0 / 1.5) and "ABOVE THE LIMIT" in disturbed[0].note
     assert disturbed[1].of_limit == pytest.approx(2.0 / 3.0) and "ABOVE" not in disturbed[1].note
@@ -212,7 +218,8 @@ def test_bench_hf_decode_limits_take_the_bf16_peak_where_the_cpu_multiplies_bf16
     block = hf.Block("tiny", "MixtralConfig", hf.BLOCKS[0].module, 32, 16, 4, 2)
     experts = hf._experts(block, dtype)
     peak = bf16_peak(1) if dtype == torch.bfloat16 else None
-    for tokens, kind, memory in ((1, "compute", {"weight reading": "memory"}), (hf.PREFILL[0], "peak", {})):
+    reads = {"weight reading": "memory", "weight reading, prefetched": "memory"}
+    for tokens, kind, memory in ((1, "compute", reads), (hf.PREFILL[0], "peak", {})):
         ids = torch.zeros(tokens, 2, dtype=torch.long)
         kinds = {n: k for n, (k, _) in hf._limits(block, experts, dtype, [ids], "fwd", tokens).items()
                  if not n.startswith("dense mm")}
@@ -231,8 +238,8 @@ def test_bench_hf_times_a_group_again_where_a_row_beats_its_limit(monkeypatch, k
 
     def fake_interleaved(fns, device, **kwargs):
         seen.append(len(fns))
-        limit_s = (0.5 if len(seen) == 2 else 2) * 1e-3  # the last two: FMA peak, weight reading
-        return [Timing([kernel_ms * 1e-3])] + [Timing([4e-3])] * (len(fns) - 3) + [Timing([limit_s])] * 2
+        limit_s = (0.5 if len(seen) == 2 else 2) * 1e-3  # the last three: FMA peak, the two weight readings
+        return [Timing([kernel_ms * 1e-3])] + [Timing([4e-3])] * (len(fns) - 4) + [Timing([limit_s])] * 3
     monkeypatch.setattr(hf, "interleaved", fake_interleaved)
     block = hf.Block("tiny", "MixtralConfig", hf.BLOCKS[0].module, 32, 16, 4, 2)
     rows = hf.run(blocks=(block,), dtypes=(torch.float32,), sizes=(1,), modes=("fwd",), routings=("fixed",))
