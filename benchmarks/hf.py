@@ -352,11 +352,11 @@ def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'block':<17} {'dtype':<9} {'tokens':>6} {'mode':<8} {'routing':<8} {'impl':<18} {'median ms':>10}"
+    head = (f"{'block':<17} {'dtype':<9} {'tokens':>6} {'mode':<8} {'routing':<8} {'impl':<26} {'median ms':>10}"
             f" {'min ms':>10} {'spread':>6} {'vs fastest built-in':>20} {'of limit':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.block:<17} {r.dtype:<9} {r.tokens:>6} {r.mode:<8} {r.routing:<8} {r.impl:<18}"
+        lines.append(f"{r.block:<17} {r.dtype:<9} {r.tokens:>6} {r.mode:<8} {r.routing:<8} {r.impl:<26}"
                      f" {r.median_ms:>10.3f} {r.min_ms:>10.3f} {r.spread:>6.2f} {r.vs_fastest_builtin:>19.2f}x"
                      f" {100 * r.of_limit:>8.0f}%  {r.note}")
     lines.append("vs fastest built-in: the fastest of transformers' eager / batched_mm (where its per-slot weight "
