@@ -84,6 +84,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.routing and not args.hf:
+        raise SystemExit("pangu-ops bench: --routing goes with --hf")
     if args.distributed:
         return cmd_bench_distributed(args)
     if args.ecss:
@@ -97,6 +99,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         given = {"dtypes": [DTYPE_NAMES[d] for d in args.dtype]} if args.dtype else {}
         if args.tokens:
             given["sizes"] = (args.tokens,)
+        if args.routing:
+            given["routings"] = tuple(args.routing)
         bench_hf.main(Path(args.out), min_time=args.min_time, **given)
         return 0
     from pangu_ops.benchmarks import ops as bench_ops
@@ -243,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ECSS: the fused host AdamW vs torch's, lazy vs dense steps, training within a device budget")
     b.add_argument("--hf", action="store_true",
                    help="transformers' MoE experts blocks: the 'pangu_ops' experts backend vs transformers' own")
+    b.add_argument("--routing", nargs="+", choices=["fixed", "fresh", "cold"],
+                   help="with --hf: the routings to run (default all: fixed; fresh for prefill sizes; cold for decode "
+                        "sizes, each call's weights from memory)")
     d = b.add_argument_group("--distributed: flat vs hierarchical expert-parallel all-to-all on local gloo ranks "
                              "(defaults: 2 nodes x 4 ranks, 64 experts, top-8, 256 tokens/rank, H 1024, bfloat16)")
     d.add_argument("--distributed", action="store_true", help="run the expert-parallel communication benchmark")

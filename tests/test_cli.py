@@ -95,13 +95,24 @@ def test_bench_distributed_reports_inter_node_bytes(tmp_path, capsys):
     assert (out_dir / "bench_distributed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_routing_goes_with_hf():
+    with pytest.raises(SystemExit, match="--routing goes with --hf"):
+        cli.main(["bench", "--routing", "cold"])
+
+
 def test_bench_hf_writes_table_json_png(tmp_path, capsys):
+    """Decode rows with the cold routing (each call's experts new since its last turn) through the
+    real blocks, their limits read both ways; --routing picks the routings."""
     pytest.importorskip("transformers", minversion="5.0")
     out_dir = tmp_path / "hf"
-    cli.main(["bench", "--hf", "--tokens", "2", "--dtype", "float32", "--out", str(out_dir), "--min-time", "0.01"])
+    cli.main(["bench", "--hf", "--tokens", "2", "--dtype", "float32", "--routing", "cold", "--out", str(out_dir),
+              "--min-time", "0.01"])
     assert "pangu_ops" in capsys.readouterr().out
     rows = json.loads((out_dir / "bench_hf.json").read_text())["rows"]
-    assert {"pangu_ops", "eager", "grouped_mm", "weight reading", "FMA peak"} <= {r["impl"] for r in rows}
+    assert {"pangu_ops", "eager", "grouped_mm", "weight reading", "weight reading, prefetched", "FMA peak"} <= {
+        r["impl"] for r in rows}
+    assert {r["routing"] for r in rows} == {"cold"} and {r["block"] for r in rows} == {"mixtral-shaped",
+                                                                                        "qwen3-moe-shaped"}
     assert (out_dir / "bench_hf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
