@@ -363,8 +363,9 @@ def table(rows: list[Row]) -> str:
                  f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over "
                  "this row's; of limit: the same-run limit's time over this row's (the faster of the FMA peak, at the "
                  "best rate of the run, and the dense mm for the same FLOPs; for decode the FMA or bf16 peak, the "
-                 "slower of that and one read-only pass over the touched experts' weights; with the backward one "
-                 "more, overlapped with the write of the gradients); routing fresh: a new routing (new rows per "
+                 "slower of that and one read-only pass over the touched experts' weights, plain or prefetching as "
+                 "the few-row kernels do, whichever is the faster; with the backward one more, overlapped with the "
+                 "write of the gradients); routing fresh: a new routing (new rows per "
                  "expert) every call; cold: the fixed routing with its experts relabelled in turn, each call's "
                  "weights untouched since its last turn (from memory, as in a model's decode step).")
     return "\n".join(lines)

@@ -8,20 +8,21 @@
 // is what the same FLOPs cost at this CPU's vector peak, which no kernel beats (a dense matmul can
 // be beaten: its operands stream through memory). Returns a checksum so the work is kept.
 //
-// read_work(ts, ahead=0): the memory-read limit. Reads every byte of the contiguous tensors ts once, as 32-bit
-// (little-endian) words xor-folded into vector accumulators, in one parallel region: each thread its
-// contiguous share of all their words (in list order), each tensor's part of it as 4 streams read in
-// lockstep a line at a time (one stream per thread read 10-25% slower here: fewer misses in flight);
-// nothing else, so its time is this machine's read bandwidth for those bytes wherever they sit
-// (memory, the L3). torch's sum is no such limit: the few-row kernels beat it by up to 10% (fp32);
-// nor is a call per tensor: a decode step's 14 touched weight slices (Qwen3-MoE-shaped, one token)
-// took 194 us that way against 163 in one call, and the step's expert_mlp 164. ahead > 0: every
-// other line of each stream also fetched into L2 `ahead` bytes on, as the fp32 few-row kernels'
-// software prefetch does (a line of 2 a step, kDotsAhead on): from memory they read a little faster
-// than the plain pass (fp32 Mixtral-shaped one-token decode steps at 102-104% of it, 2-core Zen 4),
-// from the L3 the plain pass is the faster (the prefetching one ~1.1x its time), so the benchmarks'
-// read limit is the faster of the two. Returns the xor of every tensor's words (each one's trailing
-// 1-3 bytes zero-padded to a word), so the reads are kept.
+// read_work(ts, ahead=0): the memory-read limit. Reads every byte of the contiguous tensors ts once,
+// as 32-bit (little-endian) words xor-folded into vector accumulators, in one parallel region: each
+// thread its contiguous share of all their words (in list order), each tensor's part of it as 4
+// streams read in lockstep a line at a time (one stream per thread read 10-25% slower here: fewer
+// misses in flight); nothing else, so its time is this machine's read bandwidth for those bytes
+// wherever they sit (memory, the L3). torch's sum is no such limit: the few-row kernels beat it by
+// up to 10% (fp32); nor is a call per tensor: a decode step's 14 touched weight slices
+// (Qwen3-MoE-shaped, one token) took 194 us that way against 163 in one call, and the step's
+// expert_mlp 164. ahead > 0: every other line of each stream also fetched into L2 `ahead` bytes on,
+// as the fp32 few-row kernels' software prefetch does (a line of 2 a step, kDotsAhead on): from
+// memory they read a little faster than the plain pass (fp32 Mixtral-shaped one-token decode steps
+// at 102-104% of it, 2-core Zen 4), from the L3 the plain pass is the faster (the prefetching one
+// 1.1-1.2x its time; a prefetch on every line: 1.45x), so the benchmarks' read limit is the faster
+// of the two. Returns the xor of every tensor's words (each one's trailing 1-3 bytes zero-padded to
+// a word), so the reads are kept.
 //
 // amx_work(flops): the bf16 compute limit where the CPU has AMX-BF16 (has_amx). Runs `flops` as
 // TDPBF16PS on tiles that stay in the tile registers (four accumulators from two A and two B tiles,
