@@ -134,7 +134,14 @@ def _applies(block: Block, tokens: int, routing: str) -> bool:
         return True
     if routing == "fresh" or tokens > max(DECODE):
         return routing == "fresh" and tokens > max(DECODE)
-    return len(cold_cycle(_router(block, tokens, torch.float32, "fixed")()[0], block.experts)) > 1
+    return len(_routings(block, tokens, "cold")) > 1
+
+
+def _routings(block: Block, tokens: int, routing: str) -> list[torch.Tensor]:
+    """The expert ids that a row's calls take in turn: the fixed routing's cold cycle (cold), else
+    the first routing its router gives (the one the decode limit reads)."""
+    ids = _router(block, tokens, torch.float32, "fixed" if routing == "cold" else routing)()[0]
+    return cold_cycle(ids, block.experts) if routing == "cold" else [ids]
 
 
 def _turns(items: list):
@@ -299,9 +306,7 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
         route_part = _router(block, part, dtype, routing) if part != tokens else route
         fns = [_case(block, experts, part, dtype, mode, impl, route_part) if impl in BUILT_IN else
                _case(block, experts, tokens, dtype, mode, impl, route) for impl in impls]
-        ids = _router(block, tokens, dtype, "fixed" if routing == "cold" else routing)()[0]
-        limits = _limits(block, experts, dtype, cold_cycle(ids, block.experts) if routing == "cold" else [ids], mode,
-                         tokens)
+        limits = _limits(block, experts, dtype, _routings(block, tokens, routing), mode, tokens)
         print(f"[{i}/{len(todo)}] {block.name} {str(dtype)[6:]} T={tokens} {mode} {routing} routing", file=sys.stderr,
               flush=True)
         settle = [kt_kernel.SETTLE_S if impl == kt_kernel.NAME else 0.0 for impl in impls] + [0.0] * len(limits)
