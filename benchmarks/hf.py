@@ -21,8 +21,14 @@ where this CPU's half-precision matmul is slower; x3 for forward + backward); fo
 memory, one read-only pass (the CPU backend's `read_work`: every byte read once, nothing else) over
 the touched experts' weights in place, the faster of a plain pass and one with the few-row kernels'
 software prefetch (`weight reading, prefetched`: from memory the fp32 kernels read faster than the
-plain pass) (forward + backward: one such pass, then a second one
-overlapped with the write of their gradients, streamed, as `move_work` reads a source's lines and
+plain pass) and, for decode forward where the CPU backend's `dot_read_work` multiplies as the
+few-row kernels do (fp32 on AVX-512, bf16 by VDPBF16PS: `_products_read`), the same pass with
+their products done on every line, each expert's lines into its rows' register accumulators
+(`read with products`, plain and prefetched: the best kernel of those products, nothing reduced or
+stored; on a Zen 4 it read faster than the plain pass where the products were few, its streams
+keeping more lines in flight), the fastest of these passes counting (forward + backward: one
+such pass, then a second one overlapped with the write of their gradients, streamed, as
+`move_work` reads a source's lines and
 writes a destination's interleaved, and the zeros of the other experts' gradients, `write_work`,
 since zeros stream ~2x faster on some of these machines); a row's limit is whichever of the two
 takes longer. On a CPU that multiplies bf16 natively, bfloat16 rows also get the same FLOPs as
@@ -76,6 +82,7 @@ PREFILL, DECODE = (2048,), (1, 4, 16)
 READ_AHEAD = 8192  # bytes: the few-row kernels' software prefetch distance (csrc/common.h kDotsAhead)
 BATCHED_MM_BYTES = 2 << 30  # batched_mm's per-slot weight copies beyond this are not run
 FMA_PEAK = "FMA peak"
+PRODUCTS = "read with products"  # decode forward's ceiling (_limits)
 
 
 @dataclass
@@ -278,7 +285,28 @@ def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor]
     for name, ahead in (("weight reading", 0), ("weight reading, prefetched", READ_AHEAD)):
         turn = _turns([weight_pass(ids, ahead) for ids in cycle])
         limits[name] = ("memory", lambda turn=turn: turn()())
+    if mode == "fwd" and _products_read(dtype):
+        # the same bytes read with the few-row kernels' products done on them, each expert's weight
+        # lines multiplied into its rows (`dot_read_work`): the best kernel of those products here
+        # (where the products bound it, slower than a plain read, which then counts; where not, it
+        # read faster than read_work on a Zen 4: more streams in flight, so it counts)
+        def products_pass(ids: torch.Tensor, ahead: int):
+            rows = torch.bincount(ids.flatten(), minlength=block.experts).tolist()
+            views = [w.detach()[e] for w in weights for e, r in enumerate(rows) if r]
+            counts = [r for _ in weights for r in rows if r]
+            return lambda: torch.ops.pangu_cpu.dot_read_work(views, counts, ahead)
+        for name, ahead in ((PRODUCTS, 0), (f"{PRODUCTS}, prefetched", READ_AHEAD)):
+            turn = _turns([products_pass(ids, ahead) for ids in cycle])
+            limits[name] = ("memory", lambda turn=turn: turn()())
     return limits
+
+
+def _products_read(dtype: torch.dtype) -> bool:
+    """Whether `dot_read_work` multiplies this dtype as the CPU backend's few-row kernels do here:
+    fp32 FMAs on AVX-512 vectors; bf16 by VDPBF16PS where they do (bf16_pair_dots: a Zen 4), not
+    where they widen bf16 to fp32 FMAs or take AMX tiles (a Xeon)."""
+    from pangu_ops.backends import cpu as cpu_backend
+    return bool(torch.ops.pangu_cpu.dot_read_ready(dtype)) and (dtype != torch.bfloat16 or cpu_backend.bf16_pair_dots())
 
 
 def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + DECODE, modes=("fwd", "fwd+bwd"),
@@ -357,11 +385,11 @@ def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'block':<17} {'dtype':<9} {'tokens':>6} {'mode':<8} {'routing':<8} {'impl':<26} {'median ms':>10}"
+    head = (f"{'block':<17} {'dtype':<9} {'tokens':>6} {'mode':<8} {'routing':<8} {'impl':<30} {'median ms':>10}"
             f" {'min ms':>10} {'spread':>6} {'vs fastest built-in':>20} {'of limit':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.block:<17} {r.dtype:<9} {r.tokens:>6} {r.mode:<8} {r.routing:<8} {r.impl:<26}"
+        lines.append(f"{r.block:<17} {r.dtype:<9} {r.tokens:>6} {r.mode:<8} {r.routing:<8} {r.impl:<30}"
                      f" {r.median_ms:>10.3f} {r.min_ms:>10.3f} {r.spread:>6.2f} {r.vs_fastest_builtin:>19.2f}x"
                      f" {100 * r.of_limit:>8.0f}%  {r.note}")
     lines.append("vs fastest built-in: the fastest of transformers' eager / batched_mm (where its per-slot weight "
@@ -369,8 +397,9 @@ def table(rows: list[Row]) -> str:
                  "this row's; of limit: the same-run limit's time over this row's (the faster of the FMA peak, at the "
                  "best rate of the run, and the dense mm for the same FLOPs; for decode the FMA or bf16 peak, the "
                  "slower of that and one read-only pass over the touched experts' weights, plain or prefetching as "
-                 "the few-row kernels do, whichever is the faster; with the backward one more, overlapped with the "
-                 "write of the gradients); routing fresh: a new routing (new rows per "
+                 "the few-row kernels do, or for the forward with their products done on the lines (read with "
+                 "products: the best kernel of those products), whichever is the fastest; with the backward one "
+                 "more, overlapped with the write of the gradients); routing fresh: a new routing (new rows per "
                  "expert) every call; cold: the fixed routing with its experts relabelled in turn, each call's "
                  "weights untouched since its last turn (from memory, as in a model's decode step).")
     return "\n".join(lines)

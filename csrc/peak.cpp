@@ -24,6 +24,24 @@
 // of the two. Returns the xor of every tensor's words (each one's trailing 1-3 bytes zero-padded to
 // a word), so the reads are kept.
 //
+// dot_read_work(ts, rows, ahead=0): the decode ceiling: what reading the touched experts' weights
+// costs with the few-row kernels' products done on them. Reads every byte of the contiguous
+// tensors ts once, as read_work splits them over the threads, and multiplies each 64-byte line of
+// ts[i] into rows[i] (1-16: a decode step's rows of that expert) register-resident accumulators, one
+// vector product a row and a line as those kernels do it: VDPBF16PS on bf16 (AVX512-BF16), an FMA
+// on fp32 (AVX-512); nothing else (no reduction, no store, the other operand in registers: less work
+// than any kernel of those products does). A bound the read limit misses: on a 2-core Zen 4 one
+// thread streaming from memory with 4 such products a line reached 80-90% of its plain read rate,
+// with 8 about 60% (the products bound it there: the same loop from L2 at the VDPBF16PS peak), and
+// the sum of the two times where nothing overlaps; its time is what the best kernel of those
+// products takes here. Streams in lockstep by row count (24 accumulators at most: 8 streams at 1-3
+// rows, 6 at 4, 4 at 5-6, 3 at 7-8, 2 at 9-12, 1 above); ahead > 0: every line of each stream also
+// fetched into L2 `ahead` bytes on, as the kernels' software prefetch does (from memory it helped
+// at 5+ rows, 1.1-1.25x, and cost 2-10% at 1-4; the benchmarks take the faster). Returns the sum of
+// every row's products, each row's other operand the constant (row + 1) / 1024 in every lane: the
+// sum of all the values (a line's tail beyond its tensor read as zeros) times sum_r (r + 1) / 1024,
+// to fp32 accumulation.
+//
 // amx_work(flops): the bf16 compute limit where the CPU has AMX-BF16 (has_amx). Runs `flops` as
 // TDPBF16PS on tiles that stay in the tile registers (four accumulators from two A and two B tiles,
 // as the grouped kernels' inner loop, nothing loaded), split over torch's threads: what the same
@@ -61,6 +79,29 @@
 
 namespace pangu_cpu {
 namespace {
+
+bool has_amx() { return bf16_tiles(); }
+
+bool has_avx512_bf16() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool has_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Whether dot_read_work runs here for this dtype's tensors.
+bool dot_read_ready(at::ScalarType dtype) {
+  return dtype == at::kFloat ? has_avx512() : dtype == at::kBFloat16 && has_avx512_bf16();
+}
 
 // `flops` split over torch's threads as steps of step_flops each: work(t, steps) on thread t returns
 // its checksum; the sum of them.
@@ -135,6 +176,115 @@ int64_t read_work(at::TensorList ts, int64_t ahead) {
   return total;
 }
 
+#if defined(__AVX512F__)
+// Products of lines [l0, l1) of the tensor at p (`bytes` long) with R rows: S streams of whole lines
+// in lockstep, the lines left one by one (a last partial one masked to the tensor's end); the sum of
+// the accumulators.
+template <typename T, int R>
+double dot_lines(const char* p, int64_t bytes, int64_t l0, int64_t l1, int64_t ahead) {
+  constexpr int S = R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : R <= 8 ? 3 : R <= 12 ? 2 : 1;
+  using Vec = std::conditional_t<std::is_same_v<T, float>, __m512, __m512bh>;
+  const auto vec = [](__m512i v) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_castsi512_ps(v);
+    } else {
+      return reinterpret_cast<__m512bh>(v);
+    }
+  };
+  const auto madd = [](__m512 acc, Vec a, Vec b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_fmadd_ps(a, b, acc);
+    } else {
+      return _mm512_dpbf16_ps(acc, a, b);
+    }
+  };
+  Vec other[R];
+  for (int r = 0; r < R; ++r) {
+    const float v = static_cast<float>(r + 1) / 1024;
+    other[r] = std::is_same_v<T, float> ? vec(_mm512_castps_si512(_mm512_set1_ps(v)))
+                                        : vec(_mm512_set1_epi16(static_cast<int16_t>(c10::BFloat16(v).x)));
+  }
+  __m512 acc[S][R];
+  for (int s = 0; s < S; ++s) {
+    for (int r = 0; r < R; ++r) acc[s][r] = _mm512_setzero_ps();
+  }
+  const int64_t len = std::max<int64_t>(0, std::min(l1, bytes / 64) - l0) / S;  // each stream's whole lines
+  const char* base = p + 64 * l0;
+  for (int64_t l = 0; l < len; ++l) {
+    for (int s = 0; s < S; ++s) {
+      const char* line = base + 64 * (s * len + l);
+      if (ahead > 0) _mm_prefetch(line + ahead, _MM_HINT_T1);
+      const Vec v = vec(_mm512_loadu_si512(line));
+      for (int r = 0; r < R; ++r) acc[s][r] = madd(acc[s][r], v, other[r]);
+    }
+  }
+  for (int64_t l = l0 + S * len; l < l1; ++l) {
+    const int64_t left = std::min<int64_t>(64, bytes - 64 * l);
+    const Vec v = vec(_mm512_maskz_loadu_epi8(left == 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1, p + 64 * l));
+    for (int r = 0; r < R; ++r) acc[0][r] = madd(acc[0][r], v, other[r]);
+  }
+  double sum = 0.0;
+  for (int s = 0; s < S; ++s) {
+    for (int r = 0; r < R; ++r) sum += _mm512_reduce_add_ps(acc[s][r]);
+  }
+  return sum;
+}
+
+template <typename T, int... Rs>
+double dot_lines_for(int64_t rows, const char* p, int64_t bytes, int64_t l0, int64_t l1, int64_t ahead,
+                     std::integer_sequence<int, Rs...>) {
+  double sum = 0.0;
+  ((rows == Rs + 1 ? (sum = dot_lines<T, Rs + 1>(p, bytes, l0, l1, ahead), 0) : 0), ...);
+  return sum;
+}
+#endif
+
+double dot_read_work(at::TensorList ts, at::IntArrayRef rows, int64_t ahead) {
+  TORCH_CHECK_VALUE(ahead >= 0, "dot_read_work: ahead must be >= 0");
+  TORCH_CHECK_VALUE(rows.size() == ts.size(), "dot_read_work: one row count per tensor (", ts.size(), " tensors, ",
+                    rows.size(), " row counts)");
+  std::vector<int64_t> first{0};  // the lines before each tensor's
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "dot_read_work: contiguous CPU tensors");
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+                      "dot_read_work: float32 or bfloat16 tensors, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(rows[i] >= 1 && rows[i] <= kFewRows, "dot_read_work: rows must be in [1, ", kFewRows, "], got ",
+                      rows[i]);
+    TORCH_CHECK(dot_read_ready(t.scalar_type()), "dot_read_work: this build or CPU has no ",
+                t.scalar_type() == at::kFloat ? "AVX-512" : "AVX512-BF16", " (dot_read_ready(", t.scalar_type(),
+                ") is false)");
+    first.push_back(first.back() + (static_cast<int64_t>(t.nbytes()) + 63) / 64);
+  }
+  const int64_t n = first.back();
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 256));
+  std::vector<double> sums(threads, 0.0);
+#if defined(__AVX512F__)
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t g0 = n * i / threads, g1 = n * (i + 1) / threads;
+      for (size_t k = 0; k < ts.size(); ++k) {
+        if (first[k + 1] <= g0 || first[k] >= g1) continue;
+        const auto* p = static_cast<const char*>(ts[k].data_ptr());
+        const int64_t l0 = std::max(g0, first[k]) - first[k], l1 = std::min(g1, first[k + 1]) - first[k];
+        const auto bytes = static_cast<int64_t>(ts[k].nbytes());
+        const auto all = std::make_integer_sequence<int, kFewRows>{};
+        if (ts[k].scalar_type() == at::kFloat) {
+          sums[i] += dot_lines_for<float>(rows[k], p, bytes, l0, l1, ahead, all);
+        } else {
+#if defined(__AVX512BF16__)
+          sums[i] += dot_lines_for<c10::BFloat16>(rows[k], p, bytes, l0, l1, ahead, all);
+#endif
+        }
+      }
+    }
+  });
+#endif
+  double total = 0.0;
+  for (double s : sums) total += s;
+  return total;
+}
+
 void write_work(const at::Tensor& t, int64_t value) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "write_work: a contiguous CPU tensor");
   TORCH_CHECK_VALUE(value >= 0 && value <= 255, "write_work: value must be a byte (0-255), got ", value);
@@ -179,15 +329,6 @@ int64_t move_work(const at::Tensor& src, const at::Tensor& dst) {
   return static_cast<int64_t>(total);
 }
 
-bool has_amx() { return bf16_tiles(); }
-
-bool has_avx512_bf16() {
-#if defined(__AVX512BF16__)
-  return true;
-#else
-  return false;
-#endif
-}
 
 double bf16_dot_work(int64_t flops) {
   TORCH_CHECK_VALUE(flops >= 0, "bf16_dot_work: flops must be >= 0");
@@ -242,6 +383,8 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("read_work(Tensor[] ts, int ahead=0) -> int", &read_work);
   m.def("write_work(Tensor(a!) t, int value) -> ()", &write_work);
   m.def("move_work(Tensor src, Tensor(a!) dst) -> int", &move_work);
+  m.def("dot_read_work(Tensor[] ts, int[] rows, int ahead=0) -> float", &dot_read_work);
+  m.def("dot_read_ready(ScalarType dtype) -> bool", &dot_read_ready);
 }
 
 }  // namespace pangu_cpu

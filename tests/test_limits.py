@@ -74,6 +74,79 @@ def test_read_work_takes_contiguous_cpu_tensors_only():
         torch.ops.pangu_cpu.read_work([torch.zeros(8)], -1)
 
 
+def _dot_read_dtypes():
+    backends.load("cpu")
+    return [d for d in (torch.float32, torch.bfloat16) if torch.ops.pangu_cpu.dot_read_ready(d)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dot_read_work_multiplies_every_value_into_every_row(dtype):
+    """Each row's other operand is (r + 1) / 1024 in every lane: the sum is every value's (a
+    tensor of 1 value, of part of a line, of whole lines, of lines that the streams leave over, a
+    view starting mid-line) times sum_r (r + 1) / 1024, at each row count 1-16, on 1 and 2 threads;
+    a value read twice or not at all moves it (random positive values, fp32 accumulation)."""
+    backends.load("cpu")
+    if not torch.ops.pangu_cpu.dot_read_ready(dtype):
+        with pytest.raises(RuntimeError, match="dot_read_ready"):
+            torch.ops.pangu_cpu.dot_read_work([torch.ones(64, dtype=dtype)], [1])
+        return
+    gen = torch.Generator().manual_seed(3)
+    base = (torch.rand(200_000, generator=gen) + 0.5).to(dtype)
+    tensors = [base[:1], base[:31], base[5:5 + 1000], base[:4096], base[7:7 + 123_457]]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for t in tensors:
+                for rows in range(1, 17):
+                    want = t.double().sum().item() * sum(r + 1 for r in range(rows)) / 1024
+                    for ahead in (0, 8192):
+                        got = torch.ops.pangu_cpu.dot_read_work([t], [rows], ahead)
+                        assert got == pytest.approx(want, rel=1e-4), (t.numel(), rows, ahead)
+    finally:
+        torch.set_num_threads(before)
+    smallest = base[:1000].double().min().item() * sum(r + 1 for r in range(3)) / 1024
+    one_short = torch.ops.pangu_cpu.dot_read_work([base[:999]], [3])
+    assert torch.ops.pangu_cpu.dot_read_work([base[:1000]], [3]) - one_short >= 0.99 * smallest
+
+
+def test_dot_read_work_takes_each_tensors_row_count():
+    """One pass over a list (each thread's share crossing tensors): each tensor's values times its
+    own rows' sum, empty tensors and an empty list adding nothing."""
+    for dtype in _dot_read_dtypes():
+        gen = torch.Generator().manual_seed(5)
+        parts = [(torch.rand(n, generator=gen) + 0.5).to(dtype) for n in (70_001, 7, 0, 230_000)]
+        rows = [2, 16, 5, 1]
+        want = sum(t.double().sum().item() * r * (r + 1) / 2 / 1024 for t, r in zip(parts, rows))
+        before = torch.get_num_threads()
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                assert torch.ops.pangu_cpu.dot_read_work(parts, rows) == pytest.approx(want, rel=1e-4)
+                assert torch.ops.pangu_cpu.dot_read_work([], []) == 0
+        finally:
+            torch.set_num_threads(before)
+
+
+def test_dot_read_work_rejects_what_it_cannot_read():
+    backends.load("cpu")
+    op = torch.ops.pangu_cpu.dot_read_work
+    for dtype in _dot_read_dtypes():
+        ok = torch.ones(64, dtype=dtype)
+        with pytest.raises(ValueError, match="one row count per tensor"):
+            op([ok, ok], [1])
+        for rows in (0, 17):
+            with pytest.raises(ValueError, match=r"rows must be in \[1, 16\]"):
+                op([ok], [rows])
+        with pytest.raises(ValueError, match="contiguous"):
+            op([torch.ones(8, 8, dtype=dtype).t()], [1])
+        with pytest.raises(ValueError, match="ahead"):
+            op([ok], [1], -1)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        op([torch.ones(64, dtype=torch.float16)], [1])
+    assert not torch.ops.pangu_cpu.dot_read_ready(torch.float16)
+
+
 # below the 1 MiB from which it streams whole lines; above, with the view starting and ending
 # mid-line (1-63-byte ends by memset) or on line boundaries; zeros and a value
 @pytest.mark.parametrize("value", [0, 0x3C])
@@ -158,6 +231,38 @@ def test_bench_hf_cold_rows_and_their_limit_take_the_routings_in_turn(monkeypatc
                 assert covered == set(cycle[turn % 4].flatten().tolist())
 
 
+def test_bench_hf_products_limit_multiplies_each_touched_expert_into_its_rows(monkeypatch):
+    """The decode forward's `read with products` passes each touched expert's weight slices (one
+    expert each) with that expert's row count, each turn's routing in turn; none for the backward."""
+    pytest.importorskip("transformers")
+    from pangu_ops.benchmarks import hf
+    backends.load("cpu")
+    if not hf._products_read(torch.float32):
+        pytest.skip("dot_read_work does not run here (no AVX-512)")
+    block = hf.Block("tiny", "MixtralConfig", hf.BLOCKS[0].module, 32, 16, 8, 2)
+    experts = hf._experts(block, torch.float32)
+    ids = torch.tensor([[2, 5], [5, 0], [5, 2]])
+    cycle = hf.cold_cycle(ids, block.experts)
+    calls = []
+    monkeypatch.setattr(torch.ops.pangu_cpu, "dot_read_work", lambda views, rows, ahead=0: calls.append((views, rows, ahead)))
+    limits = hf._limits(block, experts, torch.float32, cycle, "fwd", 3)
+    for name, ahead in ((hf.PRODUCTS, 0), (f"{hf.PRODUCTS}, prefetched", hf.READ_AHEAD)):
+        for turn in range(2 * len(cycle)):
+            limits[name][1]()
+            views, rows, got_ahead = calls[-1]
+            assert got_ahead == ahead and len(views) == len(rows)
+            counts = torch.bincount(cycle[turn % len(cycle)].flatten(), minlength=block.experts)
+            seen = {}
+            for v, r in zip(views, rows):
+                w = next(w for w in (experts.gate_up_proj, experts.down_proj)
+                         if v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr())
+                e = (v.data_ptr() - w.data_ptr()) // w[0].nbytes
+                assert v.shape == w.shape[1:] and r == counts[e] > 0
+                seen.setdefault(e, []).append(w is experts.gate_up_proj)
+            assert {e: sorted(s) for e, s in seen.items()} == {e: [False, True] for e in counts.nonzero().flatten().tolist()}
+    assert hf.PRODUCTS not in hf._limits(block, experts, torch.float32, cycle, "fwd+bwd", 3)
+
+
 def test_fma_work_takes_no_negative_flops():
     backends.load("cpu")
     assert torch.ops.pangu_cpu.fma_work(10_000) > 0
@@ -219,6 +324,8 @@ def test_bench_hf_decode_limits_take_the_bf16_peak_where_the_cpu_multiplies_bf16
     experts = hf._experts(block, dtype)
     peak = bf16_peak(1) if dtype == torch.bfloat16 else None
     reads = {"weight reading": "memory", "weight reading, prefetched": "memory"}
+    if hf._products_read(dtype):
+        reads.update({hf.PRODUCTS: "memory", f"{hf.PRODUCTS}, prefetched": "memory"})
     for tokens, kind, memory in ((1, "compute", reads), (hf.PREFILL[0], "peak", {})):
         ids = torch.zeros(tokens, 2, dtype=torch.long)
         kinds = {n: k for n, (k, _) in hf._limits(block, experts, dtype, [ids], "fwd", tokens).items()
@@ -238,8 +345,8 @@ def test_bench_hf_times_a_group_again_where_a_row_beats_its_limit(monkeypatch, k
 
     def fake_interleaved(fns, device, **kwargs):
         seen.append(len(fns))
-        limit_s = (0.5 if len(seen) == 2 else 2) * 1e-3  # the last three: FMA peak, the two weight readings
-        return [Timing([kernel_ms * 1e-3])] + [Timing([4e-3])] * (len(fns) - 4) + [Timing([limit_s])] * 3
+        limit_s = (0.5 if len(seen) == 2 else 2) * 1e-3  # the limits: FMA peak, the weight readings
+        return [Timing([kernel_ms * 1e-3])] + [Timing([4e-3])] * 3 + [Timing([limit_s])] * (len(fns) - 4)
     monkeypatch.setattr(hf, "interleaved", fake_interleaved)
     block = hf.Block("tiny", "MixtralConfig", hf.BLOCKS[0].module, 32, 16, 4, 2)
     rows = hf.run(blocks=(block,), dtypes=(torch.float32,), sizes=(1,), modes=("fwd",), routings=("fixed",))
