@@ -25,8 +25,8 @@ plain pass) and, for decode forward where the CPU backend's `dot_read_work` mult
 few-row kernels do (fp32 on AVX-512, bf16 by VDPBF16PS: `_products_read`), the same pass with
 their products done on every line, each expert's lines into its rows' register accumulators
 (`read with products`, plain and prefetched: the best kernel of those products, nothing reduced or
-stored; on a Zen 4 it read faster than the plain pass where the products were few, its streams
-keeping more lines in flight), the fastest of these passes counting (forward + backward: one
+stored; about as fast as the plain pass where the products are few, slower where they bound it),
+the fastest of these passes counting (forward + backward: one
 such pass, then a second one overlapped with the write of their gradients, streamed, as
 `move_work` reads a source's lines and
 writes a destination's interleaved, and the zeros of the other experts' gradients, `write_work`,
@@ -288,8 +288,7 @@ def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor]
     if mode == "fwd" and _products_read(dtype):
         # the same bytes read with the few-row kernels' products done on them, each expert's weight
         # lines multiplied into its rows (`dot_read_work`): the best kernel of those products here
-        # (where the products bound it, slower than a plain read, which then counts; where not, it
-        # read faster than read_work on a Zen 4: more streams in flight, so it counts)
+        # (a way of reading the same bytes: where the products bound it, the plain read counts)
         def products_pass(ids: torch.Tensor, ahead: int):
             rows = torch.bincount(ids.flatten(), minlength=block.experts).tolist()
             views = [w.detach()[e] for w in weights for e, r in enumerate(rows) if r]

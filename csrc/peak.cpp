@@ -11,8 +11,10 @@
 // read_work(ts, ahead=0): the memory-read limit. Reads every byte of the contiguous tensors ts once,
 // as 32-bit (little-endian) words xor-folded into vector accumulators, in one parallel region: each
 // thread its contiguous share of all their words (in list order), each tensor's part of it as 4
-// streams read in lockstep a line at a time (one stream per thread read 10-25% slower here: fewer
-// misses in flight); nothing else, so its time is this machine's read bandwidth for those bytes
+// streams read in lockstep a line at a time, each into a register (one stream per thread read
+// 10-25% slower here: fewer misses in flight; 8 streams 1.0-1.1x slower; accumulators in a stack
+// array, a store a line, as before 2026-12-06: up to 1.26x slower than dot_read_work's pass at one
+// row, 2-core Zen 4); nothing else, so its time is this machine's read bandwidth for those bytes
 // wherever they sit (memory, the L3). torch's sum is no such limit: the few-row kernels beat it by
 // up to 10% (fp32); nor is a call per tensor: a decode step's 14 touched weight slices
 // (Qwen3-MoE-shaped, one token) took 194 us that way against 163 in one call, and the step's
@@ -123,24 +125,30 @@ double fma_work(int64_t flops) {
   return on_every_thread(flops, 2 * kChains * kLanes, fma_chains);
 }
 
-// The xor of words[w0, w1): 4 streams read in lockstep a line at a time (every other line of each
-// prefetched `ahead` bytes on where ahead > 0), the rest one by one.
+inline uint64_t fold_line(const Line& v) {
+  uint64_t f = 0;
+  for (int j = 0; j < 8; ++j) f ^= v[j];
+  return f;
+}
+
+// The xor of words[w0, w1): 4 streams read in lockstep a line at a time, each into one register
+// (every other line of each prefetched `ahead` bytes on where ahead > 0), the rest one by one.
 uint32_t fold_words(const uint32_t* words, int64_t w0, int64_t w1, int64_t ahead) {
   constexpr int kStreams = 4, kLine = 16;  // words
   const int64_t len = std::max<int64_t>(0, w1 - w0) / kStreams / kLine * kLine;  // each stream's words
-  uint32_t f[kStreams][kLine] = {};
+  const char* base = reinterpret_cast<const char*>(words + w0);
+  Line f[kStreams] = {};
   for (int64_t w = 0; w < len; w += kLine) {
     for (int s = 0; s < kStreams; ++s) {
-      if (ahead > 0 && w % (2 * kLine) == 0) {
-        __builtin_prefetch(reinterpret_cast<const char*>(words + w0 + s * len + w) + ahead, 0, 2);
-      }
-      for (int j = 0; j < kLine; ++j) f[s][j] ^= words[w0 + s * len + w + j];
+      const char* line = base + 4 * (s * len + w);
+      if (ahead > 0 && w % (2 * kLine) == 0) __builtin_prefetch(line + ahead, 0, 2);
+      f[s] ^= load_line(line);
     }
   }
-  uint32_t fold = 0;
-  for (int s = 0; s < kStreams; ++s) {
-    for (int j = 0; j < kLine; ++j) fold ^= f[s][j];
-  }
+  Line all = {};
+  for (int s = 0; s < kStreams; ++s) all ^= f[s];
+  const uint64_t x = fold_line(all);
+  uint32_t fold = static_cast<uint32_t>(x) ^ static_cast<uint32_t>(x >> 32);
   for (int64_t w = w0 + kStreams * len; w < w1; ++w) fold ^= words[w];
   return fold;
 }
@@ -289,12 +297,6 @@ void write_work(const at::Tensor& t, int64_t value) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "write_work: a contiguous CPU tensor");
   TORCH_CHECK_VALUE(value >= 0 && value <= 255, "write_work: value must be a byte (0-255), got ", value);
   fill_streaming(t.data_ptr(), static_cast<int64_t>(t.nbytes()), static_cast<uint8_t>(value));
-}
-
-inline uint64_t fold_line(const Line& v) {
-  uint64_t f = 0;
-  for (int j = 0; j < 8; ++j) f ^= v[j];
-  return f;
 }
 
 int64_t move_work(const at::Tensor& src, const at::Tensor& dst) {
