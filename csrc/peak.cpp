@@ -34,12 +34,12 @@
 // on fp32 (AVX-512); nothing else (no reduction, no store, the other operand in registers: less work
 // than any kernel of those products does). A bound the read limit misses: on a 2-core Zen 4 one
 // thread streaming from memory with 4 such products a line reached 80-90% of its plain read rate,
-// with 8 about 60% (the products bound it there: the same loop from L2 at the VDPBF16PS peak), and
-// the sum of the two times where nothing overlaps; its time is what the best kernel of those
-// products takes here. Streams in lockstep by row count (24 accumulators at most: 8 streams at 1-3
+// with 8 60-70% (the same loop from L2 runs at the VDPBF16PS peak): reading and multiplying
+// overlap only in part there, so its time, not the larger of the read's and the products', is what
+// the best kernel of those products takes. Streams in lockstep by row count (24 accumulators at most: 8 streams at 1-3
 // rows, 6 at 4, 4 at 5-6, 3 at 7-8, 2 at 9-12, 1 above); ahead > 0: every line of each stream also
 // fetched into L2 `ahead` bytes on, as the kernels' software prefetch does (from memory it helped
-// at 5+ rows, 1.1-1.25x, and cost 2-10% at 1-4; the benchmarks take the faster). Returns the sum of
+// at 5+ rows, 1.08-1.27x, and cost 0-10% at 1-4; the benchmarks take the faster). Returns the sum of
 // every row's products, each row's other operand the constant (row + 1) / 1024 in every lane: the
 // sum of all the values (a line's tail beyond its tensor read as zeros) times sum_r (r + 1) / 1024,
 // to fp32 accumulation.
