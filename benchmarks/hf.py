@@ -376,11 +376,14 @@ def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
     for group, flops, times in groups:
         limit = _limit(times, flops / best_fma)
         fastest = min(r.min_ms for r in group if r.impl in BUILT_IN)
+        ceiling = min([t for n, (_, t) in times.items() if n.startswith(PRODUCTS)], default=None)
         for r in group:
             r.vs_fastest_builtin = fastest / r.min_ms
             r.of_limit = limit * 1e3 / r.min_ms
             if r.impl not in times and r.of_limit > 1.0:
                 add_note(r, "ABOVE THE LIMIT: the limit or the benchmark is wrong")
+            if r.impl == "pangu_ops" and ceiling is not None:
+                add_note(r, f"{ceiling * 1e3 / r.min_ms:.0%} of {PRODUCTS}")
 
 
 def table(rows: list[Row]) -> str:

@@ -309,6 +309,18 @@ def test_bench_hf_takes_every_fma_limit_at_the_runs_best_rate():
     assert disturbed[1].of_limit == pytest.approx(2.0 / 3.0) and "ABOVE" not in disturbed[1].note
     assert [r.of_limit for r in decode] == [3.0, 1.5] and "ABOVE THE LIMIT" in decode[0].note
     assert [r.vs_fastest_builtin for r in disturbed] == [2.0, 1.0]
+    assert "read with products" not in quiet[0].note
+
+
+def test_bench_hf_notes_pangu_ops_share_of_the_products_ceiling():
+    """A decode forward group with `read with products` limits: pangu_ops' row notes its share of
+    the faster one (here 4 ms over 5 ms) beside its share of the limit (the fastest read, 3 ms)."""
+    from pangu_ops.benchmarks.hf import FMA_PEAK, PRODUCTS, Row, _rate_against_limits
+    rows = [Row("b", "bfloat16", 1, "fwd", "cold", impl, ms, ms, 0.0) for impl, ms in (("pangu_ops", 5.0), ("eager", 9.0))]
+    _rate_against_limits([(rows, 10 ** 6, {FMA_PEAK: ("compute", 1e-3), "weight reading": ("memory", 3e-3),
+                                           PRODUCTS: ("memory", 4.5e-3), f"{PRODUCTS}, prefetched": ("memory", 4e-3)})])
+    assert rows[0].of_limit == pytest.approx(0.6) and rows[0].note == f"80% of {PRODUCTS}"
+    assert rows[1].note == ""
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
