@@ -191,7 +191,6 @@ int64_t read_work(at::TensorList ts, int64_t ahead) {
 template <typename T, int R>
 double dot_lines(const char* p, int64_t bytes, int64_t l0, int64_t l1, int64_t ahead) {
   constexpr int S = R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : R <= 8 ? 3 : R <= 12 ? 2 : 1;
-  using Vec = std::conditional_t<std::is_same_v<T, float>, __m512, __m512bh>;
   const auto vec = [](__m512i v) {
     if constexpr (std::is_same_v<T, float>) {
       return _mm512_castsi512_ps(v);
@@ -199,6 +198,7 @@ double dot_lines(const char* p, int64_t bytes, int64_t l0, int64_t l1, int64_t a
       return reinterpret_cast<__m512bh>(v);
     }
   };
+  using Vec = decltype(vec(_mm512_setzero_si512()));  // __m512 or __m512bh
   const auto madd = [](__m512 acc, Vec a, Vec b) {
     if constexpr (std::is_same_v<T, float>) {
       return _mm512_fmadd_ps(a, b, acc);
