@@ -284,10 +284,11 @@ def _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, flops, kernel_b
     """expert_mlp's forward on the CPU backend as inference runs it (weights prepacked in place by
     `pangu_ops.prepack`: no packing per call) and as a training step's forward does (a new weight
     version every call: the tiles packed per call), beside the plain row (fixed weights: the packed
-    copies of the cache). Where the CPU backend takes bf16 on AMX tiles."""
+    copies of the cache). Where the CPU backend takes prepacked bf16 (`packed_kernels`: AMX tiles, or
+    AVX512-BF16 products on a Zen 4); the per-call packing row where it packs tiles (AMX)."""
     if "cpu" not in kernel_backends or x_sorted.dtype != torch.bfloat16 or x_sorted.device.type != "cpu":
         return []
-    if not cpu_backend.has_amx() or packed_weights.packable(w_gate_up) or packed_weights.packable(w_down):
+    if not cpu_backend.packed_kernels() or packed_weights.packable(w_gate_up) or packed_weights.packable(w_down):
         return []
     packed = packed_weights.pack(w_gate_up), packed_weights.pack(w_down)
     training = w_gate_up.clone(), w_down.clone()  # (their versions move: the plain row's cache keeps its own)
@@ -301,10 +302,12 @@ def _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, flops, kernel_b
         return pangu_ops.expert_mlp(x_sorted, *training, group_sizes)
 
     op = "expert_mlp"
-    return [Entry(op, "cpu: prepacked", "kernel", _on("cpu", prepacked), flops, "GFLOP/s",
-                  "weights in tile order (pangu_ops.prepack): inference"),
-            Entry(op, "cpu: new weights each call", "kernel", _on("cpu", new_weights), flops, "GFLOP/s",
-                  "a new weight version per call (a training step's forward): tiles packed per call")]
+    entries = [Entry(op, "cpu: prepacked", "kernel", _on("cpu", prepacked), flops, "GFLOP/s",
+                     "weights in tile order (pangu_ops.prepack): inference")]
+    if cpu_backend.has_amx():
+        entries.append(Entry(op, "cpu: new weights each call", "kernel", _on("cpu", new_weights), flops, "GFLOP/s",
+                             "a new weight version per call (a training step's forward): tiles packed per call"))
+    return entries
 
 
 def _layer_entries(p: Problem, x, w_gate_up, w_down, kernel_backends) -> list[Entry]:

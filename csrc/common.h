@@ -957,6 +957,14 @@ inline void gemm_few_rows512(c10::BFloat16* __restrict out, int64_t ldo, const c
   few_rows_dots<Dots512>(out, ldo, as.data(), ka, M, b, sb1, K, N);
 }
 
+#if defined(__AVX512F__)
+// v with its NaN lanes as 0x7FC00000, which rounds to torch's bf16 NaN (0x7FC0; x86's own NaN from
+// inf * 0 has the sign bit set).
+inline __m512 canonical_nans(__m512 v) {
+  return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+}
+#endif
+
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 // In place: r[i] (16 32-bit words each) becomes column i of the 16 x 16 matrix of words r held.
 inline void transpose16x16_words(__m512i* r) {
@@ -981,12 +989,6 @@ inline void transpose16x16_words(__m512i* r) {
     r[s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0x88);
     r[8 + s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0xdd);
   }
-}
-
-// v with its NaN lanes as 0x7FC00000, which rounds to torch's bf16 NaN (0x7FC0; x86's own NaN from
-// inf * 0 has the sign bit set).
-inline __m512 canonical_nans(__m512 v) {
-  return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
 }
 
 // m rows of a (rows lda apart) into 16-row blocks of dst (16 * K elements each; rows past m zeros):
@@ -1521,6 +1523,15 @@ inline bool bf16_tiles() {
 #else
   return false;
 #endif
+}
+
+// Whether expert_mlp takes prepacked weights here (pangu_ops.prepack): AMX tiles, else VDPBF16PS on
+// broadcast pairs where the few-row kernels multiply that way (bf16_pair_dots: a Zen 4).
+inline bool packed_kernels() {
+#if defined(__AVX512BF16__)
+  if (bf16_pair_dots()) return true;
+#endif
+  return bf16_tiles();
 }
 
 // Whether M rows (>= 1) of dtype t go to gemm_few_rows (operands laid out for it). Where oneDNN's

@@ -162,6 +162,7 @@ std::vector<int64_t> pack_cache_stats(bool) { return {0, 0, 0, 0}; }
 
 TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("pack_cache(bool clear) -> int[]", [](bool clear) { return pack_cache_stats(clear); });
+  m.def("packed_kernels() -> bool", [] { return packed_kernels(); });
 }
 
 }  // namespace pangu_cpu

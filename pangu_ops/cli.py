@@ -32,8 +32,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     amx = cpu_backend.has_amx()
     print(f"cpu: {platform.machine()}, {torch.get_num_threads()} threads, "
           f"ISA {torch.backends.cpu.get_cpu_capability()}, AMX-BF16 tiles in the C++ kernels: "
-          f"{'yes (grouped tile kernels, pangu_ops.prepack)' if amx else 'no'}, few-row bf16 dot products by "
-          f"{'VDPBF16PS (AVX512-BF16)' if cpu_backend.bf16_pair_dots() else 'fp32 FMAs'}")
+          f"{'yes (grouped tile kernels)' if amx else 'no'}, few-row bf16 dot products by "
+          f"{'VDPBF16PS (AVX512-BF16)' if cpu_backend.bf16_pair_dots() else 'fp32 FMAs'}, pangu_ops.prepack: "
+          f"{'yes' if cpu_backend.packed_kernels() else 'no'}")
     print(f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     try:
         import triton

@@ -1,4 +1,5 @@
-"""Prepacked expert weights: CPU inference on AMX tiles without a second copy of the experts.
+"""Prepacked expert weights: CPU inference on AMX tiles (or AVX512-BF16 products) without a second
+copy of the experts.
 
 The CPU backend's prefill kernels (csrc/amx_grouped.h) read a row-major expert weight
 (`w[e]` as `[K, N]`: `MoEFeedForward`'s `w_gate_up [E, H, 2F]` and `w_down [E, F, H]`) as AMX B
@@ -12,7 +13,9 @@ one expert at a time), and holds it as a 4-D parameter of the packed shape:
 
 The ops take such a weight wherever they take the `[E, K, N]` one, for inference: `expert_mlp`
 runs the CPU backend's tile kernels for every group size (decode too) and the reference unpacks
-it. Values are exact (a permutation of the same bf16 elements); `state_dict()` gives the usual
+it. Without AMX, where the CPU's few-row bf16 products are VDPBF16PS (`bf16_pair_dots`: AMD Zen
+4), the same layout is VDPBF16PS's own operand (a 64-byte line: 16 columns x a pair of K), which
+the CPU backend multiplies by each row's pair broadcast, no horizontal sums (`packed_pairs`). Values are exact (a permutation of the same bf16 elements); `state_dict()` gives the usual
 tensors and `load_state_dict` accepts them (packing on the way in); `unprepack(model)` restores
 the layout in place (to train again). Transformers' experts modules served by the "pangu_ops"
 experts backend are packed where they hold row-major operands too (`is_transposed`: Aria's
@@ -163,7 +166,8 @@ def prepack(model: nn.Module) -> dict[str, str]:
     """Packs the expert weights of every `MoEFeedForward` of `model`, and of every transformers
     experts module with row-major operands served by the "pangu_ops" experts backend with its fused
     gate, in place for CPU inference (see the module's docstring): bf16 on the CPU, K and N multiples of 32, on a CPU with
-    AMX-BF16 (else RuntimeError: the packed form is that of its tile kernels). Packed weights take
+    AMX-BF16 or AVX512-BF16 products (`cpu_backend.packed_kernels()`; else RuntimeError: the packed
+    form is that of their kernels). Packed weights take
     no gradient (`expert_mlp` refuses them where one is wanted: run under `torch.inference_mode()`
     or `torch.no_grad()`); a packed transformers module runs on the "pangu_ops" experts backend only
     (`unprepack` before switching it).
@@ -171,9 +175,9 @@ def prepack(model: nn.Module) -> dict[str, str]:
     Returns what happened to each MoE layer by name: "packed", "already packed", or why it was left
     as it is (another dtype or device, an ECSS pool, sizes, transformers' transposed layout, another
     experts backend, a gate or bias the fused kernel does not compute)."""
-    if not cpu_backend.has_amx():
-        raise RuntimeError("prepack: this CPU (or the C++ extension's build) has no AMX-BF16 tiles, which the "
-                           "packed form is made for; the weights are left as they are")
+    if not cpu_backend.packed_kernels():
+        raise RuntimeError("prepack: this CPU (or the C++ extension's build) has neither AMX-BF16 tiles nor "
+                           "AVX512-BF16 products, which the packed form is made for; the weights are left as they are")
     return {name: _prepack_layer(layer) for name, layer in _layers(model)}
 
 

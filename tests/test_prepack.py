@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("on_the_cpu")
 TOL = verify.TOLERANCES[torch.bfloat16]
 
 
-def _amx() -> bool:
-    return cpu_backend.has_amx()
+def _packed_kernels() -> bool:
+    return cpu_backend.packed_kernels()
 
 
 # (K, F, N, group sizes): one token (a decode step), a few rows with empty experts, odd sizes,
@@ -30,6 +30,9 @@ CASES = {
     "prefill": (64, 32, 96, [300, 0, 77, 1, 545]),
     "gate_up K > 2048": (2176, 32, 64, [40, 0, 29]),
     "down K > 2048": (64, 2080, 32, [33, 2, 0]),
+    # 1-7 rows against many 16-column blocks: each thread's share in passes of 4 blocks spread over
+    # it, then the blocks left over (the AVX512-BF16 kernels' decode shapes)
+    "wide, 1-7 rows": (64, 288, 320, [1, 2, 3, 5, 0, 7]),
 }
 
 
@@ -63,8 +66,8 @@ def test_layout():
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_expert_mlp_packed(case, backend):
-    if backend == "cpu" and not _amx():
-        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    if backend == "cpu" and not _packed_kernels():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16 or AVX512-BF16 products")
     x, w_gate_up, w_down, sizes = _problem(case)
     expected = reference.expert_mlp(x, w_gate_up, w_down, sizes, "swiglu", False, float("inf"))[0]
     p_gate_up, p_down = packed_weights.pack(w_gate_up), packed_weights.pack(w_down)
@@ -79,8 +82,8 @@ def test_expert_mlp_packed(case, backend):
 def test_expert_mlp_packed_view_off_the_cache_line():
     """A packed weight that starts one element into its storage (not 64-byte aligned): decode rows
     (dot products) and tiles read it as well."""
-    if not _amx():
-        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    if not _packed_kernels():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16 or AVX512-BF16 products")
     x, w_gate_up, w_down, sizes = _problem("few rows, empty experts", seed=4)
 
     def shifted(w):
@@ -95,8 +98,8 @@ def test_expert_mlp_packed_view_off_the_cache_line():
 
 @pytest.mark.parametrize("activation,limit", [("geglu", None), ("geglu_tanh", 0.7), ("swiglu", 0.5)])
 def test_expert_mlp_packed_gates(activation, limit):
-    if not _amx():
-        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    if not _packed_kernels():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16 or AVX512-BF16 products")
     x, w_gate_up, w_down, sizes = _problem("prefill", seed=3)
     lim = float("inf") if limit is None else limit
     expected = reference.expert_mlp(x, w_gate_up, w_down, sizes, activation, False, lim)[0]
@@ -113,11 +116,12 @@ def _layer(seed: int) -> MoEFeedForward:
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """The backend that runs packed weights here: the CPU's tile kernels with AMX-BF16, else the
-    reference (prepack then believes the CPU has AMX: the model plumbing is tested everywhere)."""
-    if _amx():
+    """The backend that runs packed weights here: the CPU's kernels with AMX-BF16 or AVX512-BF16
+    products, else the reference (prepack then believes the CPU has them: the model plumbing is
+    tested everywhere)."""
+    if _packed_kernels():
         return "cpu"
-    monkeypatch.setattr(cpu_backend, "has_amx", lambda: True)
+    monkeypatch.setattr(cpu_backend, "packed_kernels", lambda: True)
     return "reference"
 
 
@@ -180,10 +184,10 @@ def test_prepack_leaves_what_it_cannot_pack(kernels):
     assert model["fp32"].w_gate_up.dim() == 3 and model["odd"].w_down.dim() == 3
 
 
-def test_prepack_needs_amx(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "has_amx", lambda: False)
+def test_prepack_needs_packed_kernels(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "packed_kernels", lambda: False)
     layer = _layer(0)
-    with pytest.raises(RuntimeError, match="AMX"):
+    with pytest.raises(RuntimeError, match="neither AMX-BF16 tiles nor AVX512-BF16 products"):
         pangu_ops.prepack(layer)
     assert layer.w_gate_up.dim() == 3
 
@@ -210,7 +214,7 @@ def test_errors():
         pangu_ops.expert_mlp(x.requires_grad_(), p_gate_up, p_down, sizes)
     with pytest.raises(ValueError, match="float32"):
         packed_weights.pack(w_gate_up.float())
-    if backends.serves("cpu", "expert_mlp") and not _amx():  # the C++ kernel itself, without AMX
+    if backends.serves("cpu", "expert_mlp") and not _packed_kernels():  # the C++ kernel itself, without either
         with pytest.raises(RuntimeError, match="AMX"):
             torch.ops.pangu_cpu.expert_mlp(x.detach(), p_gate_up, p_down, sizes, "swiglu", False, float("inf"))
 
@@ -218,8 +222,8 @@ def test_errors():
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_opcheck_packed(backend):
     """The custom op with packed weights: schema, fake kernel (torch.compile's shapes), dispatch."""
-    if backend == "cpu" and not _amx():
-        pytest.skip("the CPU backend's packed kernels need AMX-BF16")
+    if backend == "cpu" and not _packed_kernels():
+        pytest.skip("the CPU backend's packed kernels need AMX-BF16 or AVX512-BF16 products")
     x, w_gate_up, w_down, sizes = _problem("prefill", seed=5)
     args = (x, packed_weights.pack(w_gate_up), packed_weights.pack(w_down), sizes, "swiglu", False, float("inf"))
     with pangu_ops.use_backend(backend):

@@ -44,6 +44,16 @@ def has_avx512_bf16() -> bool:
         return False
 
 
+def packed_kernels() -> bool:
+    """Whether the C++ kernels take prepacked expert weights here (`pangu_ops.prepack`): AMX-BF16
+    tiles, else VDPBF16PS on broadcast bf16 pairs where `bf16_pair_dots` holds (AMD Zen 4). False
+    where the extension is not built."""
+    try:
+        return bool(load().packed_kernels())
+    except BackendUnavailable:
+        return False
+
+
 def bf16_pair_dots() -> bool:
     """Whether the C++ kernels' few-row bf16 products (decode-sized experts: weights with contiguous
     rows, as transformers' layout, and row-major weights of 2048+ columns) multiply by AVX512-BF16's
