@@ -299,8 +299,9 @@ void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64
 }
 
 // grouped_amx's work without AMX, where bf16_pair_dots() holds: each group's rows of a against its
-// expert's packed weight (expert e at w + e * wstride), as tasks of (expert, a thread's share of
-// its column blocks) over torch's threads.
+// expert's packed weight (expert e at w + e * wstride), as tasks of (a share of an expert's column
+// blocks, one share a thread), share-major: torch's static split gives each thread its share of
+// every expert, whatever the experts' rows.
 void grouped_packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda,
                           const std::vector<int64_t>& off, const c10::BFloat16* w, int64_t wstride, int64_t K,
                           int64_t N) {
@@ -308,10 +309,10 @@ void grouped_packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* 
   for (size_t e = 0; e + 1 < off.size(); ++e) {
     if (off[e + 1] > off[e]) experts.push_back(static_cast<int64_t>(e));
   }
-  const int64_t shares = at::get_num_threads(), nb = N / 16;
-  at::parallel_for(0, static_cast<int64_t>(experts.size()) * shares, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t shares = at::get_num_threads(), nb = N / 16, n = static_cast<int64_t>(experts.size());
+  at::parallel_for(0, n * shares, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t e = experts[t / shares], s = t % shares;
+      const int64_t e = experts[t % n], s = t / n;
       packed_pairs(out + off[e] * ldo, ldo, a + off[e] * lda, lda, off[e + 1] - off[e], w + e * wstride, K,
                    nb * s / shares, nb * (s + 1) / shares);
     }
