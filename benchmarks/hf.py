@@ -26,9 +26,8 @@ few-row kernels do (fp32 on AVX-512, bf16 by VDPBF16PS: `_products_read`), the s
 their products done on every line, each expert's lines into its rows' register accumulators
 (`read with products`, plain and prefetched: the best kernel of those products, nothing reduced or
 stored; about as fast as the plain pass where the products are few, slower where they bound it),
-the fastest of these passes counting (forward + backward: one
-such pass, then a second one overlapped with the write of their gradients, streamed, as
-`move_work` reads a source's lines and
+the fastest of these passes counting (forward + backward: one such pass, then a second one
+overlapped with the write of their gradients, streamed, as `move_work` reads a source's lines and
 writes a destination's interleaved, and the zeros of the other experts' gradients, `write_work`,
 since zeros stream ~2x faster on some of these machines); a row's limit is whichever of the two
 takes longer. On a CPU that multiplies bf16 natively, bfloat16 rows also get the same FLOPs as
@@ -279,24 +278,27 @@ def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor]
         zeros = [g[a:b] for g in grads for a, b in untouched]
         return lambda: (read_work(views, ahead), [move_work(v, g) for v, g in moves],
                         [write_work(g, 0) for g in zeros])
+    def products_pass(ids: torch.Tensor, ahead: int):
+        rows = torch.bincount(ids.flatten(), minlength=block.experts).tolist()
+        views = [w.detach()[e] for w in weights for e, r in enumerate(rows) if r]
+        counts = [r for _ in weights for r in rows if r]
+        return lambda: torch.ops.pangu_cpu.dot_read_work(views, counts, ahead)
+
+    def memory_limits(name: str, make_pass) -> None:
+        """`name` plain and `name, prefetched` (the few-row kernels' software prefetch), each
+        taking the cycle's routings in turn."""
+        for suffix, ahead in (("", 0), (", prefetched", READ_AHEAD)):
+            turn = _turns([make_pass(ids, ahead) for ids in cycle])
+            limits[name + suffix] = ("memory", lambda turn=turn: turn()())
     # the read plain and with the few-row kernels' software prefetch: from memory the fp32 ones read
     # faster than the plain pass (up to 4%, 2-core Zen 4), from the L3 the plain pass is the faster;
     # both limits of one row move the same bytes, so the faster counts (_limit)
-    for name, ahead in (("weight reading", 0), ("weight reading, prefetched", READ_AHEAD)):
-        turn = _turns([weight_pass(ids, ahead) for ids in cycle])
-        limits[name] = ("memory", lambda turn=turn: turn()())
+    memory_limits("weight reading", weight_pass)
     if mode == "fwd" and _products_read(dtype):
         # the same bytes read with the few-row kernels' products done on them, each expert's weight
         # lines multiplied into its rows (`dot_read_work`): the best kernel of those products here
         # (a way of reading the same bytes: where the products bound it, the plain read counts)
-        def products_pass(ids: torch.Tensor, ahead: int):
-            rows = torch.bincount(ids.flatten(), minlength=block.experts).tolist()
-            views = [w.detach()[e] for w in weights for e, r in enumerate(rows) if r]
-            counts = [r for _ in weights for r in rows if r]
-            return lambda: torch.ops.pangu_cpu.dot_read_work(views, counts, ahead)
-        for name, ahead in ((PRODUCTS, 0), (f"{PRODUCTS}, prefetched", READ_AHEAD)):
-            turn = _turns([products_pass(ids, ahead) for ids in cycle])
-            limits[name] = ("memory", lambda turn=turn: turn()())
+        memory_limits(PRODUCTS, products_pass)
     return limits
 
 

@@ -291,20 +291,20 @@ def _prepacked_entries(x_sorted, w_gate_up, w_down, group_sizes, flops, kernel_b
     if not cpu_backend.packed_kernels() or packed_weights.packable(w_gate_up) or packed_weights.packable(w_down):
         return []
     packed = packed_weights.pack(w_gate_up), packed_weights.pack(w_down)
-    training = w_gate_up.clone(), w_down.clone()  # (their versions move: the plain row's cache keeps its own)
 
     def prepacked():
         with torch.inference_mode():
             return pangu_ops.expert_mlp(x_sorted, *packed, group_sizes)
 
-    def new_weights():
-        optimizer_step(training)
-        return pangu_ops.expert_mlp(x_sorted, *training, group_sizes)
-
     op = "expert_mlp"
     entries = [Entry(op, "cpu: prepacked", "kernel", _on("cpu", prepacked), flops, "GFLOP/s",
                      "weights in tile order (pangu_ops.prepack): inference")]
     if cpu_backend.has_amx():
+        training = w_gate_up.clone(), w_down.clone()  # (their versions move: the plain row's cache keeps its own)
+
+        def new_weights():
+            optimizer_step(training)
+            return pangu_ops.expert_mlp(x_sorted, *training, group_sizes)
         entries.append(Entry(op, "cpu: new weights each call", "kernel", _on("cpu", new_weights), flops, "GFLOP/s",
                              "a new weight version per call (a training step's forward): tiles packed per call"))
     return entries

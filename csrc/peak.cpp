@@ -125,6 +125,29 @@ double fma_work(int64_t flops) {
   return on_every_thread(flops, 2 * kChains * kLanes, fma_chains);
 }
 
+// A pass over the contiguous tensors ts in one parallel region: their units (units(t) each, in list
+// order) split into contiguous shares, one a thread and at most one per min_units units; each
+// share's result starts at R{} and becomes work(result, k, u0, u1) for each tensor k's units
+// [u0, u1) in it. The shares' results.
+template <typename R, typename Units, typename Work>
+std::vector<R> per_share(at::TensorList ts, const Units& units, int64_t min_units, const Work& work) {
+  std::vector<int64_t> first{0};  // the units before each tensor's
+  for (const at::Tensor& t : ts) first.push_back(first.back() + units(t));
+  const int64_t n = first.back();
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / min_units));
+  std::vector<R> results(threads, R{});
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0; i < t1; ++i) {
+      const int64_t g0 = n * i / threads, g1 = n * (i + 1) / threads;
+      for (size_t k = 0; k < ts.size(); ++k) {
+        if (first[k + 1] <= g0 || first[k] >= g1) continue;
+        results[i] = work(results[i], k, std::max(g0, first[k]) - first[k], std::min(g1, first[k + 1]) - first[k]);
+      }
+    }
+  });
+  return results;
+}
+
 inline uint64_t fold_line(const Line& v) {
   uint64_t f = 0;
   for (int j = 0; j < 8; ++j) f ^= v[j];
@@ -155,24 +178,14 @@ uint32_t fold_words(const uint32_t* words, int64_t w0, int64_t w1, int64_t ahead
 
 int64_t read_work(at::TensorList ts, int64_t ahead) {
   TORCH_CHECK_VALUE(ahead >= 0, "read_work: ahead must be >= 0");
-  std::vector<int64_t> first{0};  // the words before each tensor's
   for (const at::Tensor& t : ts) {
     TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "read_work: contiguous CPU tensors");
-    first.push_back(first.back() + static_cast<int64_t>(t.nbytes() / 4));
   }
-  const int64_t n = first.back();
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
-  std::vector<uint32_t> folds(threads, 0);
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t i = t0; i < t1; ++i) {
-      const int64_t g0 = n * i / threads, g1 = n * (i + 1) / threads;
-      for (size_t k = 0; k < ts.size(); ++k) {
-        if (first[k + 1] <= g0 || first[k] >= g1) continue;
-        folds[i] ^= fold_words(static_cast<const uint32_t*>(ts[k].data_ptr()), std::max(g0, first[k]) - first[k],
-                               std::min(g1, first[k + 1]) - first[k], ahead);
-      }
-    }
-  });
+  const auto words = [](const at::Tensor& t) { return static_cast<int64_t>(t.nbytes() / 4); };
+  const std::vector<uint32_t> folds =
+      per_share<uint32_t>(ts, words, 4096, [&](uint32_t fold, size_t k, int64_t w0, int64_t w1) {
+        return fold ^ fold_words(static_cast<const uint32_t*>(ts[k].data_ptr()), w0, w1, ahead);
+      });
   uint32_t total = 0;
   for (uint32_t f : folds) total ^= f;
   for (const at::Tensor& t : ts) {  // each one's tail of 1-3 bytes, as a low word
@@ -251,7 +264,6 @@ double dot_read_work(at::TensorList ts, at::IntArrayRef rows, int64_t ahead) {
   TORCH_CHECK_VALUE(ahead >= 0, "dot_read_work: ahead must be >= 0");
   TORCH_CHECK_VALUE(rows.size() == ts.size(), "dot_read_work: one row count per tensor (", ts.size(), " tensors, ",
                     rows.size(), " row counts)");
-  std::vector<int64_t> first{0};  // the lines before each tensor's
   for (size_t i = 0; i < ts.size(); ++i) {
     const at::Tensor& t = ts[i];
     TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "dot_read_work: contiguous CPU tensors");
@@ -262,32 +274,22 @@ double dot_read_work(at::TensorList ts, at::IntArrayRef rows, int64_t ahead) {
     TORCH_CHECK(dot_read_ready(t.scalar_type()), "dot_read_work: this build or CPU has no ",
                 t.scalar_type() == at::kFloat ? "AVX-512" : "AVX512-BF16", " (dot_read_ready(", t.scalar_type(),
                 ") is false)");
-    first.push_back(first.back() + (static_cast<int64_t>(t.nbytes()) + 63) / 64);
   }
-  const int64_t n = first.back();
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 256));
-  std::vector<double> sums(threads, 0.0);
-#if defined(__AVX512F__)
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t i = t0; i < t1; ++i) {
-      const int64_t g0 = n * i / threads, g1 = n * (i + 1) / threads;
-      for (size_t k = 0; k < ts.size(); ++k) {
-        if (first[k + 1] <= g0 || first[k] >= g1) continue;
+  const auto lines = [](const at::Tensor& t) { return (static_cast<int64_t>(t.nbytes()) + 63) / 64; };
+  const std::vector<double> sums =
+      per_share<double>(ts, lines, 256, [&](double sum, size_t k, int64_t l0, int64_t l1) {
+#if defined(__AVX512F__)  // (else no tensor passed the checks)
         const auto* p = static_cast<const char*>(ts[k].data_ptr());
-        const int64_t l0 = std::max(g0, first[k]) - first[k], l1 = std::min(g1, first[k + 1]) - first[k];
         const auto bytes = static_cast<int64_t>(ts[k].nbytes());
         const auto all = std::make_integer_sequence<int, kFewRows>{};
-        if (ts[k].scalar_type() == at::kFloat) {
-          sums[i] += dot_lines_for<float>(rows[k], p, bytes, l0, l1, ahead, all);
-        } else {
+        if (ts[k].scalar_type() == at::kFloat) return sum + dot_lines_for<float>(rows[k], p, bytes, l0, l1, ahead, all);
 #if defined(__AVX512BF16__)
-          sums[i] += dot_lines_for<c10::BFloat16>(rows[k], p, bytes, l0, l1, ahead, all);
+        return sum + dot_lines_for<c10::BFloat16>(rows[k], p, bytes, l0, l1, ahead, all);
 #endif
-        }
-      }
-    }
-  });
 #endif
+        (void)k, (void)l0, (void)l1;
+        return sum;
+      });
   double total = 0.0;
   for (double s : sums) total += s;
   return total;

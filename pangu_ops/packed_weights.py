@@ -15,7 +15,8 @@ The ops take such a weight wherever they take the `[E, K, N]` one, for inference
 runs the CPU backend's tile kernels for every group size (decode too) and the reference unpacks
 it. Without AMX, where the CPU's few-row bf16 products are VDPBF16PS (`bf16_pair_dots`: AMD Zen
 4), the same layout is VDPBF16PS's own operand (a 64-byte line: 16 columns x a pair of K), which
-the CPU backend multiplies by each row's pair broadcast, no horizontal sums (`packed_pairs`). Values are exact (a permutation of the same bf16 elements); `state_dict()` gives the usual
+the CPU backend multiplies by each row's pair broadcast, no horizontal sums (`packed_pairs`).
+Values are exact (a permutation of the same bf16 elements); `state_dict()` gives the usual
 tensors and `load_state_dict` accepts them (packing on the way in); `unprepack(model)` restores
 the layout in place (to train again). Transformers' experts modules served by the "pangu_ops"
 experts backend are packed where they hold row-major operands too (`is_transposed`: Aria's
@@ -165,11 +166,11 @@ def _layers(model: nn.Module):
 def prepack(model: nn.Module) -> dict[str, str]:
     """Packs the expert weights of every `MoEFeedForward` of `model`, and of every transformers
     experts module with row-major operands served by the "pangu_ops" experts backend with its fused
-    gate, in place for CPU inference (see the module's docstring): bf16 on the CPU, K and N multiples of 32, on a CPU with
-    AMX-BF16 or AVX512-BF16 products (`cpu_backend.packed_kernels()`; else RuntimeError: the packed
-    form is that of their kernels). Packed weights take
-    no gradient (`expert_mlp` refuses them where one is wanted: run under `torch.inference_mode()`
-    or `torch.no_grad()`); a packed transformers module runs on the "pangu_ops" experts backend only
+    gate, in place for CPU inference (see the module's docstring): bf16 on the CPU, K and N multiples
+    of 32, on a CPU with AMX-BF16 or AVX512-BF16 products (`cpu_backend.packed_kernels()`; else
+    RuntimeError: the packed form is that of their kernels). Packed weights take no gradient
+    (`expert_mlp` refuses them where one is wanted: run under `torch.inference_mode()` or
+    `torch.no_grad()`); a packed transformers module runs on the "pangu_ops" experts backend only
     (`unprepack` before switching it).
 
     Returns what happened to each MoE layer by name: "packed", "already packed", or why it was left

@@ -244,7 +244,8 @@ def test_bench_hf_products_limit_multiplies_each_touched_expert_into_its_rows(mo
     ids = torch.tensor([[2, 5], [5, 0], [5, 2]])
     cycle = hf.cold_cycle(ids, block.experts)
     calls = []
-    monkeypatch.setattr(torch.ops.pangu_cpu, "dot_read_work", lambda views, rows, ahead=0: calls.append((views, rows, ahead)))
+    monkeypatch.setattr(torch.ops.pangu_cpu, "dot_read_work",
+                        lambda views, rows, ahead=0: calls.append((views, rows, ahead)))
     limits = hf._limits(block, experts, torch.float32, cycle, "fwd", 3)
     for name, ahead in ((hf.PRODUCTS, 0), (f"{hf.PRODUCTS}, prefetched", hf.READ_AHEAD)):
         for turn in range(2 * len(cycle)):
@@ -259,7 +260,8 @@ def test_bench_hf_products_limit_multiplies_each_touched_expert_into_its_rows(mo
                 e = (v.data_ptr() - w.data_ptr()) // w[0].nbytes
                 assert v.shape == w.shape[1:] and r == counts[e] > 0
                 seen.setdefault(e, []).append(w is experts.gate_up_proj)
-            assert {e: sorted(s) for e, s in seen.items()} == {e: [False, True] for e in counts.nonzero().flatten().tolist()}
+            touched = counts.nonzero().flatten().tolist()
+            assert {e: sorted(s) for e, s in seen.items()} == {e: [False, True] for e in touched}
     assert hf.PRODUCTS not in hf._limits(block, experts, torch.float32, cycle, "fwd+bwd", 3)
 
 
@@ -316,7 +318,8 @@ def test_bench_hf_notes_pangu_ops_share_of_the_products_ceiling():
     """A decode forward group with `read with products` limits: pangu_ops' row notes its share of
     the faster one (here 4 ms over 5 ms) beside its share of the limit (the fastest read, 3 ms)."""
     from pangu_ops.benchmarks.hf import FMA_PEAK, PRODUCTS, Row, _rate_against_limits
-    rows = [Row("b", "bfloat16", 1, "fwd", "cold", impl, ms, ms, 0.0) for impl, ms in (("pangu_ops", 5.0), ("eager", 9.0))]
+    rows = [Row("b", "bfloat16", 1, "fwd", "cold", impl, ms, ms, 0.0)
+            for impl, ms in (("pangu_ops", 5.0), ("eager", 9.0))]
     _rate_against_limits([(rows, 10 ** 6, {FMA_PEAK: ("compute", 1e-3), "weight reading": ("memory", 3e-3),
                                            PRODUCTS: ("memory", 4.5e-3), f"{PRODUCTS}, prefetched": ("memory", 4e-3)})])
     assert rows[0].of_limit == pytest.approx(0.6) and rows[0].note == f"80% of {PRODUCTS}"
