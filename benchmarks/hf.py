@@ -11,7 +11,9 @@ touched experts' weights stay in the caches between calls where they fit: warm) 
 block's experts allow it, cold: each call routes to experts the calls since its last turn did not
 touch (`cold_cycle`), so its weights come from memory, as in a model whose other layers evicted
 them since the last token. Peers: transformers' own backends and, in
-bfloat16 forward where it is installed, kt-kernel's CPU MoE (`kt_kernel.py`).
+bfloat16 forward where it is installed, kt-kernel's CPU MoE (`kt_kernel.py`). In bfloat16 forward
+where the CPU backend takes prepacked weights (`packed_kernels`), the block also runs as inference
+would after `pangu_ops.prepack` (`pangu_ops, prepacked`: a copy of its experts, packed in place).
 
 Limits measured in the same run: compute, the faster of the same FLOPs as fp32 FMAs on registers
 over all threads (`FMA peak`, the CPU backend's `fma_work`, taken at the best rate any row of the
@@ -81,6 +83,7 @@ PREFILL, DECODE = (2048,), (1, 4, 16)
 READ_AHEAD = 8192  # bytes: the few-row kernels' software prefetch distance (csrc/common.h kDotsAhead)
 BATCHED_MM_BYTES = 2 << 30  # batched_mm's per-slot weight copies beyond this are not run
 FMA_PEAK = "FMA peak"
+PREPACKED = "pangu_ops, prepacked"  # inference on pangu_ops.prepack's weights (bf16 fwd, where it runs)
 PRODUCTS = "read with products"  # decode forward's ceiling (_limits)
 
 
@@ -189,10 +192,17 @@ def _case(block: Block, experts, tokens: int, dtype: torch.dtype, mode: str, imp
         return lambda: kt(x, *route())
 
     # a shallow copy per backend: the same parameters, its own config naming the backend (setting
-    # the shared config's backend on every call cost ~40 us, timed in every row)
-    own = copy.copy(experts)
+    # the shared config's backend on every call cost ~40 us, timed in every row); prepacked: a deep
+    # copy, its weights packed in place
+    own = copy.deepcopy(experts) if impl == PREPACKED else copy.copy(experts)
     own.config = copy.deepcopy(experts.config)
-    own.config._experts_implementation = impl
+    own.config._experts_implementation = "pangu_ops" if impl == PREPACKED else impl
+    if impl == PREPACKED:
+        import pangu_ops
+
+        report = pangu_ops.prepack(own)
+        if report != {"": "packed"}:
+            raise RuntimeError(f"bench --hf: {block.name}'s experts were not prepacked: {report}")
 
     def call(inp):
         return own(inp, *route())
@@ -313,6 +323,7 @@ def _products_read(dtype: torch.dtype) -> bool:
 def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + DECODE, modes=("fwd", "fwd+bwd"),
         routings=("fixed", "fresh", "cold"), min_time: float = 0.5, rounds: int = 3) -> list[Row]:
     import pangu_ops.integrations.transformers as hf
+    from pangu_ops.backends import cpu as cpu_backend
 
     rows: list[Row] = []
     groups = []  # (a row group, its FLOPs, {limit: (kind, best seconds)})
@@ -325,6 +336,8 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
         # batched_mm gathers every slot's expert weights ([T*k, 2F, H] ...): only where that fits
         gathered = tokens * block.topk * 3 * block.ffn * block.hidden * torch.finfo(dtype).bits // 8
         impls = (hf.NAME,) + tuple(b for b in BUILT_IN if b != "batched_mm" or gathered <= BATCHED_MM_BYTES)
+        if dtype == torch.bfloat16 and mode == "fwd" and cpu_backend.packed_kernels():
+            impls += (PREPACKED,)
         if dtype == torch.bfloat16 and mode == "fwd" and not kt_kernel.unavailable():
             impls += (kt_kernel.NAME,)
         route = _router(block, tokens, dtype, routing)
@@ -384,7 +397,7 @@ def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
             r.of_limit = limit * 1e3 / r.min_ms
             if r.impl not in times and r.of_limit > 1.0:
                 add_note(r, "ABOVE THE LIMIT: the limit or the benchmark is wrong")
-            if r.impl == "pangu_ops" and ceiling is not None:
+            if r.impl in ("pangu_ops", PREPACKED) and ceiling is not None:
                 add_note(r, f"{ceiling * 1e3 / r.min_ms:.0%} of {PRODUCTS}")
 
 
@@ -424,7 +437,7 @@ def plot(rows: list[Row], path: Path) -> None:
     for ax, (block, dtype, mode, routing) in zip(axes.flat, panels):
         mine = [r for r in rows if (r.block, r.dtype, r.mode, r.routing) == (block, dtype, mode, routing)]
         sizes = list(dict.fromkeys(r.tokens for r in mine))
-        impls = [i for i in dict.fromkeys(r.impl for r in mine) if i in BUILT_IN + ("pangu_ops", kt_kernel.NAME)]
+        impls = [i for i in dict.fromkeys(r.impl for r in mine) if i in BUILT_IN + ("pangu_ops", PREPACKED, kt_kernel.NAME)]
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
             vals = [next((r.vs_fastest_builtin for r in mine if r.tokens == t and r.impl == impl), 0.0)  # 0: not run

@@ -19,11 +19,15 @@ the CPU backend multiplies by each row's pair broadcast, no horizontal sums (`pa
 Values are exact (a permutation of the same bf16 elements); `state_dict()` gives the usual
 tensors and `load_state_dict` accepts them (packing on the way in); `unprepack(model)` restores
 the layout in place (to train again). Transformers' experts modules served by the "pangu_ops"
-experts backend are packed where they hold row-major operands too (`is_transposed`: Aria's
-`[E, H, 2F]` / `[E, F, H]`); transformers' usual `[E, 2F, H]` / `[E, H, F]` are left as they are:
-at decode sizes the transposed kernels read their rows in place as A tiles (packing their
-transposes measured on par: prefill 0.91-0.95x the time, decode 0.8-1.35x, 2-core Xeon), and
-prefill-sized calls take their tiles from the packed-weight cache (a second copy, capped).
+experts backend are packed too: row-major operands (`is_transposed`: Aria's `[E, H, 2F]` /
+`[E, F, H]`) as they are, and transformers' usual `[E, 2F, H]` / `[E, H, F]` (`[E, N, K]`) as the
+packs of their transposes where the packed kernels are VDPBF16PS's (no AMX: the integration then
+multiplies them as row-major ones; state_dict and unprepack give `[E, N, K]` back). On 2-core Zen 4,
+Qwen3-MoE- and Mixtral-shaped `expert_mlp`: 0.71-1.0x the time of the unpacked `[E, N, K]` weights
+at 1-2048 tokens. With AMX they are left as they are: at decode sizes the transposed kernels read
+their rows in place as A tiles (packing their transposes measured on par: prefill 0.91-0.95x the
+time, decode 0.8-1.35x, 2-core Xeon), and prefill-sized calls take their tiles from the
+packed-weight cache (a second copy, capped).
 """
 from __future__ import annotations
 
@@ -108,24 +112,30 @@ def unpack(p: Tensor) -> Tensor:
     return p.view(e, n // TILE_COLUMNS, k // 2, TILE_COLUMNS, 2).permute(0, 2, 4, 1, 3).reshape(e, k, n)
 
 
+def _row_major(w: Tensor, transposed: bool) -> Tensor:
+    """The `[E, K, N]` view of a stacked weight (of its `[E, N, K]` form's transpose where
+    `transposed`)."""
+    return w.transpose(1, 2) if transposed else w
+
+
 @torch.no_grad()
-def _pack_(w: Tensor) -> Tensor:
-    """Packs a contiguous `[E, K, N]` weight in its own storage (one expert's temporary at a time);
-    returns the packed view of that storage."""
-    e, k, n = w.shape
+def _pack_(w: Tensor, transposed: bool) -> Tensor:
+    """Packs a contiguous `[E, K, N]` weight (`[E, N, K]` as its transpose's pack where `transposed`)
+    in its own storage, one expert's temporary at a time; returns the packed view of that storage."""
+    e, k, n = _row_major(w, transposed).shape
     out = w.view(e, n // TILE_COLUMNS, k // 2, 2 * TILE_COLUMNS)
     for i in range(e):
-        out[i].copy_(_packed_order(w[i]).contiguous().view(out.shape[1:]))  # expert i copied, then written
+        out[i].copy_(pack(_row_major(w[i:i + 1], transposed))[0])  # expert i copied, then written
     return out
 
 
 @torch.no_grad()
-def _unpack_(p: Tensor) -> Tensor:
-    """The inverse of `_pack_`: the `[E, K, N]` view of p's storage, unpacked in place."""
+def _unpack_(p: Tensor, transposed: bool) -> Tensor:
+    """The inverse of `_pack_`: the `[E, K, N]` (`[E, N, K]`) view of p's storage, unpacked in place."""
     e, k, n = logical_shape(p)
-    out = p.view(e, k, n)
+    out = p.view(e, n, k) if transposed else p.view(e, k, n)
     for i in range(e):
-        out[i].copy_(p[i].view(n // TILE_COLUMNS, k // 2, TILE_COLUMNS, 2).permute(1, 3, 0, 2).contiguous().view(k, n))
+        out[i].copy_(_row_major(unpack(p[i:i + 1]), transposed)[0])
     return out
 
 
@@ -134,16 +144,16 @@ def _state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, _metadata
     for name in _names(module):
         key = prefix + name
         if key in state_dict and is_packed(state_dict[key]):
-            state_dict[key] = unpack(state_dict[key])
+            state_dict[key] = _row_major(unpack(state_dict[key]), transposes(module)).contiguous()
 
 
 def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
-    """load_state_dict() into a prepacked layer: `[E, K, N]` weights packed on the way in (into the
-    copy of the dict that load_state_dict works on)."""
+    """load_state_dict() into a prepacked layer: `[E, K, N]` (`[E, N, K]`) weights packed on the way in
+    (into the copy of the dict that load_state_dict works on)."""
     for name in _names(module):
         key = prefix + name
         if key in state_dict and is_packed(getattr(module, name)) and not is_packed(state_dict[key]):
-            state_dict[key] = pack(state_dict[key])
+            state_dict[key] = pack(_row_major(state_dict[key], transposes(module)))
 
 
 def _hf_experts(module: nn.Module) -> bool:
@@ -157,6 +167,12 @@ def _names(module: nn.Module) -> tuple[str, str]:
     return HF_NAMES if _hf_experts(module) else PACKED_NAMES
 
 
+def transposes(module: nn.Module) -> bool:
+    """Whether a packable module's weights are held as `[E, N, K]` (transformers' usual experts),
+    packed as their transposes' packs."""
+    return _hf_experts(module) and not getattr(module, "is_transposed", False)
+
+
 def _layers(model: nn.Module):
     from .nn.moe import MoEFeedForward
 
@@ -165,17 +181,18 @@ def _layers(model: nn.Module):
 
 def prepack(model: nn.Module) -> dict[str, str]:
     """Packs the expert weights of every `MoEFeedForward` of `model`, and of every transformers
-    experts module with row-major operands served by the "pangu_ops" experts backend with its fused
-    gate, in place for CPU inference (see the module's docstring): bf16 on the CPU, K and N multiples
-    of 32, on a CPU with AMX-BF16 or AVX512-BF16 products (`cpu_backend.packed_kernels()`; else
-    RuntimeError: the packed form is that of their kernels). Packed weights take no gradient
-    (`expert_mlp` refuses them where one is wanted: run under `torch.inference_mode()` or
-    `torch.no_grad()`); a packed transformers module runs on the "pangu_ops" experts backend only
-    (`unprepack` before switching it).
+    experts module served by the "pangu_ops" experts backend with its fused gate (its usual
+    `[E, 2F, H]` / `[E, H, F]` weights as their transposes, and only where the packed kernels are
+    VDPBF16PS's, not AMX tiles), in place for CPU inference (see the module's docstring): bf16 on
+    the CPU, K and N multiples of 32, on a CPU with AMX-BF16 or AVX512-BF16 products
+    (`cpu_backend.packed_kernels()`; else RuntimeError: the packed form is that of their kernels).
+    Packed weights take no gradient (`expert_mlp` refuses them where one is wanted: run under
+    `torch.inference_mode()` or `torch.no_grad()`); a packed transformers module runs on the
+    "pangu_ops" experts backend only (`unprepack` before switching it).
 
     Returns what happened to each MoE layer by name: "packed", "already packed", or why it was left
-    as it is (another dtype or device, an ECSS pool, sizes, transformers' transposed layout, another
-    experts backend, a gate or bias the fused kernel does not compute)."""
+    as it is (another dtype or device, an ECSS pool, sizes, transformers' usual layout with AMX,
+    another experts backend, a gate or bias the fused kernel does not compute)."""
     if not cpu_backend.packed_kernels():
         raise RuntimeError("prepack: this CPU (or the C++ extension's build) has neither AMX-BF16 tiles nor "
                            "AVX512-BF16 products, which the packed form is made for; the weights are left as they are")
@@ -188,7 +205,7 @@ def _unservable(layer: nn.Module) -> str | None:
         return "left: an ECSS pool's slots (the pool rewrites them)" if layer.expert_pool is not None else None
     from .integrations import transformers as hf
 
-    if not getattr(layer, "is_transposed", False):
+    if transposes(layer) and cpu_backend.has_amx():
         return ("left: transformers' [E, 2F, H] / [E, H, F] experts are read in place by the transposed kernels at "
                 "decode sizes, and prefill-sized calls take their tiles from the kernels' cache of packed weights")
     backend = getattr(getattr(layer, "config", None), "_experts_implementation", None)
@@ -207,13 +224,14 @@ def _prepack_layer(layer: nn.Module) -> str:
     why = _unservable(layer)
     if why is not None:
         return why
+    transposed = transposes(layer)
     for name, w in zip(names, weights):
-        reason = packable(w)
+        reason = packable(_row_major(w, transposed) if w.dim() == 3 else w)
         if reason is not None:
             return f"left: {name} {reason}"
     layer._pangu_prepack_requires_grad = {name: w.requires_grad for name, w in zip(names, weights)}
     for name, w in zip(names, weights):
-        setattr(layer, name, nn.Parameter(_pack_(w.data.contiguous()), requires_grad=False))
+        setattr(layer, name, nn.Parameter(_pack_(w.data.contiguous(), transposed), requires_grad=False))
     if not getattr(layer, "_pangu_prepack_hooks", False):
         layer._register_state_dict_hook(_state_dict_hook)
         layer._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
@@ -230,6 +248,7 @@ def unprepack(model: nn.Module) -> list[str]:
         if any(is_packed(getattr(layer, w)) for w in names):
             grads = getattr(layer, "_pangu_prepack_requires_grad", {})
             for w in names:
-                setattr(layer, w, nn.Parameter(_unpack_(getattr(layer, w).data), requires_grad=grads.get(w, True)))
+                setattr(layer, w, nn.Parameter(_unpack_(getattr(layer, w).data, transposes(layer)),
+                                               requires_grad=grads.get(w, True)))
             done.append(name)
     return done

@@ -108,7 +108,9 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
     why = _unsupported(experts)
     if why is not None:
         return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
-    trans_b = not getattr(experts, "is_transposed", False)  # (prepacked weights: is_transposed ones only)
+    # prepacked weights hold the row-major operands (transformers' usual [E, N, K] ones packed as their
+    # transposes: pangu_ops.prepack)
+    trans_b = not (getattr(experts, "is_transposed", False) or packed_weights.is_packed(experts.down_proj))
     fused = _fused_gate(experts)
     if (fused is not None and isinstance(top_k_index, Tensor) and top_k_index.dim() == 2
             and isinstance(top_k_weights, Tensor) and top_k_weights.shape == top_k_index.shape
