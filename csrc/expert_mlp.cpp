@@ -269,21 +269,36 @@ void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, 
 
 // out[0:M, blocks [b0, b1) x 16] = a[0:M] @ w (as packed_pairs_pass): CV blocks at a time spread
 // over the range (blocks c, c + gap, ...: adjacent blocks lie P * 64 bytes apart, and 4 of them in
-// flight ran 1.4x slower from the L3, one thread), 8 with 1-2 rows (against 4: 0.72-0.9x the time at
-// the op), else 4 (6: the same), the blocks left over one by one; rows 4 at a time against each
-// pass's blocks (from L2 for the next rows), then the 1-3 left. One thread against the few-row dot
-// kernels on transformers' layout (8 experts from the L3 / from memory): 1 row 0.79x / 0.96x the
-// time, 2 rows 0.76x / 0.86x, 4 rows 0.69x / 0.84x, 8 rows 0.73x / 0.73x (2-core Zen 4).
+// flight ran 1.4x slower from the L3, one thread), the blocks left over one by one. Rows in as few
+// passes over each pass's blocks as the 32 vector registers hold (R x CV accumulators + CV weight
+// vectors; the next passes find the blocks in L2): 1-2 rows against 8 blocks (against 4: 0.72-0.9x
+// the time at the op), 3 against 6, 7-8 against 3, else 4 blocks, 6 rows at a time, then the 1-5
+// left (against 4 rows at a time, 2 threads, 8 experts: 5-8 rows 0.79-0.91x the time, 12 rows
+// 0.85-0.98x, 64-256 0.94-1.0x). One thread against the few-row dot kernels on transformers' layout
+// (8 experts from the L3 / from memory), at 4 rows a pass: 1 row 0.79x / 0.96x the time, 2 rows
+// 0.76x / 0.86x, 4 rows 0.69x / 0.84x, 8 rows 0.73x / 0.73x (2-core Zen 4).
 void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
                   const c10::BFloat16* w, int64_t K, int64_t b0, int64_t b1) {
   const int64_t P = K / 2;
   const auto rows = [&](auto cv, int64_t c, int64_t gap) {
     constexpr int CV = decltype(cv)::value;
     int64_t i = 0;
-    for (; i + 4 <= M; i += 4) packed_pairs_pass<4, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap);
-    if (M - i == 3) packed_pairs_pass<3, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap);
-    if (M - i == 2) packed_pairs_pass<2, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap);
-    if (M - i == 1) packed_pairs_pass<1, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap);
+    const auto pass = [&](auto r) {
+      packed_pairs_pass<decltype(r)::value, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap);
+      i += decltype(r)::value;
+    };
+    if constexpr (CV == 4) {
+      while (M - i >= 6) pass(std::integral_constant<int, 6>{});
+      if (M - i == 5) pass(std::integral_constant<int, 5>{});
+    }
+    if constexpr (CV == 3) {
+      if (M == 8) pass(std::integral_constant<int, 8>{});
+      if (M == 7) pass(std::integral_constant<int, 7>{});
+    }
+    for (; i + 4 <= M;) pass(std::integral_constant<int, 4>{});
+    if (M - i == 3) pass(std::integral_constant<int, 3>{});
+    if (M - i == 2) pass(std::integral_constant<int, 2>{});
+    if (M - i == 1) pass(std::integral_constant<int, 1>{});
   };
   const auto spread = [&](auto cv) {
     constexpr int CV = decltype(cv)::value;
@@ -293,6 +308,10 @@ void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64
   };
   if (M <= 2) {
     spread(std::integral_constant<int, 8>{});
+  } else if (M == 3) {
+    spread(std::integral_constant<int, 6>{});
+  } else if (M == 7 || M == 8) {
+    spread(std::integral_constant<int, 3>{});
   } else {
     spread(std::integral_constant<int, 4>{});
   }
