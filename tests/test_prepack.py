@@ -324,3 +324,19 @@ def test_bench_hf_prepacked_row_runs_the_block_packed(kernels):
         rows = hf.run(blocks=(block,), dtypes=(torch.bfloat16,), sizes=(1,), modes=("fwd",), routings=("fixed",),
                       min_time=0.001, rounds=1)
         assert hf.PREPACKED in {r.impl for r in rows}
+
+
+def test_prepacked_transformers_model_saves_as_transformers_checkpoint(kernels, tmp_path):
+    """save_pretrained of a prepacked transformers model writes transformers' own expert shapes:
+    from_pretrained gives back the same weights."""
+    transformers = pytest.importorskip("transformers", minversion="5.0")
+    family = "aria" if cpu_backend.has_amx() else "qwen3_moe"  # (Qwen3-MoE's packed where AMX is absent)
+    model = _hf_model(family)
+    state = copy.deepcopy(model.state_dict())
+    assert set(pangu_ops.prepack(model).values()) == {"packed"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path)
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    saved = back.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items())
