@@ -413,15 +413,15 @@ def table(rows: list[Row]) -> str:
                      f" {r.median_ms:>10.3f} {r.min_ms:>10.3f} {r.spread:>6.2f} {r.vs_fastest_builtin:>19.2f}x"
                      f" {100 * r.of_limit:>8.0f}%  {r.note}")
     lines.append("vs fastest built-in: the fastest of transformers' eager / batched_mm (where its per-slot weight "
-                 f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over "
-                 "this row's; of limit: the same-run limit's time over this row's (the faster of the FMA peak, at the "
-                 "best rate of the run, the bf16 peak where this CPU multiplies bf16 natively and, for prefill, the "
-                 "dense mm for the same FLOPs; for decode the slower of that and one read-only pass over the touched experts' weights, plain or prefetching as "
-                 "the few-row kernels do, or for the forward with their products done on the lines (read with "
-                 "products: the best kernel of those products), whichever is the fastest; with the backward one "
-                 "more, overlapped with the write of the gradients); routing fresh: a new routing (new rows per "
-                 "expert) every call; cold: the fixed routing with its experts relabelled in turn, each call's "
-                 "weights untouched since its last turn (from memory, as in a model's decode step).")
+                 f"copies fit in {BATCHED_MM_BYTES >> 30} GiB) / grouped_mm, best round over this row's; of limit: "
+                 "the same-run limit's time over this row's (the faster of the FMA peak, at the best rate of the run, "
+                 "the bf16 peak where this CPU multiplies bf16 natively and, for prefill, the dense mm for the same "
+                 "FLOPs; for decode the slower of that and one read-only pass over the touched experts' weights, "
+                 "plain or prefetching as the few-row kernels do, or for the forward with their products done on the "
+                 "lines (read with products: the best kernel of those products), whichever is the fastest; with the "
+                 "backward one more, overlapped with the write of the gradients); routing fresh: a new routing (new "
+                 "rows per expert) every call; cold: the fixed routing with its experts relabelled in turn, each "
+                 "call's weights untouched since its last turn (from memory, as in a model's decode step).")
     return "\n".join(lines)
 
 
@@ -440,7 +440,8 @@ def plot(rows: list[Row], path: Path) -> None:
     for ax, (block, dtype, mode, routing) in zip(axes.flat, panels):
         mine = [r for r in rows if (r.block, r.dtype, r.mode, r.routing) == (block, dtype, mode, routing)]
         sizes = list(dict.fromkeys(r.tokens for r in mine))
-        impls = [i for i in dict.fromkeys(r.impl for r in mine) if i in BUILT_IN + ("pangu_ops", PREPACKED, kt_kernel.NAME)]
+        shown = BUILT_IN + ("pangu_ops", PREPACKED, kt_kernel.NAME)
+        impls = [i for i in dict.fromkeys(r.impl for r in mine) if i in shown]
         width = 0.8 / len(impls)
         for j, impl in enumerate(impls):
             vals = [next((r.vs_fastest_builtin for r in mine if r.tokens == t and r.impl == impl), 0.0)  # 0: not run

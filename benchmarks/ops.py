@@ -8,8 +8,8 @@ Every kernel is timed beside:
   fastest of the dense `torch.mm` rate of the same FLOPs and (CPU) the same FLOPs as fp32 FMAs on
   registers over all threads or, in bf16 where the CPU multiplies it natively, as its bf16 product
   on registers (AMX tiles, VDPBF16PS: the prepacked kernels beat the dense bf16 mm on a Zen 4): the
-  "of limit" column (bf16 kernel rows note their share of the dense mm too, the rate the issue's
-  targets are set against);
+  "of limit" column (kernel rows whose limit is a peak note their share of the dense mm too, the
+  rate the issue's targets are set against);
 - torch's own routes to the same result: `F.grouped_mm`, dense `torch.mm` in the op's dtype.
 On a GPU the GEMM limit is dense torch.mm in the op's dtype (cuBLAS). Torch's half-precision CPU
 matmuls are ~60-200x slower than fp32 on CPUs without native bf16/fp16 units (and several times
@@ -439,8 +439,8 @@ PEAK_OP = "compute peak"  # fma_work's FLOPs: its rate is the machine's, whateve
 # reaches about half the AMX peak, ~92% of the VDPBF16PS one on a Zen 4)
 BF16_PEAK_OP = "bf16 peak"
 MOVE = "memory move"  # suffix of a data-movement op's own limit row (`_move_entry`)
-LIMIT_OF = {"GB/s": ("memcpy",), "GFLOP/s": ("dense mm", PEAK_OP, BF16_PEAK_OP), "k calls/s": ("call overhead (1 token)",),
-            "k steps/s": ("decode step (1 token)",)}
+LIMIT_OF = {"GB/s": ("memcpy",), "GFLOP/s": ("dense mm", PEAK_OP, BF16_PEAK_OP),
+            "k calls/s": ("call overhead (1 token)",), "k steps/s": ("decode step (1 token)",)}
 UNIT_SCALE = {"GB/s": 1e9, "GFLOP/s": 1e9, "k calls/s": 1e3, "k steps/s": 1e3}
 BUSY_SPREAD = 1.0  # rounds whose max - min exceed the median: the machine was busy
 
@@ -492,8 +492,8 @@ def _compare(rows: list[Row]) -> None:
         if limit is not None:
             r.fraction_of_limit = r.rate / limit
         dense = next((q for q in rows if q.op == "dense mm" and q.dtype == r.dtype and q.kind == "limit"), None)
-        if r.kind != "limit" and r.unit == "GFLOP/s" and dense is not None and limit is not None and dense.rate < limit:
-            add_note(r, f"{r.rate / dense.rate:.0%} of the dense mm")
+        if r.kind != "limit" and r.unit == "GFLOP/s" and dense is not None and dense.rate < (limit or 0):
+            add_note(r, f"{r.rate / dense.rate:.0%} of the dense mm")  # (the rate the targets are set against)
         r.busy = r.spread > BUSY_SPREAD
         if r.kind != "limit" and (r.fraction_of_limit or 0) > 1.0:
             add_note(r, "ABOVE ITS LIMIT: the limit or the benchmark is wrong")

@@ -280,7 +280,8 @@ def test_prepack_transformers_model(kernels, family):
     experts = model.model.layers[0].mlp.experts
     assert packed_weights.is_packed(experts.gate_up_proj) and packed_weights.is_packed(experts.down_proj)
     e, h, f = 6 if family == "qwen3_moe" else 4, 64, 32  # packed [E, N/16, K/2, 32] of the row-major [E, K, N]
-    assert experts.gate_up_proj.shape == (e, 2 * f // 16, h // 2, 32) and experts.down_proj.shape == (e, h // 16, f // 2, 32)
+    assert experts.gate_up_proj.shape == (e, 2 * f // 16, h // 2, 32)
+    assert experts.down_proj.shape == (e, h // 16, f // 2, 32)
     with torch.inference_mode(), pangu_ops.use_backend(kernels):
         torch.testing.assert_close(model(ids).logits, plain, **TOL)
     saved = model.state_dict()
