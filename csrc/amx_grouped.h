@@ -90,16 +90,7 @@ inline void store_rows(const float* c, int64_t ldc, c10::BFloat16* out, int64_t 
 // `lda_bytes` apart, step ka elements) and two B tiles (b0, b0 + sb: 64-byte rows, step kb).
 // `rows_a` / `rows_b`: 16 where only the first A / B tile holds rows (the other one is then not
 // read and its sums are not meaningful), else 32. `fetch`: lines to bring into L2 meanwhile, a few
-// a step (or none).
-struct LineFetch {
-  const char* base = nullptr;  // rows of lines_per_row 64-byte lines, row_bytes apart
-  int64_t row_bytes = 0, lines_per_row = 1, total = 0, per_step = 0, next = 0;
-  void step() {
-    for (int64_t i = 0; i < per_step && next < total; ++i, ++next) {
-      _mm_prefetch(base + (next / lines_per_row) * row_bytes + (next % lines_per_row) * 64, _MM_HINT_T1);
-    }
-  }
-};
+// a step (or none; LineFetch).
 inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, int64_t sa, int64_t lda_bytes,
                       int64_t ka, const c10::BFloat16* b0, int64_t sb, int64_t kb, int64_t steps, int rows_a,
                       int rows_b, LineFetch* fetch = nullptr) {

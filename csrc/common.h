@@ -963,9 +963,19 @@ inline void gemm_few_rows512(c10::BFloat16* __restrict out, int64_t ldo, const c
 inline __m512 canonical_nans(__m512 v) {
   return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
 }
-#endif
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+// Lines to bring into L2 while a kernel works on others, a few a step of its loop: `total` 64-byte
+// lines of `rows` of lines_per_row lines, row_bytes apart from base, per_step of them a step.
+struct LineFetch {
+  const char* base = nullptr;  // rows of lines_per_row 64-byte lines, row_bytes apart
+  int64_t row_bytes = 0, lines_per_row = 1, total = 0, per_step = 0, next = 0;
+  void step() {
+    for (int64_t i = 0; i < per_step && next < total; ++i, ++next) {
+      _mm_prefetch(base + (next / lines_per_row) * row_bytes + (next % lines_per_row) * 64, _MM_HINT_T1);
+    }
+  }
+};
+
 // In place: r[i] (16 32-bit words each) becomes column i of the 16 x 16 matrix of words r held.
 inline void transpose16x16_words(__m512i* r) {
   __m512i t[16];
@@ -1007,7 +1017,9 @@ inline void pack_rows(c10::BFloat16* dst, const c10::BFloat16* a, int64_t lda, i
     }
   }
 }
+#endif
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 // AMX-BF16 for a decode step's few rows against a weight with contiguous rows, as the transposed
 // product: out^T [N, M] = b [N, K] @ a^T, so that 16 rows of the weight x 32 of K are one A tile
 // loaded from the weight as it lies (no packing), and a's rows (M <= 16, zeros after) are packed

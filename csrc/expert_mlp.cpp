@@ -1,7 +1,8 @@
 // expert_mlp: per expert, gate_up = x_e @ w_gate_up[e] (w_gate_up[e]^T with trans_b) in fp32,
 // rounded to x's dtype (the output kept for the backward pass), h = act(gate) * up from the rounded
 // values in fp32 (gate and up clamped first when `limit` is finite), rounded, and
-// y_e = h @ w_down[e] (w_down[e]^T). Same one-BLAS-call-per-expert scheme as grouped_gemm.cpp.
+// y_e = h @ w_down[e] (w_down[e]^T). Same one-BLAS-call-per-expert scheme as grouped_gemm.cpp, and
+// the same grouped bf16 kernels for prefill-sized groups (AMX tiles, or packed_pairs.h's).
 #include <torch/library.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 
 #include "amx_grouped.h"
 #include "common.h"
+#include "packed_pairs.h"
 
 namespace pangu_cpu {
 namespace {
@@ -230,114 +232,6 @@ void few_rows_experts(const at::Tensor& x, const at::Tensor& w_gate_up, const at
   });
 }
 
-#if defined(__AVX512BF16__)
-// out[0:R, the 16-column blocks c0 + v * gap (v < CV)] = a[0:R] @ w, w one expert's packed weight
-// ([N / 16][K / 2][32]: a 16-column block's pairs of K, each pair of rows interleaved, as prepack
-// makes it), P = K / 2: each pair's CV vectors against a's R pairs broadcast, VDPBF16PS into R x CV
-// accumulators, stored once (rounded to bf16; no horizontal sums). Each line is fetched into L2
-// kDotsAhead on.
-template <int R, int CV>
-void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* w,
-                       int64_t P, int64_t c0, int64_t gap) {
-  __m512 acc[R][CV];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < CV; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  const c10::BFloat16* blocks[CV];
-  for (int v = 0; v < CV; ++v) blocks[v] = w + (c0 + v * gap) * P * 32;
-  for (int64_t p = 0; p < P; ++p) {
-    __m512bh wv[CV];
-    for (int v = 0; v < CV; ++v) {
-      const c10::BFloat16* line = blocks[v] + 32 * p;
-      _mm_prefetch(reinterpret_cast<const char*>(line) + kDotsAhead, _MM_HINT_T1);
-      wv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(line));
-    }
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
-      const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-      for (int v = 0; v < CV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wv[v], ar);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < CV; ++v) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 16 * (c0 + v * gap)),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(canonical_nans(acc[r][v]))));
-    }
-  }
-}
-
-// out[0:M, blocks [b0, b1) x 16] = a[0:M] @ w (as packed_pairs_pass): CV blocks at a time spread
-// over the range (blocks c, c + gap, ...: adjacent blocks lie P * 64 bytes apart, and 4 of them in
-// flight ran 1.4x slower from the L3, one thread), the blocks left over one by one. Rows in as few
-// passes over each pass's blocks as the 32 vector registers hold (R x CV accumulators + CV weight
-// vectors; the next passes find the blocks in L2): 1-2 rows against 8 blocks (against 4: 0.72-0.9x
-// the time at the op), 3 against 6, 7-8 against 3, else 4 blocks, 6 rows at a time, then the 1-5
-// left (against 4 rows at a time, 2 threads, 8 experts: 5-8 rows 0.79-0.91x the time, 12 rows
-// 0.85-0.98x, 64-256 0.94-1.0x). One thread against the few-row dot kernels on transformers' layout
-// (8 experts from the L3 / from memory), at 4 rows a pass: 1 row 0.79x / 0.96x the time, 2 rows
-// 0.76x / 0.86x, 4 rows 0.69x / 0.84x, 8 rows 0.73x / 0.73x (2-core Zen 4).
-void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
-                  const c10::BFloat16* w, int64_t K, int64_t b0, int64_t b1) {
-  const int64_t P = K / 2;
-  const auto rows = [&](auto cv, int64_t c, int64_t gap) {
-    constexpr int CV = decltype(cv)::value;
-    int64_t i = 0;
-    const auto pass = [&](auto r) {
-      packed_pairs_pass<decltype(r)::value, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap);
-      i += decltype(r)::value;
-    };
-    if constexpr (CV == 4) {
-      while (M - i >= 6) pass(std::integral_constant<int, 6>{});
-      if (M - i == 5) pass(std::integral_constant<int, 5>{});
-    }
-    if constexpr (CV == 3) {
-      if (M == 8) pass(std::integral_constant<int, 8>{});
-      if (M == 7) pass(std::integral_constant<int, 7>{});
-    }
-    for (; i + 4 <= M;) pass(std::integral_constant<int, 4>{});
-    if (M - i == 3) pass(std::integral_constant<int, 3>{});
-    if (M - i == 2) pass(std::integral_constant<int, 2>{});
-    if (M - i == 1) pass(std::integral_constant<int, 1>{});
-  };
-  const auto spread = [&](auto cv) {
-    constexpr int CV = decltype(cv)::value;
-    const int64_t gap = (b1 - b0) / CV;
-    for (int64_t c = b0; c < b0 + gap; ++c) rows(cv, c, gap);
-    for (int64_t c = b0 + CV * gap; c < b1; ++c) rows(std::integral_constant<int, 1>{}, c, 1);
-  };
-  if (M <= 2) {
-    spread(std::integral_constant<int, 8>{});
-  } else if (M == 3) {
-    spread(std::integral_constant<int, 6>{});
-  } else if (M == 7 || M == 8) {
-    spread(std::integral_constant<int, 3>{});
-  } else {
-    spread(std::integral_constant<int, 4>{});
-  }
-}
-
-// grouped_amx's work without AMX, where bf16_pair_dots() holds: each group's rows of a against its
-// expert's packed weight (expert e at w + e * wstride), as tasks of (a share of an expert's column
-// blocks, one share a thread), share-major: torch's static split gives each thread its share of
-// every expert, whatever the experts' rows.
-void grouped_packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda,
-                          const std::vector<int64_t>& off, const c10::BFloat16* w, int64_t wstride, int64_t K,
-                          int64_t N) {
-  std::vector<int64_t> experts;
-  for (size_t e = 0; e + 1 < off.size(); ++e) {
-    if (off[e + 1] > off[e]) experts.push_back(static_cast<int64_t>(e));
-  }
-  const int64_t shares = at::get_num_threads(), nb = N / 16, n = static_cast<int64_t>(experts.size());
-  at::parallel_for(0, n * shares, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t e = experts[t % n], s = t / n;
-      packed_pairs(out + off[e] * ldo, ldo, a + off[e] * lda, lda, off[e + 1] - off[e], w + e * wstride, K,
-                   nb * s / shares, nb * (s + 1) / shares);
-    }
-  });
-}
-#endif
 
 // expert_mlp with prepacked weights (pangu_ops.prepack: [E, N / 16, K / 2, 32], the B tiles of
 // every group of a row-major [E, K, N] weight, as packed_weight makes them): grouped_amx over the
@@ -422,6 +316,16 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
     grouped_amx(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off, w_gate_up, u, K, 2 * F);
     const at::Tensor h = gated_forward(gate_up, F, activation, limit);
     grouped_amx(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down, d, F, N);
+    return {y, gate_up};
+  }
+  if (prefill_sized(off) && grouped_pairs_applies(x.scalar_type(), x.stride(1), u[0], u[1], K, 2 * F) &&
+      grouped_pairs_applies(x.scalar_type(), 1, d[0], d[1], F, N)) {  // no AMX: VDPBF16PS (a Zen 4)
+    using bf16 = c10::BFloat16;
+    grouped_unpacked_pairs(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off,
+                           w_gate_up.data_ptr<bf16>(), w_gate_up.stride(0), u[0], u[1], K, 2 * F);
+    const at::Tensor h = gated_forward(gate_up, F, activation, limit);
+    grouped_unpacked_pairs(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down.data_ptr<bf16>(),
+                           w_down.stride(0), d[0], d[1], F, N);
     return {y, gate_up};
   }
   for_experts(off, [&](int64_t e0, int64_t e1) {

@@ -7,6 +7,9 @@
 // below), else through fp32 copies of x_e and w[e] (O(m*K + K*N) conversions against O(m*K*N)
 // flops). Experts side by side on the threads where they split evenly (for_experts). Experts with
 // no rows cost no FLOPs; their dw[e] = 0 are written run by run, streamed (fill_streaming).
+// Prefill-sized bf16 products (a group over kFewRows rows) run in one pool of tasks instead: AMX
+// tiles (amx_grouped.h), or VDPBF16PS on column blocks packed into L2 where the CPU's bf16
+// products are those (packed_pairs.h: a Zen 4; the forward and, with the other layout, dX).
 #include <torch/library.h>
 
 #include <array>
@@ -18,6 +21,7 @@
 
 #include "amx_grouped.h"
 #include "common.h"
+#include "packed_pairs.h"
 #include "vector_chains.h"
 
 namespace pangu_cpu {
@@ -114,6 +118,11 @@ at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& w, const at::T
   const std::array<int64_t, 2> s = kn_strides(w, trans_b);  // w[e] as [K, N]
   if (prefill_sized(off) && grouped_amx_applies(x.scalar_type(), x.stride(1), s[0], s[1], K, N)) {
     grouped_amx(y.data_ptr<c10::BFloat16>(), N, x.data_ptr<c10::BFloat16>(), x.stride(0), off, w, s, K, N);
+    return y;
+  }
+  if (prefill_sized(off) && grouped_pairs_applies(x.scalar_type(), x.stride(1), s[0], s[1], K, N)) {
+    grouped_unpacked_pairs(y.data_ptr<c10::BFloat16>(), N, x.data_ptr<c10::BFloat16>(), x.stride(0), off,
+                           w.data_ptr<c10::BFloat16>(), w.stride(0), s[0], s[1], K, N);  // no AMX: a Zen 4
     return y;
   }
   PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm", [&] {

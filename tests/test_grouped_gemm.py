@@ -193,9 +193,12 @@ def test_prefill_sized_groups(trans_b, k, n, sizes):
     AMX-BF16, the forward, dX (the other layout) and dW run the grouped tile kernels
     (amx_grouped.h): rows packed into VNNI pairs or tiles per task, row-major weights' pairs of rows
     interleaved per task, the transposed product's output turned back on store; chunks of rows and
-    columns, units split across the threads, K in blocks with fp32 sums between them. x is a column slice of a wider tensor (rows further
-    apart than K). Against fp32 products of the same values, rounded once; elsewhere the same
-    products run the other kernels."""
+    columns, units split across the threads, K in blocks with fp32 sums between them. Where its
+    bf16 products are VDPBF16PS's (a Zen 4), the forward and dX run packed_pairs.h's
+    unpacked_pairs: each thread's share of a group's 16-column blocks 4 at a time packed into L2
+    (the next 4's lines fetched meanwhile; shares of 2-3 blocks and a last 1-3 alone), both
+    layouts. x is a column slice of a wider tensor (rows further apart than K). Against fp32
+    products of the same values, rounded once; elsewhere the same products run the other kernels."""
     sizes = torch.tensor(sizes)
     gen = verify.generator(11)
     wide = verify.randn((int(sizes.sum()), k + 32), torch.bfloat16, gen, scale=k ** -0.5)
@@ -213,6 +216,24 @@ def test_prefill_sized_groups(trans_b, k, n, sizes):
     dw = torch.stack([r.t() @ g for r, g in zip(rows, grads)])
     torch.testing.assert_close(wr.grad, (dw.transpose(1, 2) if trans_b else dw).bfloat16(), **tol)
     assert (y != 0).any(1).all()
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_prefill_sized_groups_of_every_other_expert(trans_b):
+    """The prefill kernels on a view of every other expert of a stacked weight (experts 2 K N
+    apart): the forward and dX against the same products on a contiguous copy."""
+    sizes = torch.tensor([40, 0, 23])
+    gen = verify.generator(13)
+    x = verify.randn((int(sizes.sum()), 64), torch.bfloat16, gen, scale=0.125)
+    stacked = verify.randn((6, *((160, 64) if trans_b else (64, 160))), torch.bfloat16, gen)
+    dy = verify.randn((x.shape[0], 160), torch.bfloat16, gen)
+    got, want = [], []
+    for w in (stacked[::2], stacked[::2].contiguous()):
+        xr = x.clone().requires_grad_()
+        y = pangu_ops.grouped_gemm(xr, w, sizes, trans_b)
+        y.backward(dy)
+        got, want = want, [y, xr.grad]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_blocked_k_units_of_several_row_chunks():
