@@ -156,7 +156,7 @@ inline void pack_pair_blocks(c10::BFloat16* buf, const c10::BFloat16* b, int64_t
 // buffer (L2-resident: each of b's lines read once, whole), then all M rows against them
 // (pair_rows), as on prepacked weights. Against oneDNN per expert (2-core Zen 4, 2 threads,
 // interleaved; expert_mlp, both layouts): Qwen3-MoE-shaped 128-2048 tokens 0.71-0.90x the time,
-// Mixtral-shaped 64-2048 0.54-0.89x (prepacked: 0.75-1.0x this one's time); groups of 512 rows
+// Mixtral-shaped 64-2048 0.54-0.89x (prepacked: 0.65-1.0x this one's time); groups of 512 rows
 // (the default bench's grouped_gemm) 0.98-1.02x.
 constexpr int64_t kUnpackedBlocks = 4;
 inline void unpacked_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
