@@ -24,10 +24,12 @@ experts backend are packed too: row-major operands (`is_transposed`: Aria's `[E,
 packs of their transposes where the packed kernels are VDPBF16PS's (no AMX: the integration then
 multiplies them as row-major ones; state_dict and unprepack give `[E, N, K]` back). On 2-core Zen 4,
 Qwen3-MoE- and Mixtral-shaped `expert_mlp`: 0.71-1.0x the time of the unpacked `[E, N, K]` weights
-at 1-2048 tokens. With AMX they are left as they are: at decode sizes the transposed kernels read
-their rows in place as A tiles (packing their transposes measured on par: prefill 0.91-0.95x the
-time, decode 0.8-1.35x, 2-core Xeon), and prefill-sized calls take their tiles from the
-packed-weight cache (a second copy, capped).
+at 1-2048 tokens (since the unpacked weights' prefill-sized groups run the same kernel on blocks
+packed per call, packed_pairs.h: 0.65-1.0x at 64-2048 tokens, the same at 2048). With AMX they are
+left as they are: at decode sizes the transposed kernels read their rows in place as A tiles
+(packing their transposes measured on par: prefill 0.91-0.95x the time, decode 0.8-1.35x, 2-core
+Xeon), and prefill-sized calls take their tiles from the packed-weight cache (a second copy,
+capped).
 """
 from __future__ import annotations
 
