@@ -236,6 +236,18 @@ def test_prefill_sized_groups_of_every_other_expert(trans_b):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_prefill_sized_groups_with_more_threads_than_column_blocks(trans_b):
+    """5 threads against 2 column blocks (N = 32): the threads' shares of a group's blocks are
+    empty or one block (packed_pairs.h's tasks); the same products as ever."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(5)
+    try:
+        test_prefill_sized_groups(trans_b, 64, 32, [40, 20, 0])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_blocked_k_units_of_several_row_chunks():
     """One thread: four groups of two 512-row chunks each make four units (none split), whose
     row-major b (K > 2048) is packed once per unit for all of K rather than per column slice."""
