@@ -47,6 +47,13 @@ inline bool prefill_sized(const std::vector<int64_t>& off) {
   return false;
 }
 
+// Whether the grouped bf16 kernels take out = a_e @ b_e by its operands (b_e[k][n] at sb0 / sb1
+// apart, a's elements sa1 apart in a row): bf16, K and N multiples of 32, a's rows contiguous, b_e
+// with one unit stride (the CPU's part: grouped_amx_applies, grouped_pairs_applies).
+inline bool grouped_operands_fit(at::ScalarType t, int64_t sa1, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
+  return t == at::kBFloat16 && K % 32 == 0 && N % 32 == 0 && K > 0 && N > 0 && sa1 == 1 && (sb0 == 1 || sb1 == 1);
+}
+
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 
 constexpr int64_t kChunkBytes = 1 << 20;         // a task's rows of a, in tile order (L2-resident)
@@ -143,12 +150,9 @@ inline void amx_block(float* c, int64_t ldc, bool add, const c10::BFloat16* a0, 
   _tile_stored(3, c + 16 * ldc + 16, ldc_bytes);
 }
 
-// Whether grouped_amx takes out = a_e @ b_e (b_e[k][n] at sb0 / sb1 apart, a's elements sa1
-// apart in a row): bf16 with AMX, K and N multiples of 32, a's rows contiguous, b_e with one unit
-// stride.
+// Whether grouped_amx takes out = a_e @ b_e: its operands fit (grouped_operands_fit), with AMX.
 inline bool grouped_amx_applies(at::ScalarType t, int64_t sa1, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
-  return t == at::kBFloat16 && K % 32 == 0 && N % 32 == 0 && K > 0 && N > 0 && sa1 == 1 && (sb0 == 1 || sb1 == 1) &&
-         amx_ready();
+  return grouped_operands_fit(t, sa1, sb0, sb1, K, N) && amx_ready();
 }
 
 // Columns [n0, n0 + nc) of the first K rows of a row-major b (rows sb0 apart; rows from `rows` on

@@ -232,7 +232,6 @@ void few_rows_experts(const at::Tensor& x, const at::Tensor& w_gate_up, const at
   });
 }
 
-
 // expert_mlp with prepacked weights (pangu_ops.prepack: [E, N / 16, K / 2, 32], the B tiles of
 // every group of a row-major [E, K, N] weight, as packed_weight makes them): grouped_amx over the
 // packed tiles for every group size, decode steps too (the tiles lie in the order the kernel reads
@@ -310,22 +309,12 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Ten
     return {y, gate_up};
   }
   const std::array<int64_t, 2> u = kn_strides(w_gate_up, trans_b), d = kn_strides(w_down, trans_b);
-  if (prefill_sized(off) && grouped_amx_applies(x.scalar_type(), x.stride(1), u[0], u[1], K, 2 * F) &&
-      grouped_amx_applies(x.scalar_type(), 1, d[0], d[1], F, N)) {
+  if (prefill_sized(off) && grouped_bf16_applies(x.scalar_type(), x.stride(1), u[0], u[1], K, 2 * F) &&
+      grouped_bf16_applies(x.scalar_type(), 1, d[0], d[1], F, N)) {
     using bf16 = c10::BFloat16;
-    grouped_amx(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off, w_gate_up, u, K, 2 * F);
+    grouped_bf16(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off, w_gate_up, u, K, 2 * F);
     const at::Tensor h = gated_forward(gate_up, F, activation, limit);
-    grouped_amx(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down, d, F, N);
-    return {y, gate_up};
-  }
-  if (prefill_sized(off) && grouped_pairs_applies(x.scalar_type(), x.stride(1), u[0], u[1], K, 2 * F) &&
-      grouped_pairs_applies(x.scalar_type(), 1, d[0], d[1], F, N)) {  // no AMX: VDPBF16PS (a Zen 4)
-    using bf16 = c10::BFloat16;
-    grouped_unpacked_pairs(gate_up.data_ptr<bf16>(), 2 * F, x.data_ptr<bf16>(), x.stride(0), off,
-                           w_gate_up.data_ptr<bf16>(), w_gate_up.stride(0), u[0], u[1], K, 2 * F);
-    const at::Tensor h = gated_forward(gate_up, F, activation, limit);
-    grouped_unpacked_pairs(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down.data_ptr<bf16>(),
-                           w_down.stride(0), d[0], d[1], F, N);
+    grouped_bf16(y.data_ptr<bf16>(), N, h.data_ptr<bf16>(), F, off, w_down, d, F, N);
     return {y, gate_up};
   }
   for_experts(off, [&](int64_t e0, int64_t e1) {

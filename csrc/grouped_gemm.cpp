@@ -116,13 +116,8 @@ at::Tensor grouped_gemm(const at::Tensor& x_in, const at::Tensor& w, const at::T
   const std::vector<int64_t> off = group_offsets(group_sizes, x.size(0), "grouped_gemm");
   at::Tensor y = empty_output({x.size(0), N}, x.options());
   const std::array<int64_t, 2> s = kn_strides(w, trans_b);  // w[e] as [K, N]
-  if (prefill_sized(off) && grouped_amx_applies(x.scalar_type(), x.stride(1), s[0], s[1], K, N)) {
-    grouped_amx(y.data_ptr<c10::BFloat16>(), N, x.data_ptr<c10::BFloat16>(), x.stride(0), off, w, s, K, N);
-    return y;
-  }
-  if (prefill_sized(off) && grouped_pairs_applies(x.scalar_type(), x.stride(1), s[0], s[1], K, N)) {
-    grouped_unpacked_pairs(y.data_ptr<c10::BFloat16>(), N, x.data_ptr<c10::BFloat16>(), x.stride(0), off,
-                           w.data_ptr<c10::BFloat16>(), w.stride(0), s[0], s[1], K, N);  // no AMX: a Zen 4
+  if (prefill_sized(off) && grouped_bf16_applies(x.scalar_type(), x.stride(1), s[0], s[1], K, N)) {
+    grouped_bf16(y.data_ptr<c10::BFloat16>(), N, x.data_ptr<c10::BFloat16>(), x.stride(0), off, w, s, K, N);
     return y;
   }
   PANGU_DISPATCH_FLOATS(x.scalar_type(), "grouped_gemm", [&] {

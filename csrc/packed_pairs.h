@@ -6,6 +6,7 @@
 // grouped_gemm, whichever layout, both directions).
 #pragma once
 
+#include "amx_grouped.h"
 #include "common.h"
 
 namespace pangu_cpu {
@@ -54,7 +55,7 @@ inline void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat
 // blocks: 6 rows a pass, then 5; 3 blocks: 7-8), else 4 at a time, then the 1-3 left.
 template <int CV>
 inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
-                        const c10::BFloat16* w, int64_t P, int64_t c, int64_t gap, LineFetch* fetch = nullptr) {
+                      const c10::BFloat16* w, int64_t P, int64_t c, int64_t gap, LineFetch* fetch = nullptr) {
   int64_t i = 0;
   const auto pass = [&](auto r) {
     packed_pairs_pass<decltype(r)::value, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap, fetch);
@@ -186,11 +187,10 @@ inline void unpacked_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16*
   }
 }
 
-// Whether grouped_unpacked_pairs takes out = a_e @ b_e (as grouped_amx_applies, for the CPUs whose
-// bf16 products are VDPBF16PS's: bf16_pair_dots, a Zen 4).
+// Whether grouped_unpacked_pairs takes out = a_e @ b_e: its operands fit (grouped_operands_fit), on
+// a CPU whose bf16 products are VDPBF16PS's (bf16_pair_dots: a Zen 4).
 inline bool grouped_pairs_applies(at::ScalarType t, int64_t sa1, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
-  return t == at::kBFloat16 && K % 32 == 0 && N % 32 == 0 && K > 0 && N > 0 && sa1 == 1 && (sb0 == 1 || sb1 == 1) &&
-         bf16_pair_dots();
+  return grouped_operands_fit(t, sa1, sb0, sb1, K, N) && bf16_pair_dots();
 }
 
 // grouped_amx's work on a weight as it lies (w[e] as [K, N] at w + e * sbe, strides sb0 / sb1),
@@ -211,5 +211,18 @@ inline void grouped_unpacked_pairs(c10::BFloat16*, int64_t, const c10::BFloat16*
   TORCH_CHECK(false, "grouped_unpacked_pairs: built without AVX512-BF16");
 }
 #endif
+
+// The grouped bf16 kernels of prefill-sized groups (expert_mlp's and grouped_gemm's): where they
+// take out = a_e @ b_e here, and the product, AMX tiles where the CPU has them, else VDPBF16PS on
+// blocks packed per call (w[e] as [K, N] with strides s).
+inline bool grouped_bf16_applies(at::ScalarType t, int64_t sa1, int64_t sb0, int64_t sb1, int64_t K, int64_t N) {
+  return grouped_amx_applies(t, sa1, sb0, sb1, K, N) || grouped_pairs_applies(t, sa1, sb0, sb1, K, N);
+}
+inline void grouped_bf16(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda,
+                         const std::vector<int64_t>& off, const at::Tensor& w, const std::array<int64_t, 2>& s,
+                         int64_t K, int64_t N) {
+  if (grouped_amx_applies(at::kBFloat16, 1, s[0], s[1], K, N)) return grouped_amx(out, ldo, a, lda, off, w, s, K, N);
+  grouped_unpacked_pairs(out, ldo, a, lda, off, w.data_ptr<c10::BFloat16>(), w.stride(0), s[0], s[1], K, N);
+}
 
 }  // namespace pangu_cpu
