@@ -22,8 +22,8 @@ a limit its kernels beat) and, for prefill, the dense matmul of the same FLOPs i
 where this CPU's half-precision matmul is slower; x3 for forward + backward); for decode also
 memory, one read-only pass (the CPU backend's `read_work`: every byte read once, nothing else) over
 the touched experts' weights in place, the faster of a plain pass and one with the few-row kernels'
-software prefetch (`weight reading, prefetched`: from memory the fp32 kernels read faster than the
-plain pass) and, for decode forward where the CPU backend's `dot_read_work` multiplies as the
+software prefetch (`weight reading, prefetched`: from memory it can read faster than the plain
+pass) and, for decode forward where the CPU backend's `dot_read_work` multiplies as the
 few-row kernels do (fp32 on AVX-512, bf16 by VDPBF16PS: `_products_read`), the same pass with
 their products done on every line, each expert's lines into its rows' register accumulators
 (`read with products`, plain and prefetched: the best kernel of those products, nothing reduced or
@@ -300,8 +300,8 @@ def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor]
         for suffix, ahead in (("", 0), (", prefetched", READ_AHEAD)):
             turn = _turns([make_pass(ids, ahead) for ids in cycle])
             limits[name + suffix] = ("memory", lambda turn=turn: turn()())
-    # the read plain and with the few-row kernels' software prefetch: from memory the fp32 ones read
-    # faster than the plain pass (up to 4%, 2-core Zen 4), from the L3 the plain pass is the faster;
+    # the read plain and with the few-row kernels' software prefetch: from memory the prefetching one
+    # read up to 4% faster than the plain pass (2-core Zen 4), from the L3 the plain pass is the faster;
     # both limits of one row move the same bytes, so the faster counts (_limit)
     memory_limits("weight reading", weight_pass)
     if mode == "fwd" and _products_read(dtype):
