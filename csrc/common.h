@@ -251,6 +251,14 @@ bool native_half_matmul(at::ScalarType dtype);
 // FMAs' time for as many instructions. False where the build has no AVX512-BF16.
 bool bf16_pair_dots();
 
+// Whether this CPU runs a 512-bit FMA at the rate of a 256-bit one (512-bit FMA units: AMD Zen 5,
+// Xeons) rather than as two 256-bit halves (AMD Zen 4: half the rate). The few-row dot kernels
+// (few_rows_dots) were tuned on one of each and take what each measured: their software prefetch and
+// streams. Probed once on first use: 12 register-resident chains of 16- and of 8-lane FMAs, best of
+// 5 (~1 ms); wide where the 16-lane ones take under 1.5x the 8-lane ones' time for as many
+// instructions. False without AVX-512.
+bool full_width_512();
+
 // out[M, N] = a[M, K] @ b[K, N] for the few rows of a decode step's expert (M <= kFewRows), fp32
 // accumulation, b read once from memory in its own 16-bit dtype (a's rows converted to fp32 once).
 // b is a [K, N] view either of a row-major [N, K] matrix (stride(0) == 1: dot products of
@@ -699,25 +707,33 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
 
 // One 32-element step k of dots_lockstep: R of a's rows and S of b's (rows ldb apart) loaded as
 // Dots takes them (Masked: the tail of K by masked loads, zeros after it), their products added.
-// Prefetch: each of b's rows also fetched into L2 kDotsAhead bytes (8 KiB) ahead in its stream (the
-// few-row kernels walk b's rows in order), for products of Dots::kPrefetchRows of a's rows or more
-// (few_rows_dots). Measured on a 2-core Zen 4 on 2026-12-06 (expert_mlp on transformers-layout
-// experts, 8 Mixtral-shaped / 64 Qwen3-MoE-shaped from memory, 2 / 8 from the L3; median over 20
-// interleaved rounds of the time of a plain read of the same bytes over the op's): bf16 (VDPBF16PS)
-// without it at 2-5 rows 0.99-1.29x as fast (the L3 cases the most), with it at 7-8 rows 1.1-1.3x
-// as fast from memory (0.94-1.09x from the L3), 6 rows about even (0.86-1.09x); fp32 (FMAs) without
-// it at 1-8 rows 1.0-1.42x as fast (1.0-1.1x from memory, where it had helped one row 4-10% in a
-// faster-memory run before: the read here ran at 36-56 GB/s, against up to 130 on other days). Into
-// L1 (_MM_HINT_T0): 1-6 rows 1.05-1.26x slower. Dots512 (the AMX Xeon's): never (not measured there).
+// With R >= From > 0, each of b's rows also fetched into L2 kDotsAhead bytes (8 KiB) ahead in its
+// stream (the few-row kernels walk b's rows in order). few_rows_dots picks From as measured on two
+// 2-core AMD EPYCs, paired or interleaved:
+// - Zen 4 (512-bit FMAs as two halves): Dots::kPrefetchRows, by block. VDPBF16PS, 8 experts of
+//   7168 x 1024 / 1024 x 3584 from memory at 2-8 rows 0.77-0.96x the time with it;
+//   transformers-layout decode steps 0.87-0.98x (Mixtral-shaped), 0.94-1.01x (Qwen3-MoE-shaped).
+//   Not with one row of bf16: a prefetch a line beside one load and one VDPBF16PS cost more than it
+//   hid, one-token bf16 decode steps 0.86-0.93x the time without it; fp32 one-row steps (DotsF32)
+//   took 1.04-1.1x as long without it.
+// - Zen 5 (full_width_512): 1 where the product has Dots::kWidePrefetchRows of a's rows or more,
+//   else none (expert_mlp on transformers-layout experts, 8 Mixtral-shaped / 64 Qwen3-MoE-shaped
+//   from memory, 2 / 8 from the L3; median over 20 interleaved rounds of the time of a plain read of
+//   the same bytes over the op's; the read ran at 36-56 GB/s): bf16 without it at 2-5 rows 0.99-1.29x
+//   as fast (the L3 cases the most), with it at 7-8 rows 1.1-1.3x as fast from memory (0.94-1.09x
+//   from the L3), 6 rows about even (0.86-1.09x); fp32 without it at 1-8 rows 1.0-1.42x as fast
+//   (1.0-1.1x from memory).
+// Into L1 (_MM_HINT_T0): 1-6 rows 1.05-1.26x slower (Zen 4). Dots512 (the AMX Xeon's): never (not
+// measured there).
 constexpr int64_t kDotsAhead = 8192;
-template <typename Dots, int R, int S, bool Masked, bool Prefetch>
+template <typename Dots, int R, int S, bool Masked, int From>
 __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
                                                      int64_t lda, int64_t k, const typename Dots::B* b, int64_t ldb,
                                                      __mmask32 mask) {
   typename Dots::ARow ar[R];
   for (int r = 0; r < R; ++r) ar[r] = Dots::template load_a<Masked>(a + r * lda + k, mask);
   for (int q = 0; q < S; ++q) {
-    if constexpr (Prefetch && !Masked) {
+    if constexpr (From > 0 && R >= From && !Masked) {
       _mm_prefetch(reinterpret_cast<const char*>(b + q * ldb + k) + kDotsAhead, _MM_HINT_T1);
     }
     const typename Dots::BRow v = Dots::template load_b<Masked>(b + q * ldb + k, mask);
@@ -734,7 +750,7 @@ __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const 
 // fast from L1 at 2-8 rows (one thread, rows of 1024 and 3584 elements) and in 0.83-0.86x the time
 // from L3 at 4-12 rows (4 experts of 1024 x 1024, 2 threads; as fast from memory, where the read
 // bounds them).
-template <typename Dots, int R, int S, bool Prefetch>
+template <typename Dots, int R, int S, int From>
 inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int64_t lda, int64_t K,
                           const typename Dots::B* b, int64_t ldb) {
   __m512 acc[R][S];
@@ -742,9 +758,9 @@ inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int
     for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
   }
   const int64_t whole = K / 32 * 32;
-  for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false, Prefetch>(acc, a, lda, k, b, ldb, 0);
+  for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false, From>(acc, a, lda, k, b, ldb, 0);
   if (whole < K) {
-    dots_step<Dots, R, S, true, Prefetch>(acc, a, lda, whole, b, ldb, static_cast<__mmask32>((uint64_t{1} << (K - whole)) - 1));
+    dots_step<Dots, R, S, true, From>(acc, a, lda, whole, b, ldb, static_cast<__mmask32>((uint64_t{1} << (K - whole)) - 1));
   }
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
@@ -756,8 +772,8 @@ inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int
 struct Dots512 {
   using A = float;
   using B = c10::BFloat16;
-  static constexpr int kPrefetchRows = 0;  // never (dots_step)
-  static constexpr bool kThreeRows = false;  // (dots_rows512: not measured with 4 streams)
+  static constexpr int kPrefetchRows = 0, kWidePrefetchRows = 0;  // never (dots_step)
+  static constexpr bool kThreeRows = false;  // (dots_rows512: with 8 streams 3 rows would spill)
   struct ARow {
     __m512 even, odd;
   };
@@ -785,7 +801,7 @@ struct Dots512 {
 struct DotsPairs {
   using A = c10::BFloat16;
   using B = c10::BFloat16;
-  static constexpr int kPrefetchRows = 6;  // (dots_step)
+  static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 6;  // (dots_step)
   static constexpr bool kThreeRows = true;  // (dots_rows512)
   using ARow = __m512bh;
   using BRow = __m512bh;
@@ -874,7 +890,7 @@ void few_rows_pairs(float* __restrict acc, int64_t ldacc, const c10::BFloat16* _
 struct DotsF32 {
   using A = float;
   using B = float;
-  static constexpr int kPrefetchRows = 0;  // never (dots_step)
+  static constexpr int kPrefetchRows = 1, kWidePrefetchRows = 0;  // (dots_step)
   static constexpr bool kThreeRows = false;  // (dots_rows512: not measured)
   struct ARow {
     __m512 lo, hi;
@@ -897,14 +913,15 @@ struct DotsF32 {
   }
 };
 
-// out[0:M, n] for the S (<= 4) rows n = n0 + q * step of b (as dots_rows): a's rows (as Dots takes
-// them) 4 at a time, then 3 where Dots::kThreeRows, then 2, then 1 (at most 16 accumulators and 8 of
-// a's vectors). Three rows in one pass against 2 + 1 (VDPBF16PS pairs, 8 streams, 8
-// Qwen3-MoE-shaped experts from the L3, one thread, paired on a 2-core Zen 4): 0.77x the time; 5-6
-// rows in one pass of 4 streams against 4 + 1-2: the same (there the products bound them); 5-8 rows
-// in one pass of 2 streams (16 accumulators at most) against 4 + 1-4 of 4 (2026-12-06, as
-// dots_step's): 5 rows 1.1-1.2x as fast, 6-8 from 0.8x to 1.1x: not taken.
-template <typename Dots, int S, bool Prefetch = false>
+// out[0:M, n] for the S rows n = n0 + q * step of b (as dots_rows): a's rows (as Dots takes them)
+// 4 at a time with 4 streams, then 3 with 8 where Dots::kThreeRows, then 2, then 1 (at most 16
+// accumulators and 8 of a's vectors, or 24 and 3: 27-28 of 32 registers). Three rows in one pass
+// against 2 + 1 (VDPBF16PS pairs, 8 streams, 8 Qwen3-MoE-shaped experts from the L3, one thread,
+// paired on a 2-core Zen 4): 0.77x the time; 5-6 rows in one pass of 4 streams against 4 + 1-2: the
+// same (there the products bound them). On a Zen 5, 5-8 rows in one pass of 2 streams (16
+// accumulators at most) against 4 + 1-4 of 4 (as dots_step's): 5 rows 1.1-1.2x as fast, 6-8 from
+// 0.8x to 1.1x: not taken. From: dots_step's.
+template <typename Dots, int S, int From = 0>
 inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
                          int64_t M, int64_t K, const typename Dots::B* b, int64_t sb1, int64_t n0, int64_t step) {
   float sums[4 * S];
@@ -912,38 +929,52 @@ inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const ty
   const auto block = [&](auto r_) {
     constexpr int R = decltype(r_)::value;
     for (; i + R <= M; i += R) {
-      dots_lockstep<Dots, R, S, Prefetch>(sums, as + i * lda, lda, K, b + n0 * sb1, step * sb1);
+      dots_lockstep<Dots, R, S, From>(sums, as + i * lda, lda, K, b + n0 * sb1, step * sb1);
       for (int r = 0; r < R; ++r) {
         for (int q = 0; q < S; ++q) store_float(out + (i + r) * ldo, n0 + q * step, sums[r * S + q]);
       }
     }
   };
-  block(std::integral_constant<int, 4>{});
+  if constexpr (S <= 4) block(std::integral_constant<int, 4>{});
   if constexpr (Dots::kThreeRows) block(std::integral_constant<int, 3>{});
   block(std::integral_constant<int, 2>{});
   block(std::integral_constant<int, 1>{});
 }
 
 // gemm_few_rows with b's rows contiguous (sb0 == 1) by dots_rows512 with Dots on a's rows as it
-// takes them (`as`, row stride lda): 4 streams (b's rows a quarter of a thread's share apart), b
-// prefetched from Dots::kPrefetchRows rows of a (dots_step). 8 streams at 2-3 rows of bf16, as
-// before 2026-12-06, took up to 1.29x 4's time there (expert_mlp as dots_step's, both without
-// prefetch: 2 rows 0.99-1.15x from memory, 1.14-1.29x from the L3; 3 rows 0.96-1.14x); one row: 4
-// streams against 8 0.91-0.93x the time (one-token decode steps on transformers-layout experts,
-// paired, 2-core Zen 4).
+// takes them (`as`, row stride lda), S of b's rows at once (a share of b's rows apart), b prefetched
+// as dots_step says. S as measured on two 2-core AMD EPYCs: on a Zen 4 8 with 2-3 rows of bf16 a, 4
+// with 1 or 4+ and with fp32 (fp32 at 2 rows: 8 streams 1.05x 4's time against a read pass, same
+// runs; bf16: one row against 4 streams in place of 8, paired: one-token decode steps on
+// transformers-layout experts 0.91-0.93x the time, 8 experts of 7168 x 1024 0.93x, of 1024 x 3584
+// the same; 2-3 rows 1.04-1.08x slower on 4); on a Zen 5 (full_width_512) 4 always (bf16 at 2-3
+// rows, 8 against 4, both without prefetch, as dots_step's: 2 rows 0.99-1.15x the time from
+// memory, 1.14-1.29x from the L3; 3 rows 0.96-1.14x).
 template <typename Dots>
 inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
                           int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
-  const auto run = [&](auto prefetch) {
-    constexpr bool kPrefetch = decltype(prefetch)::value;
+  const bool wide = full_width_512();
+  const int from = !wide ? Dots::kPrefetchRows : Dots::kWidePrefetchRows > 0 && M >= Dots::kWidePrefetchRows;
+  const bool eight = !wide && M >= 2 && M <= 3 && !std::is_same_v<typename Dots::B, float>;
+  const auto run = [&](auto s_, auto from_) {
+    constexpr int S = decltype(s_)::value, From = decltype(from_)::value;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      const int64_t len = (n1 - n0) / 4;
-      for (int64_t j = 0; j < len; ++j) dots_rows512<Dots, 4, kPrefetch>(out, ldo, as, lda, M, K, b, sb1, n0 + j, len);
-      for (int64_t n = n0 + 4 * len; n < n1; ++n) dots_rows512<Dots, 1, kPrefetch>(out, ldo, as, lda, M, K, b, sb1, n, 0);
+      const int64_t len = (n1 - n0) / S;
+      for (int64_t j = 0; j < len; ++j) dots_rows512<Dots, S, From>(out, ldo, as, lda, M, K, b, sb1, n0 + j, len);
+      for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows512<Dots, 1, From>(out, ldo, as, lda, M, K, b, sb1, n, 0);
     });
   };
-  if (Dots::kPrefetchRows > 0 && M >= Dots::kPrefetchRows) return run(std::true_type{});
-  run(std::false_type{});
+  const auto with_from = [&](auto s_) {
+    if (from == 0) return run(s_, std::integral_constant<int, 0>{});
+    if constexpr (Dots::kPrefetchRows > 1) {
+      if (from == Dots::kPrefetchRows) return run(s_, std::integral_constant<int, Dots::kPrefetchRows>{});
+    }
+    run(s_, std::integral_constant<int, 1>{});
+  };
+  if constexpr (!std::is_same_v<typename Dots::B, float>) {
+    if (eight) return with_from(std::integral_constant<int, 8>{});
+  }
+  with_from(std::integral_constant<int, 4>{});
 }
 
 inline void gemm_few_rows512(c10::BFloat16* __restrict out, int64_t ldo, const c10::BFloat16* __restrict a,

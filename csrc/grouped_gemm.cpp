@@ -77,27 +77,40 @@ bool native_half_matmul(at::ScalarType dtype) {
 
 namespace {
 std::atomic<int> forced_pair_dots{-1};  // force_bf16_pair_dots: -1 the probe decides, 0 / 1 forced
+std::atomic<int> forced_wide{-1};  // force_full_width_512: the same
+
+// The best of 5 timed runs of chains (vector_chains.h) of 20000 steps (240k instructions: ~0.1 ms),
+// in seconds: the CPU probes below.
+template <typename Chains>
+double probe_seconds(const Chains& chains) {
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    volatile double keep = chains(i, 20000);
+    (void)keep;
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
 }  // namespace
 
 bool bf16_pair_dots() {
 #if defined(__AVX512BF16__)
   const int forced = forced_pair_dots.load(std::memory_order_relaxed);
   if (forced >= 0) return forced == 1;
-  static const bool pairs = [] {
-    constexpr int64_t kSteps = 20000;  // 240k instructions of each: ~0.1 ms
-    const auto seconds = [](auto chains) {
-      double best = 1e30;
-      for (int i = 0; i < 5; ++i) {
-        const auto start = std::chrono::steady_clock::now();
-        volatile double keep = chains(i, kSteps);
-        (void)keep;
-        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-      }
-      return best;
-    };
-    return seconds(bf16_pair_chains) < 1.5 * seconds(fma_chains);
-  }();
+  static const bool pairs = probe_seconds(bf16_pair_chains) < 1.5 * probe_seconds(fma_chains<>);
   return pairs;
+#else
+  return false;
+#endif
+}
+
+bool full_width_512() {
+#if defined(__AVX512F__)
+  const int forced = forced_wide.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  static const bool wide = probe_seconds(fma_chains<f32x16>) < 1.5 * probe_seconds(fma_chains<f32x8>);
+  return wide;
 #else
   return false;
 #endif
@@ -176,6 +189,7 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("grouped_gemm_wgrad(Tensor x, Tensor dy, Tensor group_sizes) -> Tensor");
   m.def("native_half_matmul(ScalarType dtype) -> bool", [](at::ScalarType dtype) { return native_half_matmul(dtype); });
   m.def("bf16_pair_dots() -> bool", [] { return bf16_pair_dots(); });
+  m.def("full_width_512() -> bool", [] { return full_width_512(); });
   // for tests: both few-row bf16 dot kernels on any CPU with AVX512-BF16 (-1: the probe decides again)
   m.def("force_bf16_pair_dots(int mode) -> ()", [](int64_t mode) {
     TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "force_bf16_pair_dots: mode must be -1, 0 or 1, got ", mode);
@@ -183,6 +197,11 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
     TORCH_CHECK(mode != 1, "force_bf16_pair_dots: this build has no AVX512-BF16");
 #endif
     forced_pair_dots.store(static_cast<int>(mode), std::memory_order_relaxed);
+  });
+  // for tests: the few-row dot kernels as tuned for either kind of AVX-512 unit, on any CPU with AVX-512
+  m.def("force_full_width_512(int mode) -> ()", [](int64_t mode) {
+    TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "force_full_width_512: mode must be -1, 0 or 1, got ", mode);
+    forced_wide.store(static_cast<int>(mode), std::memory_order_relaxed);
   });
 }
 

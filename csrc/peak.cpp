@@ -19,11 +19,11 @@
 // up to 10% (fp32); nor is a call per tensor: a decode step's 14 touched weight slices
 // (Qwen3-MoE-shaped, one token) took 194 us that way against 163 in one call, and the step's
 // expert_mlp 164. ahead > 0: every other line of each stream also fetched into L2 `ahead` bytes on,
-// as the few-row kernels' software prefetch did in fp32 (a line of 2 a step, kDotsAhead on; they
-// now prefetch in bf16 from 6 rows, a line each step: dots_step): from memory that read a little
-// faster than the plain pass (fp32 Mixtral-shaped one-token decode steps at 102-104% of it, 2-core
-// Zen 4), from the L3 the plain pass is the faster (the prefetching one 1.1-1.2x its time; a
-// prefetch on every line: 1.45x), so the benchmarks' read limit is the faster of the two. Returns the xor of every tensor's words (each one's trailing 1-3 bytes zero-padded to
+// as the fp32 few-row kernels' software prefetch does on a Zen 4 (a line of 2 a step, kDotsAhead on;
+// their choices per CPU: dots_step): from memory they read a little faster than the plain pass
+// (fp32 Mixtral-shaped one-token decode steps at 102-104% of it, 2-core Zen 4), from the L3 the
+// plain pass is the faster (the prefetching one 1.1-1.2x its time; a prefetch on every line:
+// 1.45x), so the benchmarks' read limit is the faster of the two. Returns the xor of every tensor's words (each one's trailing 1-3 bytes zero-padded to
 // a word), so the reads are kept.
 //
 // dot_read_work(ts, rows, ahead=0): the decode ceiling: what reading the touched experts' weights
@@ -122,7 +122,7 @@ double on_every_thread(int64_t flops, int64_t step_flops, const Work& work) {
 
 double fma_work(int64_t flops) {
   TORCH_CHECK_VALUE(flops >= 0, "fma_work: flops must be >= 0");
-  return on_every_thread(flops, 2 * kChains * kLanes, fma_chains);
+  return on_every_thread(flops, 2 * kChains * kLanes, fma_chains<>);
 }
 
 // A pass over the contiguous tensors ts in one parallel region: their units (units(t) each, in list

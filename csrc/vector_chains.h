@@ -15,10 +15,12 @@ using Chain = f32x8;
 #endif
 constexpr int kLanes = sizeof(Chain) / sizeof(float);
 
-// steps x kChains fp32 FMAs of the widest vector (peak.cpp's fma_work says why that width); `seed`
-// varies the values.
+// steps x kChains fp32 FMAs of the widest vector (peak.cpp's fma_work says why that width) or of V;
+// `seed` varies the values.
+template <typename V = Chain>
 inline double fma_chains(int64_t seed, int64_t steps) {
-  Chain acc[kChains];
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  V acc[kChains];
   for (int c = 0; c < kChains; ++c) {
     for (int l = 0; l < kLanes; ++l) acc[c][l] = 1e-3f * static_cast<float>(c * kLanes + l + seed);
   }

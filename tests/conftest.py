@@ -63,6 +63,16 @@ def bf16_dots(request):
         yield
 
 
+@pytest.fixture(params=["halves", "full"])
+def dots_tuning(request):
+    """The CPU backend's few-row dot kernels as tuned for 512-bit FMAs run as two halves (AMD Zen 4),
+    then at full width (Zen 5, Xeons), whatever this CPU's probe chose (`full_width_512`): the
+    software prefetch and stream counts of both checked on any CPU with AVX-512."""
+    from pangu_ops.backends import cpu as cpu_backend
+    with cpu_backend.full_width_512_forced(request.param == "full"):
+        yield
+
+
 def failures(results: list[verify.Result]) -> str:
     return "\n".join(f"{r.case}: {r.check}: max err {r.max_err:.3g} {r.detail}" for r in results if not r.ok)
 

@@ -33,7 +33,7 @@ def test_equals_per_expert_loop(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh"])
-@pytest.mark.usefixtures("bf16_dots")
+@pytest.mark.usefixtures("bf16_dots", "dots_tuning")
 def test_decode_sized_groups(dtype, trans_b, activation):
     """A decode step's groups (every expert 0-16 rows; fp32: 0-8, where the few-row kernels take
     fp32), both layouts, widths with tails (K = 70: 4 whole 16-element blocks and 6 more; 2F = 74,

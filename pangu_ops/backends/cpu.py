@@ -67,15 +67,38 @@ def bf16_pair_dots() -> bool:
 
 
 @contextlib.contextmanager
+def _forced(force: str, on: bool):
+    """The C++ probe behind `force` (an op of the extension taking 1 / 0, -1 = the probe) held at
+    `on` while the block runs; the probe's choice after it."""
+    getattr(load(), force)(int(on))
+    try:
+        yield
+    finally:
+        getattr(load(), force)(-1)
+
+
 def bf16_pair_dots_forced(on: bool):
     """For tests: the few-row bf16 products on VDPBF16PS (`on`) or on fp32 FMAs while the block runs,
     whatever the probe chose (both kernels checked on any CPU with AVX512-BF16); the probe's choice
     after it."""
-    load().force_bf16_pair_dots(int(on))
+    return _forced("force_bf16_pair_dots", on)
+
+
+def full_width_512() -> bool:
+    """Whether this CPU runs a 512-bit FMA at the rate of a 256-bit one (AMD Zen 5, Xeons) rather
+    than as two halves (AMD Zen 4), probed once: the few-row dot kernels take the software prefetch
+    and the streams measured on each (csrc/common.h, `few_rows_dots`). False without AVX-512 or
+    where the extension is not built."""
     try:
-        yield
-    finally:
-        load().force_bf16_pair_dots(-1)
+        return bool(load().full_width_512())
+    except BackendUnavailable:
+        return False
+
+
+def full_width_512_forced(on: bool):
+    """For tests: the few-row dot kernels as tuned for full-width 512-bit units (`on`) or for halves
+    while the block runs, whatever the probe chose (both checked on any CPU with AVX-512)."""
+    return _forced("force_full_width_512", on)
 
 
 def output_cache(clear: bool = False) -> dict[str, int]:
