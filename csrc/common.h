@@ -1647,9 +1647,19 @@ bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, cons
   return false;
 }
 
-// Whether out = a @ b is one of the first kOwnKernelAfter - 1 half-precision products of its shape
-// and layouts in this process (mm_half_padded's turn).
-bool first_half_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+// Whether out = a @ b is one of the first kOwnKernelAfter - 1 oneDNN products of its shape, layouts
+// and dtype in this process (mm_padded's turn).
+bool first_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+// Whether oneDNN's fp32 matmul is the faster here: BLAS's (MKL in torch's x86 wheels) runs AVX2
+// code on AMD CPUs, half the FMA rate of a Zen 5's 512-bit units. 2-core AMD EPYC Zen 5, 2 threads:
+// expert-sized products (64-517 rows, K 384-3584, N 512-1024, both weight layouts) at 264-468
+// GFLOP/s against BLAS's 56-198 (1.4-5.6x; the FMA peak measures 533). Probed once on first use
+// (a 256 x 1024 x 512 product after an untimed call of each, best of 4); oneDNN where it takes under
+// 0.8x BLAS's time. False where torch is built without oneDNN.
+bool onednn_fp32();
+// out = a @ b (fp32) by oneDNN's matmul, as ATen's own (at::native::mkldnn_matmul).
+void onednn_mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
 // oneDNN generates a kernel for each new shape of a half-precision matmul: a Mixtral-shaped expert's
 // product with a row count it has not seen took 7-10 ms against 2.7 warm (AMX-BF16, measured), and
@@ -1660,9 +1670,12 @@ bool first_half_product(const at::Tensor& out, const at::Tensor& a, const at::Te
 // cost 5-10% of a warm call, a new kernel ~2 warm calls. Mixtral- / Qwen3-MoE-shaped bf16
 // 2048-token `expert_mlp`, 2 threads, ms, fixed / fresh routing, as before -> padded always (two
 // runs): 45-48 / 86-95 -> 52 / 51-59; 26-29 / 31-33 -> 29.5 / 28-30; first call 150 -> 82,
-// 111-128 -> 49-52.
+// 111-128 -> 49-52. The same for oneDNN's fp32 products (onednn_fp32): a Qwen3-MoE-shaped product
+// (1024 x 768) at 300-359 rows, each row count new, 1.6x its warm time, padded 1.2x (2-core Zen 5).
+// product(o, a, b): o = a @ b.
 constexpr int64_t kPadRows = 32, kOwnKernelAfter = 8;
-inline void mm_half_padded(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+template <typename Product>
+inline void mm_padded(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const Product& product) {
   const int64_t M = a.size(0), m = a.size(1);
   const int64_t Mp = (M + kPadRows - 1) / kPadRows * kPadRows, mp = (m + kPadRows - 1) / kPadRows * kPadRows;
   at::Tensor ap = a, bp = b;
@@ -1674,20 +1687,26 @@ inline void mm_half_padded(at::Tensor out, const at::Tensor& a, const at::Tensor
     bp = at::zeros({mp, b.size(1)}, b.options());
     bp.narrow(0, 0, m).copy_(b);
   }
-  if (Mp == M) return void(at::mm_out(out, ap, bp));
-  out.copy_(at::mm(ap, bp).narrow(0, 0, M));
+  if (Mp == M) return product(out, ap, bp);
+  const at::Tensor full = at::empty({Mp, out.size(1)}, out.options());
+  product(full, ap, bp);
+  out.copy_(full.narrow(0, 0, M));
 }
 
 // out = a @ b by BLAS with fp32 accumulation, rounded once to out's dtype: in the operands' own
-// dtype where this CPU's matmul is native in it (a shape's first products padded: mm_half_padded),
-// else through fp32 copies.
+// dtype where this CPU's matmul is native in it (a shape's first products padded: mm_padded),
+// else through fp32 copies; fp32 by oneDNN where that is the faster (onednn_fp32).
 inline void mm_blas_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   const auto t = out.scalar_type();
   if (t == at::kFloat) {
-    at::mm_out(out, as_float(a), as_float(b));
+    const at::Tensor af = as_float(a), bf = as_float(b);
+    if (!onednn_fp32()) return void(at::mm_out(out, af, bf));
+    if (first_product(out, af, bf)) return mm_padded(out, af, bf, onednn_mm_out);
+    onednn_mm_out(out, af, bf);
   } else if (a.scalar_type() == t && b.scalar_type() == t && native_half_matmul(t)) {
     // oneDNN / cpublas accumulate half-precision products in fp32
-    if (first_half_product(out, a, b)) return mm_half_padded(out, a, b);
+    const auto mm = [](at::Tensor o, const at::Tensor& x, const at::Tensor& y) { at::mm_out(o, x, y); };
+    if (first_product(out, a, b)) return mm_padded(out, a, b, mm);
     at::mm_out(out, a, b);
   } else {
     out.copy_(at::mm(as_float(a), as_float(b)));

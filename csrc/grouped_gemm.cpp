@@ -10,6 +10,7 @@
 // Prefill-sized bf16 products (a group over kFewRows rows) run in one pool of tasks instead: AMX
 // tiles (amx_grouped.h), or VDPBF16PS on column blocks packed into L2 where the CPU's bf16
 // products are those (packed_pairs.h: a Zen 4; the forward and, with the other layout, dX).
+#include <ATen/Config.h>
 #include <torch/library.h>
 
 #include <array>
@@ -23,6 +24,14 @@
 #include "common.h"
 #include "packed_pairs.h"
 #include "vector_chains.h"
+
+#if AT_MKLDNN_ENABLED()
+namespace at::native {
+// ATen's oneDNN matmul (ATen/native/mkldnn/Matmul.h: exported by libtorch_cpu, not among the
+// headers torch installs): result = alpha * mat1 @ mat2 + beta * result.
+TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha);
+}  // namespace at::native
+#endif
 
 namespace pangu_cpu {
 
@@ -52,7 +61,7 @@ bool probe_half_matmul(at::ScalarType dtype) {
 }
 }  // namespace
 
-bool first_half_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+bool first_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   // a shape and its layouts, as oneDNN's kernels differ by them
   const std::array<int64_t, 10> key = {a.size(0), a.size(1), b.size(1), a.stride(0), a.stride(1), b.stride(0),
                                        b.stride(1), out.stride(0), out.stride(1), static_cast<int64_t>(a.scalar_type())};
@@ -78,6 +87,7 @@ bool native_half_matmul(at::ScalarType dtype) {
 namespace {
 std::atomic<int> forced_pair_dots{-1};  // force_bf16_pair_dots: -1 the probe decides, 0 / 1 forced
 std::atomic<int> forced_wide{-1};  // force_full_width_512: the same
+std::atomic<int> forced_onednn{-1};  // force_onednn_fp32: the same
 
 // The best of 5 timed runs of chains (vector_chains.h) of 20000 steps (240k instructions: ~0.1 ms),
 // in seconds: the CPU probes below.
@@ -111,6 +121,40 @@ bool full_width_512() {
   if (forced >= 0) return forced == 1;
   static const bool wide = probe_seconds(fma_chains<f32x16>) < 1.5 * probe_seconds(fma_chains<f32x8>);
   return wide;
+#else
+  return false;
+#endif
+}
+
+void onednn_mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+#if AT_MKLDNN_ENABLED()
+  at::native::mkldnn_matmul(a, b, out, 0.f, 1.f);
+#else
+  at::Tensor o = out;
+  at::mm_out(o, a, b);
+#endif
+}
+
+bool onednn_fp32() {
+#if AT_MKLDNN_ENABLED()
+  const int forced = forced_onednn.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  static const bool faster = [] {
+    const at::Tensor a = at::randn({256, 1024}), b = at::randn({1024, 512}), out = at::empty({256, 512});
+    const auto seconds = [&](auto product) {
+      product();  // untimed: oneDNN generates its kernel on a shape's first call
+      double best = 1e30;
+      for (int i = 0; i < 4; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        product();
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      return best;
+    };
+    at::Tensor o = out;
+    return seconds([&] { onednn_mm_out(out, a, b); }) < 0.8 * seconds([&] { at::mm_out(o, a, b); });
+  }();
+  return faster;
 #else
   return false;
 #endif
@@ -190,6 +234,7 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("native_half_matmul(ScalarType dtype) -> bool", [](at::ScalarType dtype) { return native_half_matmul(dtype); });
   m.def("bf16_pair_dots() -> bool", [] { return bf16_pair_dots(); });
   m.def("full_width_512() -> bool", [] { return full_width_512(); });
+  m.def("onednn_fp32() -> bool", [] { return onednn_fp32(); });
   // for tests: both few-row bf16 dot kernels on any CPU with AVX512-BF16 (-1: the probe decides again)
   m.def("force_bf16_pair_dots(int mode) -> ()", [](int64_t mode) {
     TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "force_bf16_pair_dots: mode must be -1, 0 or 1, got ", mode);
@@ -202,6 +247,14 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("force_full_width_512(int mode) -> ()", [](int64_t mode) {
     TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "force_full_width_512: mode must be -1, 0 or 1, got ", mode);
     forced_wide.store(static_cast<int>(mode), std::memory_order_relaxed);
+  });
+  // for tests: fp32 products on oneDNN's matmul or on BLAS's, where torch has oneDNN
+  m.def("force_onednn_fp32(int mode) -> ()", [](int64_t mode) {
+    TORCH_CHECK_VALUE(mode >= -1 && mode <= 1, "force_onednn_fp32: mode must be -1, 0 or 1, got ", mode);
+#if !AT_MKLDNN_ENABLED()
+    TORCH_CHECK(mode != 1, "force_onednn_fp32: this torch has no oneDNN");
+#endif
+    forced_onednn.store(static_cast<int>(mode), std::memory_order_relaxed);
   });
 }
 

@@ -120,6 +120,32 @@ def test_few_rows_per_expert_with_long_weight_rows():
     torch.testing.assert_close(y, expected, **verify.TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("onednn", [False, True])
+def test_fp32_library_products(onednn):
+    """fp32 groups past the few-row kernels (19-70 rows) run on a library's matmul: oneDNN's
+    (`onednn_fp32`: a shape's first 7 calls with the rows padded to a multiple of 32, then its own
+    kernel) or BLAS's, forced either way; nine calls of the same sizes, both weight layouts and the
+    weight gradient, against fp64 products of the same values."""
+    from pangu_ops.backends import cpu as cpu_backend
+    sizes = torch.tensor([37, 0, 70, 19])
+    gen = verify.generator(41)
+    x = verify.randn((int(sizes.sum()), 70), torch.float32, gen)
+    w = verify.randn((len(sizes), 70, 45), torch.float32, gen)
+    dy = verify.randn((int(sizes.sum()), 45), torch.float32, gen)
+    rows, grads = x.double().split(sizes.tolist()), dy.double().split(sizes.tolist())
+    expected = torch.cat([r @ w[e].double() for e, r in enumerate(rows)]).float()
+    expected_dw = torch.stack([r.t() @ g for r, g in zip(rows, grads)]).float()
+    wt = w.transpose(1, 2).contiguous()
+    with cpu_backend.onednn_fp32_forced(onednn):
+        for _ in range(9):
+            torch.testing.assert_close(pangu_ops.grouped_gemm(x, w, sizes), expected, **verify.TOLERANCES[torch.float32])
+            torch.testing.assert_close(pangu_ops.grouped_gemm(x, wt, sizes, trans_b=True), expected,
+                                       **verify.TOLERANCES[torch.float32])
+            dw = torch.ops.pangu_cpu.grouped_gemm_wgrad(x, dy, sizes)
+            torch.testing.assert_close(dw, expected_dw, **verify.TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_few_row_dot_tunings_agree(dtype):
     """The few-row dot kernels (weights with contiguous rows) as tuned for both kinds of AVX-512 unit

@@ -95,6 +95,23 @@ def full_width_512() -> bool:
         return False
 
 
+def onednn_fp32() -> bool:
+    """Whether the C++ kernels' fp32 products that go to a library (prefill-sized groups) run on
+    oneDNN's matmul rather than BLAS's, probed once as clearly the faster here (AMD Zen 5: torch's
+    MKL runs AVX2 code there, half the FMA rate of its 512-bit units). False where torch has no
+    oneDNN or the extension is not built."""
+    try:
+        return bool(load().onednn_fp32())
+    except BackendUnavailable:
+        return False
+
+
+def onednn_fp32_forced(on: bool):
+    """For tests: fp32 library products on oneDNN (`on`) or BLAS while the block runs, whatever the
+    probe chose (both checked wherever torch has oneDNN)."""
+    return _forced("force_onednn_fp32", on)
+
+
 def full_width_512_forced(on: bool):
     """For tests: the few-row dot kernels as tuned for full-width 512-bit units (`on`) or for halves
     while the block runs, whatever the probe chose (both checked on any CPU with AVX-512)."""
