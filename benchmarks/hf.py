@@ -19,7 +19,8 @@ Limits measured in the same run: compute, the faster of the same FLOPs as fp32 F
 over all threads (`FMA peak`, the CPU backend's `fma_work`, taken at the best rate any row of the
 run measured: it is one rate of the machine, and a row whose own FMA rounds ran disturbed would get
 a limit its kernels beat) and, for prefill, the dense matmul of the same FLOPs in the dtype (fp32
-where this CPU's half-precision matmul is slower; x3 for forward + backward); for decode also
+where this CPU's half-precision matmul is slower; x3 for forward + backward; in fp32 also torch's
+oneDNN matmul, `onednn_mm`: torch.mm's fp32 is MKL's, AVX2 code on AMD CPUs); for decode also
 memory, one read-only pass (the CPU backend's `read_work`: every byte read once, nothing else) over
 the touched experts' weights in place, the faster of a plain pass and one with the few-row kernels'
 software prefetch (`weight reading, prefetched`: from memory it can read faster than the plain
@@ -57,7 +58,7 @@ from pathlib import Path
 import torch
 
 from . import kt_kernel
-from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, bf16_peak, compute_peak, optimizer_step
+from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, bf16_peak, compute_peak, onednn_mm, optimizer_step
 from .timing import Timing, interleaved
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
@@ -263,6 +264,9 @@ def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor]
         w2 = torch.randn(block.ffn, block.hidden, dtype=mm_dtype)
         h = torch.randn(rows, block.ffn, dtype=mm_dtype)
         limits[f"{DENSE_MM} {str(mm_dtype)[6:]}"] = ("compute", lambda: [(a @ w1, h @ w2) for _ in range(passes)])
+        up, down = onednn_mm(a, w1), onednn_mm(h, w2)
+        if up is not None:  # torch.mm's fp32 is MKL's: AVX2 code on AMD CPUs
+            limits[f"{DENSE_MM} {str(mm_dtype)[6:]}, oneDNN"] = ("compute", lambda: [(up(), down()) for _ in range(passes)])
         return limits
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
     weights = (experts.gate_up_proj, experts.down_proj)
@@ -392,7 +396,7 @@ def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
         limit = _limit(times, flops / best_fma)
         fastest = min(r.min_ms for r in group if r.impl in BUILT_IN)
         ceiling = min([t for n, (_, t) in times.items() if n.startswith(PRODUCTS)], default=None)
-        dense = next((t for n, (_, t) in times.items() if n.startswith(DENSE_MM)), None)
+        dense = min([t for n, (_, t) in times.items() if n.startswith(DENSE_MM)], default=None)
         for r in group:
             r.vs_fastest_builtin = fastest / r.min_ms
             r.of_limit = limit * 1e3 / r.min_ms

@@ -5,7 +5,8 @@ Every kernel is timed beside:
 - the physical limit: for the data-movement ops the faster of memcpy bandwidth (`dst.copy_(src)`
   and `src.clone()`, read+write bytes) and, on a CPU, the op's own memory move (its input read
   once and its output written once, in order, the writes streamed: `move_work`), for the GEMMs the
-  fastest of the dense `torch.mm` rate of the same FLOPs and (CPU) the same FLOPs as fp32 FMAs on
+  fastest of the dense `torch.mm` rate of the same FLOPs (in fp32 on a CPU also torch's oneDNN
+  matmul: `onednn_mm`) and (CPU) the same FLOPs as fp32 FMAs on
   registers over all threads or, in bf16 where the CPU multiplies it natively, as its bf16 product
   on registers (AMX tiles, VDPBF16PS: the prepacked kernels beat the dense bf16 mm on a Zen 4): the
   "of limit" column (kernel rows whose limit is a peak note their share of the dense mm too, the
@@ -135,6 +136,20 @@ def compute_peak(flops: float):
     return lambda: torch.ops.pangu_cpu.fma_work(int(flops))
 
 
+def onednn_mm(a: torch.Tensor, b: torch.Tensor):
+    """A fn computing a @ b (fp32, CPU) by torch's oneDNN matmul (`mkldnn::_linear_pointwise`, what
+    its compiled CPU linear layers run), or None where torch has no oneDNN: a dense-mm limit beside
+    torch.mm, whose fp32 is MKL's, which runs AVX2 code on AMD CPUs (2-core Zen 5: half the rate of
+    oneDNN's, which the CPU backend then takes: `onednn_fp32`)."""
+    if a.device.type != "cpu" or a.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return None
+    bt = b.t().contiguous()
+    return lambda: op(a, bt, None, "none", [], "")
+
+
 def bf16_peak(flops: float):
     """`(impl, note, fn)`: fn does `flops` as this CPU's widest bf16 product on register-resident
     operands over torch's threads: TDPBF16PS on tiles held in the tile registers where it has AMX-BF16
@@ -249,6 +264,10 @@ def entries(problem: Problem, dtype: torch.dtype, device: torch.device, kernel_b
     w_lim = torch.randn(p.hidden, p.ffn, device=device, dtype=limit_dtype)
     out.append(Entry("dense mm", f"torch.mm {str(limit_dtype)[6:]}", "limit", lambda: torch.mm(x_lim, w_lim),
                      flops_per_row * rows, "GFLOP/s", "same FLOPs as the grouped GEMM"))
+    onednn = onednn_mm(x_lim, w_lim)
+    if onednn is not None:
+        out.append(Entry("dense mm", "oneDNN matmul float32", "limit", onednn, flops_per_row * rows, "GFLOP/s",
+                         "same FLOPs as the grouped GEMM, by torch's oneDNN"))
     if device.type == "cpu":
         # bf16 where this CPU multiplies it natively: its own peak, shown beside the limits (fp32
         # FMAs are no bf16 limit there: the dense bf16 mm beats them)
@@ -491,7 +510,8 @@ def _compare(rows: list[Row]) -> None:
             r.speedup_vs_reference = r.rate / ref.rate
         if limit is not None:
             r.fraction_of_limit = r.rate / limit
-        dense = next((q for q in rows if q.op == "dense mm" and q.dtype == r.dtype and q.kind == "limit"), None)
+        dense = max((q for q in rows if q.op == "dense mm" and q.dtype == r.dtype and q.kind == "limit"),
+                    key=lambda q: q.rate, default=None)  # the faster of torch.mm and oneDNN's
         if r.kind != "limit" and r.unit == "GFLOP/s" and dense is not None and dense.rate < (limit or 0):
             add_note(r, f"{r.rate / dense.rate:.0%} of the dense mm")  # (the rate the issue's targets are set against)
         r.busy = r.spread > BUSY_SPREAD
