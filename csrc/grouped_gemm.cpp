@@ -36,14 +36,20 @@ TORCH_API void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tenso
 namespace pangu_cpu {
 
 namespace {
-double best_mm_seconds(const at::Tensor& a, const at::Tensor& b, int repeats) {
+// The best of `repeats` timed calls fn(0), fn(1), ..., in seconds: the CPU probes below.
+template <typename Fn>
+double best_seconds(int repeats, const Fn& fn) {
   double best = 1e30;
   for (int i = 0; i < repeats; ++i) {
     const auto start = std::chrono::steady_clock::now();
-    at::mm(a, b);
+    fn(i);
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   return best;
+}
+
+double best_mm_seconds(const at::Tensor& a, const at::Tensor& b, int repeats) {
+  return best_seconds(repeats, [&](int) { at::mm(a, b); });
 }
 
 bool probe_half_matmul(at::ScalarType dtype) {
@@ -90,17 +96,13 @@ std::atomic<int> forced_wide{-1};  // force_full_width_512: the same
 std::atomic<int> forced_onednn{-1};  // force_onednn_fp32: the same
 
 // The best of 5 timed runs of chains (vector_chains.h) of 20000 steps (240k instructions: ~0.1 ms),
-// in seconds: the CPU probes below.
+// in seconds.
 template <typename Chains>
 double probe_seconds(const Chains& chains) {
-  double best = 1e30;
-  for (int i = 0; i < 5; ++i) {
-    const auto start = std::chrono::steady_clock::now();
+  return best_seconds(5, [&](int i) {
     volatile double keep = chains(i, 20000);
     (void)keep;
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  return best;
+  });
 }
 }  // namespace
 
@@ -142,17 +144,11 @@ bool onednn_fp32() {
   static const bool faster = [] {
     const at::Tensor a = at::randn({256, 1024}), b = at::randn({1024, 512}), out = at::empty({256, 512});
     const auto seconds = [&](auto product) {
-      product();  // untimed: oneDNN generates its kernel on a shape's first call
-      double best = 1e30;
-      for (int i = 0; i < 4; ++i) {
-        const auto start = std::chrono::steady_clock::now();
-        product();
-        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-      }
-      return best;
+      product(0);  // untimed: oneDNN generates its kernel on a shape's first call
+      return best_seconds(4, product);
     };
     at::Tensor o = out;
-    return seconds([&] { onednn_mm_out(out, a, b); }) < 0.8 * seconds([&] { at::mm_out(o, a, b); });
+    return seconds([&](int) { onednn_mm_out(out, a, b); }) < 0.8 * seconds([&](int) { at::mm_out(o, a, b); });
   }();
   return faster;
 #else
