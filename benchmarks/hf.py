@@ -266,7 +266,8 @@ def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor]
         limits[f"{DENSE_MM} {str(mm_dtype)[6:]}"] = ("compute", lambda: [(a @ w1, h @ w2) for _ in range(passes)])
         up, down = onednn_mm(a, w1), onednn_mm(h, w2)
         if up is not None:  # torch.mm's fp32 is MKL's: AVX2 code on AMD CPUs
-            limits[f"{DENSE_MM} {str(mm_dtype)[6:]}, oneDNN"] = ("compute", lambda: [(up(), down()) for _ in range(passes)])
+            limits[f"{DENSE_MM} {str(mm_dtype)[6:]}, oneDNN"] = ("compute",
+                                                                   lambda: [(up(), down()) for _ in range(passes)])
         return limits
     # decode: reading the touched experts' weights, or their FLOPs at the vector peak
     weights = (experts.gate_up_proj, experts.down_proj)

@@ -760,7 +760,8 @@ inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int
   const int64_t whole = K / 32 * 32;
   for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false, From>(acc, a, lda, k, b, ldb, 0);
   if (whole < K) {
-    dots_step<Dots, R, S, true, From>(acc, a, lda, whole, b, ldb, static_cast<__mmask32>((uint64_t{1} << (K - whole)) - 1));
+    const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - whole)) - 1);
+    dots_step<Dots, R, S, true, From>(acc, a, lda, whole, b, ldb, tail);
   }
   for (int r = 0; r < R; ++r) {
     for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
@@ -955,7 +956,7 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
                           int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
   const bool wide = full_width_512();
   const int from = !wide ? Dots::kPrefetchRows : Dots::kWidePrefetchRows > 0 && M >= Dots::kWidePrefetchRows;
-  const bool eight = !wide && M >= 2 && M <= 3 && !std::is_same_v<typename Dots::B, float>;
+  const bool eight = !wide && M >= 2 && M <= 3;  // (bf16 only: below)
   const auto run = [&](auto s_, auto from_) {
     constexpr int S = decltype(s_)::value, From = decltype(from_)::value;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -1648,7 +1649,7 @@ bool mm_few_into(T* out, int64_t ldo, const T* a, int64_t sa0, int64_t sa1, cons
 }
 
 // Whether out = a @ b is one of the first kOwnKernelAfter - 1 oneDNN products of its shape, layouts
-// and dtype in this process (mm_padded's turn).
+// and dtype in this process (mm_padded pads those).
 bool first_product(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
 // Whether oneDNN's fp32 matmul is the faster here: BLAS's (MKL in torch's x86 wheels) runs AVX2
@@ -1672,10 +1673,11 @@ void onednn_mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
 // runs): 45-48 / 86-95 -> 52 / 51-59; 26-29 / 31-33 -> 29.5 / 28-30; first call 150 -> 82,
 // 111-128 -> 49-52. The same for oneDNN's fp32 products (onednn_fp32): a Qwen3-MoE-shaped product
 // (1024 x 768) at 300-359 rows, each row count new, 1.6x its warm time, padded 1.2x (2-core Zen 5).
-// product(o, a, b): o = a @ b.
+// out = a @ b by product(o, a, b) (o = a @ b), padded as said where first_product.
 constexpr int64_t kPadRows = 32, kOwnKernelAfter = 8;
 template <typename Product>
 inline void mm_padded(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const Product& product) {
+  if (!first_product(out, a, b)) return product(out, a, b);
   const int64_t M = a.size(0), m = a.size(1);
   const int64_t Mp = (M + kPadRows - 1) / kPadRows * kPadRows, mp = (m + kPadRows - 1) / kPadRows * kPadRows;
   at::Tensor ap = a, bp = b;
@@ -1700,14 +1702,11 @@ inline void mm_blas_into(at::Tensor out, const at::Tensor& a, const at::Tensor& 
   const auto t = out.scalar_type();
   if (t == at::kFloat) {
     const at::Tensor af = as_float(a), bf = as_float(b);
-    if (!onednn_fp32()) return void(at::mm_out(out, af, bf));
-    if (first_product(out, af, bf)) return mm_padded(out, af, bf, onednn_mm_out);
-    onednn_mm_out(out, af, bf);
+    if (onednn_fp32()) return mm_padded(out, af, bf, onednn_mm_out);
+    at::mm_out(out, af, bf);
   } else if (a.scalar_type() == t && b.scalar_type() == t && native_half_matmul(t)) {
     // oneDNN / cpublas accumulate half-precision products in fp32
-    const auto mm = [](at::Tensor o, const at::Tensor& x, const at::Tensor& y) { at::mm_out(o, x, y); };
-    if (first_product(out, a, b)) return mm_padded(out, a, b, mm);
-    at::mm_out(out, a, b);
+    mm_padded(out, a, b, [](at::Tensor o, const at::Tensor& x, const at::Tensor& y) { at::mm_out(o, x, y); });
   } else {
     out.copy_(at::mm(as_float(a), as_float(b)));
   }

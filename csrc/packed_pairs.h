@@ -80,9 +80,10 @@ inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, i
 // flight ran 1.4x slower from the L3, one thread), the blocks left over one by one, the rows by
 // pair_rows: 1-2 rows against 8 blocks (against 4: 0.72-0.9x the time at the op), 3 against 6,
 // 7-8 against 3, else 4 blocks, 6 rows at a time, then the 1-5 left (against 4 rows at a time, 2
-// threads, 8 experts: 5-8 rows 0.79-0.91x the time, 12 rows 0.85-0.98x, 64-256 0.94-1.0x). One thread against the few-row dot kernels on transformers' layout
-// (8 experts from the L3 / from memory), at 4 rows a pass: 1 row 0.79x / 0.96x the time, 2 rows
-// 0.76x / 0.86x, 4 rows 0.69x / 0.84x, 8 rows 0.73x / 0.73x (2-core Zen 4).
+// threads, 8 experts: 5-8 rows 0.79-0.91x the time, 12 rows 0.85-0.98x, 64-256 0.94-1.0x). One
+// thread against the few-row dot kernels on transformers' layout (8 experts from the L3 / from
+// memory), at 4 rows a pass: 1 row 0.79x / 0.96x the time, 2 rows 0.76x / 0.86x, 4 rows 0.69x /
+// 0.84x, 8 rows 0.73x / 0.73x (2-core Zen 4).
 inline void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
                          const c10::BFloat16* w, int64_t K, int64_t b0, int64_t b1) {
   const int64_t P = K / 2;

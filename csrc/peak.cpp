@@ -23,8 +23,8 @@
 // their choices per CPU: dots_step): from memory they read a little faster than the plain pass
 // (fp32 Mixtral-shaped one-token decode steps at 102-104% of it, 2-core Zen 4), from the L3 the
 // plain pass is the faster (the prefetching one 1.1-1.2x its time; a prefetch on every line:
-// 1.45x), so the benchmarks' read limit is the faster of the two. Returns the xor of every tensor's words (each one's trailing 1-3 bytes zero-padded to
-// a word), so the reads are kept.
+// 1.45x), so the benchmarks' read limit is the faster of the two. Returns the xor of every tensor's
+// words (each one's trailing 1-3 bytes zero-padded to a word), so the reads are kept.
 //
 // dot_read_work(ts, rows, ahead=0): the decode ceiling: what reading the touched experts' weights
 // costs with the few-row kernels' products done on them. Reads every byte of the contiguous

@@ -139,11 +139,10 @@ def test_fp32_library_products(onednn):
     wt = w.transpose(1, 2).contiguous()
     with cpu_backend.onednn_fp32_forced(onednn):
         for _ in range(9):
-            torch.testing.assert_close(pangu_ops.grouped_gemm(x, w, sizes), expected, **verify.TOLERANCES[torch.float32])
-            torch.testing.assert_close(pangu_ops.grouped_gemm(x, wt, sizes, trans_b=True), expected,
-                                       **verify.TOLERANCES[torch.float32])
-            dw = torch.ops.pangu_cpu.grouped_gemm_wgrad(x, dy, sizes)
-            torch.testing.assert_close(dw, expected_dw, **verify.TOLERANCES[torch.float32])
+            tol = verify.TOLERANCES[torch.float32]
+            torch.testing.assert_close(pangu_ops.grouped_gemm(x, w, sizes), expected, **tol)
+            torch.testing.assert_close(pangu_ops.grouped_gemm(x, wt, sizes, trans_b=True), expected, **tol)
+            torch.testing.assert_close(torch.ops.pangu_cpu.grouped_gemm_wgrad(x, dy, sizes), expected_dw, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
