@@ -138,14 +138,19 @@ def test_model_compiles_fullgraph(family):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def _mixtral_experts_routed(tokens: int, seed: int):
+    """(a tiny Mixtral's first experts module, x [tokens, H], top-2 ids, the generator that drew them)."""
+    experts = _experts_modules(_model("mixtral"))[0]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, COMMON["hidden_size"], generator=gen, device="cpu").to(torch.get_default_device())
+    ids = torch.randint(0, 6, (tokens, 2), generator=gen, device="cpu").to(x.device)
+    return experts, x, ids, gen
+
+
 def test_dense_routing_weights_and_expert_parallel_sentinels():
     """[T, E] routing weights are gathered at the top-k ids; ids >= E (another rank's experts
     under transformers' EP) contribute nothing, as in transformers' own backends."""
-    model = _model("mixtral")
-    experts = _experts_modules(model)[0]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, COMMON["hidden_size"], generator=gen, device="cpu").to(torch.get_default_device())
-    ids = torch.randint(0, 6, (5, 2), generator=gen, device="cpu").to(x.device)
+    experts, x, ids, gen = _mixtral_experts_routed(5, seed=1)
     dense = torch.rand(5, 6, generator=gen, device="cpu").to(x.device)
     expected = hf._moe.grouped_mm_experts_forward(experts, x, ids, dense.gather(1, ids))
     torch.testing.assert_close(hf.experts_forward(experts, x, ids, dense), expected, rtol=1e-5, atol=1e-6)
@@ -206,3 +211,36 @@ def test_fused_gate_serves_the_default_and_clamped_gates_only():
                       (torch.nn.ReLU(), None)):
         experts.act_fn = act
         assert hf._fused_gate(experts) == (None if name is None else (name, None))
+
+
+def test_one_call_plan_follows_replaced_weights_and_gates():
+    """The plan of the fused one-call path kept per experts module (`_one_call_plan`: which weights,
+    activation, layout) is made again when the module's weights or act_fn are replaced (as prepack
+    and users do): each output equals transformers' own grouped_mm path on the module as it then is,
+    a gate the fused kernel does not compute falls back to the module's own, and the module stays
+    picklable (the plan is not kept on it). (A layout change, prepack's: test_prepack_transformers_model.)"""
+    import pickle
+
+    from transformers import activations
+
+    experts, x, ids, gen = _mixtral_experts_routed(3, seed=2)
+    w = torch.rand(3, 2, generator=gen, device="cpu").to(x.device)
+
+    def check():
+        with torch.no_grad():
+            got = hf.experts_forward(experts, x, ids, w)
+            want = hf._moe.grouped_mm_experts_forward(experts, x, ids, w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    check()
+    assert experts in hf._PLANS
+    experts.act_fn = activations.GELUTanh()
+    check()
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach() * -1.5)
+    check()
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().flip(0))
+    check()
+    experts.act_fn = torch.nn.ReLU()  # not the fused kernel's: the module's own gate
+    check()
+    assert hf._PLANS[experts][4] is None
+    pickle.loads(pickle.dumps(experts))

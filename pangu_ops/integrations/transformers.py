@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +96,66 @@ def _fused_gate(experts: nn.Module) -> tuple[str, float | None] | None:
     return None
 
 
+def _trans_b(experts: nn.Module, down: Tensor) -> bool:
+    """Whether the weights are read transposed: transformers' usual [E, N, K] layout (prepacked
+    weights hold the row-major operands, its usual ones packed as their transposes: pangu_ops.prepack)."""
+    return not (getattr(experts, "is_transposed", False) or packed_weights.is_packed(down))
+
+
+# experts module -> (weak references to the objects its plan read, its expert-parallel flag, the plan's
+# (activation, trans_b, limit) or None): _one_call_plan's; weakly keyed, and not on the module, which
+# must stay picklable
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weak(obj) -> Callable[[], object]:
+    """A weak reference to obj, or for None (or an object without them: a new one every call, which
+    never matches) a callable returning None."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return _none
+
+
+def _none() -> None:
+    return None
+
+
+def _member(module: nn.Module, name: str):
+    """getattr(module, name, None), for a parameter or submodule without nn.Module.__getattr__'s
+    Python call (~0.5 us each; _one_call_plan reads three every call)."""
+    d = module.__dict__
+    found = d["_parameters"].get(name)
+    if found is None:
+        found = d["_modules"].get(name)
+    return getattr(module, name, None) if found is None else found
+
+
+def _one_call_plan(experts: nn.Module) -> tuple | None:
+    """(w_gate_up, w_down, activation, trans_b, limit) for moe_experts' single call where this
+    module's experts are the fused expert_mlp's (served, fused gate, not expert-parallel), else None.
+    A decode step asks on every call and the checks took ~4 us (with warm caches; several times that
+    after the layer's weight stream), so the answer is kept (_PLANS) with the objects it read that
+    get replaced (the two weights, as prepack does, and `act_fn`) and the expert-parallel flag, and
+    made again when any differs."""
+    gate_up, down = _member(experts, "gate_up_proj"), _member(experts, "down_proj")
+    act_fn, parallel = _member(experts, "act_fn"), getattr(experts, "_is_expert_parallel", False)
+
+    def plan() -> tuple | None:
+        fused = None if _unsupported(experts) is not None or parallel else _fused_gate(experts)
+        return None if fused is None else (fused[0], _trans_b(experts, down),
+                                           math.inf if fused[1] is None else fused[1])
+    if torch.compiler.is_compiling():  # traced: asked once (and dynamo does not trace weak references)
+        made = plan()
+        return None if made is None else (gate_up, down, *made)
+    kept = _PLANS.get(experts)
+    if kept is None or kept[0]() is not gate_up or kept[1]() is not down or kept[2]() is not act_fn \
+            or kept[3] != parallel:
+        kept = (_weak(gate_up), _weak(down), _weak(act_fn), parallel, plan())
+        _PLANS[experts] = kept
+    return None if kept[4] is None else (gate_up, down, *kept[4])
+
+
 def _check_inputs(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor) -> int:
     """The arguments' checks, named as the module's; returns E."""
     checks.tensor("hidden_states", hidden_states, 2, "[T, H]", checks.FLOAT_DTYPES)
@@ -105,27 +167,24 @@ def _check_inputs(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor
 
 def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """transformers' experts interface on pangu_ops ops (see the module docstring)."""
-    why = _unsupported(experts)
-    if why is not None:
-        return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
-    # prepacked weights hold the row-major operands (transformers' usual [E, N, K] ones packed as their
-    # transposes: pangu_ops.prepack)
-    trans_b = not (getattr(experts, "is_transposed", False) or packed_weights.is_packed(experts.down_proj))
-    fused = _fused_gate(experts)
-    if (fused is not None and isinstance(top_k_index, Tensor) and top_k_index.dim() == 2
-            and isinstance(top_k_weights, Tensor) and top_k_weights.shape == top_k_index.shape
-            and not getattr(experts, "_is_expert_parallel", False)):
+    plan = _one_call_plan(experts)
+    if (plan is not None and isinstance(top_k_index, Tensor) and top_k_index.dim() == 2
+            and isinstance(top_k_weights, Tensor) and top_k_weights.shape == top_k_index.shape):
         # a decode step's usual case first: one C++ call (CPU inference) with no front end before it,
         # whose checks run only if it fails (at one token they cost ~30-50 us, the caches cold after
         # the layer's weight stream)
         try:
-            out = one_call(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
-                           fused[0], trans_b, math.inf if fused[1] is None else fused[1])
+            out = one_call(hidden_states, top_k_index, top_k_weights, *plan)
         except (ValueError, TypeError, RuntimeError):
             _check_inputs(experts, hidden_states, top_k_index)
             raise
         if out is not None:
             return out[0]
+    why = _unsupported(experts)
+    if why is not None:
+        return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
+    trans_b = _trans_b(experts, experts.down_proj)
+    fused = _fused_gate(experts)
     num_experts = _check_inputs(experts, hidden_states, top_k_index)
     k = top_k_index.shape[1]
     if top_k_weights.dim() == 2 and top_k_weights.shape[1] != k:  # dense [T, E] routing weights
