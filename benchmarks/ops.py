@@ -298,7 +298,7 @@ def _move_entry(op: str, source: torch.Tensor, result: torch.Tensor, work: float
     this one's time: the two overlap."""
     backends.load("cpu")
     move_work = torch.ops.pangu_cpu.move_work
-    return Entry(f"{op} {MOVE}", "move_work(in, out)", "limit", lambda: move_work(source, result), work, "GB/s",
+    return Entry(f"{op} {MOVE}", "move_work(in, out)", "limit", lambda: move_work([source], [result]), work, "GB/s",
                  f"{op}'s input read and its output written, once each, in order")
 
 

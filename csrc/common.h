@@ -111,6 +111,23 @@ inline void stream_line(char* p, const Line& v) {
 #endif
 }
 
+// Sets [begin, end) to value on this thread: its whole 64-byte lines with non-temporal stores, the
+// bytes before and after them by memset (fill_streaming's shares, write_work's).
+inline void stream_fill(char* begin, char* end, uint8_t value) {
+  char* const first = begin + (64 - reinterpret_cast<uintptr_t>(begin) % 64) % 64;
+  char* const last = end - reinterpret_cast<uintptr_t>(end) % 64;
+  if (first >= last) {
+    std::memset(begin, value, end - begin);
+    return;
+  }
+  std::memset(begin, value, first - begin);
+  std::memset(last, value, end - last);
+  Line fill;
+  std::memset(&fill, value, sizeof fill);
+  for (char* q = first; q < last; q += 64) stream_line(q, fill);
+  streamed_stores_done();
+}
+
 // Copies `bytes` bytes from src to dst, whole 64-byte lines of a 64-byte-aligned dst with
 // non-temporal stores (no fetch of the line before it is written), the rest by memcpy: for rows of
 // large outputs written once and read back only by the next op.

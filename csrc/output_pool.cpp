@@ -122,26 +122,13 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 
 void fill_streaming(void* p, int64_t bytes, uint8_t value) {
   char* const begin = static_cast<char*>(p);
-  char* const end = begin + bytes;
-#ifdef __AVX__
-  constexpr uintptr_t kLine = 64;
-  char* const first = begin + (kLine - reinterpret_cast<uintptr_t>(begin) % kLine) % kLine;
-  char* const last = end - reinterpret_cast<uintptr_t>(end) % kLine;
-  if (bytes >= static_cast<int64_t>(kPooledBytes) && first < last) {
-    std::memset(begin, value, first - begin);
-    std::memset(last, value, end - last);
-    at::parallel_for(0, (last - first) / kLine, 4096, [&](int64_t l0, int64_t l1) {
-      const __m256i fill = _mm256_set1_epi8(static_cast<char>(value));
-      for (int64_t l = l0; l < l1; ++l) {
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(first + l * kLine), fill);
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(first + l * kLine + 32), fill);
-      }
-      _mm_sfence();
-    });
+  if (bytes < static_cast<int64_t>(kPooledBytes)) {
+    std::memset(begin, value, bytes);
     return;
   }
-#endif
-  std::memset(begin, value, end - begin);
+  at::parallel_for(0, (bytes + 63) / 64, 4096, [&](int64_t l0, int64_t l1) {
+    stream_fill(begin + 64 * l0, begin + std::min<int64_t>(64 * l1, bytes), value);
+  });
 }
 
 // [cached bytes, outputs served from the cache, fresh blocks]; clear=True frees the cached blocks.

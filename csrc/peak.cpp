@@ -57,19 +57,21 @@
 // vector peak. fma_work is no bf16 limit there: the dense bf16 matmul ran at 1.8x it (AMD EPYC
 // Zen 4: 418 against 232 GFLOP/s on 2 cores). Returns a checksum so the work is kept.
 //
-// move_work(src, dst): the memory limit of an op that reads src and writes dst (permute, unpermute).
-// Reads every whole 64-byte line of src once and writes every whole line of dst once, both in order,
-// interleaved line by line (dst line d takes src lines [S d / D, S (d + 1) / D), S and D their line
-// counts: their xor, or where that range is empty, the last src line before it, zeros before any),
-// the writes non-temporal (dst starts on a line), every thread its share of dst. A copy (reading as
+// move_work(srcs, dsts): the memory limit of an op that reads src and writes dst (permute, unpermute),
+// for each pair (src, dst) of the lists. Reads every whole 64-byte line of src once and writes every
+// whole line of dst once, both in order, interleaved line by line (dst line d takes src lines
+// [S d / D, S (d + 1) / D), S and D their line counts: their xor, or where that range is empty, the
+// last src line before it, zeros before any), the writes non-temporal (dst starts on a line), in one
+// parallel region: every thread its share of all the dsts' lines (in list order; a call per pair
+// cost the benchmarks' decode limits ~3-5 us a pair outside the memory work). A copy (reading as
 // much as it writes) and a read_work pass then a write_work pass each took 1.1-1.3x its time: the
 // reads and the streamed writes overlap. Returns the xor of the 64-bit words written; a tail of
 // either under 64 bytes is neither read nor written.
 //
-// write_work(t, value): the memory-write limit. Sets every byte of the contiguous tensor t to
+// write_work(ts, value): the memory-write limit. Sets every byte of the contiguous tensors ts to
 // `value` as the kernels write large outputs at their fastest (fill_streaming: whole lines,
-// non-temporal, every thread its share): the fastest write measured here (fill_ / memset / cached
-// vector stores: 1.3-2.5x its time). On this machine the value matters: lines of zeros stream at
+// non-temporal), in one parallel region, every thread its share of all their bytes: the fastest
+// write measured here (fill_ / memset / cached vector stores: 1.3-2.5x its time). On this machine the value matters: lines of zeros stream at
 // ~40 GB/s, any other lines at ~21 (constant or varying alike, measured): zeros bound what a kernel
 // writes as zeros (an expert without rows' gradient), a non-zero byte what it writes as values.
 #include <torch/library.h>
@@ -295,39 +297,48 @@ double dot_read_work(at::TensorList ts, at::IntArrayRef rows, int64_t ahead) {
   return total;
 }
 
-void write_work(const at::Tensor& t, int64_t value) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "write_work: a contiguous CPU tensor");
+void write_work(at::TensorList ts, int64_t value) {
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_contiguous(), "write_work: contiguous CPU tensors");
+  }
   TORCH_CHECK_VALUE(value >= 0 && value <= 255, "write_work: value must be a byte (0-255), got ", value);
-  fill_streaming(t.data_ptr(), static_cast<int64_t>(t.nbytes()), static_cast<uint8_t>(value));
+  const auto lines = [](const at::Tensor& t) { return (static_cast<int64_t>(t.nbytes()) + 63) / 64; };
+  per_share<int>(ts, lines, 64, [&](int, size_t k, int64_t l0, int64_t l1) {
+    char* const data = static_cast<char*>(ts[k].data_ptr());
+    stream_fill(data + 64 * l0, data + std::min<int64_t>(64 * l1, ts[k].nbytes()), static_cast<uint8_t>(value));
+    return 0;
+  });
 }
 
-int64_t move_work(const at::Tensor& src, const at::Tensor& dst) {
-  TORCH_CHECK_VALUE(src.device().is_cpu() && src.is_contiguous() && dst.device().is_cpu() && dst.is_contiguous(),
-                    "move_work: contiguous CPU tensors");
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(dst.data_ptr()) % 64 == 0, "move_work: dst must start on a 64-byte line");
-  if (dst.nbytes() < 64) return 0;
-  const auto* const in = static_cast<const char*>(src.data_ptr());
-  auto* const out = static_cast<char*>(dst.data_ptr());
-  const int64_t S = src.nbytes() / 64, D = dst.nbytes() / 64;  // whole lines
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), D / 64));
-  std::vector<uint64_t> folds(threads, 0);
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t i = t0; i < t1; ++i) {
-      const int64_t d0 = D * i / threads, d1 = D * (i + 1) / threads;
-      // source lines [0, s) go with destination lines [0, d): s = floor(S * d / D), the remainder in acc
-      int64_t s = S * d0 / D, acc = S * d0 - s * D;
-      Line line = s > 0 ? load_line(in + 64 * (s - 1)) : Line{}, fold{};
-      for (int64_t d = d0; d < d1; ++d) {
-        acc += S;
-        if (acc >= D) line = Line{};
-        for (; acc >= D; acc -= D, ++s) line ^= load_line(in + 64 * s);
-        stream_line(out + 64 * d, line);
-        fold ^= line;
-      }
-      streamed_stores_done();
-      folds[i] = fold_line(fold);
-    }
-  });
+int64_t move_work(at::TensorList srcs, at::TensorList dsts) {
+  TORCH_CHECK_VALUE(srcs.size() == dsts.size(), "move_work: one dst per src (", srcs.size(), " srcs, ", dsts.size(),
+                    " dsts)");
+  for (size_t k = 0; k < srcs.size(); ++k) {
+    const at::Tensor &src = srcs[k], &dst = dsts[k];
+    TORCH_CHECK_VALUE(src.device().is_cpu() && src.is_contiguous() && dst.device().is_cpu() && dst.is_contiguous(),
+                      "move_work: contiguous CPU tensors");
+    TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(dst.data_ptr()) % 64 == 0,
+                      "move_work: each dst must start on a 64-byte line");
+  }
+  const auto lines = [](const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()) / 64; };  // whole
+  const std::vector<uint64_t> folds =
+      per_share<uint64_t>(dsts, lines, 64, [&](uint64_t folded, size_t k, int64_t d0, int64_t d1) {
+        const auto* const in = static_cast<const char*>(srcs[k].data_ptr());
+        auto* const out = static_cast<char*>(dsts[k].data_ptr());
+        const int64_t S = lines(srcs[k]), D = lines(dsts[k]);
+        // source lines [0, s) go with destination lines [0, d): s = floor(S * d / D), the remainder in acc
+        int64_t s = S * d0 / D, acc = S * d0 - s * D;
+        Line line = s > 0 ? load_line(in + 64 * (s - 1)) : Line{}, fold{};
+        for (int64_t d = d0; d < d1; ++d) {
+          acc += S;
+          if (acc >= D) line = Line{};
+          for (; acc >= D; acc -= D, ++s) line ^= load_line(in + 64 * s);
+          stream_line(out + 64 * d, line);
+          fold ^= line;
+        }
+        streamed_stores_done();
+        return folded ^ fold_line(fold);
+      });
   uint64_t total = 0;
   for (uint64_t f : folds) total ^= f;
   return static_cast<int64_t>(total);
@@ -385,8 +396,8 @@ TORCH_LIBRARY_FRAGMENT(pangu_cpu, m) {
   m.def("bf16_dot_work(int flops) -> float", &bf16_dot_work);
   m.def("has_avx512_bf16() -> bool", &has_avx512_bf16);
   m.def("read_work(Tensor[] ts, int ahead=0) -> int", &read_work);
-  m.def("write_work(Tensor(a!) t, int value) -> ()", &write_work);
-  m.def("move_work(Tensor src, Tensor(a!) dst) -> int", &move_work);
+  m.def("write_work(Tensor(a!)[] ts, int value) -> ()", &write_work);
+  m.def("move_work(Tensor[] srcs, Tensor(a!)[] dsts) -> int", &move_work);
   m.def("dot_read_work(Tensor[] ts, int[] rows, int ahead=0) -> float", &dot_read_work);
   m.def("dot_read_ready(ScalarType dtype) -> bool", &dot_read_ready);
 }

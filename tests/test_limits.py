@@ -147,30 +147,42 @@ def test_dot_read_work_rejects_what_it_cannot_read():
     assert not torch.ops.pangu_cpu.dot_read_ready(torch.float16)
 
 
-# below the 1 MiB from which it streams whole lines; above, with the view starting and ending
-# mid-line (1-63-byte ends by memset) or on line boundaries; zeros and a value
+# views starting and ending mid-line (1-63-byte ends by memset) or on line boundaries, small and
+# large, written in one call with a second tensor, before or after it (the threads' shares split
+# between them); zeros and a value
 @pytest.mark.parametrize("value", [0, 0x3C])
 @pytest.mark.parametrize("start, numel", [(3, 1000), (5, 300_001), (16, 1 << 20), (1, (1 << 20) + 13)])
 def test_write_work_sets_its_bytes_only(start, numel, value):
     backends.load("cpu")
     buf = torch.randint(0x40, 0x100, (4 * (start + numel + 40),), dtype=torch.uint8).view(torch.float32)
-    before = buf.clone()
+    other = torch.randint(0x40, 0x100, (4 * 777 + 3,), dtype=torch.uint8)
+    before, other_before = buf.clone(), other.clone()
     view = buf[start:start + numel]
     assert view.data_ptr() % 64 != 0 or start == 16
-    torch.ops.pangu_cpu.write_work(view, value)
-    assert torch.equal(view.view(torch.uint8), torch.full((4 * numel,), value, dtype=torch.uint8))
-    bytes_, kept = buf.view(torch.uint8), before.view(torch.uint8)  # (random bits: NaNs among them)
-    assert torch.equal(bytes_[:4 * start], kept[:4 * start])
-    assert torch.equal(bytes_[4 * (start + numel):], kept[4 * (start + numel):])
+    threads = torch.get_num_threads()
+    try:
+        for n, first in ((1, True), (2, True), (2, False), (3, False)):
+            torch.set_num_threads(n)
+            buf.copy_(before)
+            ts = [view, other[1:-1]]
+            torch.ops.pangu_cpu.write_work(ts if first else ts[::-1], value)
+            assert torch.equal(view.view(torch.uint8), torch.full((4 * numel,), value, dtype=torch.uint8))
+            bytes_, kept = buf.view(torch.uint8), before.view(torch.uint8)  # (random bits: NaNs among them)
+            assert torch.equal(bytes_[:4 * start], kept[:4 * start])
+            assert torch.equal(bytes_[4 * (start + numel):], kept[4 * (start + numel):])
+            assert (other[1:-1] == value).all() and other[0] == other_before[0] and other[-1] == other_before[-1]
+            other.copy_(other_before)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_write_work_takes_contiguous_cpu_tensors_and_bytes_only():
     backends.load("cpu")
     with pytest.raises(ValueError, match="contiguous"):
-        torch.ops.pangu_cpu.write_work(torch.ones(600, 600).t(), 0)
+        torch.ops.pangu_cpu.write_work([torch.ones(8), torch.ones(600, 600).t()], 0)
     for value in (-1, 256):
         with pytest.raises(ValueError, match="byte"):
-            torch.ops.pangu_cpu.write_work(torch.ones(8), value)
+            torch.ops.pangu_cpu.write_work([torch.ones(8)], value)
 
 
 @pytest.mark.parametrize("ids, expected", [
@@ -468,26 +480,30 @@ def _moved(src: torch.Tensor, dst_bytes: int) -> np.ndarray:
 
 
 # src smaller, larger, equal; odd line counts and byte tails; below and above a line a thread; a
-# src under one line (dst all zeros)
+# src under one line (dst all zeros); each pair in one call with a second pair (the threads' shares
+# split between them)
 @pytest.mark.parametrize("src_bytes, dst_bytes", [(64 * 1000, 64 * 2000 + 12), (64 * 2001 + 5, 64 * 1000),
                                                   (64 * 4097, 64 * 4097), (64 * 3, 64 * 700), (64 * 900, 64 * 64),
                                                   (10, 64 * 300)])
 def test_move_work_reads_src_and_writes_dst_once_in_order(src_bytes, dst_bytes):
     backends.load("cpu")
     gen = torch.Generator().manual_seed(src_bytes)
-    src = torch.randint(0, 256, (src_bytes,), dtype=torch.uint8, generator=gen)
-    dst = torch.full((dst_bytes,), 7, dtype=torch.uint8)
-    expected = _moved(src, dst_bytes)
+    pairs = [(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen), torch.full((m,), 7, dtype=torch.uint8))
+             for n, m in ((src_bytes, dst_bytes), (64 * 37 + 3, 64 * 50))]
+    expected = [_moved(src, dst.numel()) for src, dst in pairs]
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            dst.fill_(7)
-            fold = torch.ops.pangu_cpu.move_work(src, dst) & 0xFFFFFFFFFFFFFFFF
-            whole = dst[:dst_bytes // 64 * 64].numpy().view("<u8").reshape(-1, 8)
-            assert np.array_equal(whole, expected)
-            assert (dst[dst_bytes // 64 * 64:] == 7).all()  # the tail untouched
-            assert fold == int(np.bitwise_xor.reduce(expected.reshape(-1), initial=np.uint64(0)))
+            for _, dst in pairs:
+                dst.fill_(7)
+            fold = torch.ops.pangu_cpu.move_work([p[0] for p in pairs], [p[1] for p in pairs]) & 0xFFFFFFFFFFFFFFFF
+            for (_, dst), want in zip(pairs, expected):
+                whole = dst[:dst.numel() // 64 * 64].numpy().view("<u8").reshape(-1, 8)
+                assert np.array_equal(whole, want)
+                assert (dst[dst.numel() // 64 * 64:] == 7).all()  # the tail untouched
+            folds = [int(np.bitwise_xor.reduce(w.reshape(-1), initial=np.uint64(0))) for w in expected]
+            assert fold == folds[0] ^ folds[1]
     finally:
         torch.set_num_threads(before)
 
@@ -495,6 +511,8 @@ def test_move_work_reads_src_and_writes_dst_once_in_order(src_bytes, dst_bytes):
 def test_move_work_takes_contiguous_cpu_tensors_with_a_line_aligned_dst():
     backends.load("cpu")
     with pytest.raises(ValueError, match="contiguous"):
-        torch.ops.pangu_cpu.move_work(torch.zeros(64, 64).t(), torch.zeros(4096))
+        torch.ops.pangu_cpu.move_work([torch.zeros(64, 64).t()], [torch.zeros(4096)])
     with pytest.raises(ValueError, match="line"):
-        torch.ops.pangu_cpu.move_work(torch.zeros(4096), torch.zeros(4096)[1:])
+        torch.ops.pangu_cpu.move_work([torch.zeros(4096)], [torch.zeros(4096)[1:]])
+    with pytest.raises(ValueError, match="one dst per src"):
+        torch.ops.pangu_cpu.move_work([torch.zeros(4096)], [])
