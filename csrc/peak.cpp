@@ -71,9 +71,10 @@
 // write_work(ts, value): the memory-write limit. Sets every byte of the contiguous tensors ts to
 // `value` as the kernels write large outputs at their fastest (fill_streaming: whole lines,
 // non-temporal), in one parallel region, every thread its share of all their bytes: the fastest
-// write measured here (fill_ / memset / cached vector stores: 1.3-2.5x its time). On this machine the value matters: lines of zeros stream at
-// ~40 GB/s, any other lines at ~21 (constant or varying alike, measured): zeros bound what a kernel
-// writes as zeros (an expert without rows' gradient), a non-zero byte what it writes as values.
+// write measured here (fill_ / memset / cached vector stores: 1.3-2.5x its time). On this machine
+// the value matters: lines of zeros stream at ~40 GB/s, any other lines at ~21 (constant or varying
+// alike, measured): zeros bound what a kernel writes as zeros (an expert without rows' gradient), a
+// non-zero byte what it writes as values.
 #include <torch/library.h>
 
 #include <vector>

@@ -109,8 +109,8 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _weak(obj) -> Callable[[], object]:
-    """A weak reference to obj, or for None (or an object without them: a new one every call, which
-    never matches) a callable returning None."""
+    """A weak reference to obj, or where obj takes none `_none` (always None): None itself matches
+    it, any other such object never does (its plan is then made on every call)."""
     try:
         return weakref.ref(obj)
     except TypeError:
