@@ -347,8 +347,8 @@ constexpr int64_t kChunkRows = 32;
 // The next chunk's lines fetched into L2 in order, per_step of them a step of a chunk's loops: spread
 // over both of its passes (dx's sums, then dw's rows), so that the reads overlap dw's streamed writes.
 // Against fetching it all in the dx pass (8 Mixtral-shaped experts of m rows each, 2 threads, 2-core
-// Zen 5, median over 10 interleaved rounds, bit-identical): 5-8 rows 1.10-1.14x as fast in fp32,
-// 1.15-1.24x in bf16.
+// Zen 5, median over 10 interleaved rounds, bit-identical): fp32 at 6 / 8 rows 1.10 / 1.14x as fast,
+// bf16 at 5-8 rows 1.15-1.24x.
 struct LineFetch {
   const char* p;
   int64_t lines, per_step, done = 0;
