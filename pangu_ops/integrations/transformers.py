@@ -180,11 +180,14 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
             raise
         if out is not None:
             return out[0]
-    why = _unsupported(experts)
-    if why is not None:
-        return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
-    trans_b = _trans_b(experts, experts.down_proj)
-    fused = _fused_gate(experts)
+    if plan is not None:  # (its checks passed: served, fused gate; limit inf = no clamp)
+        trans_b, fused = plan[3], (plan[2], plan[4])
+    else:
+        why = _unsupported(experts)
+        if why is not None:
+            return _fallback(experts, why, hidden_states, top_k_index, top_k_weights)
+        trans_b = _trans_b(experts, experts.down_proj)
+        fused = _fused_gate(experts)
     num_experts = _check_inputs(experts, hidden_states, top_k_index)
     k = top_k_index.shape[1]
     if top_k_weights.dim() == 2 and top_k_weights.shape[1] != k:  # dense [T, E] routing weights
