@@ -24,10 +24,21 @@ def test_use_backend_nests_and_restores(monkeypatch):
     assert pangu_ops.current_backend() == "auto"
 
 
-def test_env_var_sets_default(monkeypatch):
+@pytest.mark.parametrize("read", ["os.environ's mapping", "os.environ.get"])
+def test_env_var_sets_default(monkeypatch, read):
+    """The variable as os.environ has it on every call, read from os.environ's own mapping (the
+    fast read) or by os.environ.get (where os.environ is not built that way)."""
+    if read == "os.environ.get":
+        monkeypatch.setattr(backends, "_ENV_KEY", None)
+    else:
+        assert backends._ENV_KEY is not None  # CPython's os.environ: the fast read is the one taken
     monkeypatch.setenv(backends.ENV_VAR, "reference")
     assert pangu_ops.current_backend() == "reference"
     assert backends.resolve(torch.device("cpu")).name == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    assert backends.kernel("permute", torch.device("cpu")) is backends.load("cpu").permute
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert pangu_ops.current_backend() == "auto"
     monkeypatch.setenv(backends.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="PANGU_OPS_BACKEND.*nonsense"):
         pangu_ops.current_backend()
