@@ -831,6 +831,7 @@ struct Dots512 {
   using B = c10::BFloat16;
   static constexpr int kPrefetchRows = 0, kWidePrefetchRows = 0;  // never (dots_step)
   static constexpr bool kThreeRows = false;  // (dots_rows512: with 8 streams 3 rows would spill)
+  static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: not measured)
   struct ARow {
     __m512 even, odd;
   };
@@ -860,6 +861,7 @@ struct DotsPairs {
   using B = c10::BFloat16;
   static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 6;  // (dots_step)
   static constexpr bool kThreeRows = true;  // (dots_rows512)
+  static constexpr int kWideTwoStreamRows = 2;  // (few_rows_dots)
   using ARow = __m512bh;
   using BRow = __m512bh;
   template <bool Masked>
@@ -949,6 +951,7 @@ struct DotsF32 {
   using B = float;
   static constexpr int kPrefetchRows = 1, kWidePrefetchRows = 0;  // (dots_step)
   static constexpr bool kThreeRows = false;  // (dots_rows512: not measured)
+  static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: 2 streams at 1-4 rows 0.94-1.06x the time)
   struct ARow {
     __m512 lo, hi;
   };
@@ -1004,9 +1007,18 @@ inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const ty
 // with 1 or 4+ and with fp32 (fp32 at 2 rows: 8 streams 1.05x 4's time against a read pass, same
 // runs; bf16: one row against 4 streams in place of 8, paired: one-token decode steps on
 // transformers-layout experts 0.91-0.93x the time, 8 experts of 7168 x 1024 0.93x, of 1024 x 3584
-// the same; 2-3 rows 1.04-1.08x slower on 4); on a Zen 5 (full_width_512) 4 always (bf16 at 2-3
-// rows, 8 against 4, both without prefetch, as dots_step's: 2 rows 0.99-1.15x the time from
-// memory, 1.14-1.29x from the L3; 3 rows 0.96-1.14x).
+// the same; 2-3 rows 1.04-1.08x slower on 4); on a Zen 5 (full_width_512) 2 with up to
+// Dots::kWideTwoStreamRows rows (VDPBF16PS pairs: 2), else 4 (bf16 at 2-3 rows, 8 against 4, both
+// without prefetch, as dots_step's: 2 rows 0.99-1.15x the time from memory, 1.14-1.29x from the L3;
+// 3 rows 0.96-1.14x). bf16 pairs, 2 streams against 4 (expert_mlp on transformers-layout experts,
+// every one with m rows, median of per-round ratios over 10 interleaved rounds, bit-identical):
+// from memory, 8 Mixtral-shaped experts 0.98 / 0.98 / 0.96 / 1.03 / 0.99 / 0.96 / 1.12x the time at
+// m = 1 / 2 / 3 / 4 / 5 / 6 / 8, 64 Qwen3-MoE-shaped 0.97 / 0.96 / 0.90 / 0.90 / 0.83 / 0.90 /
+// 0.96x; from the L3 (8 Qwen3-MoE-shaped) 1.01 / 1.06 / 1.23 / 1.34 / 1.26 / 1.21 / 1.22x: taken
+// up to 2 rows, where the L3 costs least (bench --hf's blocks' expert_mlp, 3 x 16 interleaved
+// rounds: one-token steps 0.91-0.98x the time (Mixtral-shaped), 0.95-0.97x (Qwen3-MoE-shaped, cold),
+// 1.0-1.01x (Qwen3-MoE-shaped, its 8 experts in the L3); 4 tokens 0.89-0.98x; 16 tokens 0.98-0.99x;
+// 2 streams up to 4 rows: 16 tokens 0.94-0.97x, but the L3's 3-4 rows above).
 template <typename Dots>
 inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
                           int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
@@ -1030,6 +1042,9 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
   };
   if constexpr (!std::is_same_v<typename Dots::B, float>) {
     if (eight) return with_from(std::integral_constant<int, 8>{});
+  }
+  if constexpr (Dots::kWideTwoStreamRows > 0) {
+    if (wide && M <= Dots::kWideTwoStreamRows) return with_from(std::integral_constant<int, 2>{});
   }
   with_from(std::integral_constant<int, 4>{});
 }
