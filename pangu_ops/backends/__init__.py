@@ -81,9 +81,9 @@ def _checked_name(name: object, source: str) -> str:
 # which os.environ[...] = and del keep current, as os.environ.get sees them): ~0.05 us against
 # os.environ.get's ~0.5 us, paid by every op call (a decode step's, ~2% of a one-token
 # Qwen3-MoE-shaped step). Where os.environ is not built that way, os.environ.get.
-_ENVIRON = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None), \
-    getattr(os.environ, "decodevalue", None)
-_ENV_KEY = _ENVIRON[1](ENV_VAR) if all(callable(f) for f in _ENVIRON[1:]) and isinstance(_ENVIRON[0], dict) else None
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if isinstance(_ENV_DATA, dict) and all(
+    callable(getattr(os.environ, f, None)) for f in ("encodekey", "decodevalue")) else None
 
 
 def _setting() -> str:
@@ -93,14 +93,13 @@ def _setting() -> str:
         return name
     if _ENV_KEY is None:
         return os.environ.get(ENV_VAR, "auto")
-    raw = _ENVIRON[0].get(_ENV_KEY)
-    return "auto" if raw is None else _ENVIRON[2](raw)
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return "auto" if raw is None else os.environ.decodevalue(raw)
 
 
 def current_backend() -> str:
     """The backend name in force: use_backend's, else $PANGU_OPS_BACKEND, else "auto"."""
-    name = _setting()
-    return name if name in BACKEND_NAMES else _checked_name(name, f"${ENV_VAR}")
+    return _checked_name(_setting(), "$" + ENV_VAR)
 
 
 @contextlib.contextmanager
