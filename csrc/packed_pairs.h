@@ -15,9 +15,9 @@ namespace pangu_cpu {
 // out[0:R, the 16-column blocks c0 + v * gap (v < CV)] = a[0:R] @ w, w one expert's packed weight
 // ([N / 16][K / 2][32]: a 16-column block's pairs of K, each pair of rows interleaved, as prepack
 // makes it), P = K / 2: each pair's CV vectors against a's R pairs broadcast, VDPBF16PS into R x CV
-// accumulators, stored once (rounded to bf16; no horizontal sums). Each line is fetched into L2
-// kDotsAhead on.
-template <int R, int CV>
+// accumulators, stored once (rounded to bf16; no horizontal sums). Ahead: each line is also fetched
+// into L2 kDotsAhead on (packed_pairs says where).
+template <int R, int CV, bool Ahead>
 inline void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda,
                               const c10::BFloat16* w, int64_t P, int64_t c0, int64_t gap, LineFetch* fetch) {
   __m512 acc[R][CV];
@@ -31,7 +31,7 @@ inline void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat
     __m512bh wv[CV];
     for (int v = 0; v < CV; ++v) {
       const c10::BFloat16* line = blocks[v] + 32 * p;
-      _mm_prefetch(reinterpret_cast<const char*>(line) + kDotsAhead, _MM_HINT_T1);
+      if constexpr (Ahead) _mm_prefetch(reinterpret_cast<const char*>(line) + kDotsAhead, _MM_HINT_T1);
       wv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(line));
     }
     for (int r = 0; r < R; ++r) {
@@ -53,12 +53,12 @@ inline void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat
 // few passes over those blocks as the 32 vector registers hold (R x CV accumulators + CV weight
 // vectors; the next passes find the blocks in L2): 5-8 rows in one pass where CV allows it (4
 // blocks: 6 rows a pass, then 5; 3 blocks: 7-8), else 4 at a time, then the 1-3 left.
-template <int CV>
+template <int CV, bool Ahead = true>
 inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
                       const c10::BFloat16* w, int64_t P, int64_t c, int64_t gap, LineFetch* fetch = nullptr) {
   int64_t i = 0;
   const auto pass = [&](auto r) {
-    packed_pairs_pass<decltype(r)::value, CV>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap, fetch);
+    packed_pairs_pass<decltype(r)::value, CV, Ahead>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap, fetch);
     i += decltype(r)::value;
   };
   if constexpr (CV == 4) {
@@ -75,6 +75,9 @@ inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, i
   if (M - i == 1) pass(std::integral_constant<int, 1>{});
 }
 
+// Where packed_pairs fetches lines ahead on a Zen 5 (full_width_512): from this many rows on.
+constexpr int64_t kWidePairsAheadRows = 6;
+
 // out[0:M, blocks [b0, b1) x 16] = a[0:M] @ w (as packed_pairs_pass): CV blocks at a time spread
 // over the range (blocks c, c + gap, ...: adjacent blocks lie P * 64 bytes apart, and 4 of them in
 // flight ran 1.4x slower from the L3, one thread), the blocks left over one by one, the rows by
@@ -83,17 +86,38 @@ inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, i
 // threads, 8 experts: 5-8 rows 0.79-0.91x the time, 12 rows 0.85-0.98x, 64-256 0.94-1.0x). One
 // thread against the few-row dot kernels on transformers' layout (8 experts from the L3 / from
 // memory), at 4 rows a pass: 1 row 0.79x / 0.96x the time, 2 rows 0.76x / 0.86x, 4 rows 0.69x /
-// 0.84x, 8 rows 0.73x / 0.73x (2-core Zen 4).
+// 0.84x, 8 rows 0.73x / 0.73x (2-core Zen 4). Each line fetched ahead (packed_pairs_pass) there.
+// On a Zen 5 (full_width_512), as its few-row dot kernels (few_rows_dots, dots_step): 1-2 rows
+// against 2 blocks and lines fetched ahead only from kWidePairsAheadRows rows on. Measured on a
+// 2-core Zen 5 (expert_mlp on prepacked weights, 2 threads, interleaved, bit-identical): without
+// the fetch, every expert at m rows, from memory (8 Mixtral-shaped / 64 Qwen3-MoE-shaped experts)
+// 0.92-0.95x the time at m = 3-4, even at 5, 0.99-1.07x at 6, 1.04-1.2x at 7-8; from the L3 (8
+// Qwen3-MoE-shaped) 0.82-0.94x at 3-10. bench --hf's blocks (the same 2-core Zen 5, median of
+// per-round ratios over 12 interleaved rounds), 2 blocks without the fetch against 8 with it at 1-2
+// rows: one token 0.66-0.74x the time (Qwen3-MoE-shaped, cold: 88-91% of a plain read of the same
+// bytes, against 59-65%), 0.73-0.85x (Mixtral-shaped, cold), 0.63-0.75x (Mixtral-shaped, fixed
+// routing), 0.96-1.07x (Qwen3-MoE-shaped, fixed: its 8 experts in the L3, where 4 or 8 blocks
+// without the fetch took 0.80-0.83x: not taken, a decode step's weights come from memory); 4
+// tokens 0.73-0.79x, 16 tokens 0.78-0.91x.
 inline void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
                          const c10::BFloat16* w, int64_t K, int64_t b0, int64_t b1) {
   const int64_t P = K / 2;
+  const bool wide = full_width_512();
+  const bool ahead = !wide || M >= kWidePairsAheadRows;
   const auto spread = [&](auto cv) {
     constexpr int CV = decltype(cv)::value;
     const int64_t gap = (b1 - b0) / CV;
-    for (int64_t c = b0; c < b0 + gap; ++c) pair_rows<CV>(out, ldo, a, lda, M, w, P, c, gap);
-    for (int64_t c = b0 + CV * gap; c < b1; ++c) pair_rows<1>(out, ldo, a, lda, M, w, P, c, 1);
+    const auto blocks = [&](auto ahead_) {
+      constexpr bool A = decltype(ahead_)::value;
+      for (int64_t c = b0; c < b0 + gap; ++c) pair_rows<CV, A>(out, ldo, a, lda, M, w, P, c, gap);
+      for (int64_t c = b0 + CV * gap; c < b1; ++c) pair_rows<1, A>(out, ldo, a, lda, M, w, P, c, 1);
+    };
+    if (ahead) return blocks(std::true_type{});
+    blocks(std::false_type{});
   };
-  if (M <= 2) {
+  if (M <= 2 && wide) {
+    spread(std::integral_constant<int, 2>{});
+  } else if (M <= 2) {
     spread(std::integral_constant<int, 8>{});
   } else if (M == 3) {
     spread(std::integral_constant<int, 6>{});

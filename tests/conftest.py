@@ -65,9 +65,10 @@ def bf16_dots(request):
 
 @pytest.fixture(params=["halves", "full"])
 def dots_tuning(request):
-    """The CPU backend's few-row dot kernels as tuned for 512-bit FMAs run as two halves (AMD Zen 4),
-    then at full width (Zen 5, Xeons), whatever this CPU's probe chose (`full_width_512`): the
-    software prefetch and stream counts of both checked on any CPU with AVX-512."""
+    """The CPU backend's few-row dot kernels and its VDPBF16PS kernels on prepacked weights as tuned
+    for 512-bit FMAs run as two halves (AMD Zen 4), then at full width (Zen 5, Xeons), whatever this
+    CPU's probe chose (`full_width_512`): the software prefetch and stream (block) counts of both
+    checked on any CPU with AVX-512."""
     from pangu_ops.backends import cpu as cpu_backend
     with cpu_backend.full_width_512_forced(request.param == "full"):
         yield

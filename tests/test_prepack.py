@@ -68,6 +68,7 @@ def test_layout():
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.usefixtures("dots_tuning")
 def test_expert_mlp_packed(case, backend):
     if backend == "cpu" and not _packed_kernels():
         pytest.skip("the CPU backend's packed kernels need AMX-BF16 or AVX512-BF16 products")

@@ -86,9 +86,10 @@ def bf16_pair_dots_forced(on: bool):
 
 def full_width_512() -> bool:
     """Whether this CPU runs a 512-bit FMA at the rate of a 256-bit one (AMD Zen 5, Xeons) rather
-    than as two halves (AMD Zen 4), probed once: the few-row dot kernels take the software prefetch
-    and the streams measured on each (csrc/common.h, `few_rows_dots`). False without AVX-512 or
-    where the extension is not built."""
+    than as two halves (AMD Zen 4), probed once: the few-row dot kernels and the VDPBF16PS kernels
+    on prepacked weights take the software prefetch and the streams measured on each (csrc/common.h,
+    `few_rows_dots`; csrc/packed_pairs.h, `packed_pairs`). False without AVX-512 or where the
+    extension is not built."""
     try:
         return bool(load().full_width_512())
     except BackendUnavailable:
@@ -113,8 +114,9 @@ def onednn_fp32_forced(on: bool):
 
 
 def full_width_512_forced(on: bool):
-    """For tests: the few-row dot kernels as tuned for full-width 512-bit units (`on`) or for halves
-    while the block runs, whatever the probe chose (both checked on any CPU with AVX-512)."""
+    """For tests: the few-row dot kernels and the VDPBF16PS kernels on prepacked weights as tuned for
+    full-width 512-bit units (`on`) or for halves while the block runs, whatever the probe chose
+    (both checked on any CPU with AVX-512)."""
     return _forced("force_full_width_512", on)
 
 
