@@ -886,7 +886,12 @@ struct DotsPairs {
 // 0.83-0.99x at 4, 0.87-1.09x at 2; N 3584 0.80-0.91x at 2-7 rows; but with rows of 1024 columns
 // or fewer 1.1-1.27x slower at 1-2 rows and about even above (8 rows streaming at once against
 // 4; prefetching 4-8 rows ahead or two halves instead of four quarters did not help): so only for
-// rows of kPairRowsN columns or more, 2+ rows.
+// rows of kPairRowsN columns or more, 2+ rows. On a Zen 5 (full_width_512) at 2+ rows whatever the
+// width (expert_mlp on [E, K, N] experts, every one at m rows, 2 threads, median of per-round
+// ratios over 8 interleaved rounds, against the FMA kernel on rows under kPairRowsN: 8
+// Mixtral-shaped / 64 Qwen3-MoE-shaped from memory 0.87-0.96x / 0.70-0.94x the time at m = 2-8, 8
+// Qwen3-MoE-shaped from the L3 0.82-1.07x; bench --hf's blocks in that layout 0.88-0.96x at 4-16
+// tokens). One row stays with few_rows_stream (pairs 1.07-1.17x its time there).
 constexpr int64_t kPairRowsN = 2048;
 template <int MB>
 void few_rows_pairs(float* __restrict acc, int64_t ldacc, const c10::BFloat16* __restrict a, int64_t lda,
@@ -1360,7 +1365,9 @@ void gemm_few_rows(T* __restrict out, int64_t ldo, const T* __restrict a, int64_
     std::vector<float> acc(parts * M * ldacc, 0.f);
     bool pairs = false;
 #if defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, c10::BFloat16>) pairs = M >= 2 && N >= kPairRowsN && bf16_pair_dots();
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      pairs = M >= 2 && (N >= kPairRowsN || full_width_512()) && bf16_pair_dots();
+    }
 #endif
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
