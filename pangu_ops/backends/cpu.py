@@ -86,10 +86,10 @@ def bf16_pair_dots_forced(on: bool):
 
 def full_width_512() -> bool:
     """Whether this CPU runs a 512-bit FMA at the rate of a 256-bit one (AMD Zen 5, Xeons) rather
-    than as two halves (AMD Zen 4), probed once: the few-row dot kernels and the VDPBF16PS kernels
-    on prepacked weights take the software prefetch and the streams measured on each (csrc/common.h,
-    `few_rows_dots`; csrc/packed_pairs.h, `packed_pairs`). False without AVX-512 or where the
-    extension is not built."""
+    than as two halves (AMD Zen 4), probed once: the few-row kernels and the VDPBF16PS kernels on
+    prepacked weights take the software prefetch, the streams and (row-major weights) the product
+    measured on each (csrc/common.h, `few_rows_dots`, `gemm_few_rows`; csrc/packed_pairs.h,
+    `packed_pairs`). False without AVX-512 or where the extension is not built."""
     try:
         return bool(load().full_width_512())
     except BackendUnavailable:
