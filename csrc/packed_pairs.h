@@ -52,7 +52,8 @@ inline void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat
 // out[0:M, the blocks c + v * gap (v < CV)] = a[0:M] @ w (as packed_pairs_pass): the rows in as
 // few passes over those blocks as the 32 vector registers hold (R x CV accumulators + CV weight
 // vectors; the next passes find the blocks in L2): 5-8 rows in one pass where CV allows it (4
-// blocks: 6 rows a pass, then 5; 3 blocks: 7-8), else 4 at a time, then the 1-3 left.
+// blocks: 6 rows a pass, then 5; 3 blocks: 7-8; 2 blocks: 5-8), else 4 at a time, then the 1-3
+// left.
 template <int CV, bool Ahead = true>
 inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
                       const c10::BFloat16* w, int64_t P, int64_t c, int64_t gap, LineFetch* fetch = nullptr) {
@@ -65,9 +66,13 @@ inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, i
     while (M - i >= 6) pass(std::integral_constant<int, 6>{});
     if (M - i == 5) pass(std::integral_constant<int, 5>{});
   }
-  if constexpr (CV == 3) {
+  if constexpr (CV == 3 || CV == 2) {
     if (M == 8) pass(std::integral_constant<int, 8>{});
     if (M == 7) pass(std::integral_constant<int, 7>{});
+  }
+  if constexpr (CV == 2) {
+    if (M == 6) pass(std::integral_constant<int, 6>{});
+    if (M == 5) pass(std::integral_constant<int, 5>{});
   }
   for (; i + 4 <= M;) pass(std::integral_constant<int, 4>{});
   if (M - i == 3) pass(std::integral_constant<int, 3>{});
@@ -77,6 +82,8 @@ inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, i
 
 // Where packed_pairs fetches lines ahead on a Zen 5 (full_width_512): from this many rows on.
 constexpr int64_t kWidePairsAheadRows = 6;
+// Up to this many rows packed_pairs takes 2 blocks at a time on a Zen 5 (the rows in one pass).
+constexpr int64_t kWideTwoBlockRows = 8;
 
 // out[0:M, blocks [b0, b1) x 16] = a[0:M] @ w (as packed_pairs_pass): CV blocks at a time spread
 // over the range (blocks c, c + gap, ...: adjacent blocks lie P * 64 bytes apart, and 4 of them in
@@ -98,7 +105,15 @@ constexpr int64_t kWidePairsAheadRows = 6;
 // bytes, against 59-65%), 0.73-0.85x (Mixtral-shaped, cold), 0.63-0.75x (Mixtral-shaped, fixed
 // routing), 0.96-1.07x (Qwen3-MoE-shaped, fixed: its 8 experts in the L3, where 4 or 8 blocks
 // without the fetch took 0.80-0.83x: not taken, a decode step's weights come from memory); 4
-// tokens 0.73-0.79x, 16 tokens 0.78-0.91x.
+// tokens 0.73-0.79x, 16 tokens 0.78-0.91x. 3-8 rows against 2 blocks too, in one pass (up to
+// kWideTwoBlockRows), against 6 / 4 / 3 blocks at 3 / 4-6 / 7-8 rows (bit-identical; the same
+// machine, every expert at m rows, median of per-round ratios over 10 interleaved rounds, the
+// read at 50-120 GB/s): from memory, 8 Mixtral-shaped experts 0.78-0.89x the time at m = 3-4,
+// 0.97-1.03x at 5-7, 0.89-0.99x at 8; 64 Qwen3-MoE-shaped 0.76-0.95x at 3-8; from the L3 (8
+// Qwen3-MoE-shaped) 1.06-1.11x slower at 3-4, 0.90-1.0x at 5-8; bench --hf's prepacked blocks
+// at 16 tokens (12 rounds) 0.91x (Mixtral-shaped: 70 -> 82% of a plain read) and 0.93x
+// (Qwen3-MoE-shaped: 74 -> 88%). Lines fetched ahead from 6 rows as before (without: 1.22-1.38x
+// slower at 8).
 inline void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda, int64_t M,
                          const c10::BFloat16* w, int64_t K, int64_t b0, int64_t b1) {
   const int64_t P = K / 2;
@@ -115,7 +130,7 @@ inline void packed_pairs(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a
     if (ahead) return blocks(std::true_type{});
     blocks(std::false_type{});
   };
-  if (M <= 2 && wide) {
+  if (wide && M <= kWideTwoBlockRows) {
     spread(std::integral_constant<int, 2>{});
   } else if (M <= 2) {
     spread(std::integral_constant<int, 8>{});
