@@ -51,8 +51,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -101,9 +102,10 @@ class Row:
     median_ms: float
     min_ms: float
     spread: float
-    vs_fastest_builtin: float | None = None  # fastest built-in's min time / this one's
-    of_limit: float | None = None  # limit time / this one's (1 = at the limit)
+    vs_fastest_builtin: float | None = None  # fastest built-in's time / this one's (per round: _per_round)
+    of_limit: float | None = None  # limit time / this one's (1 = at the limit; per round: _per_round)
     note: str = ""
+    rounds_ms: list[float] = field(default_factory=list)  # one time per interleaved round ([min_ms] if none)
 
 
 def _experts(block: Block, dtype: torch.dtype):
@@ -362,18 +364,21 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
             return interleaved(fns + [fn for _, fn in limits.values()], torch.device("cpu"), rounds=rounds,
                                min_time=min_time, settle=settle)
         timings = timed()
-        times = {n: (limits[n][0], t.min) for n, t in zip(limits, timings[len(fns):])}
+        times = {n: (limits[n][0], t.samples) for n, t in zip(limits, timings[len(fns):])}
         scales = [tokens / part if impl in BUILT_IN else 1.0 for impl in impls] + [1.0] * len(limits)
-        if min(t.min * k for t, k in zip(timings[:len(fns)], scales)) < _limit(times, times[FMA_PEAK][1]):
+        fma = min(times[FMA_PEAK][1])  # (the group's own best: the run's is known at the end)
+        if any(_per_round(_round_limits(times, fma), [s * k for s in t.samples]) > 1.0
+               for t, k in zip(timings[:len(fns)], scales)):
             # a limit's rounds ran disturbed (or the limit is wrong): every fn gets as many rounds again
             print("  a row beat this group's limit: timing the group again", file=sys.stderr, flush=True)
             timings = [Timing(a.samples + b.samples) for a, b in zip(timings, timed())]
-            times = {n: (limits[n][0], t.min) for n, t in zip(limits, timings[len(fns):])}
+            times = {n: (limits[n][0], t.samples) for n, t in zip(limits, timings[len(fns):])}
         group = []
         for impl, t, scale in zip(impls + tuple(limits), timings, scales):
             group.append(Row(block.name, str(dtype)[6:], tokens, mode, routing, impl, t.median * 1e3 * scale,
                              t.min * 1e3 * scale, t.spread,
-                             note=f"timed on 1/{tokens // part} of the tokens, scaled" if scale != 1.0 else ""))
+                             note=f"timed on 1/{tokens // part} of the tokens, scaled" if scale != 1.0 else "",
+                             rounds_ms=[s * 1e3 * scale for s in t.samples]))
         rows += group
         groups.append((group, _flops(block, mode, tokens), times))
     _rate_against_limits(groups)
@@ -388,25 +393,60 @@ def _limit(times: dict[str, tuple[str, float]], fma: float) -> float:
     return max([compute] + [min([t for kind, t in times.values() if kind == "memory"], default=0.0)])
 
 
+def _in_round(samples, i: int) -> float:
+    """Round i's time of a timing given as its per-round samples (one sample: every round's)."""
+    if isinstance(samples, (int, float)):
+        return samples
+    return samples[i] if len(samples) > 1 else samples[0]
+
+
+def _rounds(*timings) -> int:
+    return max(1 if isinstance(s, (int, float)) else len(s) for s in timings)
+
+
+def _round_limits(times: dict, fma: float, names=None) -> list[float]:
+    """The limit in each interleaved round, `_limit` of that round's times ({name: (kind, seconds or
+    per-round seconds)}; `names`: only those limits, their fastest)."""
+    rounds = _rounds(*(s for _, s in times.values()))
+    if names is not None:
+        return [min(_in_round(times[n][1], i) for n in names) for i in range(rounds)]
+    return [_limit({n: (kind, _in_round(s, i)) for n, (kind, s) in times.items()}, fma) for i in range(rounds)]
+
+
+def _per_round(reference: list[float], samples: list[float]) -> float:
+    """The median over the interleaved rounds of reference / samples within a round: how this
+    machine's speed swings (its memory read 55-220 GB/s from one minute to the next) moves both alike,
+    where each one's own minimum can come from another round (a decode row read 129% of a limit whose
+    best round was slower than the row's)."""
+    rounds = _rounds(reference, samples)
+    return statistics.median(_in_round(reference, i) / _in_round(samples, i) for i in range(rounds))
+
+
 def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
-    """Each row's `of_limit` and vs-fastest-built-in. The FMA peak is one rate of this machine: every
-    group's FMA limit is its FLOPs at the best rate any group measured (a group whose interleaved
-    FMA rounds ran disturbed would otherwise get a slower limit than its kernels)."""
-    best_fma = max(flops / times[FMA_PEAK][1] for _, flops, times in groups)
+    """Each row's `of_limit` and vs-fastest-built-in, per round (_per_round: each round's limit, the
+    fastest built-in's time in it). The FMA peak is one rate of this machine: every group's FMA limit
+    is its FLOPs at the best rate any group measured (a group whose interleaved FMA rounds ran
+    disturbed would otherwise get a slower limit than its kernels)."""
+    best_fma = max(flops / min(_round_limits(times, 0.0, [FMA_PEAK])) for _, flops, times in groups)
     for group, flops, times in groups:
-        limit = _limit(times, flops / best_fma)
-        fastest = min(r.min_ms for r in group if r.impl in BUILT_IN)
-        ceiling = min([t for n, (_, t) in times.items() if n.startswith(PRODUCTS)], default=None)
-        dense = min([t for n, (_, t) in times.items() if n.startswith(DENSE_MM)], default=None)
+        ms = {id(r): r.rounds_ms or [r.min_ms] for r in group}
+        limit = [t * 1e3 for t in _round_limits(times, flops / best_fma)]
+        builtins = [r for r in group if r.impl in BUILT_IN]
+        rounds = _rounds(*(ms[id(b)] for b in builtins))
+        fastest = [min(_in_round(ms[id(b)], i) for b in builtins) for i in range(rounds)]
+        ceiling = [n for n in times if n.startswith(PRODUCTS)]
+        dense = [n for n in times if n.startswith(DENSE_MM)]
         for r in group:
-            r.vs_fastest_builtin = fastest / r.min_ms
-            r.of_limit = limit * 1e3 / r.min_ms
+            r.vs_fastest_builtin = _per_round(fastest, ms[id(r)])
+            r.of_limit = _per_round(limit, ms[id(r)])
             if r.impl not in times and r.of_limit > 1.0:
                 add_note(r, "ABOVE THE LIMIT: the limit or the benchmark is wrong")
-            if r.impl in ("pangu_ops", PREPACKED) and ceiling is not None:
-                add_note(r, f"{ceiling * 1e3 / r.min_ms:.0%} of {PRODUCTS}")
-            if r.impl in ("pangu_ops", PREPACKED) and dense is not None:
-                add_note(r, f"{dense * 1e3 / r.min_ms:.0%} of the {DENSE_MM}")
+            if r.impl in ("pangu_ops", PREPACKED) and ceiling:
+                add_note(r, f"{_per_round([t * 1e3 for t in _round_limits(times, 0.0, ceiling)], ms[id(r)]):.0%} "
+                            f"of {PRODUCTS}")
+            if r.impl in ("pangu_ops", PREPACKED) and dense:
+                add_note(r, f"{_per_round([t * 1e3 for t in _round_limits(times, 0.0, dense)], ms[id(r)]):.0%} "
+                            f"of the {DENSE_MM}")
 
 
 def table(rows: list[Row]) -> str:
