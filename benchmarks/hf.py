@@ -51,7 +51,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ import torch
 
 from . import kt_kernel
 from .ops import SLOW_BASELINE_FRACTION, _half_on_cpu, add_note, bf16_peak, compute_peak, onednn_mm, optimizer_step
-from .timing import Timing, interleaved
+from .timing import Timing, in_round, interleaved, per_round, rounds_of
 
 BUILT_IN = ("eager", "batched_mm", "grouped_mm")  # deepgemm / sonicmoe: CUDA-only hub kernels
 
@@ -102,8 +101,8 @@ class Row:
     median_ms: float
     min_ms: float
     spread: float
-    vs_fastest_builtin: float | None = None  # fastest built-in's time / this one's (per round: _per_round)
-    of_limit: float | None = None  # limit time / this one's (1 = at the limit; per round: _per_round)
+    vs_fastest_builtin: float | None = None  # fastest built-in's time / this one's (per round: timing.per_round)
+    of_limit: float | None = None  # limit time / this one's (1 = at the limit; per round: timing.per_round)
     note: str = ""
     rounds_ms: list[float] = field(default_factory=list)  # one time per interleaved round ([min_ms] if none)
 
@@ -367,7 +366,7 @@ def run(blocks=BLOCKS, dtypes=(torch.float32, torch.bfloat16), sizes=PREFILL + D
         times = {n: (limits[n][0], t.samples) for n, t in zip(limits, timings[len(fns):])}
         scales = [tokens / part if impl in BUILT_IN else 1.0 for impl in impls] + [1.0] * len(limits)
         fma = min(times[FMA_PEAK][1])  # (the group's own best: the run's is known at the end)
-        if any(_per_round(_round_limits(times, fma), [s * k for s in t.samples]) > 1.0
+        if any(per_round(_round_limits(times, fma), [s * k for s in t.samples]) > 1.0
                for t, k in zip(timings[:len(fns)], scales)):
             # a limit's rounds ran disturbed (or the limit is wrong): every fn gets as many rounds again
             print("  a row beat this group's limit: timing the group again", file=sys.stderr, flush=True)
@@ -393,37 +392,19 @@ def _limit(times: dict[str, tuple[str, float]], fma: float) -> float:
     return max([compute] + [min([t for kind, t in times.values() if kind == "memory"], default=0.0)])
 
 
-def _in_round(samples, i: int) -> float:
-    """Round i's time of a timing given as its per-round samples (one sample: every round's)."""
-    if isinstance(samples, (int, float)):
-        return samples
-    return samples[i] if len(samples) > 1 else samples[0]
-
-
-def _rounds(*timings) -> int:
-    return max(1 if isinstance(s, (int, float)) else len(s) for s in timings)
-
-
 def _round_limits(times: dict, fma: float, names=None) -> list[float]:
     """The limit in each interleaved round, `_limit` of that round's times ({name: (kind, seconds or
-    per-round seconds)}; `names`: only those limits, their fastest)."""
-    rounds = _rounds(*(s for _, s in times.values()))
+    per-round seconds)}; `names`: only those limits, their fastest). Rows are rated against it
+    round by round (`per_round`): a decode row had read 129% of a limit whose best round was slower
+    than the row's."""
+    rounds = rounds_of(*(s for _, s in times.values()))
     if names is not None:
-        return [min(_in_round(times[n][1], i) for n in names) for i in range(rounds)]
-    return [_limit({n: (kind, _in_round(s, i)) for n, (kind, s) in times.items()}, fma) for i in range(rounds)]
-
-
-def _per_round(reference: list[float], samples: list[float]) -> float:
-    """The median over the interleaved rounds of reference / samples within a round: how this
-    machine's speed swings (its memory read 55-220 GB/s from one minute to the next) moves both alike,
-    where each one's own minimum can come from another round (a decode row read 129% of a limit whose
-    best round was slower than the row's)."""
-    rounds = _rounds(reference, samples)
-    return statistics.median(_in_round(reference, i) / _in_round(samples, i) for i in range(rounds))
+        return [min(in_round(times[n][1], i) for n in names) for i in range(rounds)]
+    return [_limit({n: (kind, in_round(s, i)) for n, (kind, s) in times.items()}, fma) for i in range(rounds)]
 
 
 def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
-    """Each row's `of_limit` and vs-fastest-built-in, per round (_per_round: each round's limit, the
+    """Each row's `of_limit` and vs-fastest-built-in, per round (per_round: each round's limit, the
     fastest built-in's time in it). The FMA peak is one rate of this machine: every group's FMA limit
     is its FLOPs at the best rate any group measured (a group whose interleaved FMA rounds ran
     disturbed would otherwise get a slower limit than its kernels)."""
@@ -432,20 +413,20 @@ def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
         ms = {id(r): r.rounds_ms or [r.min_ms] for r in group}
         limit = [t * 1e3 for t in _round_limits(times, flops / best_fma)]
         builtins = [r for r in group if r.impl in BUILT_IN]
-        rounds = _rounds(*(ms[id(b)] for b in builtins))
-        fastest = [min(_in_round(ms[id(b)], i) for b in builtins) for i in range(rounds)]
+        rounds = rounds_of(*(ms[id(b)] for b in builtins))
+        fastest = [min(in_round(ms[id(b)], i) for b in builtins) for i in range(rounds)]
         ceiling = [n for n in times if n.startswith(PRODUCTS)]
         dense = [n for n in times if n.startswith(DENSE_MM)]
         for r in group:
-            r.vs_fastest_builtin = _per_round(fastest, ms[id(r)])
-            r.of_limit = _per_round(limit, ms[id(r)])
+            r.vs_fastest_builtin = per_round(fastest, ms[id(r)])
+            r.of_limit = per_round(limit, ms[id(r)])
             if r.impl not in times and r.of_limit > 1.0:
                 add_note(r, "ABOVE THE LIMIT: the limit or the benchmark is wrong")
             if r.impl in ("pangu_ops", PREPACKED) and ceiling:
-                add_note(r, f"{_per_round([t * 1e3 for t in _round_limits(times, 0.0, ceiling)], ms[id(r)]):.0%} "
+                add_note(r, f"{per_round([t * 1e3 for t in _round_limits(times, 0.0, ceiling)], ms[id(r)]):.0%} "
                             f"of {PRODUCTS}")
             if r.impl in ("pangu_ops", PREPACKED) and dense:
-                add_note(r, f"{_per_round([t * 1e3 for t in _round_limits(times, 0.0, dense)], ms[id(r)]):.0%} "
+                add_note(r, f"{per_round([t * 1e3 for t in _round_limits(times, 0.0, dense)], ms[id(r)]):.0%} "
                             f"of the {DENSE_MM}")
 
 

@@ -34,7 +34,7 @@ import json
 import math
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +49,7 @@ from pangu_ops.backends import cpu as cpu_backend
 from pangu_ops.nn import MoEFeedForward
 
 from .layer import loop_forward
-from .timing import Timing, interleaved
+from .timing import Timing, interleaved, per_round
 
 SLOW_BASELINE_FRACTION = 32
 FRESH = "fresh routing"  # suffix of the ops timed with new group sizes every call
@@ -94,6 +94,11 @@ class Row:
     min_ms: float = 0.0  # the best round's time per call (time_ms: the median round's)
     spread: float = 0.0  # (max - min) / median over the rounds
     busy: bool = False  # spread > 1: the machine was disturbed
+    rounds_ms: list[float] = field(default_factory=list)  # one time per interleaved round
+
+    def round_rates(self) -> list[float]:
+        """The rate in each round (rate: the best round's), [rate] without per-round times."""
+        return [self.rate * self.min_ms / t for t in self.rounds_ms] if self.rounds_ms and self.min_ms else [self.rate]
 
 
 @dataclass
@@ -466,13 +471,14 @@ BUSY_SPREAD = 1.0  # rounds whose max - min exceed the median: the machine was b
 
 def _row(e: Entry, dtype: str, t: Timing) -> Row:
     return Row(e.op, dtype, e.impl, e.kind, t.median * 1e3, e.work / t.min / UNIT_SCALE[e.unit], e.unit,
-               note=e.note, min_ms=t.min * 1e3, spread=t.spread)
+               note=e.note, min_ms=t.min * 1e3, spread=t.spread, rounds_ms=[x * 1e3 for x in t.samples])
 
 
 def run(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kernel_backends: list[str],
         min_time: float = 0.25, progress: Callable[[str], None] | None = None, rounds: int = 5) -> list[Row]:
-    """Every entry of a dtype timed interleaved with the others (`timing.interleaved`); rates and
-    ratios from each row's best round, flagged where the run looks disturbed."""
+    """Every entry of a dtype timed interleaved with the others (`timing.interleaved`); rates from
+    each row's best round, ratios between rows round by round (`_compare`), flagged where the run
+    looks disturbed."""
     rows: list[Row] = []
     say = progress or (lambda line: None)
 
@@ -497,23 +503,28 @@ def run(problem: Problem, dtypes: list[torch.dtype], device: torch.device, kerne
 
 
 def _compare(rows: list[Row]) -> None:
-    """Each row's speed-up over its reference and share of its limit, with the notes they call for.
+    """Each row's speed-up over its reference and share of its limit, with the notes they call for,
+    each the median over the interleaved rounds of the ratio within a round (`timing.per_round`).
     The compute peak is one rate of the machine: every dtype's is taken at the best rate any dtype
     measured (a dtype whose interleaved peak rounds ran disturbed would get a limit its kernels beat)."""
     peak = max((q.rate for q in rows if q.op == PEAK_OP), default=None)
     for r in rows:
         ref = next((q for q in rows if q.op == r.op and q.dtype == r.dtype and q.kind == "reference"), None)
         limit_ops = LIMIT_OF.get(r.unit, ()) + (f"{r.op} {MOVE}",)
-        limit = max((peak if q.op == PEAK_OP else q.rate for q in rows if q.op in limit_ops
-                     and q.dtype == r.dtype and q.kind == "limit" and _backend_of(q) == _backend_of(r)), default=None)
+        limits = [q for q in rows if q.op in limit_ops and q.dtype == r.dtype and q.kind == "limit"
+                  and _backend_of(q) == _backend_of(r)]
+        rates = r.round_rates()
         if ref is not None and r.kind != "reference":
-            r.speedup_vs_reference = r.rate / ref.rate
-        if limit is not None:
-            r.fraction_of_limit = r.rate / limit
+            r.speedup_vs_reference = per_round(rates, ref.round_rates())
+        if limits:  # each round's limit: the fastest limit row's rate in it (the peak's: the run's best)
+            per = [[peak] if q.op == PEAK_OP else q.round_rates() for q in limits]
+            n = max(len(p) for p in per)
+            r.fraction_of_limit = per_round(rates, [max(p[i] if len(p) > 1 else p[0] for p in per) for i in range(n)])
         dense = max((q for q in rows if q.op == "dense mm" and q.dtype == r.dtype and q.kind == "limit"),
                     key=lambda q: q.rate, default=None)  # the faster of torch.mm and oneDNN's
+        limit = max((peak if q.op == PEAK_OP else q.rate for q in limits), default=None)
         if r.kind != "limit" and r.unit == "GFLOP/s" and dense is not None and dense.rate < (limit or 0):
-            add_note(r, f"{r.rate / dense.rate:.0%} of the dense mm")  # (the rate the issue's targets are set against)
+            add_note(r, f"{per_round(rates, dense.round_rates()):.0%} of the dense mm")  # (the issue's targets' rate)
         r.busy = r.spread > BUSY_SPREAD
         if r.kind != "limit" and (r.fraction_of_limit or 0) > 1.0:
             add_note(r, "ABOVE ITS LIMIT: the limit or the benchmark is wrong")
@@ -521,7 +532,7 @@ def _compare(rows: list[Row]) -> None:
             warm = next((q for q in rows if q.op == r.op[:-len(FRESH) - 1] and (q.dtype, q.impl) == (r.dtype, r.impl)),
                         None)
             if warm is not None:
-                add_note(r, f"{warm.rate / r.rate:.2f}x the warm call's time")
+                add_note(r, f"{per_round(warm.round_rates(), rates):.2f}x the warm call's time")
 
 
 def _backend_of(r: Row) -> str | None:

@@ -5,6 +5,9 @@ A busy machine slows whatever runs while it is busy. Timing each implementation 
 lets a burst of load land on one of them and fake a ratio; interleaving spreads it over all of
 them, and the min over rounds (the run least disturbed) is the most repeatable estimate of what
 the code can do. The spread (max - min) / median over rounds says how disturbed the run was.
+Ratios between them are taken within each round (`per_round`): where the machine's speed swings
+(this one's memory read 55-220 GB/s from one minute to the next) it moves both alike, while each
+one's own minimum can come from another round.
 """
 from __future__ import annotations
 
@@ -47,6 +50,25 @@ class Timing:
     def spread(self) -> float:
         """(max - min) / median over the rounds: 0 on a quiet machine; above 1 the machine was busy."""
         return (max(self.samples) - self.min) / self.median
+
+
+def in_round(samples: float | list[float], i: int) -> float:
+    """Round i's value of per-round samples (one value, or a list of one: every round's)."""
+    if isinstance(samples, (int, float)):
+        return samples
+    return samples[i] if len(samples) > 1 else samples[0]
+
+
+def rounds_of(*samples: float | list[float]) -> int:
+    """How many rounds per-round samples span (the longest; single values span any)."""
+    return max(1 if isinstance(s, (int, float)) else len(s) for s in samples)
+
+
+def per_round(numerator: float | list[float], denominator: float | list[float]) -> float:
+    """The median over the interleaved rounds of numerator / denominator within a round (each a
+    value per round, or one value for every round)."""
+    return statistics.median(in_round(numerator, i) / in_round(denominator, i)
+                             for i in range(rounds_of(numerator, denominator)))
 
 
 def interleaved(fns: list[Callable[[], object]], device: torch.device, *, rounds: int = 5,

@@ -431,6 +431,19 @@ def test_bench_takes_the_compute_peak_at_the_runs_best_rate():
     assert "ABOVE" not in rows[5].note and "ABOVE ITS LIMIT" in rows[6].note
 
 
+def test_bench_rates_each_round_against_the_same_rounds_limit():
+    """`pangu-ops bench`: a kernel's share of its limit is the median over the rounds of the ratio
+    within a round: memcpy's best round (90 GB/s) came when the kernel ran at 80, the kernel's best
+    (100) when memcpy ran at 60, so the two best rounds alone would read 111% (ABOVE ITS LIMIT)."""
+    from pangu_ops.benchmarks.ops import Row, _compare
+    rows = [Row("memcpy", "float32", "torch", "limit", 1.5, 90.0, "GB/s", min_ms=1.0, rounds_ms=[1.5, 1.5, 1.0]),
+            Row("permute", "float32", "cpu", "kernel", 1.25, 100.0, "GB/s", min_ms=1.0, rounds_ms=[1.0, 2.0, 1.25]),
+            Row("permute", "float32", "reference", "reference", 2.0, 50.0, "GB/s", min_ms=2.0, rounds_ms=[2.0, 4.0, 2.0])]
+    _compare(rows)
+    assert rows[1].fraction_of_limit == pytest.approx(80 / 90) and "ABOVE" not in rows[1].note
+    assert rows[1].speedup_vs_reference == pytest.approx(2.0) and rows[0].fraction_of_limit == pytest.approx(1.0)
+
+
 def test_bench_takes_the_bf16_peak_as_a_limit_and_notes_the_dense_mm_share():
     """`pangu-ops bench` in bf16 where the CPU multiplies it natively: a kernel beating the dense mm
     (the prepacked one on a Zen 4) is within the bf16 peak, its limit; it notes its share of the
