@@ -557,8 +557,9 @@ def table(rows: list[Row]) -> str:
         note = ("BUSY? " if r.busy else "") + r.note
         lines.append(f"{r.op:<24} {r.dtype:<9} {r.impl:<26} {r.time_ms:>10.3f} {r.min_ms:>10.3f} {r.spread:>7.2f}"
                      f" {r.rate:>9.1f} {r.unit:<9}{speed:>8} {frac:>9}  {note}")
-    lines.append("Interleaved rounds (every row of a dtype once per round); rates and ratios from each row's best "
-                 "round; spread = (max - min) / median. BUSY?: spread > 1: the machine was disturbed, re-run "
+    lines.append("Interleaved rounds (every row of a dtype once per round); rates from each row's best round, "
+                 "ratios (vs ref, of limit, notes) the median over the rounds of the ratio within a round; "
+                 "spread = (max - min) / median. BUSY?: spread > 1: the machine was disturbed, re-run "
                  "before trusting that row. fresh routing: new group sizes every call (drawing them is timed).")
     return "\n".join(lines)
 
