@@ -15,18 +15,21 @@ namespace pangu_cpu {
 // out[0:R, the 16-column blocks c0 + v * gap (v < CV)] = a[0:R] @ w, w one expert's packed weight
 // ([N / 16][K / 2][32]: a 16-column block's pairs of K, each pair of rows interleaved, as prepack
 // makes it), P = K / 2: each pair's CV vectors against a's R pairs broadcast, VDPBF16PS into R x CV
-// accumulators, stored once (rounded to bf16; no horizontal sums). Ahead: each line is also fetched
-// into L2 kDotsAhead on (packed_pairs says where).
-template <int R, int CV, bool Ahead>
+// accumulators (Sets of them: the even and odd pairs' apart where Sets is 2, added at the end),
+// stored once (rounded to bf16; no horizontal sums). Ahead: each line is also fetched into L2
+// kDotsAhead on (packed_pairs says where).
+template <int R, int CV, bool Ahead, int Sets>
 inline void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, int64_t lda,
                               const c10::BFloat16* w, int64_t P, int64_t c0, int64_t gap, LineFetch* fetch) {
-  __m512 acc[R][CV];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < CV; ++v) acc[r][v] = _mm512_setzero_ps();
+  __m512 acc[Sets][R][CV];
+  for (int h = 0; h < Sets; ++h) {
+    for (int r = 0; r < R; ++r) {
+      for (int v = 0; v < CV; ++v) acc[h][r][v] = _mm512_setzero_ps();
+    }
   }
   const c10::BFloat16* blocks[CV];
   for (int v = 0; v < CV; ++v) blocks[v] = w + (c0 + v * gap) * P * 32;
-  for (int64_t p = 0; p < P; ++p) {
+  const auto pair_step = [&](int64_t p, __m512(&sums)[R][CV]) {
     if (fetch) fetch->step();
     __m512bh wv[CV];
     for (int v = 0; v < CV; ++v) {
@@ -38,16 +41,31 @@ inline void packed_pairs_pass(c10::BFloat16* out, int64_t ldo, const c10::BFloat
       int32_t pair;
       std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
       const __m512bh ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-      for (int v = 0; v < CV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], wv[v], ar);
+      for (int v = 0; v < CV; ++v) sums[r][v] = _mm512_dpbf16_ps(sums[r][v], wv[v], ar);
     }
+  };
+  int64_t p = 0;
+  for (; p + Sets <= P; p += Sets) {
+    for (int h = 0; h < Sets; ++h) pair_step(p + h, acc[h]);
   }
+  for (; p < P; ++p) pair_step(p, acc[0]);
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < CV; ++v) {
+      __m512 sum = acc[0][r][v];
+      if constexpr (Sets == 2) sum = _mm512_add_ps(sum, acc[1][r][v]);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 16 * (c0 + v * gap)),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(canonical_nans(acc[r][v]))));
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(canonical_nans(sum))));
     }
   }
 }
+
+// Passes of at most this many accumulators (R x CV) take two sets of them (packed_pairs_pass): one
+// VDPBF16PS chain each kept 1-2-row passes against 2 blocks waiting on its latency where the
+// weights come from the L3 (the Zen 5, 2 threads, median of per-round ratios over 10-14
+// interleaved rounds: expert_mlp on 8 Qwen3-MoE-shaped prepacked experts in the L3 at 1-2 rows
+// 0.83-0.87x the time, from memory 0.91-0.98x; bench --hf's prepacked blocks 0.85-0.97x at 1-4
+// tokens). At 3-4 rows (6-8 accumulators) 0.93-1.0x and 1.4-2.0x slower: not taken.
+constexpr int kPairsTwoSetsMax = 4;
 
 // out[0:M, the blocks c + v * gap (v < CV)] = a[0:M] @ w (as packed_pairs_pass): the rows in as
 // few passes over those blocks as the 32 vector registers hold (R x CV accumulators + CV weight
@@ -59,7 +77,9 @@ inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, i
                       const c10::BFloat16* w, int64_t P, int64_t c, int64_t gap, LineFetch* fetch = nullptr) {
   int64_t i = 0;
   const auto pass = [&](auto r) {
-    packed_pairs_pass<decltype(r)::value, CV, Ahead>(out + i * ldo, ldo, a + i * lda, lda, w, P, c, gap, fetch);
+    constexpr int R = decltype(r)::value;
+    packed_pairs_pass<R, CV, Ahead, R * CV <= kPairsTwoSetsMax ? 2 : 1>(out + i * ldo, ldo, a + i * lda, lda, w, P, c,
+                                                                         gap, fetch);
     i += decltype(r)::value;
   };
   if constexpr (CV == 4) {
