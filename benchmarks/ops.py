@@ -49,7 +49,7 @@ from pangu_ops.backends import cpu as cpu_backend
 from pangu_ops.nn import MoEFeedForward
 
 from .layer import loop_forward
-from .timing import Timing, interleaved, per_round
+from .timing import Timing, in_round, interleaved, per_round, rounds_of
 
 SLOW_BASELINE_FRACTION = 32
 FRESH = "fresh routing"  # suffix of the ops timed with new group sizes every call
@@ -517,9 +517,8 @@ def _compare(rows: list[Row]) -> None:
         if ref is not None and r.kind != "reference":
             r.speedup_vs_reference = per_round(rates, ref.round_rates())
         if limits:  # each round's limit: the fastest limit row's rate in it (the peak's: the run's best)
-            per = [[peak] if q.op == PEAK_OP else q.round_rates() for q in limits]
-            n = max(len(p) for p in per)
-            r.fraction_of_limit = per_round(rates, [max(p[i] if len(p) > 1 else p[0] for p in per) for i in range(n)])
+            per = [peak if q.op == PEAK_OP else q.round_rates() for q in limits]
+            r.fraction_of_limit = per_round(rates, [max(in_round(p, i) for p in per) for i in range(rounds_of(*per))])
         dense = max((q for q in rows if q.op == "dense mm" and q.dtype == r.dtype and q.kind == "limit"),
                     key=lambda q: q.rate, default=None)  # the faster of torch.mm and oneDNN's
         limit = max((peak if q.op == PEAK_OP else q.rate for q in limits), default=None)
