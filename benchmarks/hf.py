@@ -410,24 +410,22 @@ def _rate_against_limits(groups: list[tuple[list[Row], int, dict]]) -> None:
     disturbed would otherwise get a slower limit than its kernels)."""
     best_fma = max(flops / min(_round_limits(times, 0.0, [FMA_PEAK])) for _, flops, times in groups)
     for group, flops, times in groups:
-        ms = {id(r): r.rounds_ms or [r.min_ms] for r in group}
+        ms = [r.rounds_ms or [r.min_ms] for r in group]
         limit = [t * 1e3 for t in _round_limits(times, flops / best_fma)]
-        builtins = [r for r in group if r.impl in BUILT_IN]
-        rounds = rounds_of(*(ms[id(b)] for b in builtins))
-        fastest = [min(in_round(ms[id(b)], i) for b in builtins) for i in range(rounds)]
-        ceiling = [n for n in times if n.startswith(PRODUCTS)]
-        dense = [n for n in times if n.startswith(DENSE_MM)]
-        for r in group:
-            r.vs_fastest_builtin = per_round(fastest, ms[id(r)])
-            r.of_limit = per_round(limit, ms[id(r)])
+        builtins = [m for r, m in zip(group, ms) if r.impl in BUILT_IN]
+        fastest = [min(in_round(m, i) for m in builtins) for i in range(rounds_of(*builtins))]
+        # pangu_ops' notes: its share of the products' ceiling (decode) and of the dense mm (prefill)
+        notes = {label: [t * 1e3 for t in _round_limits(times, 0.0, names)]
+                 for label, names in ((f"of {PRODUCTS}", [n for n in times if n.startswith(PRODUCTS)]),
+                                      (f"of the {DENSE_MM}", [n for n in times if n.startswith(DENSE_MM)])) if names}
+        for r, m in zip(group, ms):
+            r.vs_fastest_builtin = per_round(fastest, m)
+            r.of_limit = per_round(limit, m)
             if r.impl not in times and r.of_limit > 1.0:
                 add_note(r, "ABOVE THE LIMIT: the limit or the benchmark is wrong")
-            if r.impl in ("pangu_ops", PREPACKED) and ceiling:
-                add_note(r, f"{per_round([t * 1e3 for t in _round_limits(times, 0.0, ceiling)], ms[id(r)]):.0%} "
-                            f"of {PRODUCTS}")
-            if r.impl in ("pangu_ops", PREPACKED) and dense:
-                add_note(r, f"{per_round([t * 1e3 for t in _round_limits(times, 0.0, dense)], ms[id(r)]):.0%} "
-                            f"of the {DENSE_MM}")
+            if r.impl in ("pangu_ops", PREPACKED):
+                for label, reference in notes.items():
+                    add_note(r, f"{per_round(reference, m):.0%} {label}")
 
 
 def table(rows: list[Row]) -> str:

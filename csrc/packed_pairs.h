@@ -80,7 +80,7 @@ inline void pair_rows(c10::BFloat16* out, int64_t ldo, const c10::BFloat16* a, i
     constexpr int R = decltype(r)::value;
     packed_pairs_pass<R, CV, Ahead, R * CV <= kPairsTwoSetsMax ? 2 : 1>(out + i * ldo, ldo, a + i * lda, lda, w, P, c,
                                                                          gap, fetch);
-    i += decltype(r)::value;
+    i += R;
   };
   if constexpr (CV == 4) {
     while (M - i >= 6) pass(std::integral_constant<int, 6>{});
