@@ -102,9 +102,9 @@ def test_prefill_sized_groups(trans_b):
 def test_decode_backward_in_one_cpu_call(activation, limit, dtype):
     """The CPU backend's one-call backward (`expert_mlp_backward`): a bf16 / fp32 decode step in
     transformers' layout (where the CPU has AVX512-BF16, experts of 1-8 rows, in one pass over
-    each weight's rows: w_down's 131 rows in chunks of 32 at 5-8 rows, else steps of 8 / 4 rows
-    (bf16) or 4 (fp32), a pair and the last row alone (bf16); an expert alone splits them over
-    the threads (65 and 66 rows: a chunk's pairs from an odd row); experts without rows: zero
+    each weight's rows: w_down's 131 rows in chunks of 32 at 5-8 rows (bf16) or 3-8 (fp32), else
+    steps of 8 / 4 rows (bf16) or 4 (fp32), a pair and the last row alone (bf16); an expert alone
+    splits them over the threads (65 and 66 rows: a chunk's pairs from an odd row); experts without rows: zero
     gradients), a row with a NaN (its expert's products one at a time), and a prefill-sized
     group (the grouped kernels one after the other): the gradients autograd gets from it equal
     the op's own, and match the reference on the same values."""
