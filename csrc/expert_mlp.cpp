@@ -522,6 +522,17 @@ __attribute__((always_inline)) inline void store_dw_line(c10::BFloat16* d, const
   }
 }
 
+// The 32 columns from k of x2's MB2 rows of pairs (rows ld apart), as store_dw_line takes them: the
+// 16 lo columns' pairs in xa, the 16 hi ones' in xb.
+template <int MB2>
+__attribute__((always_inline)) inline void load_x_pairs(const uint32_t* x2, int64_t ld, int64_t k, __m512bh* xa,
+                                                        __m512bh* xb) {
+  for (int j = 0; j < MB2; ++j) {
+    xa[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k));
+    xb[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k + 16));
+  }
+}
+
 // The bf16 one pass on VDPBF16PS, which multiplies pairs of bf16 values: dx's sums take w's rows two
 // by two (rows r, r+1 interleaved by VPUNPCK{L,H}WD, so acc holds each 32 columns in that order: 16
 // "lo" then 16 "hi" ones, unpermuted by the caller), dw's sums the expert's rows two by two. Its
@@ -573,10 +584,7 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
         _mm512_storeu_ps(ai + 16, s1);
       }
       __m512bh xa[MB2], xb[MB2];
-      for (int j = 0; j < MB2; ++j) {
-        xa[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k));
-        xb[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k + 16));
-      }
+      load_x_pairs<MB2>(x2, ld, k, xa, xb);
       for (int p = 0; p < NR; ++p) store_dw_line<MB2, kStream>(dw + (r + p) * C + k, dyt + (r + p) * MB2, xa, xb);
     }
   };
@@ -590,7 +598,7 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
   // [128, 1024] one from L2), 7 rows 0.6-0.73x, 5-6 rows 0.79-0.94x; from 1-2 rows the chunk's
   // few sums (long chains of VDPBF16PS) made it 1.3-1.7x slower, at 3-4 rows even. One pass against
   // the dx sums over the whole chunk, then its gradient's rows, the next chunk fetched into L2 in
-  // order meanwhile (LineFetch, until 2026-12-07; 8 Mixtral-shaped experts of m rows each / 32 of 64
+  // address order meanwhile (until 2026-12-07; 8 Mixtral-shaped experts of m rows each / 32 of 64
   // Qwen3-MoE-shaped, 2 threads, 2-core Zen 5, median over 5 interleaved rounds, bit-identical): 5-8
   // rows 0.85-0.89x / 0.89-0.92x the time (71-74% -> 80-86% / 74-80% -> 83-89% of `move_work` over
   // the same weights); the two passes with this fetch 1.24-1.36x (the gradient pass read nothing).
@@ -599,10 +607,7 @@ void linear_backward_pairs(const c10::BFloat16* __restrict w, int64_t C, int64_t
     for (; r + kChunkRows <= r1; r += kChunkRows) {
       chunk_columns<MB>(acc, ld, C, [&](int64_t k, __m512(&sums)[MB][2]) {
         __m512bh xa[MB2], xb[MB2];
-        for (int j = 0; j < MB2; ++j) {
-          xa[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k));
-          xb[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x2 + j * ld + k + 16));
-        }
+        load_x_pairs<MB2>(x2, ld, k, xa, xb);
         for (int64_t q = r; q < r + kChunkRows; q += 2) {
           fetch_chunk_line(w, C, r, r1, k, q);
           fetch_chunk_line(w, C, r, r1, k, q + 1);
