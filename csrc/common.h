@@ -740,6 +740,33 @@ void few_rows_stream(float* __restrict acc, int64_t ldacc, const float* __restri
   }
 }
 
+#if defined(__AVX512F__)
+// In place: r[i] (16 32-bit words each) becomes column i of the 16 x 16 matrix of words r held.
+inline void transpose16x16_words(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8) {
+    for (int s = 0; s < 4; ++s) {
+      t[i + s] = _mm512_shuffle_i32x4(r[i + s], r[i + 4 + s], 0x88);
+      t[i + 4 + s] = _mm512_shuffle_i32x4(r[i + s], r[i + 4 + s], 0xdd);
+    }
+  }
+  for (int s = 0; s < 8; ++s) {
+    r[s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0x88);
+    r[8 + s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0xdd);
+  }
+}
+#endif
+
 #if defined(__AVX512BW__)
 // With AVX-512: bf16 dot products 32 elements a step in 16-lane vectors. A weight block's 32 bf16
 // values become fp32 as their even and odd elements (a shift, a mask), each multiplied into its
@@ -782,12 +809,15 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
 // Into L1 (_MM_HINT_T0): 1-6 rows 1.05-1.26x slower (Zen 4). Dots512 (the AMX Xeon's): never (not
 // measured there).
 constexpr int64_t kDotsAhead = 8192;
-template <typename Dots, int R, int S, bool Masked, int From>
+template <typename Dots, int R, int S, bool Masked, int From, bool Pin = false>
 __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
                                                      int64_t lda, int64_t k, const typename Dots::B* b, int64_t ldb,
                                                      __mmask32 mask) {
   typename Dots::ARow ar[R];
   for (int r = 0; r < R; ++r) ar[r] = Dots::template load_a<Masked>(a + r * lda + k, mask);
+  if constexpr (Pin && Dots::kPinRows) {  // a's rows kept in registers (dots_blocks)
+    for (int r = 0; r < R; ++r) asm("" : "+v"(ar[r]));
+  }
   for (int q = 0; q < S; ++q) {
     if constexpr (From > 0 && R >= From && !Masked) {
       _mm_prefetch(reinterpret_cast<const char*>(b + q * ldb + k) + kDotsAhead, _MM_HINT_T1);
@@ -797,16 +827,48 @@ __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const 
   }
 }
 
+// sums[i] = _mm512_reduce_add_ps(v[i]) for i < N (1-16) bit for bit, as a tree over all N at once:
+// the same adds in the same order as GCC's reduce (each lane i + 8, then + 4, + 2, + 1), its
+// shuffles shared, so N = 16 sums take 15 adds, 30 shuffles and a permute in place of 16 times 4
+// adds and 4 shuffles.
+template <int N>
+inline void reduce_sums(const __m512* v, float* sums) {
+  static_assert(N >= 1 && N <= 16, "reduce_sums: 1-16 vectors");
+  const __m512 zero = _mm512_setzero_ps();
+  // each level pairs the vectors (an odd last one with zeros): 1: lanes i + 8 (two vectors' 8 lanes
+  // side by side), 2: + 4, 3 and 4 within 128-bit lanes: + 2, + 1
+  constexpr int n1 = (N + 1) / 2, n2 = (n1 + 1) / 2, n3 = (n2 + 1) / 2;
+  __m512 s1[8], s2[4], s3[2];
+  for (int p = 0; p < n1; ++p) {
+    const __m512 a = v[2 * p], b = 2 * p + 1 < N ? v[2 * p + 1] : zero;
+    s1[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int p = 0; p < n2; ++p) {
+    const __m512 a = s1[2 * p], b = 2 * p + 1 < n1 ? s1[2 * p + 1] : zero;
+    s2[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  for (int p = 0; p < n3; ++p) {
+    const __m512 a = s2[2 * p], b = 2 * p + 1 < n2 ? s2[2 * p + 1] : zero;
+    s3[p] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 a = s3[0], b = n3 > 1 ? s3[1] : zero;
+  const __m512 all = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  // v[i]'s sum lies in lane 4 (i % 4) + i / 4
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(sums, _mm512_permutexvar_ps(order, all));
+}
+
 // sums[r * S + q] = sum_k a_r[k] * b_q[k] for R rows of a (row stride lda, as Dots takes them)
 // against S rows b_q = b + q * ldb of b in lockstep (as dots_streams), 32 elements a step, whole
-// steps by plain loads, the tail of K by masked ones. Dots: its rows of a (`A`) and a step's
+// steps by plain loads, the tail of K by masked ones; the sums by reduce_sums (sums has room for
+// 16 floats past the R * S). Pin: a's rows of a step forced into registers (dots_blocks). Dots: its rows of a (`A`) and a step's
 // registers of one (`load_a`), of one row of b (`load_b`) and their products added (`madd`). The
 // plain loads and b's rows as one pointer and a stride (with S pointers GCC ran out of general
 // registers and kept a's rows in stack slots) ran a 2-core Zen 4's VDPBF16PS products 1.04-1.2x as
 // fast from L1 at 2-8 rows (one thread, rows of 1024 and 3584 elements) and in 0.83-0.86x the time
 // from L3 at 4-12 rows (4 experts of 1024 x 1024, 2 threads; as fast from memory, where the read
 // bounds them).
-template <typename Dots, int R, int S, int From>
+template <typename Dots, int R, int S, int From, bool Pin = false>
 inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int64_t lda, int64_t K,
                           const typename Dots::B* b, int64_t ldb) {
   __m512 acc[R][S];
@@ -814,13 +876,19 @@ inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int
     for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
   }
   const int64_t whole = K / 32 * 32;
-  for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false, From>(acc, a, lda, k, b, ldb, 0);
+  for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false, From, Pin>(acc, a, lda, k, b, ldb, 0);
   if (whole < K) {
     const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - whole)) - 1);
-    dots_step<Dots, R, S, true, From>(acc, a, lda, whole, b, ldb, tail);
+    dots_step<Dots, R, S, true, From, Pin>(acc, a, lda, whole, b, ldb, tail);
   }
-  for (int r = 0; r < R; ++r) {
-    for (int q = 0; q < S; ++q) sums[r * S + q] = _mm512_reduce_add_ps(acc[r][q]);
+  static_assert(R * S <= 32, "dots_lockstep: 32 accumulators at most");
+  if constexpr (R * S == 1) {
+    sums[0] = _mm512_reduce_add_ps(acc[0][0]);
+  } else if constexpr (R * S <= 16) {
+    reduce_sums<R * S>(&acc[0][0], sums);
+  } else {
+    reduce_sums<16>(&acc[0][0], sums);
+    reduce_sums<R * S - 16>(&acc[0][0] + 16, sums + 16);
   }
 }
 
@@ -832,6 +900,7 @@ struct Dots512 {
   static constexpr int kPrefetchRows = 0, kWidePrefetchRows = 0;  // never (dots_step)
   static constexpr bool kThreeRows = false;  // (dots_rows512: with 8 streams 3 rows would spill)
   static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: not measured)
+  static constexpr bool kPinRows = false;  // (dots_step: not measured)
   struct ARow {
     __m512 even, odd;
   };
@@ -862,6 +931,7 @@ struct DotsPairs {
   static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 6;  // (dots_step)
   static constexpr bool kThreeRows = true;  // (dots_rows512)
   static constexpr int kWideTwoStreamRows = 2;  // (few_rows_dots)
+  static constexpr bool kPinRows = true;  // (dots_step: dots_blocks)
   using ARow = __m512bh;
   using BRow = __m512bh;
   template <bool Masked>
@@ -957,6 +1027,7 @@ struct DotsF32 {
   static constexpr int kPrefetchRows = 1, kWidePrefetchRows = 0;  // (dots_step)
   static constexpr bool kThreeRows = false;  // (dots_rows512: not measured)
   static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: 2 streams at 1-4 rows 0.94-1.06x the time)
+  static constexpr bool kPinRows = false;  // (dots_step: its a rows are pairs of vectors; not measured)
   struct ARow {
     __m512 lo, hi;
   };
@@ -978,8 +1049,9 @@ struct DotsF32 {
   }
 };
 
-// out[0:M, n] for the S rows n = n0 + q * step of b (as dots_rows): a's rows (as Dots takes them)
-// 4 at a time with 4 streams, then 3 with 8 where Dots::kThreeRows, then 2, then 1 (at most 16
+// out[0:M, n] for the S rows n = n0 + q * step of b (as dots_rows; few_rows_dots's rows left over
+// by dots_blocks, one at a time), each output stored as it is summed: a's rows (as Dots takes them;
+// dots_blocks takes the same blocks) 4 at a time with 4 streams, then 3 with 8 where Dots::kThreeRows, then 2, then 1 (at most 16
 // accumulators and 8 of a's vectors, or 24 and 3: 27-28 of 32 registers). Three rows in one pass
 // against 2 + 1 (VDPBF16PS pairs, 8 streams, 8 Qwen3-MoE-shaped experts from the L3, one thread,
 // paired on a 2-core Zen 4): 0.77x the time; 5-6 rows in one pass of 4 streams against 4 + 1-2: the
@@ -989,7 +1061,7 @@ struct DotsF32 {
 template <typename Dots, int S, int From = 0>
 inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
                          int64_t M, int64_t K, const typename Dots::B* b, int64_t sb1, int64_t n0, int64_t step) {
-  float sums[4 * S];
+  alignas(64) float sums[4 * S + 16];  // (reduce_sums stores 16 lanes)
   int64_t i = 0;
   const auto block = [&](auto r_) {
     constexpr int R = decltype(r_)::value;
@@ -1006,8 +1078,79 @@ inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const ty
   block(std::integral_constant<int, 1>{});
 }
 
-// gemm_few_rows with b's rows contiguous (sb0 == 1) by dots_rows512 with Dots on a's rows as it
-// takes them (`as`, row stride lda), S of b's rows at once (a share of b's rows apart), b prefetched
+// out[r, n] for r < M of float sums (n = n0 + q * len + j0 + jj: sums[jj * ld + r * S + q], jj < nj)
+// in out's dtype: 16 j at once, their sums transposed so that each (r, q) is one vector of its
+// 16 adjacent outputs, converted as store_float converts (bf16: round to nearest even, NaN as
+// 0x7FC0) and stored at once.
+template <typename B, int S>
+inline void store_sum_block(B* __restrict out, int64_t ldo, int64_t M, const float* sums, int64_t ld, int64_t n0,
+                            int64_t len, int64_t j0, int nj) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << nj) - 1);
+  for (int64_t c = 0; c < M * S; c += 16) {
+    __m512i v[16];
+    for (int jj = 0; jj < 16; ++jj) v[jj] = _mm512_loadu_si512(sums + jj * ld + c);
+    transpose16x16_words(v);
+    for (int64_t l = c; l < std::min<int64_t>(c + 16, M * S); ++l) {
+      B* dst = out + (l / S) * ldo + n0 + (l % S) * len + j0;
+      const __m512i u = v[l - c];
+      if constexpr (std::is_same_v<B, float>) {
+        _mm512_mask_storeu_ps(dst, mask, _mm512_castsi512_ps(u));
+      } else {
+        const __m512i one = _mm512_set1_epi32(1);
+        const __m512i rounded = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+        const __mmask16 nan = _mm512_cmp_ps_mask(_mm512_castsi512_ps(u), _mm512_castsi512_ps(u), _CMP_UNORD_Q);
+        const __m256i h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
+        _mm256_mask_storeu_epi16(dst, mask, h);
+      }
+    }
+  }
+}
+
+// out[0:M, n] for the rows n = n0 + q * len + j of b (j < len, q < S: S streams a share of b's rows
+// apart), the S streams' rows j in lockstep against a's rows in blocks as dots_rows512 takes them,
+// 16 j at a time: each j's sums, every row block's, into a block of sums, then stored 16 outputs
+// at once (store_sum_block) in place of a reduction and a scalar store per output (dots_rows512,
+// as before 2026-12-07, which spent ~35% of a decode step's products there, the stores' loads of
+// their sums stalling). Same sums, same bits. 2-core Zen 5, expert_mlp on transformers-layout
+// experts, every one at m rows, read_work's time over the op's (median of per-round ratios, 9-11
+// interleaved rounds, against dots_rows512 in one build): bf16 from memory, 8 Mixtral-shaped
+// experts m = 2 / 4 / 8 0.91 / 0.81 / 0.75 -> 0.94 / 0.90 / 0.80, 64 Qwen3-MoE-shaped 0.88 / 0.84 /
+// 0.74 -> 0.90 / 0.91 / 0.77; 8 Qwen3-MoE-shaped from the L3 0.66 / 0.64 / 0.29 -> 0.81 / 0.77 /
+// 0.40; fp32 m = 4 / 8 0.71 / 0.53 -> 0.91 / 0.67 (Mixtral-shaped), 0.68 / 0.47 -> 0.88 / 0.63
+// (Qwen3-MoE-shaped), 0.42 / 0.24 -> 0.56 / 0.33 (L3); 1-2 rows within noise. Pin: without it GCC
+// reloaded a's rows for every product here (16 loads a step in place of 4), and 8-row Qwen3-MoE-
+// shaped steps lost (0.74 -> 0.58). The lockstep loop itself (R 4, S 4, one core) runs at 98-100%
+// of the VDPBF16PS peak from L1 / L2 and ~80% from 4 MB of the L3. M * S <= kBlockSums.
+constexpr int64_t kBlockSums = 64;
+static_assert(4 * kFewRows <= kBlockSums, "dots_blocks: S = 4 up to kFewRows rows (S = 8 at 3 at most)");
+template <typename Dots, int S, int From>
+inline void dots_blocks(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
+                        int64_t M, int64_t K, const typename Dots::B* b, int64_t sb1, int64_t n0, int64_t len) {
+  constexpr int64_t ld = kBlockSums + 16;  // a block's j apart (reduce_sums stores 16 lanes)
+  alignas(64) float sums[16 * ld];
+  for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    const int nj = static_cast<int>(std::min<int64_t>(16, len - j0));
+    for (int jj = 0; jj < nj; ++jj) {
+      const typename Dots::B* bj = b + (n0 + j0 + jj) * sb1;
+      int64_t i = 0;
+      const auto block = [&](auto r_) {
+        constexpr int R = decltype(r_)::value;
+        for (; i + R <= M; i += R) {
+          dots_lockstep<Dots, R, S, From, true>(sums + jj * ld + i * S, as + i * lda, lda, K, bj, len * sb1);
+        }
+      };
+      if constexpr (S <= 4) block(std::integral_constant<int, 4>{});
+      if constexpr (Dots::kThreeRows) block(std::integral_constant<int, 3>{});
+      block(std::integral_constant<int, 2>{});
+      block(std::integral_constant<int, 1>{});
+    }
+    store_sum_block<typename Dots::B, S>(out, ldo, M, sums, ld, n0, len, j0, nj);
+  }
+}
+
+// gemm_few_rows with b's rows contiguous (sb0 == 1) by dots_blocks (a share's last rows that fill
+// no S streams by dots_rows512) with Dots on a's rows as it takes them (`as`, row stride lda), S of b's rows at once (a share of b's rows apart), b prefetched
 // as dots_step says. S as measured on two 2-core AMD EPYCs: on a Zen 4 8 with 2-3 rows of bf16 a, 4
 // with 1 or 4+ and with fp32 (fp32 at 2 rows: 8 streams 1.05x 4's time against a read pass, same
 // runs; bf16: one row against 4 streams in place of 8, paired: one-token decode steps on
@@ -1034,7 +1177,7 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
     constexpr int S = decltype(s_)::value, From = decltype(from_)::value;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       const int64_t len = (n1 - n0) / S;
-      for (int64_t j = 0; j < len; ++j) dots_rows512<Dots, S, From>(out, ldo, as, lda, M, K, b, sb1, n0 + j, len);
+      dots_blocks<Dots, S, From>(out, ldo, as, lda, M, K, b, sb1, n0, len);
       for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows512<Dots, 1, From>(out, ldo, as, lda, M, K, b, sb1, n, 0);
     });
   };
@@ -1084,31 +1227,6 @@ struct LineFetch {
     }
   }
 };
-
-// In place: r[i] (16 32-bit words each) becomes column i of the 16 x 16 matrix of words r held.
-inline void transpose16x16_words(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8) {
-    for (int s = 0; s < 4; ++s) {
-      t[i + s] = _mm512_shuffle_i32x4(r[i + s], r[i + 4 + s], 0x88);
-      t[i + 4 + s] = _mm512_shuffle_i32x4(r[i + s], r[i + 4 + s], 0xdd);
-    }
-  }
-  for (int s = 0; s < 8; ++s) {
-    r[s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0x88);
-    r[8 + s] = _mm512_shuffle_i32x4(t[s], t[8 + s], 0xdd);
-  }
-}
 
 // m rows of a (rows lda apart) into 16-row blocks of dst (16 * K elements each; rows past m zeros):
 // for the transposed product (`pairs`) as B tiles, [K / 2 pairs][16 rows] of 32-bit words (a 16 x 16

@@ -169,6 +169,36 @@ def test_few_row_dot_tunings_agree(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.usefixtures("on_the_cpu", "bf16_dots", "dots_tuning")
+def test_few_row_dots_stored_in_blocks(dtype):
+    """The few-row dot kernels (weights with contiguous rows) store each stream's outputs 16 adjacent
+    ones at a time: 1-16 rows per expert against 299 weight rows (each thread's share of the streams
+    spans whole blocks of 16 and a partial one, and leaves rows over for the one-row pass) and an
+    odd K. A weight row holding inf (inf against a zero of x: NaN) and a NaN in one row of x give
+    NaN (bf16: 0x7FC0, as torch rounds) and inf exactly where fp32 products of the same values do;
+    the rest matches those rounded once."""
+    backends.load("cpu")
+    sizes = torch.tensor([1, 2, 3, 4, 0, 5, 8, 16])
+    gen = verify.generator(47)
+    K, N = 77, 299
+    x = verify.randn((int(sizes.sum()), K), dtype, gen, scale=K ** -0.5)
+    w = verify.randn((len(sizes), N, K), dtype, gen)
+    off = sizes.cumsum(0) - sizes
+    w[2, 40, 10] = float("inf")  # expert 2: column 40 inf, NaN in its row whose x[., 10] is 0
+    x[off[2] + 1, 10] = 0.0
+    x[off[6] + 3, 5] = float("nan")  # expert 6's fourth row: all NaN
+    y = torch.ops.pangu_cpu.grouped_gemm(x, w, sizes, True)
+    rows = x.float().split(sizes.tolist())
+    expected = torch.cat([r @ w[e].float().t() for e, r in enumerate(rows)]).to(dtype)
+    nan = expected.isnan()
+    assert nan[off[2] + 1, 40] and nan[off[6] + 3].all() and expected[off[2], 40].isinf()
+    assert torch.equal(y.isnan(), nan)
+    if dtype == torch.bfloat16:
+        assert (y[nan].view(torch.int16) == 0x7FC0).all()
+    torch.testing.assert_close(y, expected, **verify.TOLERANCES[dtype], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("k, n", [(1024, 40), (48, 1024)])
 def test_few_rows_per_expert_with_rows_4kib_apart(dtype, trans_b, k, n):
