@@ -898,7 +898,7 @@ struct Dots512 {
   using A = float;
   using B = c10::BFloat16;
   static constexpr int kPrefetchRows = 0, kWidePrefetchRows = 0;  // never (dots_step)
-  static constexpr bool kThreeRows = false;  // (dots_rows512: with 8 streams 3 rows would spill)
+  static constexpr bool kThreeRows = false;  // (row_blocks: with 8 streams 3 rows would spill)
   static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: not measured)
   static constexpr bool kPinRows = false;  // (dots_step: not measured)
   struct ARow {
@@ -929,7 +929,7 @@ struct DotsPairs {
   using A = c10::BFloat16;
   using B = c10::BFloat16;
   static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 6;  // (dots_step)
-  static constexpr bool kThreeRows = true;  // (dots_rows512)
+  static constexpr bool kThreeRows = true;  // (row_blocks)
   static constexpr int kWideTwoStreamRows = 2;  // (few_rows_dots)
   static constexpr bool kPinRows = true;  // (dots_step: dots_blocks)
   using ARow = __m512bh;
@@ -1025,7 +1025,7 @@ struct DotsF32 {
   using A = float;
   using B = float;
   static constexpr int kPrefetchRows = 1, kWidePrefetchRows = 0;  // (dots_step)
-  static constexpr bool kThreeRows = false;  // (dots_rows512: not measured)
+  static constexpr bool kThreeRows = false;  // (row_blocks: not measured)
   static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: 2 streams at 1-4 rows 0.94-1.06x the time)
   static constexpr bool kPinRows = false;  // (dots_step: its a rows are pairs of vectors; not measured)
   struct ARow {
@@ -1049,33 +1049,38 @@ struct DotsF32 {
   }
 };
 
-// out[0:M, n] for the S rows n = n0 + q * step of b (as dots_rows; few_rows_dots's rows left over
-// by dots_blocks, one at a time), each output stored as it is summed: a's rows (as Dots takes them;
-// dots_blocks takes the same blocks) 4 at a time with 4 streams, then 3 with 8 where Dots::kThreeRows, then 2, then 1 (at most 16
-// accumulators and 8 of a's vectors, or 24 and 3: 27-28 of 32 registers). Three rows in one pass
-// against 2 + 1 (VDPBF16PS pairs, 8 streams, 8 Qwen3-MoE-shaped experts from the L3, one thread,
-// paired on a 2-core Zen 4): 0.77x the time; 5-6 rows in one pass of 4 streams against 4 + 1-2: the
-// same (there the products bound them). On a Zen 5, 5-8 rows in one pass of 2 streams (16
-// accumulators at most) against 4 + 1-4 of 4 (as dots_step's): 5 rows 1.1-1.2x as fast, 6-8 from
-// 0.8x to 1.1x: not taken. From: dots_step's.
-template <typename Dots, int S, int From = 0>
-inline void dots_rows512(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
-                         int64_t M, int64_t K, const typename Dots::B* b, int64_t sb1, int64_t n0, int64_t step) {
-  alignas(64) float sums[4 * S + 16];  // (reduce_sums stores 16 lanes)
+// a's M rows in the blocks the dot kernels take them against S of b's rows in lockstep: 4 at a
+// time (S <= 4), then 3 where Dots::kThreeRows, then 2, then 1 (at most 16 accumulators and 8 of
+// a's vectors, or 24 and 3: 27-28 of 32 registers): block(std::integral_constant<int, R>, i) for
+// the block of R rows from row i. Three rows in one pass against 2 + 1 (VDPBF16PS pairs, 8
+// streams, 8 Qwen3-MoE-shaped experts from the L3, one thread, paired on a 2-core Zen 4): 0.77x
+// the time; 5-6 rows in one pass of 4 streams against 4 + 1-2: the same (there the products bound
+// them). On a Zen 5, 5-8 rows in one pass of 2 streams (16 accumulators at most) against 4 + 1-4
+// of 4 (as dots_step's): 5 rows 1.1-1.2x as fast, 6-8 from 0.8x to 1.1x; again with dots_blocks
+// (session 38) 0.66-1.08x: not taken.
+template <typename Dots, int S, typename Block>
+inline void row_blocks(int64_t M, const Block& block) {
   int64_t i = 0;
-  const auto block = [&](auto r_) {
-    constexpr int R = decltype(r_)::value;
-    for (; i + R <= M; i += R) {
-      dots_lockstep<Dots, R, S, From>(sums, as + i * lda, lda, K, b + n0 * sb1, step * sb1);
-      for (int r = 0; r < R; ++r) {
-        for (int q = 0; q < S; ++q) store_float(out + (i + r) * ldo, n0 + q * step, sums[r * S + q]);
-      }
-    }
+  const auto rows = [&](auto r_) {
+    for (; i + decltype(r_)::value <= M; i += decltype(r_)::value) block(r_, i);
   };
-  if constexpr (S <= 4) block(std::integral_constant<int, 4>{});
-  if constexpr (Dots::kThreeRows) block(std::integral_constant<int, 3>{});
-  block(std::integral_constant<int, 2>{});
-  block(std::integral_constant<int, 1>{});
+  if constexpr (S <= 4) rows(std::integral_constant<int, 4>{});
+  if constexpr (Dots::kThreeRows) rows(std::integral_constant<int, 3>{});
+  rows(std::integral_constant<int, 2>{});
+  rows(std::integral_constant<int, 1>{});
+}
+
+// out[0:M, n] for one row n of b (as dots_rows; few_rows_dots's rows left over by dots_blocks),
+// each output stored as it is summed. From: dots_step's.
+template <typename Dots, int From = 0>
+inline void dots_row512(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
+                        int64_t M, int64_t K, const typename Dots::B* b, int64_t sb1, int64_t n) {
+  alignas(64) float sums[16];  // (reduce_sums stores 16 lanes)
+  row_blocks<Dots, 1>(M, [&](auto r_, int64_t i) {
+    constexpr int R = decltype(r_)::value;
+    dots_lockstep<Dots, R, 1, From>(sums, as + i * lda, lda, K, b + n * sb1, 0);
+    for (int r = 0; r < R; ++r) store_float(out + (i + r) * ldo, n, sums[r]);
+  });
 }
 
 // out[r, n] for r < M of float sums (n = n0 + q * len + j0 + jj: sums[jj * ld + r * S + q], jj < nj)
@@ -1108,13 +1113,13 @@ inline void store_sum_block(B* __restrict out, int64_t ldo, int64_t M, const flo
 }
 
 // out[0:M, n] for the rows n = n0 + q * len + j of b (j < len, q < S: S streams a share of b's rows
-// apart), the S streams' rows j in lockstep against a's rows in blocks as dots_rows512 takes them,
-// 16 j at a time: each j's sums, every row block's, into a block of sums, then stored 16 outputs
-// at once (store_sum_block) in place of a reduction and a scalar store per output (dots_rows512,
-// as before 2026-12-07, which spent ~35% of a decode step's products there, the stores' loads of
-// their sums stalling). Same sums, same bits. 2-core Zen 5, expert_mlp on transformers-layout
+// apart), the S streams' rows j in lockstep against a's rows in row_blocks' blocks, 16 j at a
+// time: each j's sums, every row block's, into a block of sums, then stored 16 outputs at once
+// (store_sum_block) in place of a reduction and a scalar store per output (as every row was done
+// before 2026-12-07, as dots_row512 does the rows left over: ~35% of a decode step's products went
+// there, the stores' loads of their sums stalling). Same sums, same bits. 2-core Zen 5, expert_mlp on transformers-layout
 // experts, every one at m rows, read_work's time over the op's (median of per-round ratios, 9-11
-// interleaved rounds, against dots_rows512 in one build): bf16 from memory, 8 Mixtral-shaped
+// interleaved rounds, against that loop in one build): bf16 from memory, 8 Mixtral-shaped
 // experts m = 2 / 4 / 8 0.91 / 0.81 / 0.75 -> 0.94 / 0.90 / 0.80, 64 Qwen3-MoE-shaped 0.88 / 0.84 /
 // 0.74 -> 0.90 / 0.91 / 0.77; 8 Qwen3-MoE-shaped from the L3 0.66 / 0.64 / 0.29 -> 0.81 / 0.77 /
 // 0.40; fp32 m = 4 / 8 0.71 / 0.53 -> 0.91 / 0.67 (Mixtral-shaped), 0.68 / 0.47 -> 0.88 / 0.63
@@ -1133,25 +1138,18 @@ inline void dots_blocks(typename Dots::B* __restrict out, int64_t ldo, const typ
     const int nj = static_cast<int>(std::min<int64_t>(16, len - j0));
     for (int jj = 0; jj < nj; ++jj) {
       const typename Dots::B* bj = b + (n0 + j0 + jj) * sb1;
-      int64_t i = 0;
-      const auto block = [&](auto r_) {
-        constexpr int R = decltype(r_)::value;
-        for (; i + R <= M; i += R) {
-          dots_lockstep<Dots, R, S, From, true>(sums + jj * ld + i * S, as + i * lda, lda, K, bj, len * sb1);
-        }
-      };
-      if constexpr (S <= 4) block(std::integral_constant<int, 4>{});
-      if constexpr (Dots::kThreeRows) block(std::integral_constant<int, 3>{});
-      block(std::integral_constant<int, 2>{});
-      block(std::integral_constant<int, 1>{});
+      row_blocks<Dots, S>(M, [&](auto r_, int64_t i) {
+        dots_lockstep<Dots, decltype(r_)::value, S, From, true>(sums + jj * ld + i * S, as + i * lda, lda, K, bj,
+                                                                 len * sb1);
+      });
     }
     store_sum_block<typename Dots::B, S>(out, ldo, M, sums, ld, n0, len, j0, nj);
   }
 }
 
 // gemm_few_rows with b's rows contiguous (sb0 == 1) by dots_blocks (a share's last rows that fill
-// no S streams by dots_rows512) with Dots on a's rows as it takes them (`as`, row stride lda), S of b's rows at once (a share of b's rows apart), b prefetched
-// as dots_step says. S as measured on two 2-core AMD EPYCs: on a Zen 4 8 with 2-3 rows of bf16 a, 4
+// no S streams by dots_row512) with Dots on a's rows as it takes them (`as`, row stride lda), S of
+// b's rows at once (a share of b's rows apart), b prefetched as dots_step says. S as measured on two 2-core AMD EPYCs: on a Zen 4 8 with 2-3 rows of bf16 a, 4
 // with 1 or 4+ and with fp32 (fp32 at 2 rows: 8 streams 1.05x 4's time against a read pass, same
 // runs; bf16: one row against 4 streams in place of 8, paired: one-token decode steps on
 // transformers-layout experts 0.91-0.93x the time, 8 experts of 7168 x 1024 0.93x, of 1024 x 3584
@@ -1178,7 +1176,7 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
       const int64_t len = (n1 - n0) / S;
       dots_blocks<Dots, S, From>(out, ldo, as, lda, M, K, b, sb1, n0, len);
-      for (int64_t n = n0 + S * len; n < n1; ++n) dots_rows512<Dots, 1, From>(out, ldo, as, lda, M, K, b, sb1, n, 0);
+      for (int64_t n = n0 + S * len; n < n1; ++n) dots_row512<Dots, From>(out, ldo, as, lda, M, K, b, sb1, n);
     });
   };
   const auto with_from = [&](auto s_) {
@@ -1338,7 +1336,7 @@ inline void gemm_few_rows_amx(c10::BFloat16* __restrict out, int64_t ldo, const 
     const int64_t ka = unaliased_stride(K);
     std::vector<float> as(M * ka);
     for (int64_t i = 0; i < M; ++i) split_even_odd32(&as[i * ka], a + i * lda, K);
-    for (int64_t n = blocks * 16; n < N; ++n) dots_rows512<Dots512, 1>(out, ldo, as.data(), ka, M, K, b, sb1, n, 0);
+    for (int64_t n = blocks * 16; n < N; ++n) dots_row512<Dots512>(out, ldo, as.data(), ka, M, K, b, sb1, n);
   }
 }
 
