@@ -423,15 +423,16 @@ inline f32x8 load8(const float* p) {
   return v;
 }
 inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
-// bf16(v) (from_float's rounding) in the high half of each 32-bit lane; the low halves are garbage.
-// kFinite: v holds no NaN (the select is skipped).
-template <bool kFinite = false>
-inline u32x8 bf16_high_halves(f32x8 v) {
-  u32x8 u;
+// bf16(v) (from_float's rounding) in the high half of each 32-bit lane of v (F: f32x8 or f32x16);
+// the low halves are garbage. kFinite: v holds no NaN (the select is skipped).
+template <bool kFinite = false, typename F>
+inline auto bf16_high_halves(F v) {
+  using U = std::conditional_t<std::is_same_v<F, f32x8>, u32x8, u32x16>;
+  U u;
   std::memcpy(&u, &v, sizeof u);
-  const u32x8 rounded = u + 0x7FFFu + ((u >> 16) & 1u), canonical = u32x8{} + 0x7FC00000u;
+  const U rounded = u + 0x7FFFu + ((u >> 16) & 1u), canonical = U{} + 0x7FC00000u;
   if constexpr (kFinite) return rounded;
-  return (v != v) ? canonical : rounded;  // (a blend: 8.8 against 9.9 ms for and / andnot / or, 4-row dW)
+  return U((v != v) ? canonical : rounded);  // (a blend: 8.8 against 9.9 ms for and / andnot / or, 4-row dW)
 }
 inline void store8(c10::BFloat16* p, f32x8 v) {
   const u16x8 h = __builtin_convertvector(bf16_high_halves(v) >> 16, u16x8);
@@ -1085,8 +1086,8 @@ inline void dots_row512(typename Dots::B* __restrict out, int64_t ldo, const typ
 
 // out[r, n] for r < M of float sums (n = n0 + q * len + j0 + jj: sums[jj * ld + r * S + q], jj < nj)
 // in out's dtype: 16 j at once, their sums transposed so that each (r, q) is one vector of its
-// 16 adjacent outputs, converted as store_float converts (bf16: round to nearest even, NaN as
-// 0x7FC0) and stored at once.
+// 16 adjacent outputs, converted as store_float converts (bf16: bf16_high_halves) and stored at
+// once.
 template <typename B, int S>
 inline void store_sum_block(B* __restrict out, int64_t ldo, int64_t M, const float* sums, int64_t ld, int64_t n0,
                             int64_t len, int64_t j0, int nj) {
@@ -1101,12 +1102,12 @@ inline void store_sum_block(B* __restrict out, int64_t ldo, int64_t M, const flo
       if constexpr (std::is_same_v<B, float>) {
         _mm512_mask_storeu_ps(dst, mask, _mm512_castsi512_ps(u));
       } else {
-        const __m512i one = _mm512_set1_epi32(1);
-        const __m512i rounded = _mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
-        const __mmask16 nan = _mm512_cmp_ps_mask(_mm512_castsi512_ps(u), _mm512_castsi512_ps(u), _CMP_UNORD_Q);
-        const __m256i h = _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0)));
-        _mm256_mask_storeu_epi16(dst, mask, h);
+        f32x16 f;
+        std::memcpy(&f, &u, sizeof f);
+        const u32x16 bits = bf16_high_halves(f) >> 16;
+        __m512i h;
+        std::memcpy(&h, &bits, sizeof h);
+        _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(h));
       }
     }
   }
