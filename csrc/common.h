@@ -810,13 +810,13 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
 // Into L1 (_MM_HINT_T0): 1-6 rows 1.05-1.26x slower (Zen 4). Dots512 (the AMX Xeon's): never (not
 // measured there).
 constexpr int64_t kDotsAhead = 8192;
-template <typename Dots, int R, int S, bool Masked, int From, bool Pin = false>
+template <typename Dots, int R, int S, bool Masked, int From>
 __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
                                                      int64_t lda, int64_t k, const typename Dots::B* b, int64_t ldb,
                                                      __mmask32 mask) {
   typename Dots::ARow ar[R];
   for (int r = 0; r < R; ++r) ar[r] = Dots::template load_a<Masked>(a + r * lda + k, mask);
-  if constexpr (Pin && Dots::kPinRows) {  // a's rows kept in registers (dots_blocks)
+  if constexpr (Dots::kPinRows) {  // a's rows kept in registers (dots_blocks)
     for (int r = 0; r < R; ++r) asm("" : "+v"(ar[r]));
   }
   for (int q = 0; q < S; ++q) {
@@ -861,15 +861,15 @@ inline void reduce_sums(const __m512* v, float* sums) {
 
 // sums[r * S + q] = sum_k a_r[k] * b_q[k] for R rows of a (row stride lda, as Dots takes them)
 // against S rows b_q = b + q * ldb of b in lockstep (as dots_streams), 32 elements a step, whole
-// steps by plain loads, the tail of K by masked ones; the sums by reduce_sums (sums has room for
-// 16 floats past the R * S). Pin: a's rows of a step forced into registers (dots_blocks). Dots: its rows of a (`A`) and a step's
-// registers of one (`load_a`), of one row of b (`load_b`) and their products added (`madd`). The
-// plain loads and b's rows as one pointer and a stride (with S pointers GCC ran out of general
-// registers and kept a's rows in stack slots) ran a 2-core Zen 4's VDPBF16PS products 1.04-1.2x as
-// fast from L1 at 2-8 rows (one thread, rows of 1024 and 3584 elements) and in 0.83-0.86x the time
-// from L3 at 4-12 rows (4 experts of 1024 x 1024, 2 threads; as fast from memory, where the read
-// bounds them).
-template <typename Dots, int R, int S, int From, bool Pin = false>
+// steps by plain loads, the tail of K by masked ones; the sums by reduce_sums (sums has room for 16
+// floats past the R * S); a step's rows of a forced into registers where Dots::kPinRows. Dots: its
+// rows of a (`A`) and a step's registers of one (`load_a`), of one row of b (`load_b`) and their
+// products added (`madd`). The plain loads and b's rows as one pointer and a stride (with S
+// pointers GCC ran out of general registers and kept a's rows in stack slots) ran a 2-core Zen 4's
+// VDPBF16PS products 1.04-1.2x as fast from L1 at 2-8 rows (one thread, rows of 1024 and 3584
+// elements) and in 0.83-0.86x the time from L3 at 4-12 rows (4 experts of 1024 x 1024, 2 threads;
+// as fast from memory, where the read bounds them).
+template <typename Dots, int R, int S, int From>
 inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int64_t lda, int64_t K,
                           const typename Dots::B* b, int64_t ldb) {
   __m512 acc[R][S];
@@ -877,10 +877,10 @@ inline void dots_lockstep(float* sums, const typename Dots::A* __restrict a, int
     for (int q = 0; q < S; ++q) acc[r][q] = _mm512_setzero_ps();
   }
   const int64_t whole = K / 32 * 32;
-  for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false, From, Pin>(acc, a, lda, k, b, ldb, 0);
+  for (int64_t k = 0; k < whole; k += 32) dots_step<Dots, R, S, false, From>(acc, a, lda, k, b, ldb, 0);
   if (whole < K) {
     const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - whole)) - 1);
-    dots_step<Dots, R, S, true, From, Pin>(acc, a, lda, whole, b, ldb, tail);
+    dots_step<Dots, R, S, true, From>(acc, a, lda, whole, b, ldb, tail);
   }
   static_assert(R * S <= 32, "dots_lockstep: 32 accumulators at most");
   if constexpr (R * S == 1) {
@@ -932,7 +932,7 @@ struct DotsPairs {
   static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 6;  // (dots_step)
   static constexpr bool kThreeRows = true;  // (row_blocks)
   static constexpr int kWideTwoStreamRows = 2;  // (few_rows_dots)
-  static constexpr bool kPinRows = true;  // (dots_step: dots_blocks)
+  static constexpr bool kPinRows = true;  // (dots_step, dots_blocks)
   using ARow = __m512bh;
   using BRow = __m512bh;
   template <bool Masked>
@@ -1124,9 +1124,9 @@ inline void store_sum_block(B* __restrict out, int64_t ldo, int64_t M, const flo
 // experts m = 2 / 4 / 8 0.91 / 0.81 / 0.75 -> 0.94 / 0.90 / 0.80, 64 Qwen3-MoE-shaped 0.88 / 0.84 /
 // 0.74 -> 0.90 / 0.91 / 0.77; 8 Qwen3-MoE-shaped from the L3 0.66 / 0.64 / 0.29 -> 0.81 / 0.77 /
 // 0.40; fp32 m = 4 / 8 0.71 / 0.53 -> 0.91 / 0.67 (Mixtral-shaped), 0.68 / 0.47 -> 0.88 / 0.63
-// (Qwen3-MoE-shaped), 0.42 / 0.24 -> 0.56 / 0.33 (L3); 1-2 rows within noise. Pin: without it GCC
-// reloaded a's rows for every product here (16 loads a step in place of 4), and 8-row Qwen3-MoE-
-// shaped steps lost (0.74 -> 0.58). The lockstep loop itself (R 4, S 4, one core) runs at 98-100%
+// (Qwen3-MoE-shaped), 0.42 / 0.24 -> 0.56 / 0.33 (L3); 1-2 rows within noise. Dots::kPinRows:
+// without it GCC reloaded a's rows for every product here (16 loads a step in place of 4), and
+// 8-row Qwen3-MoE-shaped steps lost (0.74 -> 0.58). The lockstep loop itself (R 4, S 4, one core) runs at 98-100%
 // of the VDPBF16PS peak from L1 / L2 and ~80% from 4 MB of the L3. M * S <= kBlockSums.
 constexpr int64_t kBlockSums = 64;
 static_assert(4 * kFewRows <= kBlockSums, "dots_blocks: S = 4 up to kFewRows rows (S = 8 at 3 at most)");
@@ -1140,8 +1140,7 @@ inline void dots_blocks(typename Dots::B* __restrict out, int64_t ldo, const typ
     for (int jj = 0; jj < nj; ++jj) {
       const typename Dots::B* bj = b + (n0 + j0 + jj) * sb1;
       row_blocks<Dots, S>(M, [&](auto r_, int64_t i) {
-        dots_lockstep<Dots, decltype(r_)::value, S, From, true>(sums + jj * ld + i * S, as + i * lda, lda, K, bj,
-                                                                 len * sb1);
+        dots_lockstep<Dots, decltype(r_)::value, S, From>(sums + jj * ld + i * S, as + i * lda, lda, K, bj, len * sb1);
       });
     }
     store_sum_block<typename Dots::B, S>(out, ldo, M, sums, ld, n0, len, j0, nj);
