@@ -198,6 +198,33 @@ def test_few_row_dots_stored_in_blocks(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.usefixtures("on_the_cpu", "bf16_dots", "dots_tuning")
+def test_few_row_dots_rows_independent_of_row_count(dtype):
+    """With AVX-512, a decode step's products on weights with contiguous rows (transformers' layout)
+    give each row of x the bits it gets alone, whichever of 1-16 rows share its expert (1-12 on the
+    bf16 FMA kernels, which leave 13+ rows to oneDNN: `kFewRowsNoTiles`) (each lane's
+    sum runs over K in one order in every row block and stream count; a second accumulator per
+    product, measured in session 39, would break this): a token's output does not depend on the
+    batch it is decoded in. Long and short odd K, N leaving every stream count a tail (and enough
+    outputs that a changed fp32 sum shows in some bf16 rounding)."""
+    from pangu_ops.backends import cpu as cpu_backend
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the few-row dot kernels with this property are AVX-512's")
+    if dtype == torch.bfloat16 and cpu_backend.has_amx():
+        pytest.skip("with AMX-BF16, bf16 steps of 2+ rows take tiles (other sums than one row's)")
+    rows = 16 if dtype == torch.float32 or cpu_backend.bf16_pair_dots() else 12
+    gen = verify.generator(53)
+    for K, N in ((3583, 509), (77, 299)):
+        x = verify.randn((16, K), dtype, gen, scale=K ** -0.5)
+        w = verify.randn((1, N, K), dtype, gen)
+        alone = torch.cat([pangu_ops.grouped_gemm(x[i:i + 1], w, torch.tensor([1]), trans_b=True) for i in range(16)])
+        torch.testing.assert_close(alone, reference.grouped_gemm(x, w, torch.tensor([16]), True),
+                                   **verify.TOLERANCES[dtype])
+        for m in range(2, rows + 1):
+            assert torch.equal(pangu_ops.grouped_gemm(x[:m], w, torch.tensor([m]), trans_b=True), alone[:m]), (K, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("k, n", [(1024, 40), (48, 1024)])
 def test_few_rows_per_expert_with_rows_4kib_apart(dtype, trans_b, k, n):
