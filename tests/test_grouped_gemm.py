@@ -202,11 +202,11 @@ def test_few_row_dots_stored_in_blocks(dtype):
 def test_few_row_dots_rows_independent_of_row_count(dtype):
     """With AVX-512, a decode step's products on weights with contiguous rows (transformers' layout)
     give each row of x the bits it gets alone, whichever of 1-16 rows share its expert (1-12 on the
-    bf16 FMA kernels, which leave 13+ rows to oneDNN: `kFewRowsNoTiles`) (each lane's
-    sum runs over K in one order in every row block and stream count; a second accumulator per
-    product, measured in session 39, would break this): a token's output does not depend on the
-    batch it is decoded in. Long and short odd K, N leaving every stream count a tail (and enough
-    outputs that a changed fp32 sum shows in some bf16 rounding)."""
+    bf16 FMA kernels, which leave 13+ rows to oneDNN: `kFewRowsNoTiles`): a token's output does not
+    depend on the batch it is decoded in. Each lane's sum runs over K in one order in every row
+    block and stream count; a second accumulator per product (measured in session 39) would break
+    this. Long and short odd K, N leaving every stream count a tail, and enough outputs that a
+    changed fp32 sum shows in some bf16 rounding."""
     from pangu_ops.backends import cpu as cpu_backend
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("the few-row dot kernels with this property are AVX-512's")
