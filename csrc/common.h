@@ -792,24 +792,35 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
 // One 32-element step k of dots_lockstep: R of a's rows and S of b's (rows ldb apart) loaded as
 // Dots takes them (Masked: the tail of K by masked loads, zeros after it), their products added.
 // With R >= From > 0, each of b's rows also fetched into L2 kDotsAhead bytes (8 KiB) ahead in its
-// stream (the few-row kernels walk b's rows in order). few_rows_dots picks From as measured on two
-// 2-core AMD EPYCs, paired or interleaved:
+// stream (the few-row kernels walk b's rows in order); From == kIntoL1: into L1, below.
+// few_rows_dots picks From as measured on two 2-core AMD EPYCs, paired or interleaved:
 // - Zen 4 (512-bit FMAs as two halves): Dots::kPrefetchRows, by block. VDPBF16PS, 8 experts of
 //   7168 x 1024 / 1024 x 3584 from memory at 2-8 rows 0.77-0.96x the time with it;
 //   transformers-layout decode steps 0.87-0.98x (Mixtral-shaped), 0.94-1.01x (Qwen3-MoE-shaped).
 //   Not with one row of bf16: a prefetch a line beside one load and one VDPBF16PS cost more than it
 //   hid, one-token bf16 decode steps 0.86-0.93x the time without it; fp32 one-row steps (DotsF32)
 //   took 1.04-1.1x as long without it.
-// - Zen 5 (full_width_512): 1 where the product has Dots::kWidePrefetchRows of a's rows or more,
-//   else none (expert_mlp on transformers-layout experts, 8 Mixtral-shaped / 64 Qwen3-MoE-shaped
-//   from memory, 2 / 8 from the L3; median over 20 interleaved rounds of the time of a plain read of
-//   the same bytes over the op's; the read ran at 36-56 GB/s): bf16 without it at 2-5 rows 0.99-1.29x
-//   as fast (the L3 cases the most), with it at 7-8 rows 1.1-1.3x as fast from memory (0.94-1.09x
-//   from the L3), 6 rows about even (0.86-1.09x); fp32 without it at 1-8 rows 1.0-1.42x as fast
-//   (1.0-1.1x from memory).
-// Into L1 (_MM_HINT_T0): 1-6 rows 1.05-1.26x slower (Zen 4). Dots512 (the AMX Xeon's): never (not
-// measured there).
+// - Zen 5 (full_width_512): kIntoL1 where the product has Dots::kWidePrefetchRows of a's rows or
+//   more (bf16 pairs: 5), else none. From == kIntoL1: each of b's rows fetched into L1
+//   kDotsAheadL1 bytes (2 KiB) ahead, in every block of rows. With 4+ rows of long weight rows a's
+//   rows no longer stay in L1 beside the step's weight lines (session 39): each step loads them
+//   from L2 while the weight's lines, fetched on demand, arrive in L1 late; fetched ahead they do
+//   not (the likely reason; not profiled). expert_mlp on transformers-layout experts, every one
+//   at m rows, read_work's time over the op's, median of per-round ratios over 9 interleaved
+//   rounds, one build (session 40):
+//   against the earlier choice (into L2 8 KiB ahead at 6+ rows), bf16 from memory 8
+//   Mixtral-shaped m = 5 / 6 / 7 / 8 0.75-0.80 / 0.77-0.78 / 0.76 / 0.75-0.77 -> 0.86 / 0.84-0.86 /
+//   0.82 / 0.80-0.83 of the read, 64 Qwen3-MoE-shaped 0.75-0.79 / 0.70-0.74 / 0.74 / 0.77-0.78 ->
+//   0.85-0.88 / 0.83-0.84 / 0.82 / 0.81-0.85; 8 Qwen3-MoE-shaped from the L3 at 6-8 rows 1.11-1.18x
+//   as fast, at 5 rows 0.97-1.02x. At 4 rows even (0.95-1.04x), at 2-3 rows 1.0-1.14x slower: not
+//   there. Without any prefetch (measured before): bf16 at 2-5 rows 0.99-1.29x as fast as into L2
+//   (the L3 cases the most); fp32 at 1-8 rows 1.0-1.42x as fast (1.0-1.1x from memory), and into L1
+//   from 3 rows (3 KiB ahead) 4-16-token decode steps 0.97-1.05x the time (not taken).
+// Into L1 on a Zen 4: 1-6 rows 1.05-1.26x slower. Dots512 (the AMX Xeon's): never (not measured
+// there).
 constexpr int64_t kDotsAhead = 8192;
+constexpr int kIntoL1 = -1;  // From: b's rows into L1 kDotsAheadL1 bytes ahead, every block
+constexpr int64_t kDotsAheadL1 = 2048;
 template <typename Dots, int R, int S, bool Masked, int From>
 __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
                                                      int64_t lda, int64_t k, const typename Dots::B* b, int64_t ldb,
@@ -820,7 +831,9 @@ __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const 
     for (int r = 0; r < R; ++r) asm("" : "+v"(ar[r]));
   }
   for (int q = 0; q < S; ++q) {
-    if constexpr (From > 0 && R >= From && !Masked) {
+    if constexpr (From == kIntoL1 && !Masked) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + q * ldb + k) + kDotsAheadL1, _MM_HINT_T0);
+    } else if constexpr (From > 0 && R >= From && !Masked) {
       _mm_prefetch(reinterpret_cast<const char*>(b + q * ldb + k) + kDotsAhead, _MM_HINT_T1);
     }
     const typename Dots::BRow v = Dots::template load_b<Masked>(b + q * ldb + k, mask);
@@ -929,7 +942,7 @@ struct Dots512 {
 struct DotsPairs {
   using A = c10::BFloat16;
   using B = c10::BFloat16;
-  static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 6;  // (dots_step)
+  static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 5;  // (dots_step)
   static constexpr bool kThreeRows = true;  // (row_blocks)
   static constexpr int kWideTwoStreamRows = 2;  // (few_rows_dots)
   static constexpr bool kPinRows = true;  // (dots_step, dots_blocks)
@@ -1169,7 +1182,8 @@ template <typename Dots>
 inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
                           int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
   const bool wide = full_width_512();
-  const int from = !wide ? Dots::kPrefetchRows : Dots::kWidePrefetchRows > 0 && M >= Dots::kWidePrefetchRows;
+  const int from = !wide ? Dots::kPrefetchRows
+                         : Dots::kWidePrefetchRows > 0 && M >= Dots::kWidePrefetchRows ? kIntoL1 : 0;
   const bool eight = !wide && M >= 2 && M <= 3;  // (bf16 only: below)
   const auto run = [&](auto s_, auto from_) {
     constexpr int S = decltype(s_)::value, From = decltype(from_)::value;
@@ -1181,6 +1195,9 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
   };
   const auto with_from = [&](auto s_) {
     if (from == 0) return run(s_, std::integral_constant<int, 0>{});
+    if constexpr (Dots::kWidePrefetchRows > 0) {
+      if (from == kIntoL1) return run(s_, std::integral_constant<int, kIntoL1>{});
+    }
     if constexpr (Dots::kPrefetchRows > 1) {
       if (from == Dots::kPrefetchRows) return run(s_, std::integral_constant<int, Dots::kPrefetchRows>{});
     }
