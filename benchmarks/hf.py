@@ -301,8 +301,9 @@ def _limits(block: Block, experts, dtype: torch.dtype, cycle: list[torch.Tensor]
         return lambda: torch.ops.pangu_cpu.dot_read_work(views, counts, ahead)
 
     def memory_limits(name: str, make_pass) -> None:
-        """`name` plain and `name, prefetched` (the few-row kernels' software prefetch), each
-        taking the cycle's routings in turn."""
+        """`name` plain and `name, prefetched` (the few-row kernels' software prefetch: into L2
+        READ_AHEAD on, or for bf16 products into L1 where those kernels fetch so, `dot_read_work`),
+        each taking the cycle's routings in turn."""
         for suffix, ahead in (("", 0), (", prefetched", READ_AHEAD)):
             turn = _turns([make_pass(ids, ahead) for ids in cycle])
             limits[name + suffix] = ("memory", lambda turn=turn: turn()())

@@ -38,8 +38,11 @@
 // overlap only in part there, so its time, not the larger of the read's and the products', is what
 // the best kernel of those products takes. Streams in lockstep by row count (24 accumulators at most: 8 streams at 1-3
 // rows, 6 at 4, 4 at 5-6, 3 at 7-8, 2 at 9-12, 1 above); ahead > 0: every line of each stream also
-// fetched into L2 `ahead` bytes on, as the kernels' software prefetch does (from memory it helped
-// at 5+ rows, 1.08-1.27x, and cost 0-10% at 1-4; the benchmarks take the faster). Returns the sum of
+// fetched ahead, as the kernels' software prefetch does: into L2 `ahead` bytes on (from memory it
+// helped at 5+ rows, 1.08-1.27x, and cost 0-10% at 1-4; the benchmarks take the faster), but for
+// bf16 where the few-row kernels fetch into L1 (a Zen 5 from DotsPairs::kWidePrefetchRows rows:
+// dots_step) into L1 kDotsAheadL1 bytes on as they do (2-core Zen 5: 8 Qwen3-MoE-shaped experts
+// from the L3 at 5-6 rows 1.2x as fast as into L2, at 8 even; from memory 0.95-1.13x). Returns the sum of
 // every row's products, each row's other operand the constant (row + 1) / 1024 in every lane: the
 // sum of all the values (a line's tail beyond its tensor read as zeros) times sum_r (r + 1) / 1024,
 // to fp32 accumulation.
@@ -203,7 +206,8 @@ int64_t read_work(at::TensorList ts, int64_t ahead) {
 #if defined(__AVX512F__)
 // Products of lines [l0, l1) of the tensor at p (`bytes` long) with R rows: S streams of whole lines
 // in lockstep, the lines left one by one (a last partial one masked to the tensor's end); the sum of
-// the accumulators.
+// the accumulators. ahead > 0: each stream's line `ahead` bytes on fetched into L2, < 0: -ahead
+// bytes on into L1.
 template <typename T, int R>
 double dot_lines(const char* p, int64_t bytes, int64_t l0, int64_t l1, int64_t ahead) {
   constexpr int S = R <= 3 ? 8 : R == 4 ? 6 : R <= 6 ? 4 : R <= 8 ? 3 : R <= 12 ? 2 : 1;
@@ -238,6 +242,7 @@ double dot_lines(const char* p, int64_t bytes, int64_t l0, int64_t l1, int64_t a
     for (int s = 0; s < S; ++s) {
       const char* line = base + 64 * (s * len + l);
       if (ahead > 0) _mm_prefetch(line + ahead, _MM_HINT_T1);
+      if (ahead < 0) _mm_prefetch(line - ahead, _MM_HINT_T0);  // (into L1: dot_read_work)
       const Vec v = vec(_mm512_loadu_si512(line));
       for (int r = 0; r < R; ++r) acc[s][r] = madd(acc[s][r], v, other[r]);
     }
@@ -287,7 +292,8 @@ double dot_read_work(at::TensorList ts, at::IntArrayRef rows, int64_t ahead) {
         const auto all = std::make_integer_sequence<int, kFewRows>{};
         if (ts[k].scalar_type() == at::kFloat) return sum + dot_lines_for<float>(rows[k], p, bytes, l0, l1, ahead, all);
 #if defined(__AVX512BF16__)
-        return sum + dot_lines_for<c10::BFloat16>(rows[k], p, bytes, l0, l1, ahead, all);
+        const bool into_l1 = ahead > 0 && full_width_512() && rows[k] >= DotsPairs::kWidePrefetchRows;
+        return sum + dot_lines_for<c10::BFloat16>(rows[k], p, bytes, l0, l1, into_l1 ? -kDotsAheadL1 : ahead, all);
 #endif
 #endif
         (void)k, (void)l0, (void)l1;
