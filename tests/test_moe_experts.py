@@ -66,17 +66,33 @@ def test_gates_and_no_weights(activation, limit):
     assert torch.equal(y, y3)
 
 
-def test_gradients_match_the_three_ops():
-    x, ids, weights, w_gate_up, w_down = _problem(20, 2, 64, 32, 32, 4, True, torch.float32, seed=2)
+# which of (x, routing weights, w_gate_up, w_down) want a gradient; "no routing weights": weights None
+WANTED = {"all": (True, True, True, True), "frozen experts": (True, True, False, False),
+          "routing weights only": (False, True, False, False), "experts only": (False, False, True, True),
+          "no routing weights": (True, None, True, True)}
+
+
+@pytest.mark.parametrize("wanted", WANTED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: f"T{c[0]}k{c[1]}K{c[2]}E{c[5]}{'t' if c[6] else ''}")
+def test_gradients_match_the_three_ops(case, dtype, wanted):
+    """With a gradient wanted (plain eager) moe_experts is one autograd node: its output and every
+    gradient bit for bit those of the three ops' three nodes, whichever inputs want one."""
+    x, ids, weights, w_gate_up, w_down = _problem(*case, dtype, seed=2)
+    trans_b = case[-1]
     grads = []
-    for fn in (lambda *a: pangu_ops.moe_experts(*a, trans_b=True), lambda *a: _three_ops(*a, True)):
-        leaves = [t.detach().requires_grad_() for t in (x, weights, w_gate_up, w_down)]
-        xg, wg, gu, dn = leaves
-        y, _ = fn(xg, ids, wg, gu, dn)
-        y.square().sum().backward()
-        grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        assert a is not None and torch.equal(a, b)
+    for fused in (True, False):
+        leaves = [None if need is None else t.detach().requires_grad_(need)
+                  for t, need in zip((x, weights, w_gate_up, w_down), WANTED[wanted])]
+        args = (leaves[0], ids, *leaves[1:])
+        y, _ = pangu_ops.moe_experts(*args, trans_b=trans_b) if fused else _three_ops(*args, trans_b)
+        assert (type(y.grad_fn).__name__ == "_MoEExpertsBackward") == fused
+        y.float().square().sum().backward()
+        grads.append([y] + [None if t is None else t.grad for t in leaves])
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert (a is None) == (b is None), i
+        assert a is None or torch.equal(a, b), i
+    assert [g is not None for g in grads[0][1:]] == [bool(need) for need in WANTED[wanted]]
 
 
 @pytest.mark.usefixtures("on_the_cpu")

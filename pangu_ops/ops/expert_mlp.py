@@ -64,6 +64,14 @@ def _check_weights(x: Tensor, w_gate_up: Tensor, w_down: Tensor, activation: str
     return E
 
 
+def check_trainable(op: str, x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> None:
+    """Prepacked weights take no gradient: an error where one is wanted."""
+    if packed_weights.is_packed(w_gate_up) and torch.is_grad_enabled() and (
+            x.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
+        raise RuntimeError(f"{op}: prepacked weights are for inference and take no gradient: run under "
+                           "torch.inference_mode() / torch.no_grad(), or pangu_ops.unprepack(model) to train")
+
+
 def _check(x: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes: Tensor, activation: str, trans_b: bool,
            limit: float) -> None:
     E = _check_weights(x, w_gate_up, w_down, activation, trans_b, limit)
@@ -118,15 +126,20 @@ def _one_backward_call(needs: tuple, tensors: tuple) -> bool:
         and backends.cpu_takes("expert_mlp_backward")
 
 
-def _backward(ctx, dy, _d_gate_up):
-    x, w_gate_up, w_down, group_sizes, gate_up = ctx.saved_tensors
-    needs = ctx.needs_input_grad
+def input_grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, activation, trans_b, limit):
+    """(dx, dw_gate_up, dw_down) of expert_mlp's output gradient dy where `needs` says which (the
+    others None), from its inputs and the gate_up it kept: its backward, also moe_experts'."""
     if _one_backward_call(needs, (x, w_gate_up, w_down, group_sizes, gate_up, dy)):
         dx, dw_gate_up, dw_down = torch.ops.pangu_cpu.expert_mlp_backward(
-            x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.activation, ctx.trans_b, ctx.limit)
-        return dx if needs[0] else None, dw_gate_up, dw_down, None, None, None, None
-    return *_grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, ctx.needs_input_grad, grouped_gemm_wgrad_op,
-                   ctx.activation, ctx.trans_b, ctx.limit), None, None, None, None
+            x, w_gate_up, w_down, group_sizes, gate_up, dy, activation, trans_b, limit)
+        return dx if needs[0] else None, dw_gate_up, dw_down
+    return _grads(x, w_gate_up, w_down, group_sizes, gate_up, dy, needs, grouped_gemm_wgrad_op, activation, trans_b,
+                  limit)
+
+
+def _backward(ctx, dy, _d_gate_up):
+    return *input_grads(*ctx.saved_tensors, dy, ctx.needs_input_grad, ctx.activation, ctx.trans_b, ctx.limit), \
+        None, None, None, None
 
 
 @define("expert_mlp", fake=_fake, setup_context=_setup_context, backward=_backward)
@@ -208,10 +221,7 @@ def expert_mlp(x_sorted: Tensor, w_gate_up: Tensor, w_down: Tensor, group_sizes:
     """
     limit = math.inf if limit is None else float(limit)
     _check(x_sorted, w_gate_up, w_down, group_sizes, activation, trans_b, limit)
-    if packed_weights.is_packed(w_gate_up) and torch.is_grad_enabled() and (
-            x_sorted.requires_grad or w_gate_up.requires_grad or w_down.requires_grad):
-        raise RuntimeError("expert_mlp: prepacked weights are for inference and take no gradient: run under "
-                           "torch.inference_mode() / torch.no_grad(), or pangu_ops.unprepack(model) to train")
+    check_trainable("expert_mlp", x_sorted, w_gate_up, w_down)
     if fp32_grads is not None and torch.is_grad_enabled():
         return _ExpertMLPFp32Grads.apply(x_sorted, w_gate_up, w_down, group_sizes, activation, trans_b, limit,
                                          *fp32_grads)

@@ -35,9 +35,14 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[2])
 
 
+def permute_grad(grad_x_sorted: Tensor, sorted_index: Tensor, num_tokens: int, topk: int) -> Tensor:
+    """x's gradient from x_sorted's: each token's rows summed back (unpermute without weights)."""
+    return unpermute_op(grad_x_sorted, sorted_index, None, num_tokens, topk)
+
+
 def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
     (sorted_index,) = ctx.saved_tensors
-    return unpermute_op(grad_x_sorted, sorted_index, None, ctx.num_tokens, ctx.topk), None, None
+    return permute_grad(grad_x_sorted, sorted_index, ctx.num_tokens, ctx.topk), None, None
 
 
 @define("permute", fake=_fake, setup_context=_setup_context, backward=_backward)
