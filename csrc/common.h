@@ -821,6 +821,14 @@ inline void split_even_odd32(float* __restrict out, const c10::BFloat16* __restr
 constexpr int64_t kDotsAhead = 8192;
 constexpr int kIntoL1 = -1;  // From: b's rows into L1 kDotsAheadL1 bytes ahead, every block
 constexpr int64_t kDotsAheadL1 = 2048;
+
+// Whether the few-row dot kernels on Dots fetch b's rows into L1 (From == kIntoL1) for a product of
+// M rows of a: on a Zen 5 (full_width_512) from Dots::kWidePrefetchRows rows (few_rows_dots; the
+// products ceiling, dot_read_work, fetches as they do).
+template <typename Dots>
+inline bool dots_into_l1(int64_t M) {
+  return Dots::kWidePrefetchRows > 0 && M >= Dots::kWidePrefetchRows && full_width_512();
+}
 template <typename Dots, int R, int S, bool Masked, int From>
 __attribute__((always_inline)) inline void dots_step(__m512 (&acc)[R][S], const typename Dots::A* __restrict a,
                                                      int64_t lda, int64_t k, const typename Dots::B* b, int64_t ldb,
@@ -1182,8 +1190,7 @@ template <typename Dots>
 inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
                           int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
   const bool wide = full_width_512();
-  const int from = !wide ? Dots::kPrefetchRows
-                         : Dots::kWidePrefetchRows > 0 && M >= Dots::kWidePrefetchRows ? kIntoL1 : 0;
+  const int from = !wide ? Dots::kPrefetchRows : dots_into_l1<Dots>(M) ? kIntoL1 : 0;
   const bool eight = !wide && M >= 2 && M <= 3;  // (bf16 only: below)
   const auto run = [&](auto s_, auto from_) {
     constexpr int S = decltype(s_)::value, From = decltype(from_)::value;

@@ -40,9 +40,9 @@
 // rows, 6 at 4, 4 at 5-6, 3 at 7-8, 2 at 9-12, 1 above); ahead > 0: every line of each stream also
 // fetched ahead, as the kernels' software prefetch does: into L2 `ahead` bytes on (from memory it
 // helped at 5+ rows, 1.08-1.27x, and cost 0-10% at 1-4; the benchmarks take the faster), but for
-// bf16 where the few-row kernels fetch into L1 (a Zen 5 from DotsPairs::kWidePrefetchRows rows:
-// dots_step) into L1 kDotsAheadL1 bytes on as they do (2-core Zen 5: 8 Qwen3-MoE-shaped experts
-// from the L3 at 5-6 rows 1.2x as fast as into L2, at 8 even; from memory 0.95-1.13x). Returns the sum of
+// bf16 where the few-row kernels fetch into L1 (dots_into_l1: a Zen 5 from 5 rows) into L1
+// kDotsAheadL1 bytes on as they do (2-core Zen 5: 8 Qwen3-MoE-shaped experts from the L3 at 5-6
+// rows 1.2x as fast as into L2, at 8 even; from memory 0.95-1.13x). Returns the sum of
 // every row's products, each row's other operand the constant (row + 1) / 1024 in every lane: the
 // sum of all the values (a line's tail beyond its tensor read as zeros) times sum_r (r + 1) / 1024,
 // to fp32 accumulation.
@@ -292,7 +292,7 @@ double dot_read_work(at::TensorList ts, at::IntArrayRef rows, int64_t ahead) {
         const auto all = std::make_integer_sequence<int, kFewRows>{};
         if (ts[k].scalar_type() == at::kFloat) return sum + dot_lines_for<float>(rows[k], p, bytes, l0, l1, ahead, all);
 #if defined(__AVX512BF16__)
-        const bool into_l1 = ahead > 0 && full_width_512() && rows[k] >= DotsPairs::kWidePrefetchRows;
+        const bool into_l1 = ahead > 0 && dots_into_l1<DotsPairs>(rows[k]);
         return sum + dot_lines_for<c10::BFloat16>(rows[k], p, bytes, l0, l1, into_l1 ? -kDotsAheadL1 : ahead, all);
 #endif
 #endif
