@@ -14,7 +14,6 @@ per-round ratios over 11 interleaved rounds): one-token steps 0.90-0.98x the tim
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -66,12 +65,13 @@ class _MoEExperts(torch.autograd.Function):
     eager only: the composite of the three custom ops is what tracing sees)."""
 
     @staticmethod
-    def forward(ctx, x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit, num_experts):
-        kernel = functools.partial(backends.kernel, device=x.device)
-        x_sorted, sizes, index = kernel("permute")(x, expert_ids, num_experts)
-        y_sorted, gate_up = kernel("expert_mlp")(x_sorted, w_gate_up, w_down, sizes, activation, trans_b, limit)
+    def forward(ctx, kernels, x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit, num_experts):
+        permute_kernel, expert_mlp_kernel, unpermute_kernel = kernels
+        ctx.needs_input_grad = ctx.needs_input_grad[1:]  # as the inputs after `kernels`
+        x_sorted, sizes, index = permute_kernel(x, expert_ids, num_experts)
+        y_sorted, gate_up = expert_mlp_kernel(x_sorted, w_gate_up, w_down, sizes, activation, trans_b, limit)
         num_tokens, topk = expert_ids.shape
-        y = kernel("unpermute")(y_sorted, index, weights, num_tokens, topk)
+        y = unpermute_kernel(y_sorted, index, weights, num_tokens, topk)
         ctx.weights_grad = weights is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(x_sorted, w_gate_up, w_down, sizes, gate_up, index, weights,
                               y_sorted if ctx.weights_grad else None)
@@ -88,20 +88,18 @@ class _MoEExperts(torch.autograd.Function):
         dx_sorted, d_gate_up, d_down = input_grads(x_sorted, w_gate_up, w_down, sizes, gate_up, dy_sorted,
                                                    expert_needs, *ctx.gate) if any(expert_needs) else (None,) * 3
         dx = permute_grad(dx_sorted, index, *ctx.shape) if needs[0] else None
-        return dx, None, d_weights if ctx.weights_grad else None, d_gate_up, d_down, None, None, None, None
+        return None, dx, None, d_weights if ctx.weights_grad else None, d_gate_up, d_down, None, None, None, None
 
 
-def _one_node(args: tuple) -> bool:
-    """Whether _MoEExperts takes the call: plain eager, a gradient wanted, and the device's backend
-    has the three kernels."""
+def _one_node_kernels(args: tuple) -> tuple | None:
+    """The device's permute, expert_mlp and unpermute kernels where _MoEExperts takes the call
+    (plain eager, a gradient wanted, the backend has all three), else None."""
     if not (_wants_grad(args) and _plain_eager(args)):
-        return False
+        return None
     try:
-        for name in ("permute", "expert_mlp", "unpermute"):
-            backends.kernel(name, args[0].device)
+        return tuple(backends.kernel(name, args[0].device) for name in ("permute", "expert_mlp", "unpermute"))
     except backends.BackendUnavailable:
-        return False
-    return True
+        return None
 
 
 def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Tensor, w_down: Tensor,
@@ -125,10 +123,11 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up
     if out is not None:
         return out
     args = (x, expert_ids, weights, w_gate_up, w_down)
-    if _one_node(args):
+    kernels = _one_node_kernels(args)
+    if kernels is not None:
         E = _check(*args, activation, trans_b, limit)
         check_trainable("moe_experts", x, w_gate_up, w_down)
-        return _MoEExperts.apply(*args, activation, trans_b, limit, E)
+        return _MoEExperts.apply(kernels, *args, activation, trans_b, limit, E)
     E = _check_weights(x, w_gate_up, w_down, activation, trans_b, limit, "x", "[T, K]")  # the ops check the rest
     x_sorted, sizes, index = permute(x, expert_ids, E)
     y = expert_mlp(x_sorted, w_gate_up, w_down, sizes, activation, trans_b=trans_b, limit=limit)
