@@ -147,6 +147,34 @@ def _mixtral_experts_routed(tokens: int, seed: int):
     return experts, x, ids, gen
 
 
+def test_inference_is_the_single_call(monkeypatch):
+    """CPU inference goes from `experts_forward` straight to moe_experts' single C++ call (the
+    module's checks run only if it fails), giving transformers' own output; with a gradient wanted
+    it takes the autograd path instead, with the same values."""
+    from pangu_ops import backends
+
+    if torch.get_default_device().type != "cpu" or not backends.serves("cpu", "moe_experts"):
+        pytest.skip("the single call is the CPU backend's")
+    experts, x, ids, gen = _mixtral_experts_routed(1, seed=3)
+    w = torch.rand(1, 2, generator=gen)
+    calls = []
+    single = hf.run_one_call
+    monkeypatch.setattr(hf, "run_one_call", lambda args: calls.append(args) or single(args))
+    checks = hf._check_inputs
+    monkeypatch.setattr(hf, "_check_inputs", lambda *a: pytest.fail("checked before the single call"))
+    with torch.no_grad():
+        got = hf.experts_forward(experts, x, ids, w)
+        want = hf._moe.grouped_mm_experts_forward(experts, x, ids, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+    monkeypatch.setattr(hf, "_check_inputs", checks)
+    trained = hf.experts_forward(experts, x.requires_grad_(), ids, w)
+    assert len(calls) == 1 and trained.grad_fn is not None
+    torch.testing.assert_close(trained.detach(), got, rtol=0, atol=0)
+    with torch.no_grad(), pytest.raises(TypeError, match="top_k_index"):  # named as the module's argument
+        hf.experts_forward(experts, x, ids.float(), w)
+
+
 def test_dense_routing_weights_and_expert_parallel_sentinels():
     """[T, E] routing weights are gathered at the top-k ids; ids >= E (another rank's experts
     under transformers' EP) contribute nothing, as in transformers' own backends."""

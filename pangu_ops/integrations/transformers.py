@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks, grouped_gemm, moe_experts, packed_weights, permute, unpermute
-from ..ops.moe_experts import one_call
+from ..ops.moe_experts import _one_call, run_one_call
 
 NAME = "pangu_ops"
 
@@ -131,29 +131,36 @@ def _member(module: nn.Module, name: str):
     return getattr(module, name, None) if found is None else found
 
 
-def _one_call_plan(experts: nn.Module) -> tuple | None:
-    """(w_gate_up, w_down, activation, trans_b, limit) for moe_experts' single call where this
-    module's experts are the fused expert_mlp's (served, fused gate, not expert-parallel), else None.
-    A decode step asks on every call and the checks took ~4 us (with warm caches; several times that
-    after the layer's weight stream), so the answer is kept (_PLANS) with the objects it read that
-    get replaced (the two weights, as prepack does, and `act_fn`) and the expert-parallel flag, and
-    made again when any differs."""
-    gate_up, down = _member(experts, "gate_up_proj"), _member(experts, "down_proj")
-    act_fn, parallel = _member(experts, "act_fn"), getattr(experts, "_is_expert_parallel", False)
+def _plan(experts: nn.Module, down) -> tuple | None:
+    """(activation, trans_b, limit) of moe_experts' single call where this module's experts are the
+    fused expert_mlp's (served, fused gate, not expert-parallel; limit inf = no clamp), else None."""
+    if _unsupported(experts) is not None or getattr(experts, "_is_expert_parallel", False):
+        return None
+    fused = _fused_gate(experts)
+    return None if fused is None else (fused[0], _trans_b(experts, down), math.inf if fused[1] is None else fused[1])
 
-    def plan() -> tuple | None:
-        fused = None if _unsupported(experts) is not None or parallel else _fused_gate(experts)
-        return None if fused is None else (fused[0], _trans_b(experts, down),
-                                           math.inf if fused[1] is None else fused[1])
-    if torch.compiler.is_compiling():  # traced: asked once (and dynamo does not trace weak references)
-        made = plan()
-        return None if made is None else (gate_up, down, *made)
+
+def _kept_plan(experts: nn.Module, gate_up, down) -> tuple | None:
+    """`_plan` in plain eager mode, kept: a decode step asks on every call and the checks took ~4 us
+    (with warm caches; several times that after the layer's weight stream), so the answer is kept
+    (_PLANS) with the objects it read that get replaced (the two weights, as prepack does, and
+    `act_fn`) and the expert-parallel flag, and made again when any differs. (Dynamo traces no weak
+    references: `_one_call_plan`.)"""
+    act_fn, parallel = _member(experts, "act_fn"), getattr(experts, "_is_expert_parallel", False)
     kept = _PLANS.get(experts)
     if kept is None or kept[0]() is not gate_up or kept[1]() is not down or kept[2]() is not act_fn \
             or kept[3] != parallel:
-        kept = (_weak(gate_up), _weak(down), _weak(act_fn), parallel, plan())
+        kept = (_weak(gate_up), _weak(down), _weak(act_fn), parallel, _plan(experts, down))
         _PLANS[experts] = kept
-    return None if kept[4] is None else (gate_up, down, *kept[4])
+    return kept[4]
+
+
+def _one_call_plan(experts: nn.Module) -> tuple | None:
+    """(w_gate_up, w_down, activation, trans_b, limit) for moe_experts' single call where this
+    module's experts are the fused expert_mlp's (`_plan`), else None; traced, asked once."""
+    gate_up, down = _member(experts, "gate_up_proj"), _member(experts, "down_proj")
+    made = _plan(experts, down) if torch.compiler.is_compiling() else _kept_plan(experts, gate_up, down)
+    return None if made is None else (gate_up, down, *made)
 
 
 def _check_inputs(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor) -> int:
@@ -167,19 +174,21 @@ def _check_inputs(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor
 
 def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """transformers' experts interface on pangu_ops ops (see the module docstring)."""
+    gate_up, down = _member(experts, "gate_up_proj"), _member(experts, "down_proj")
+    if (isinstance(top_k_index, Tensor) and top_k_index.dim() == 2 and isinstance(top_k_weights, Tensor)
+            and top_k_weights.shape == top_k_index.shape
+            and _one_call(hidden_states, (hidden_states, top_k_index, top_k_weights, gate_up, down))):
+        # a decode step's usual case first (plain eager CPU inference): one C++ call with no front
+        # end before it, whose checks run only if it fails (at one token they cost ~30-50 us, the
+        # caches cold after the layer's weight stream)
+        plan = _kept_plan(experts, gate_up, down)
+        if plan is not None and plan[2] > 0:
+            try:
+                return run_one_call((hidden_states, top_k_index, top_k_weights, gate_up, down, *plan))[0]
+            except (ValueError, TypeError, RuntimeError):
+                _check_inputs(experts, hidden_states, top_k_index)
+                raise
     plan = _one_call_plan(experts)
-    if (plan is not None and isinstance(top_k_index, Tensor) and top_k_index.dim() == 2
-            and isinstance(top_k_weights, Tensor) and top_k_weights.shape == top_k_index.shape):
-        # a decode step's usual case first: one C++ call (CPU inference) with no front end before it,
-        # whose checks run only if it fails (at one token they cost ~30-50 us, the caches cold after
-        # the layer's weight stream)
-        try:
-            out = one_call(hidden_states, top_k_index, top_k_weights, *plan)
-        except (ValueError, TypeError, RuntimeError):
-            _check_inputs(experts, hidden_states, top_k_index)
-            raise
-        if out is not None:
-            return out[0]
     if plan is not None:  # (its checks passed: served, fused gate; limit inf = no clamp)
         trans_b, fused = plan[3], (plan[2], plan[4])
     else:

@@ -46,18 +46,33 @@ def _check(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Ten
     return E
 
 
-def one_call(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Tensor, w_down: Tensor, activation: str,
-             trans_b: bool, limit: float) -> tuple[Tensor, Tensor] | None:
-    """moe_experts' result from the single C++ call where that runs it (`_one_call`), else None (the
-    composite runs). The C++ kernels check every argument; on failure the Python checks name them."""
-    args = (x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit)
-    if not (limit > 0 and _one_call(x, args[:5])):
-        return None
+# torch.ops.pangu_cpu.moe_experts.default, looked up on the first single call (each lookup through
+# torch.ops took ~5 us of a decode step's cold caches)
+_cpu_op = None
+
+
+def run_one_call(args: tuple) -> tuple[Tensor, Tensor]:
+    """The single C++ call on args = (x, expert_ids, weights, w_gate_up, w_down, activation,
+    trans_b, limit), where `_one_call` says it runs (and limit > 0). The C++ kernels check every
+    argument; on failure the Python checks name them."""
+    global _cpu_op
+    if _cpu_op is None:
+        _cpu_op = torch.ops.pangu_cpu.moe_experts.default
     try:
-        return torch.ops.pangu_cpu.moe_experts(*args)
+        return _cpu_op(*args)
     except (ValueError, TypeError, RuntimeError):
         _check(*args)
         raise
+
+
+def one_call(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up: Tensor, w_down: Tensor, activation: str,
+             trans_b: bool, limit: float) -> tuple[Tensor, Tensor] | None:
+    """moe_experts' result from the single C++ call where that runs it (`_one_call`), else None (the
+    composite runs)."""
+    args = (x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit)
+    if not (limit > 0 and _one_call(x, args[:5])):
+        return None
+    return run_one_call(args)
 
 
 class _MoEExperts(torch.autograd.Function):
