@@ -113,6 +113,9 @@ def test_one_call_where_it_applies(monkeypatch):
     with torch.no_grad():
         pangu_ops.moe_experts(x, ids, weights, w_gate_up, w_down, trans_b=True)
     assert calls == []  # the single call: the kernels checked the arguments
+    y = pangu_ops.moe_experts(x.requires_grad_(), ids, weights, w_gate_up, w_down, trans_b=True)[0]
+    y.float().sum().backward()
+    assert calls == [] and x.grad is not None  # one autograd node on the same kernels, which check them
 
 
 @pytest.mark.usefixtures("on_the_cpu")

@@ -134,7 +134,7 @@ def resolve(device: torch.device) -> Backend:
     return backend
 
 
-_kernels: dict[tuple[str, str, str], Callable[..., Any]] = {}
+_kernels: dict[tuple[str, str, Any], Any] = {}  # (setting, device type, op or ops) -> kernel(s)
 
 # Ops whose reference serves as the kernel of a backend that has none: the router's fp32 product is
 # a single call to the device's BLAS on GPUs and NPUs (only the CPU kernel saves its fp32 copies).
@@ -155,6 +155,16 @@ def kernel(op: str, device: torch.device) -> Callable[..., Any]:
             raise BackendUnavailable(f"backend {name!r} has no {op} kernel; use_backend('reference') runs it anywhere")
         _kernels[key] = fn
     return fn
+
+
+def kernels(ops: tuple[str, ...], device: torch.device) -> tuple[Callable[..., Any], ...]:
+    """`kernel` of each of `ops`, looked up as one (a composite op's kernels: ~10 us of cold
+    caches a lookup in a decode step)."""
+    key = (_setting(), device.type, ops)
+    fns = _kernels.get(key)
+    if fns is None:
+        fns = _kernels[key] = tuple(kernel(op, device) for op in ops)
+    return fns
 
 
 def serves(name: str, op: str) -> bool:

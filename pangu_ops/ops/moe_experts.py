@@ -112,7 +112,7 @@ def _one_node_kernels(args: tuple) -> tuple | None:
     if not (_wants_grad(args) and _plain_eager(args)):
         return None
     try:
-        return tuple(backends.kernel(name, args[0].device) for name in ("permute", "expert_mlp", "unpermute"))
+        return backends.kernels(("permute", "expert_mlp", "unpermute"), args[0].device)
     except backends.BackendUnavailable:
         return None
 
@@ -140,9 +140,16 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up
     args = (x, expert_ids, weights, w_gate_up, w_down)
     kernels = _one_node_kernels(args)
     if kernels is not None:
-        E = _check(*args, activation, trans_b, limit)
         check_trainable("moe_experts", x, w_gate_up, w_down)
-        return _MoEExperts.apply(kernels, *args, activation, trans_b, limit, E)
+        # the CPU backend's kernels check every argument (as in the single call): the Python checks
+        # only name a failure there (before them, ~35 us of a decode step's cold caches)
+        if not (limit > 0 and x.is_cpu and backends.cpu_takes("moe_experts")):
+            _check(*args, activation, trans_b, limit)
+        try:
+            return _MoEExperts.apply(kernels, *args, activation, trans_b, limit, w_gate_up.shape[0])
+        except (ValueError, TypeError, RuntimeError, AttributeError, IndexError):
+            _check(*args, activation, trans_b, limit)
+            raise
     E = _check_weights(x, w_gate_up, w_down, activation, trans_b, limit, "x", "[T, K]")  # the ops check the rest
     x_sorted, sizes, index = permute(x, expert_ids, E)
     y = expert_mlp(x_sorted, w_gate_up, w_down, sizes, activation, trans_b=trans_b, limit=limit)
