@@ -44,7 +44,10 @@ rate the issue's targets are set against). A group in which a row beats its limi
 (every fn for as many rounds more: a limit's rounds may have run disturbed); a row still above its
 limit means the limit or the benchmark is wrong, and the table says so. Forward + backward rows
 give the weights a new version every repetition, as a training step's optimizer update does
-(`optimizer_step`: kernels that keep packed weights pack again). Timing: `timing.interleaved`.
+(`optimizer_step`: kernels that keep packed weights pack again). Timing: `timing.interleaved`,
+`rounds` rounds a group (3 by default: six runs of the bf16 forward decode rows here, 3 rounds
+against 7 in turn, moved a row's share by up to 30 points between runs either way, as the memory's
+rate moved; the rounds did not narrow it).
 """
 from __future__ import annotations
 

@@ -87,6 +87,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.routing and not args.hf:
         raise SystemExit("pangu-ops bench: --routing goes with --hf")
+    if args.rounds is not None and (not args.hf or args.rounds < 1):
+        raise SystemExit("pangu-ops bench: --rounds goes with --hf and must be >= 1")
     if args.distributed:
         return cmd_bench_distributed(args)
     if args.ecss:
@@ -102,6 +104,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             given["sizes"] = (args.tokens,)
         if args.routing:
             given["routings"] = tuple(args.routing)
+        if args.rounds:
+            given["rounds"] = args.rounds
         bench_hf.main(Path(args.out), min_time=args.min_time, **given)
         return 0
     from pangu_ops.benchmarks import ops as bench_ops
@@ -251,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--routing", nargs="+", choices=["fixed", "fresh", "cold"],
                    help="with --hf: the routings to run (default all: fixed; fresh for prefill sizes; cold for decode "
                         "sizes, each call's weights from memory)")
+    b.add_argument("--rounds", type=int,
+                   help="with --hf: interleaved rounds a row group (default 3)")
     d = b.add_argument_group("--distributed: flat vs hierarchical expert-parallel all-to-all on local gloo ranks "
                              "(defaults: 2 nodes x 4 ranks, 64 experts, top-8, 256 tokens/rank, H 1024, bfloat16)")
     d.add_argument("--distributed", action="store_true", help="run the expert-parallel communication benchmark")

@@ -98,6 +98,9 @@ def test_bench_distributed_reports_inter_node_bytes(tmp_path, capsys):
 def test_bench_routing_goes_with_hf():
     with pytest.raises(SystemExit, match="--routing goes with --hf"):
         cli.main(["bench", "--routing", "cold"])
+    for wrong in (["--rounds", "3"], ["--hf", "--rounds", "0"]):
+        with pytest.raises(SystemExit, match="--rounds goes with --hf"):
+            cli.main(["bench", *wrong])
 
 
 def test_bench_hf_writes_table_json_png(tmp_path, capsys):
@@ -106,9 +109,10 @@ def test_bench_hf_writes_table_json_png(tmp_path, capsys):
     pytest.importorskip("transformers", minversion="5.0")
     out_dir = tmp_path / "hf"
     cli.main(["bench", "--hf", "--tokens", "2", "--dtype", "float32", "--routing", "cold", "--out", str(out_dir),
-              "--min-time", "0.01"])
+              "--min-time", "0.01", "--rounds", "2"])
     assert "pangu_ops" in capsys.readouterr().out
     rows = json.loads((out_dir / "bench_hf.json").read_text())["rows"]
+    assert {len(r["rounds_ms"]) for r in rows} <= {2, 4}  # (4: a group timed again)
     assert {"pangu_ops", "eager", "grouped_mm", "weight reading", "weight reading, prefetched", "FMA peak"} <= {
         r["impl"] for r in rows}
     assert {r["routing"] for r in rows} == {"cold"} and {r["block"] for r in rows} == {"mixtral-shaped",
