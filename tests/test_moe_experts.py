@@ -95,6 +95,19 @@ def test_gradients_match_the_three_ops(case, dtype, wanted):
     assert [g is not None for g in grads[0][1:]] == [bool(need) for need in WANTED[wanted]]
 
 
+def test_create_graph_backward_gives_the_same_gradients():
+    """The one node's backward takes the forward's kernels in a plain backward and the ops where the
+    graph of the backward is kept (create_graph): the same gradients either way."""
+    x, ids, weights, w_gate_up, w_down = _problem(5, 2, 64, 32, 32, 4, True, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, weights, w_gate_up, w_down)]
+    grads = []
+    for keep in (False, True):
+        y = pangu_ops.moe_experts(x, ids, weights, w_gate_up, w_down, trans_b=True)[0]
+        grads.append(torch.autograd.grad(y.square().sum(), leaves, create_graph=keep))
+    for plain, kept in zip(*grads):
+        torch.testing.assert_close(kept, plain, rtol=0, atol=0)
+
+
 @pytest.mark.usefixtures("on_the_cpu")
 def test_one_call_where_it_applies(monkeypatch):
     x, ids, weights, w_gate_up, w_down = _problem(3, 2, 64, 32, 32, 4, True, torch.bfloat16)

@@ -24,7 +24,7 @@ from ._define import _plain_eager, _wants_grad
 from .expert_mlp import _check_weights, check_trainable, expert_mlp, input_grads
 from .permute import _check as _check_permute
 from .permute import permute, permute_grad
-from .unpermute import _check_routing_weights, unpermute, unpermute_backward_op
+from .unpermute import _check_routing_weights, unpermute, unpermute_backward_op, unpermute_op
 
 
 def _one_call(x: Tensor, args: tuple) -> bool:
@@ -81,7 +81,7 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernels, x, expert_ids, weights, w_gate_up, w_down, activation, trans_b, limit, num_experts):
-        permute_kernel, expert_mlp_kernel, unpermute_kernel = kernels
+        permute_kernel, expert_mlp_kernel, unpermute_kernel, _ = kernels
         ctx.needs_input_grad = ctx.needs_input_grad[1:]  # as the inputs after `kernels`
         x_sorted, sizes, index = permute_kernel(x, expert_ids, num_experts)
         y_sorted, gate_up = expert_mlp_kernel(x_sorted, w_gate_up, w_down, sizes, activation, trans_b, limit)
@@ -90,7 +90,7 @@ class _MoEExperts(torch.autograd.Function):
         ctx.weights_grad = weights is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(x_sorted, w_gate_up, w_down, sizes, gate_up, index, weights,
                               y_sorted if ctx.weights_grad else None)
-        ctx.gate, ctx.shape = (activation, trans_b, limit), (num_tokens, topk)
+        ctx.gate, ctx.shape, ctx.kernels = (activation, trans_b, limit), (num_tokens, topk), kernels
         ctx.mark_non_differentiable(sizes)
         return y, sizes
 
@@ -98,21 +98,25 @@ class _MoEExperts(torch.autograd.Function):
     def backward(ctx, dy, _d_sizes):
         x_sorted, w_gate_up, w_down, sizes, gate_up, index, weights, y_sorted = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dy_sorted, d_weights = unpermute_backward_op(dy, index, weights, y_sorted, ctx.shape[1])
+        # a plain backward (no create_graph): the kernels the forward took, without the ops' front
+        # ends (~10-15 us each of a decode step's cold caches); else the ops, as three nodes'
+        _, _, unpermute_kernel, unpermute_backward_kernel = ctx.kernels if not torch.is_grad_enabled() else \
+            (None, None, unpermute_op, unpermute_backward_op)
+        dy_sorted, d_weights = unpermute_backward_kernel(dy, index, weights, y_sorted, ctx.shape[1])
         expert_needs = (needs[0], needs[3], needs[4])
         dx_sorted, d_gate_up, d_down = input_grads(x_sorted, w_gate_up, w_down, sizes, gate_up, dy_sorted,
                                                    expert_needs, *ctx.gate) if any(expert_needs) else (None,) * 3
-        dx = permute_grad(dx_sorted, index, *ctx.shape) if needs[0] else None
+        dx = permute_grad(dx_sorted, index, *ctx.shape, unpermute_kernel) if needs[0] else None
         return None, dx, None, d_weights if ctx.weights_grad else None, d_gate_up, d_down, None, None, None, None
 
 
 def _one_node_kernels(args: tuple) -> tuple | None:
-    """The device's permute, expert_mlp and unpermute kernels where _MoEExperts takes the call
-    (plain eager, a gradient wanted, the backend has all three), else None."""
+    """The device's permute, expert_mlp, unpermute and unpermute_backward kernels where _MoEExperts
+    takes the call (plain eager, a gradient wanted, the backend has them all), else None."""
     if not (_wants_grad(args) and _plain_eager(args)):
         return None
     try:
-        return backends.kernels(("permute", "expert_mlp", "unpermute"), args[0].device)
+        return backends.kernels(("permute", "expert_mlp", "unpermute", "unpermute_backward"), args[0].device)
     except backends.BackendUnavailable:
         return None
 

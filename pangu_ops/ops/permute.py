@@ -35,9 +35,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[2])
 
 
-def permute_grad(grad_x_sorted: Tensor, sorted_index: Tensor, num_tokens: int, topk: int) -> Tensor:
-    """x's gradient from x_sorted's: each token's rows summed back (unpermute without weights)."""
-    return unpermute_op(grad_x_sorted, sorted_index, None, num_tokens, topk)
+def permute_grad(grad_x_sorted: Tensor, sorted_index: Tensor, num_tokens: int, topk: int, unpermute=unpermute_op
+                 ) -> Tensor:
+    """x's gradient from x_sorted's: each token's rows summed back (unpermute without weights; by
+    `unpermute`: the op, or a backend's unpermute kernel)."""
+    return unpermute(grad_x_sorted, sorted_index, None, num_tokens, topk)
 
 
 def _backward(ctx, grad_x_sorted, _grad_sizes, _grad_index):
