@@ -144,12 +144,12 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor | None, w_gate_up
     args = (x, expert_ids, weights, w_gate_up, w_down)
     kernels = _one_node_kernels(args)
     if kernels is not None:
-        check_trainable("moe_experts", x, w_gate_up, w_down)
         # the CPU backend's kernels check every argument (as in the single call): the Python checks
         # only name a failure there (before them, ~35 us of a decode step's cold caches)
         if not (limit > 0 and x.is_cpu and backends.cpu_takes("moe_experts")):
             _check(*args, activation, trans_b, limit)
         try:
+            check_trainable("moe_experts", x, w_gate_up, w_down)
             return _MoEExperts.apply(kernels, *args, activation, trans_b, limit, w_gate_up.shape[0])
         except (ValueError, TypeError, RuntimeError, AttributeError, IndexError):
             _check(*args, activation, trans_b, limit)
