@@ -146,6 +146,10 @@ def test_errors_name_the_argument(grad):
             pangu_ops.moe_experts(x, ids, weights[:, :1], w_gate_up, w_down, trans_b=True)
         with pytest.raises(TypeError, match="w_gate_up"):
             pangu_ops.moe_experts(x, ids, weights, w_gate_up.float(), w_down, trans_b=True)
+        with pytest.raises(TypeError, match="w_gate_up must be a torch.Tensor"):
+            pangu_ops.moe_experts(x, ids, weights, None, w_down, trans_b=True)
+        with pytest.raises(TypeError, match="w_down must be a torch.Tensor"):
+            pangu_ops.moe_experts(x, ids, weights, w_gate_up, None, trans_b=True)
         with pytest.raises(ValueError, match="2F must be even"):
             pangu_ops.moe_experts(x, ids, weights, w_gate_up[:, :-1], w_down, trans_b=True)
         with pytest.raises(ValueError, match="K"):
