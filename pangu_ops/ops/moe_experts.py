@@ -98,10 +98,10 @@ class _MoEExperts(torch.autograd.Function):
     def backward(ctx, dy, _d_sizes):
         x_sorted, w_gate_up, w_down, sizes, gate_up, index, weights, y_sorted = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        # a plain backward (no create_graph): the kernels the forward took, without the ops' front
-        # ends (~10-15 us each of a decode step's cold caches); else the ops, as three nodes'
-        _, _, unpermute_kernel, unpermute_backward_kernel = ctx.kernels if not torch.is_grad_enabled() else \
-            (None, None, unpermute_op, unpermute_backward_op)
+        if torch.is_grad_enabled():  # create_graph: the ops, as three nodes' backward
+            unpermute_kernel, unpermute_backward_kernel = unpermute_op, unpermute_backward_op
+        else:  # the kernels the forward took, without the ops' front ends (~10-15 us each, cold)
+            unpermute_kernel, unpermute_backward_kernel = ctx.kernels[2:]
         dy_sorted, d_weights = unpermute_backward_kernel(dy, index, weights, y_sorted, ctx.shape[1])
         expert_needs = (needs[0], needs[3], needs[4])
         dx_sorted, d_gate_up, d_down = input_grads(x_sorted, w_gate_up, w_down, sizes, gate_up, dy_sorted,
