@@ -242,7 +242,7 @@ def test_fused_gate_serves_the_default_and_clamped_gates_only():
 
 
 def test_one_call_plan_follows_replaced_weights_and_gates():
-    """The plan of the fused one-call path kept per experts module (`_one_call_plan`: which weights,
+    """The plan of the fused one-call path kept per experts module (`_kept_plan`: which weights,
     activation, layout) is made again when the module's weights or act_fn are replaced (as prepack
     and users do): each output equals transformers' own grouped_mm path on the module as it then is,
     a gate the fused kernel does not compute falls back to the module's own, and the module stays

@@ -103,7 +103,7 @@ def _trans_b(experts: nn.Module, down: Tensor) -> bool:
 
 
 # experts module -> (weak references to the objects its plan read, its expert-parallel flag, the plan's
-# (activation, trans_b, limit) or None): _one_call_plan's; weakly keyed, and not on the module, which
+# (activation, trans_b, limit) or None): _kept_plan's; weakly keyed, and not on the module, which
 # must stay picklable
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -123,7 +123,7 @@ def _none() -> None:
 
 def _member(module: nn.Module, name: str):
     """getattr(module, name, None), for a parameter or submodule without nn.Module.__getattr__'s
-    Python call (~0.5 us each; _one_call_plan reads three every call)."""
+    Python call (~0.5 us each; experts_forward and _kept_plan read three every call)."""
     d = module.__dict__
     found = d["_parameters"].get(name)
     if found is None:
@@ -145,7 +145,7 @@ def _kept_plan(experts: nn.Module, gate_up, down) -> tuple | None:
     (with warm caches; several times that after the layer's weight stream), so the answer is kept
     (_PLANS) with the objects it read that get replaced (the two weights, as prepack does, and
     `act_fn`) and the expert-parallel flag, and made again when any differs. (Dynamo traces no weak
-    references: `_one_call_plan`.)"""
+    references: traced, `_plan` is asked once.)"""
     act_fn, parallel = _member(experts, "act_fn"), getattr(experts, "_is_expert_parallel", False)
     kept = _PLANS.get(experts)
     if kept is None or kept[0]() is not gate_up or kept[1]() is not down or kept[2]() is not act_fn \
@@ -153,14 +153,6 @@ def _kept_plan(experts: nn.Module, gate_up, down) -> tuple | None:
         kept = (_weak(gate_up), _weak(down), _weak(act_fn), parallel, _plan(experts, down))
         _PLANS[experts] = kept
     return kept[4]
-
-
-def _one_call_plan(experts: nn.Module) -> tuple | None:
-    """(w_gate_up, w_down, activation, trans_b, limit) for moe_experts' single call where this
-    module's experts are the fused expert_mlp's (`_plan`), else None; traced, asked once."""
-    gate_up, down = _member(experts, "gate_up_proj"), _member(experts, "down_proj")
-    made = _plan(experts, down) if torch.compiler.is_compiling() else _kept_plan(experts, gate_up, down)
-    return None if made is None else (gate_up, down, *made)
 
 
 def _check_inputs(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor) -> int:
@@ -188,9 +180,9 @@ def experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tens
             except (ValueError, TypeError, RuntimeError):
                 _check_inputs(experts, hidden_states, top_k_index)
                 raise
-    plan = _one_call_plan(experts)
+    plan = _plan(experts, down) if torch.compiler.is_compiling() else _kept_plan(experts, gate_up, down)
     if plan is not None:  # (its checks passed: served, fused gate; limit inf = no clamp)
-        trans_b, fused = plan[3], (plan[2], plan[4])
+        trans_b, fused = plan[1], (plan[0], plan[2])
     else:
         why = _unsupported(experts)
         if why is not None:
