@@ -922,6 +922,7 @@ struct Dots512 {
   static constexpr int kPrefetchRows = 0, kWidePrefetchRows = 0;  // never (dots_step)
   static constexpr bool kThreeRows = false;  // (row_blocks: with 8 streams 3 rows would spill)
   static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: not measured)
+  static constexpr bool kWideEightStreams = false;  // (few_rows_dots: not measured)
   static constexpr bool kPinRows = false;  // (dots_step: not measured)
   struct ARow {
     __m512 even, odd;
@@ -953,6 +954,7 @@ struct DotsPairs {
   static constexpr int kPrefetchRows = 2, kWidePrefetchRows = 5;  // (dots_step)
   static constexpr bool kThreeRows = true;  // (row_blocks)
   static constexpr int kWideTwoStreamRows = 2;  // (few_rows_dots)
+  static constexpr bool kWideEightStreams = false;  // (few_rows_dots: its S = 8 rule is the Zen 4's)
   static constexpr bool kPinRows = true;  // (dots_step, dots_blocks)
   using ARow = __m512bh;
   using BRow = __m512bh;
@@ -1049,6 +1051,7 @@ struct DotsF32 {
   static constexpr int kPrefetchRows = 1, kWidePrefetchRows = 0;  // (dots_step)
   static constexpr bool kThreeRows = false;  // (row_blocks: not measured)
   static constexpr int kWideTwoStreamRows = 0;  // (few_rows_dots: 2 streams at 1-4 rows 0.94-1.06x the time)
+  static constexpr bool kWideEightStreams = true;  // (few_rows_dots)
   static constexpr bool kPinRows = false;  // (dots_step: its a rows are pairs of vectors; not measured)
   struct ARow {
     __m512 lo, hi;
@@ -1072,8 +1075,9 @@ struct DotsF32 {
 };
 
 // a's M rows in the blocks the dot kernels take them against S of b's rows in lockstep: 4 at a
-// time (S <= 4), then 3 where Dots::kThreeRows, then 2, then 1 (at most 16 accumulators and 8 of
-// a's vectors, or 24 and 3: 27-28 of 32 registers): block(std::integral_constant<int, R>, i) for
+// time (S <= 4), then 3 where Dots::kThreeRows or with 8 streams where Dots::kWideEightStreams
+// (few_rows_dots), then 2, then 1 (at most 16 accumulators and 8 of a's vectors, or 24 and 3: 27-28
+// of 32 registers; DotsF32's 3 rows of 8 streams: 24 and 6, b's vectors folded into the FMAs): block(std::integral_constant<int, R>, i) for
 // the block of R rows from row i. Three rows in one pass against 2 + 1 (VDPBF16PS pairs, 8
 // streams, 8 Qwen3-MoE-shaped experts from the L3, one thread, paired on a 2-core Zen 4): 0.77x
 // the time; 5-6 rows in one pass of 4 streams against 4 + 1-2: the same (there the products bound
@@ -1087,7 +1091,7 @@ inline void row_blocks(int64_t M, const Block& block) {
     for (; i + decltype(r_)::value <= M; i += decltype(r_)::value) block(r_, i);
   };
   if constexpr (S <= 4) rows(std::integral_constant<int, 4>{});
-  if constexpr (Dots::kThreeRows) rows(std::integral_constant<int, 3>{});
+  if constexpr (Dots::kThreeRows || (S == 8 && Dots::kWideEightStreams)) rows(std::integral_constant<int, 3>{});
   rows(std::integral_constant<int, 2>{});
   rows(std::integral_constant<int, 1>{});
 }
@@ -1185,7 +1189,25 @@ inline void dots_blocks(typename Dots::B* __restrict out, int64_t ldo, const typ
 // up to 2 rows, where the L3 costs least (bench --hf's blocks' expert_mlp, 3 x 16 interleaved
 // rounds: one-token steps 0.91-0.98x the time (Mixtral-shaped), 0.95-0.97x (Qwen3-MoE-shaped, cold),
 // 1.0-1.01x (Qwen3-MoE-shaped, its 8 experts in the L3); 4 tokens 0.89-0.98x; 16 tokens 0.98-0.99x;
-// 2 streams up to 4 rows: 16 tokens 0.94-0.97x, but the L3's 3-4 rows above).
+// 2 streams up to 4 rows: 16 tokens 0.94-0.97x, but the L3's 3-4 rows above). fp32 (DotsF32) on
+// a Zen 5: 8 streams in 3-row blocks (one pass at 2-3 rows, 3 + 2 at 5, 3 + 3 at 6, 3 + 3 + 1-2 at
+// 7-8) where 4 streams took 4-row blocks (2 + 1, 4 + 1-4), but 4 streams still at 1 and 4 rows
+// (one pass either way; 8 streams there 0.92-1.01x / 0.88-0.97x as fast) and above 8 (kBlockSums;
+// not measured). With fp32 a's rows and b's lines alike 64 bytes of 16 products, each pass of a
+// block streams its S rows of b through L1 again, so the two kernels' L1 traffic is about even;
+// the 8 streams keep twice the lines from memory (or the L3) in flight. The same op on
+// transformers-layout experts, every one at m rows, read_work's time over the op's, median of 5-9
+// interleaved rounds per run, old -> new in each run (bit-identical): 8 Mixtral-shaped experts from
+// memory m = 2 / 3 / 5 / 6 / 7 / 8: 0.91-0.95 -> 0.95-0.97 / 0.84-0.87 -> 0.94-0.95 / 0.54-0.79 ->
+// 0.58-0.81 / 0.65-0.67 -> 0.78-0.80 / 0.39-0.64 -> 0.53-0.73 / 0.43-0.69 -> 0.47-0.76 (the low
+// ones where memory read fast); 64 Qwen3-MoE-shaped 0.91 -> 0.93-0.96 / 0.78 -> 0.91 / 0.76-0.79 ->
+// 0.76-0.77 / 0.66-0.67 -> 0.74-0.75 / 0.60 -> 0.69 / 0.61-0.64 -> 0.67-0.70; 8 Qwen3-MoE-shaped
+// (mostly the L3) 0.79 -> 0.81 / 0.59 -> 0.76 / 0.53 -> 0.54 / 0.42 -> 0.47 / - / 0.42 -> 0.45. bench
+// --hf's fp32 forward, 3 interleaved runs each: Mixtral-shaped 16 tokens 55-73% -> 75-86% of the
+// limit, the other decode rows within their noise. Fewer streams in one pass do worse (8 rows in
+// one pass of 2 streams, 16-element steps: 0.53 against 0.70; 2 streams of 4-row blocks 0.41-0.59
+// against 0.64-0.74), as does software prefetch at 5-8 rows (into L2 8 KiB ahead or into L1 2 KiB
+// ahead: 0.58-0.72 against 0.65-0.76).
 template <typename Dots>
 inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const typename Dots::A* as, int64_t lda,
                           int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
@@ -1215,6 +1237,9 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
   }
   if constexpr (Dots::kWideTwoStreamRows > 0) {
     if (wide && M <= Dots::kWideTwoStreamRows) return with_from(std::integral_constant<int, 2>{});
+  }
+  if constexpr (Dots::kWideEightStreams) {
+    if (wide && M != 1 && M != 4 && M * 8 <= kBlockSums) return with_from(std::integral_constant<int, 8>{});
   }
   with_from(std::integral_constant<int, 4>{});
 }
