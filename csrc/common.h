@@ -1074,16 +1074,16 @@ struct DotsF32 {
   }
 };
 
-// a's M rows in the blocks the dot kernels take them against S of b's rows in lockstep: 4 at a
-// time (S <= 4), then 3 where Dots::kThreeRows or with 8 streams where Dots::kWideEightStreams
+// a's M rows in the blocks the dot kernels take them against S of b's rows in lockstep: 4 at a time
+// (S <= 4), then 3 where Dots::kThreeRows or with 8 streams where Dots::kWideEightStreams
 // (few_rows_dots), then 2, then 1 (at most 16 accumulators and 8 of a's vectors, or 24 and 3: 27-28
-// of 32 registers; DotsF32's 3 rows of 8 streams: 24 and 6, b's vectors folded into the FMAs): block(std::integral_constant<int, R>, i) for
-// the block of R rows from row i. Three rows in one pass against 2 + 1 (VDPBF16PS pairs, 8
-// streams, 8 Qwen3-MoE-shaped experts from the L3, one thread, paired on a 2-core Zen 4): 0.77x
-// the time; 5-6 rows in one pass of 4 streams against 4 + 1-2: the same (there the products bound
-// them). On a Zen 5, 5-8 rows in one pass of 2 streams (16 accumulators at most) against 4 + 1-4
-// of 4 (as dots_step's): 5 rows 1.1-1.2x as fast, 6-8 from 0.8x to 1.1x; again with dots_blocks
-// (session 38) 0.66-1.08x: not taken.
+// of 32 registers; DotsF32's 3 rows of 8 streams: 24 and 6, b's vectors folded into the FMAs):
+// block(std::integral_constant<int, R>, i) for the block of R rows from row i. Three rows in one
+// pass against 2 + 1 (VDPBF16PS pairs, 8 streams, 8 Qwen3-MoE-shaped experts from the L3, one
+// thread, paired on a 2-core Zen 4): 0.77x the time; 5-6 rows in one pass of 4 streams against 4 +
+// 1-2: the same (there the products bound them). On a Zen 5, 5-8 rows in one pass of 2 streams (16
+// accumulators at most) against 4 + 1-4 of 4 (as dots_step's): 5 rows 1.1-1.2x as fast, 6-8 from
+// 0.8x to 1.1x; again with dots_blocks (session 38) 0.66-1.08x: not taken.
 template <typename Dots, int S, typename Block>
 inline void row_blocks(int64_t M, const Block& block) {
   int64_t i = 0;
@@ -1213,7 +1213,10 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
                           int64_t M, const typename Dots::B* __restrict b, int64_t sb1, int64_t K, int64_t N) {
   const bool wide = full_width_512();
   const int from = !wide ? Dots::kPrefetchRows : dots_into_l1<Dots>(M) ? kIntoL1 : 0;
-  const bool eight = !wide && M >= 2 && M <= 3;  // (bf16 only: below)
+  // 8 streams: on a Zen 4 bf16 at 2-3 rows; on a Zen 5 where Dots::kWideEightStreams (fp32) at 2-3
+  // and 5-8 rows (M * S within kBlockSums)
+  const bool eight = wide ? Dots::kWideEightStreams && M != 1 && M != 4 && M * 8 <= kBlockSums
+                          : !std::is_same_v<typename Dots::B, float> && M >= 2 && M <= 3;
   const auto run = [&](auto s_, auto from_) {
     constexpr int S = decltype(s_)::value, From = decltype(from_)::value;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -1232,14 +1235,9 @@ inline void few_rows_dots(typename Dots::B* __restrict out, int64_t ldo, const t
     }
     run(s_, std::integral_constant<int, 1>{});
   };
-  if constexpr (!std::is_same_v<typename Dots::B, float>) {
-    if (eight) return with_from(std::integral_constant<int, 8>{});
-  }
+  if (eight) return with_from(std::integral_constant<int, 8>{});
   if constexpr (Dots::kWideTwoStreamRows > 0) {
     if (wide && M <= Dots::kWideTwoStreamRows) return with_from(std::integral_constant<int, 2>{});
-  }
-  if constexpr (Dots::kWideEightStreams) {
-    if (wide && M != 1 && M != 4 && M * 8 <= kBlockSums) return with_from(std::integral_constant<int, 8>{});
   }
   with_from(std::integral_constant<int, 4>{});
 }
